@@ -1,0 +1,64 @@
+"""fleet: serve models and Python microservices as replicated deployments.
+
+Mark a class with :func:`deployment`, compose with ``.bind()``, start it with
+:func:`run`, and call it over HTTP, gRPC or a :class:`DeploymentHandle`.
+"""
+
+from fleet._api import (
+    delete,
+    get_app_handle,
+    get_deployment_handle,
+    run,
+    shutdown,
+    start,
+    status,
+)
+from fleet._config import (
+    AutoscalingConfig,
+    DeploymentConfig,
+    GRPCOptions,
+    HTTPOptions,
+)
+from fleet._deployment import Application, Deployment, deployment
+from fleet._handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from fleet.exceptions import (
+    BackPressureError,
+    DeploymentFailedError,
+    FleetError,
+    MethodNotFoundError,
+    ReplicaDiedError,
+    ReplicaError,
+    RequestCancelledError,
+    RequestTimeoutError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Application",
+    "AutoscalingConfig",
+    "BackPressureError",
+    "Deployment",
+    "DeploymentConfig",
+    "DeploymentFailedError",
+    "DeploymentHandle",
+    "DeploymentResponse",
+    "DeploymentResponseGenerator",
+    "FleetError",
+    "GRPCOptions",
+    "HTTPOptions",
+    "MethodNotFoundError",
+    "ReplicaDiedError",
+    "ReplicaError",
+    "RequestCancelledError",
+    "RequestTimeoutError",
+    "__version__",
+    "delete",
+    "deployment",
+    "get_app_handle",
+    "get_deployment_handle",
+    "run",
+    "shutdown",
+    "start",
+    "status",
+]

@@ -1,0 +1,1 @@
+"""Backends: the only code that knows how replica processes are made."""

@@ -1,0 +1,525 @@
+"""The controller: owns desired state and reconciles replicas toward it.
+
+It is never on the request path. Callers learn where replicas are from the tables it
+publishes (versioned snapshots pushed to every subscriber on change, the whole table
+on subscribe, so a restarted subscriber catches up at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any
+
+from fleet._controller.state import AppState, DeploymentState, ReplicaRecord
+from fleet._deployment import DeploymentPlan
+from fleet._types import (
+    ApplicationStatus,
+    DeploymentStatus,
+    DeploymentTable,
+    ReplicaSpec,
+    ReplicaState,
+    Tables,
+    deployment_key,
+)
+from fleet._wire.errors import ErrorInfo
+from fleet._wire.listener import ServerConnection
+from fleet.exceptions import DeploymentFailedError, FleetError
+
+log = logging.getLogger("fleet.controller")
+
+TICK_S = 0.2
+MAX_START_FAILURES = 3
+
+
+class Controller:
+    """Desired state, reconcile loop and table publisher (a listener Handler)."""
+
+    def __init__(self, backend: Any, secret: bytes, address: str, sys_path: list[str],
+                 cwd: str) -> None:
+        self.backend = backend
+        self.secret = secret
+        self.address = address
+        self.sys_path = sys_path
+        self.cwd = cwd
+        self.apps: dict[str, AppState] = {}
+        self.subscribers: set[ServerConnection] = set()
+        self.version = 0
+        self._published: Any = None
+        self._kick = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[Any]] = set()
+        self.proxies: dict[str, dict[str, Any]] = {}
+        self._proxy_waiters: dict[str, asyncio.Future[Any]] = {}
+        self.traffic: dict[str, Any] = {}
+        self._closing = False
+
+    # -- loop -------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._kick.wait(), TICK_S)
+            except asyncio.TimeoutError:
+                pass
+            self._kick.clear()
+            try:
+                await self._reconcile_all()
+                self._publish()
+            except Exception:
+                log.exception("reconcile failed")
+
+    async def _reconcile_all(self) -> None:
+        now = time.monotonic()
+        for app in list(self.apps.values()):
+            for dep in list(app.deployments.values()):
+                self._check_replicas(dep, now)
+                if dep.autoscaler is not None and not dep.deleting:
+                    dep.autoscaler.tick(self, dep, now)
+                await self._reconcile(dep)
+            if app.deleting and not any(d.replicas for d in app.deployments.values()):
+                del self.apps[app.name]
+                self._notify()
+
+    def _check_replicas(self, dep: DeploymentState, now: float) -> None:
+        cfg = dep.plan.config
+        for rec in list(dep.replicas.values()):
+            if rec.state == ReplicaState.STOPPING:
+                continue
+            if rec.proc is not None and not self.backend.alive(rec.proc):
+                self._replica_gone(dep, rec, "the replica process exited")
+                continue
+            if rec.state != ReplicaState.RUNNING or rec.conn is None:
+                continue
+            if rec.health_sent is not None:
+                if now - rec.health_sent > cfg.health_check_timeout_s:
+                    self._unhealthy(dep, rec, f"check_health did not answer within "
+                                              f"health_check_timeout_s={cfg.health_check_timeout_s}")
+            elif now - rec.last_health >= cfg.health_check_period_s:
+                rec.health_id += 1
+                rec.health_sent = now
+                rec.conn.ctrl({"type": "health", "id": rec.health_id,
+                               "timeout_s": cfg.health_check_timeout_s})
+
+    async def _reconcile(self, dep: DeploymentState) -> None:
+        if dep.deleting:
+            for rec in dep.live():
+                self._stop(dep, rec)
+            return
+        version = dep.plan.version
+        cur = dep.live(version)
+        old = [r for r in dep.live() if r.version != version]
+        target = dep.target
+        if dep.status != DeploymentStatus.DEPLOY_FAILED:
+            for _ in range(target - len(cur)):
+                await self._start(dep)
+        if len(cur) > target:
+            extras = sorted(cur, key=lambda r: (r.state == ReplicaState.RUNNING, r.started_at))
+            for rec in extras[:len(cur) - target]:
+                self._stop(dep, rec)
+        running_new = len([r for r in dep.live(version) if r.state == ReplicaState.RUNNING])
+        if old:
+            keep = max(0, target - running_new)
+            if dep.status == DeploymentStatus.DEPLOY_FAILED:
+                keep = len(old)
+            old.sort(key=lambda r: (r.state == ReplicaState.RUNNING, -r.started_at))
+            for rec in old[:max(0, len(old) - keep)]:
+                self._stop(dep, rec)
+        if dep.status != DeploymentStatus.DEPLOY_FAILED:
+            healthy = running_new >= target and not [r for r in dep.live() if r.version != version]
+            status = DeploymentStatus.HEALTHY if healthy else DeploymentStatus.UPDATING
+            if status != dep.status:
+                dep.status = status
+                dep.message = "" if healthy else dep.message
+                self._notify()
+
+    async def _start(self, dep: DeploymentState) -> None:
+        rid = f"{dep.name}-{secrets.token_hex(3)}"
+        rec = ReplicaRecord(replica_id=rid, version=dep.plan.version)
+        dep.replicas[rid] = rec
+        spec = ReplicaSpec(replica_id=rid, app_name=dep.app, deployment_name=dep.name,
+                           version=dep.plan.version, serialized_def=dep.plan.serialized_def,
+                           config=dep.plan.config.model_dump(),
+                           controller_address=self.address, secret=self.secret,
+                           sys_path=self.sys_path, cwd=self.cwd)
+        try:
+            rec.proc = await self.backend.start_replica(spec)
+        except Exception as exc:
+            del dep.replicas[rid]
+            self._fail(dep, f"could not start a replica: {exc}")
+            return
+        rec.pid = getattr(rec.proc, "pid", None)
+        log.info("starting replica %s of %s/%s", rid, dep.app, dep.name)
+
+    def _stop(self, dep: DeploymentState, rec: ReplicaRecord) -> None:
+        if rec.state in (ReplicaState.STOPPING, ReplicaState.DEAD):
+            return
+        was_running = rec.state == ReplicaState.RUNNING
+        rec.state = ReplicaState.STOPPING
+        timeout = dep.plan.config.graceful_shutdown_timeout_s
+        if rec.conn is not None and was_running:
+            rec.conn.ctrl({"type": "stop", "timeout_s": timeout})
+        elif rec.proc is not None:
+            self.backend.terminate(rec.proc)
+        task = asyncio.get_running_loop().create_task(self._await_exit(dep, rec, timeout + 2))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+        self._notify()
+
+    async def _await_exit(self, dep: DeploymentState, rec: ReplicaRecord, timeout: float) -> None:
+        if rec.proc is not None:
+            await self.backend.stop_replica(rec.proc, timeout)
+        dep.replicas.pop(rec.replica_id, None)
+        self._notify()
+        self.kick()
+
+    def _replica_gone(self, dep: DeploymentState, rec: ReplicaRecord, why: str) -> None:
+        if rec.state == ReplicaState.STOPPING:
+            return
+        starting = rec.state == ReplicaState.STARTING
+        rec.state = ReplicaState.DEAD
+        dep.replicas.pop(rec.replica_id, None)
+        if rec.proc is not None:
+            self.backend.kill(rec.proc)
+        code = rec.proc.exit_code() if rec.proc is not None and hasattr(rec.proc, "exit_code") \
+            else None
+        log.warning("replica %s of %s/%s is gone: %s (exit code %s); replacing it",
+                    rec.replica_id, dep.app, dep.name, why, code)
+        if starting and dep.status != DeploymentStatus.DEPLOY_FAILED:
+            dep.start_failures += 1
+            if dep.start_failures >= MAX_START_FAILURES:
+                self._fail(dep, f"replicas of deployment {dep.name!r} exited during start "
+                                f"{dep.start_failures} times (last exit code {code}); see the "
+                                "replica's output above")
+        self._notify()
+        self.kick()
+
+    def _unhealthy(self, dep: DeploymentState, rec: ReplicaRecord, why: str) -> None:
+        log.warning("replica %s of %s/%s is UNHEALTHY: %s; replacing it",
+                    rec.replica_id, dep.app, dep.name, why)
+        rec.state = ReplicaState.UNHEALTHY
+        rec.message = why
+        if rec.proc is not None:
+            self.backend.kill(rec.proc)
+        rec.state = ReplicaState.RUNNING
+        self._stop(dep, rec)
+        rec.message = why
+
+    def _fail(self, dep: DeploymentState, message: str) -> None:
+        dep.status = DeploymentStatus.DEPLOY_FAILED
+        dep.message = message
+        log.error("deployment %s/%s DEPLOY_FAILED: %s", dep.app, dep.name, message)
+        self._notify()
+
+    # -- tables -------------------------------------------------------------------
+    def tables(self) -> Tables:
+        deployments: dict[str, DeploymentTable] = {}
+        routes: dict[str, Any] = {}
+        for app in self.apps.values():
+            if app.route_prefix is not None and not app.deleting:
+                routes[app.route_prefix] = {"app": app.name, "ingress": app.ingress,
+                                            "protocol": app.protocol}
+            for dep in app.deployments.values():
+                cfg = dep.plan.config
+                deployments[deployment_key(app.name, dep.name)] = {
+                    "replicas": [{"replica_id": r.replica_id, "address": r.address}
+                                 for r in dep.running()],
+                    "max_ongoing_requests": cfg.max_ongoing_requests,
+                    "max_queued_requests": cfg.max_queued_requests,
+                    "status": dep.status.value,
+                    "message": dep.message,
+                    "legacy_refs": dep.plan.legacy_refs,
+                }
+        return {"version": self.version, "deployments": deployments, "routes": routes,
+                "traffic": dict(self.traffic)}
+
+    def _publish(self, force: bool = False) -> None:
+        tables = self.tables()
+        content = (tables["deployments"], tables["routes"], tables["traffic"])
+        if content == self._published and not force:
+            return
+        self._published = content
+        self.version += 1
+        tables["version"] = self.version
+        msg = {"type": "tables", "tables": tables}
+        for conn in list(self.subscribers):
+            conn.ctrl(msg)
+
+    # -- the Handler protocol ---------------------------------------------------------
+    def on_call(self, conn: ServerConnection, call_id: int, method: str,
+                args: tuple[Any, ...], kwargs: dict[str, Any], meta: Any) -> None:
+        fn = getattr(self, "rpc_" + method, None)
+        if fn is None:
+            conn.reply_error(call_id, FleetError(f"the controller has no call {method!r}"))
+            return
+
+        async def run() -> None:
+            try:
+                conn.reply(call_id, await fn(conn, *args, **kwargs))
+            except Exception as exc:
+                conn.reply_error(call_id, exc)
+
+        asyncio.get_running_loop().create_task(run())
+
+    def on_cancel(self, conn: ServerConnection, call_id: int) -> None:
+        pass
+
+    def on_data(self, conn: ServerConnection, call_id: int, obj: Any) -> None:
+        pass
+
+    def on_ctrl(self, conn: ServerConnection, msg: Any) -> None:
+        kind = msg.get("type")
+        if kind == "tables_ack":
+            conn.acked = msg["version"]  # type: ignore[attr-defined]
+            self._notify()
+            return
+        found = self._find(msg.get("replica_id", ""))
+        if found is None:
+            return
+        dep, rec = found
+        if kind == "health_result" and msg.get("id") == rec.health_id:
+            rec.health_sent = None
+            rec.last_health = time.monotonic()
+            rec.ongoing = int(msg.get("ongoing", 0))
+            if not msg["ok"] and rec.state == ReplicaState.RUNNING:
+                self._unhealthy(dep, rec, msg["error"])
+                self.kick()
+        elif kind == "reconfigure_result" and not msg["ok"]:
+            rec.message = msg["error"]
+            log.error("replica %s: %s", rec.replica_id, msg["error"])
+
+    def on_closed(self, conn: ServerConnection) -> None:
+        self.subscribers.discard(conn)
+        tag = conn.tag
+        if isinstance(tag, tuple) and tag[0] == "replica":
+            found = self._find(tag[1])
+            if found is not None:
+                self._replica_gone(found[0], found[1], "its connection to the controller closed")
+        elif isinstance(tag, tuple) and tag[0] == "proxy":
+            self.proxies.pop(tag[1], None)
+
+    def _find(self, rid: str) -> tuple[DeploymentState, ReplicaRecord] | None:
+        for app in self.apps.values():
+            for dep in app.deployments.values():
+                rec = dep.replicas.get(rid)
+                if rec is not None:
+                    return dep, rec
+        return None
+
+    # -- calls from replicas and proxies ---------------------------------------------
+    async def rpc_subscribe(self, conn: ServerConnection) -> int:
+        self.subscribers.add(conn)
+        tables = self.tables()
+        tables["version"] = self.version
+        conn.ctrl({"type": "tables", "tables": tables})
+        return self.version
+
+    async def rpc_replica_ready(self, conn: ServerConnection, rid: str, address: str,
+                                pid: int) -> None:
+        found = self._find(rid)
+        if found is None or found[1].state != ReplicaState.STARTING:
+            conn.ctrl({"type": "stop", "timeout_s": 0})
+            return
+        dep, rec = found
+        rec.conn, rec.address, rec.pid = conn, address, pid
+        rec.state = ReplicaState.RUNNING
+        rec.last_health = time.monotonic()
+        conn.tag = ("replica", rid)
+        dep.start_failures = 0
+        log.info("replica %s of %s/%s is RUNNING", rid, dep.app, dep.name)
+        self._notify()
+        self.kick()
+
+    async def rpc_replica_failed(self, conn: ServerConnection, rid: str, info: ErrorInfo) -> None:
+        found = self._find(rid)
+        if found is None:
+            return
+        dep, rec = found
+        _blob, etype, message, tb, _ = info
+        rec.state = ReplicaState.STOPPING
+        rec.message = f"{etype}: {message}"
+        self._fail(dep, f"the constructor of deployment {dep.name!r} (application {dep.app!r}) "
+                        f"raised {etype}: {message}\n{tb}")
+        dep.message_type = etype  # type: ignore[attr-defined]
+        dep.traceback = tb  # type: ignore[attr-defined]
+        task = asyncio.get_running_loop().create_task(self._await_exit(dep, rec, 5))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def rpc_proxy_ready(self, conn: ServerConnection, kind: str, info: dict[str, Any]
+                              ) -> None:
+        conn.tag = ("proxy", kind)
+        self.proxies[kind] = info
+        waiter = self._proxy_waiters.pop(kind, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(info)
+
+    def expect_proxy(self, kind: str) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._proxy_waiters[kind] = fut
+        return fut
+
+    # -- calls from the driver and the CLI -------------------------------------------
+    async def rpc_deploy(self, conn: ServerConnection, name: str, route_prefix: str | None,
+                         plans: list[DeploymentPlan], protocol: str = "http") -> None:
+        if route_prefix is not None:
+            if not route_prefix.startswith("/"):
+                raise ValueError(f"route_prefix must start with '/', got {route_prefix!r}")
+            if len(route_prefix) > 1:
+                route_prefix = route_prefix.rstrip("/")
+            for other in self.apps.values():
+                if other.name != name and other.route_prefix == route_prefix \
+                        and not other.deleting:
+                    raise ValueError(f"route_prefix {route_prefix!r} is already used by "
+                                     f"application {other.name!r}; pick another or delete it")
+        app = self.apps.get(name)
+        if app is None or app.deleting:
+            app = AppState(name=name, route_prefix=route_prefix, ingress=plans[0].name)
+            self.apps[name] = app
+        app.route_prefix = route_prefix
+        app.ingress = plans[0].name
+        app.protocol = protocol
+        wanted = {p.name for p in plans}
+        for dname, dep in app.deployments.items():
+            if dname not in wanted:
+                dep.deleting = True
+        for plan in plans:
+            self._apply_plan(app, plan)
+        self._notify()
+        self.kick()
+
+    def _apply_plan(self, app: AppState, plan: DeploymentPlan) -> None:
+        from fleet._controller.autoscaler import Autoscaler
+        dep = app.deployments.get(plan.name)
+        target = plan.config.target_replicas()
+        if dep is None or dep.deleting and not dep.replicas:
+            dep = DeploymentState(app=app.name, plan=plan, target=target)
+            app.deployments[plan.name] = dep
+        else:
+            old = dep.plan
+            dep.deleting = False
+            if old.version == plan.version and old.config.user_config != plan.config.user_config:
+                for rec in dep.running():
+                    if rec.conn is not None:
+                        rec.conn.ctrl({"type": "reconfigure", "user_config":
+                                       plan.config.user_config})
+            dep.plan = plan
+            dep.target = target if dep.autoscaler is None or plan.config.autoscaling_config \
+                is None else dep.target
+            if dep.status == DeploymentStatus.DEPLOY_FAILED:
+                dep.status = DeploymentStatus.UPDATING
+                dep.message = ""
+                dep.start_failures = 0
+        dep.autoscaler = Autoscaler(plan.config.autoscaling_config) \
+            if plan.config.autoscaling_config is not None else None
+
+    async def rpc_wait_ready(self, conn: ServerConnection, name: str) -> None:
+        while True:
+            app = self.apps.get(name)
+            if app is None:
+                raise FleetError(f"application {name!r} was deleted while deploying")
+            for dep in app.deployments.values():
+                if dep.status == DeploymentStatus.DEPLOY_FAILED:
+                    raise DeploymentFailedError(
+                        f"application {name!r}: {dep.message}", app=name, deployment=dep.name,
+                        error_type=getattr(dep, "message_type", ""),
+                        remote_traceback=getattr(dep, "traceback", ""))
+            if all(d.status == DeploymentStatus.HEALTHY for d in app.deployments.values()
+                   if not d.deleting):
+                self._publish()
+                await self._proxies_caught_up()
+                return
+            await self._changed.wait()
+
+    async def _proxies_caught_up(self) -> None:
+        """Wait until every proxy applied the current tables, so routes are live."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            lagging = [c for c in self.subscribers if isinstance(c.tag, tuple)
+                       and c.tag[0] == "proxy" and getattr(c, "acked", 0) < self.version]
+            if not lagging:
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+
+    async def rpc_delete(self, conn: ServerConnection, name: str) -> None:
+        app = self.apps.get(name)
+        if app is None:
+            return
+        app.deleting = True
+        for dep in app.deployments.values():
+            dep.deleting = True
+        self.kick()
+        while name in self.apps:
+            await self._changed.wait()
+        self._publish()
+        await self._proxies_caught_up()
+
+    async def rpc_status(self, conn: ServerConnection) -> dict[str, Any]:
+        return self.status()
+
+    async def rpc_report_load(self, conn: ServerConnection, key: str, caller: str,
+                              inflight: int, queued: int) -> None:
+        app, _, dname = key.partition("#")
+        dep = self.apps.get(app).deployments.get(dname) if app in self.apps else None
+        if dep is not None and dep.autoscaler is not None:
+            dep.autoscaler.record(caller, inflight + queued, time.monotonic())
+
+    def status(self) -> dict[str, Any]:
+        apps: dict[str, Any] = {}
+        for app in self.apps.values():
+            deps: dict[str, Any] = {}
+            for dep in app.deployments.values():
+                deps[dep.name] = {
+                    "status": dep.status.value,
+                    "message": dep.message,
+                    "target_replicas": dep.target,
+                    "replicas": [{"replica_id": r.replica_id, "state": r.state.value,
+                                  "pid": r.pid, "version": r.version, "message": r.message}
+                                 for r in dep.replicas.values()],
+                    "scaling_log": list(dep.scaling_log[-10:]),
+                }
+            apps[app.name] = {"status": _app_status(app).value, "route_prefix": app.route_prefix,
+                              "ingress": app.ingress, "deployments": deps}
+        return {"applications": apps, "proxies": dict(self.proxies),
+                "traffic": dict(self.traffic)}
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        for app in self.apps.values():
+            app.deleting = True
+            for dep in app.deployments.values():
+                dep.deleting = True
+                for rec in dep.live():
+                    self._stop(dep, rec)
+        if self._stopping:
+            await asyncio.wait(list(self._stopping), timeout=30)
+        if self._task is not None:
+            self._task.cancel()
+
+
+def _app_status(app: AppState) -> ApplicationStatus:
+    if app.deleting:
+        return ApplicationStatus.DELETING
+    states = {d.status for d in app.deployments.values()}
+    if DeploymentStatus.DEPLOY_FAILED in states:
+        return ApplicationStatus.DEPLOY_FAILED
+    if DeploymentStatus.UNHEALTHY in states:
+        return ApplicationStatus.UNHEALTHY
+    if states <= {DeploymentStatus.HEALTHY}:
+        return ApplicationStatus.RUNNING
+    return ApplicationStatus.DEPLOYING

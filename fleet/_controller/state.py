@@ -1,0 +1,73 @@
+"""The controller's records: applications, deployments and replicas."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleet._deployment import DeploymentPlan
+from fleet._types import DeploymentStatus, ReplicaState
+
+
+@dataclass
+class ReplicaRecord:
+    """One replica as the controller tracks it."""
+
+    replica_id: str
+    version: str
+    state: ReplicaState = ReplicaState.STARTING
+    proc: Any = None
+    conn: Any = None
+    address: str = ""
+    pid: int | None = None
+    message: str = ""
+    started_at: float = field(default_factory=time.monotonic)
+    health_sent: float | None = None
+    health_id: int = 0
+    last_health: float = field(default_factory=time.monotonic)
+    ongoing: int = 0
+
+    @property
+    def live(self) -> bool:
+        return self.state in (ReplicaState.STARTING, ReplicaState.RUNNING)
+
+
+@dataclass
+class DeploymentState:
+    """A deployment's desired plan and its replicas."""
+
+    app: str
+    plan: DeploymentPlan
+    target: int
+    replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
+    status: DeploymentStatus = DeploymentStatus.UPDATING
+    message: str = ""
+    start_failures: int = 0
+    deleting: bool = False
+    scaling_log: list[str] = field(default_factory=list)
+    autoscaler: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    def live(self, version: str | None = None) -> list[ReplicaRecord]:
+        return [r for r in self.replicas.values()
+                if r.live and (version is None or r.version == version)]
+
+    def running(self) -> list[ReplicaRecord]:
+        return [r for r in self.replicas.values() if r.state == ReplicaState.RUNNING]
+
+
+@dataclass
+class AppState:
+    """An application: its route and its deployments, ingress first."""
+
+    name: str
+    route_prefix: str | None
+    ingress: str
+    deployments: dict[str, DeploymentState] = field(default_factory=dict)
+    deleting: bool = False
+    protocol: str = "http"
+    deployed_at: float = field(default_factory=time.time)

@@ -1,0 +1,228 @@
+"""DeploymentHandle and DeploymentResponse: calling a deployment from Python.
+
+A handle is a name (app, deployment) plus call options; it finds the process's
+runtime when used, so it pickles cheaply and works in the driver, in replicas and in
+threads. Calls run on the runtime's event loop; sync code waits with ``.result()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import AsyncIterator, Generator, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class _CallOptions:
+    method_name: str = "__call__"
+    stream: bool = False
+    timeout_s: float | None = None
+    http_headers: dict[str, str] = field(default_factory=dict)
+    legacy_refs: bool = False
+
+
+def _runtime() -> Any:
+    from fleet import _runtime
+    return _runtime.current()
+
+
+class DeploymentHandle:
+    """A client for one deployment. ``handle.remote(...)`` calls ``__call__``;
+    ``handle.other.remote(...)`` or ``handle.options(method_name="other")`` another method.
+
+    Example::
+
+        resp = handle.remote(1)        # starts the call at once
+        value = resp.result()          # sync code
+        value = await handle.remote(1) # async code
+    """
+
+    def __init__(self, deployment_name: str, app_name: str = "default",
+                 _options: _CallOptions | None = None) -> None:
+        self.deployment_name = deployment_name
+        self.app_name = app_name
+        self._opts = _options or _CallOptions()
+
+    def options(self, *, method_name: str = _UNSET, stream: bool = _UNSET,
+                timeout_s: float | None = _UNSET, http_headers: dict[str, str] = _UNSET,
+                ) -> DeploymentHandle:
+        """A copy of this handle with other call options."""
+        changes: dict[str, Any] = {}
+        if method_name is not _UNSET:
+            changes["method_name"] = method_name
+        if stream is not _UNSET:
+            changes["stream"] = bool(stream)
+        if timeout_s is not _UNSET:
+            if timeout_s is not None and timeout_s <= 0:
+                raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+            changes["timeout_s"] = timeout_s
+        if http_headers is not _UNSET:
+            changes["http_headers"] = dict(http_headers)
+        return DeploymentHandle(self.deployment_name, self.app_name,
+                                replace(self._opts, **changes))
+
+    def _with_legacy_refs(self) -> DeploymentHandle:
+        return DeploymentHandle(self.deployment_name, self.app_name,
+                                replace(self._opts, legacy_refs=True))
+
+    def __getattr__(self, name: str) -> DeploymentHandle:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.options(method_name=name)
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Start a call; returns a DeploymentResponse (or a DeploymentResponseGenerator
+        when the handle streams)."""
+        rt = _runtime()
+        coro_args = (self.app_name, self.deployment_name, self._opts, args, kwargs)
+        if self._opts.stream:
+            return DeploymentResponseGenerator(rt, coro_args)
+        return DeploymentResponse(rt, coro_args)
+
+    def __reduce__(self) -> Any:
+        return (DeploymentHandle, (self.deployment_name, self.app_name, self._opts))
+
+    def __repr__(self) -> str:
+        return (f"DeploymentHandle(deployment={self.deployment_name!r}, "
+                f"app={self.app_name!r}, method={self._opts.method_name!r})")
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+class DeploymentResponse:
+    """The answer to one call: ``await resp`` in async code, ``resp.result()`` in sync."""
+
+    __slots__ = ("_task", "_cfut", "_loop", "_legacy")
+
+    def __init__(self, rt: Any, call: tuple[Any, ...]) -> None:
+        self._loop: asyncio.AbstractEventLoop = rt.loop
+        self._legacy = call[2].legacy_refs
+        coro = rt.call(*call)
+        self._task: asyncio.Future[Any] | None = None
+        self._cfut: concurrent.futures.Future[Any] | None = None
+        if _on_loop(self._loop):
+            self._task = self._loop.create_task(coro)
+        else:
+            self._cfut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if self._legacy:
+            return _ready(_Ref(self))
+        return self._wait().__await__()
+
+    async def _wait(self) -> Any:
+        if self._task is not None:
+            if _on_loop(self._loop):
+                return await self._task
+            # awaited from another loop than the one running the call
+            return await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(_await_task(self._task), self._loop))
+        assert self._cfut is not None
+        return await asyncio.wrap_future(self._cfut)
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        """Block until the call finishes; raises its error. Not for use in async code."""
+        if _on_loop(self._loop):
+            raise RuntimeError("DeploymentResponse.result() blocks and cannot run on the "
+                               "event loop serving the call; use `await response` instead")
+        fut = self._cfut
+        if fut is None:
+            assert self._task is not None
+            fut = asyncio.run_coroutine_threadsafe(_await_task(self._task), self._loop)
+            self._cfut = fut
+        try:
+            return fut.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            from fleet.exceptions import RequestTimeoutError
+            raise RequestTimeoutError(f"no result within {timeout_s}s") from None
+
+    def cancel(self) -> None:
+        """Cancel the call; the replica's task is cancelled too."""
+        if self._task is not None:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        elif self._cfut is not None:
+            self._cfut.cancel()
+
+    async def _to_value(self) -> Any:
+        return await self._wait()
+
+
+async def _await_task(task: asyncio.Future[Any]) -> Any:
+    return await task
+
+
+def _ready(value: Any) -> Generator[Any, None, Any]:
+    return value
+    yield  # pragma: no cover - makes this a generator
+
+
+class _Ref:
+    """What awaiting a graph handle's call gives: await it again for the value."""
+
+    def __init__(self, resp: DeploymentResponse) -> None:
+        self._resp = resp
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._resp._wait().__await__()
+
+
+_END = object()
+
+
+class DeploymentResponseGenerator:
+    """A streamed answer: iterate with ``for`` in sync code or ``async for`` in async code."""
+
+    def __init__(self, rt: Any, call: tuple[Any, ...]) -> None:
+        self._rt = rt
+        self._loop: asyncio.AbstractEventLoop = rt.loop
+        self._stream: Any = None
+        self._call = call
+        self._lock = threading.Lock()
+
+    async def _open(self) -> Any:
+        if self._stream is None:
+            self._stream = await self._rt.open_stream(*self._call)
+        return self._stream
+
+    async def _next(self) -> Any:
+        stream = await self._open()
+        return await stream.next_item(_END)
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[Any]:
+        while True:
+            if _on_loop(self._loop):
+                item = await self._next()
+            else:
+                item = await asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(self._next(), self._loop))
+            if item is _END:
+                return
+            yield item
+
+    def __iter__(self) -> Iterator[Any]:
+        if _on_loop(self._loop):
+            raise RuntimeError("iterate a streaming response with `async for` on the event "
+                               "loop serving it")
+        while True:
+            item = asyncio.run_coroutine_threadsafe(self._next(), self._loop).result()
+            if item is _END:
+                return
+            yield item
+
+    def cancel(self) -> None:
+        """Stop the stream; the replica's generator is cancelled."""
+        if self._stream is not None:
+            self._loop.call_soon_threadsafe(self._stream.close)

@@ -1,0 +1,1 @@
+"""The proxies: HTTP (uvicorn) and gRPC (grpc.aio) in front of the Routers."""

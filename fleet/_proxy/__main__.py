@@ -1,0 +1,3 @@
+from fleet._proxy.process import main
+
+main()

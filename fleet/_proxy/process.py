@@ -1,0 +1,64 @@
+"""Proxy process entry: read the bootstrap from stdin, serve until the instance ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+from typing import Any
+
+import cloudpickle
+
+from fleet._runtime import Runtime, set_current
+
+
+def main() -> None:
+    boot: dict[str, Any] = pickle.loads(sys.stdin.buffer.read())
+    sys.stdin.close()
+    for p in reversed(boot.get("sys_path", [])):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s proxy "
+                                                   "%(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    kind = boot["kind"]
+    try:
+        import uvloop
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    code = loop.run_until_complete(_serve(kind, boot, loop))
+    sys.stderr.flush()
+    os._exit(code)
+
+
+async def _serve(kind: str, boot: dict[str, Any], loop: asyncio.AbstractEventLoop) -> int:
+    runtime = Runtime(loop, boot["controller_address"], boot["secret"])
+    runtime.ack_tables = True
+    set_current(runtime)
+    stop = asyncio.Event()
+    runtime.on_controller_lost = stop.set
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await runtime.connect_controller(subscribe=True)
+    options = cloudpickle.loads(boot["options"])
+    if kind == "http":
+        from fleet._proxy.http import serve_http
+        return await serve_http(runtime, options, stop)
+    from fleet._proxy.grpc import serve_grpc  # type: ignore[import-not-found]
+    return int(await serve_grpc(runtime, options, stop))
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0 picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock

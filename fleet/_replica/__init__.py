@@ -1,0 +1,1 @@
+"""The replica process: constructs the user object and serves its calls."""

@@ -1,0 +1,3 @@
+from fleet._replica.process import main
+
+main()

@@ -1,0 +1,313 @@
+"""A replica: builds the user object, runs its methods and answers the controller."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
+import inspect
+import logging
+import os
+import time
+from typing import Any
+
+import cloudpickle
+
+from fleet._config import DeploymentConfig
+from fleet._runtime import ReplicaDrainingError, Runtime, set_current
+from fleet._types import ReplicaSpec
+from fleet._wire.errors import error_info
+from fleet._wire.listener import ServerConnection, listen
+from fleet.exceptions import MethodNotFoundError
+
+log = logging.getLogger("fleet.replica")
+
+ASYNC, SYNC, AGEN, GEN = "async", "sync", "agen", "gen"
+
+
+def _kind(fn: Any) -> str:
+    target = getattr(fn, "__func__", fn)
+    target = inspect.unwrap(target)
+    if inspect.isasyncgenfunction(target):
+        return AGEN
+    if inspect.isgeneratorfunction(target):
+        return GEN
+    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(fn):
+        return ASYNC
+    if not inspect.isfunction(target) and not inspect.ismethod(target):
+        call = getattr(type(target), "__call__", None)
+        if call is not None and inspect.iscoroutinefunction(call):
+            return ASYNC
+    return SYNC
+
+
+class Replica:
+    """The serving side of one replica process (a listener Handler)."""
+
+    def __init__(self, spec: ReplicaSpec, loop: asyncio.AbstractEventLoop) -> None:
+        self.spec = spec
+        self.loop = loop
+        self.config = DeploymentConfig(**spec.config)
+        self.where = (f"deployment {spec.deployment_name!r} of application "
+                      f"{spec.app_name!r}, replica {spec.replica_id}")
+        self.runtime = Runtime(loop, spec.controller_address, spec.secret)
+        set_current(self.runtime)
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(4, min(64, self.config.max_ongoing_requests)),
+            thread_name_prefix=f"fleet-{spec.deployment_name}")
+        self.instance: Any = None
+        self.is_function = False
+        self._methods: dict[str, tuple[Any, str]] = {}
+        self.tasks: dict[tuple[int, int], asyncio.Task[Any]] = {}
+        self.ongoing = 0
+        self.draining = False
+        self._stop = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._grace = self.config.graceful_shutdown_timeout_s
+        self.http: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def run(self) -> int:
+        rt = self.runtime
+        rt.on_controller_lost = self._controller_lost
+        rt.ctrl_hooks["health"] = self._on_health
+        rt.ctrl_hooks["stop"] = self._on_stop
+        rt.ctrl_hooks["reconfigure"] = self._on_reconfigure
+        await rt.connect_controller(subscribe=True)
+        sock_dir = os.path.dirname(self.spec.controller_address[5:])
+        address = f"unix:{sock_dir}/{self.spec.replica_id}.sock"
+        server = await listen(self, self.spec.secret, address)
+        try:
+            await self._construct()
+        except BaseException as exc:  # noqa: BLE001 - reported to the controller
+            log.error("constructor of %s failed", self.where, exc_info=True)
+            await rt.call_controller("replica_failed", self.spec.replica_id,
+                                     error_info(exc, f"while constructing {self.where}"))
+            server.close()
+            return 1
+        await rt.call_controller("replica_ready", self.spec.replica_id, address, os.getpid())
+        await self._stop.wait()
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), self._grace)
+        except asyncio.TimeoutError:
+            for task in list(self.tasks.values()):
+                task.cancel()
+        server.close()
+        await self._run_del()
+        return 0
+
+    async def _construct(self) -> None:
+        from fleet._replica.http import HTTPAdapter
+        blob = self.spec.serialized_def
+        target, args, kwargs = await self.loop.run_in_executor(self.pool, cloudpickle.loads, blob)
+        if hasattr(target, "load") and type(target).__name__ == "ClassRef":
+            target = target.load()
+        if inspect.isclass(target):
+            instance = target(*args, **kwargs)
+            if inspect.isawaitable(instance):  # pragma: no cover - unusual
+                instance = await instance
+            self.instance = instance
+        else:
+            self.is_function = True
+            self.instance = functools.partial(target, *args, **kwargs) if (args or kwargs) \
+                else target
+        self.http = HTTPAdapter(self)
+        if self.config.user_config is not None:
+            await self._reconfigure(self.config.user_config)
+
+    async def _reconfigure(self, user_config: Any) -> None:
+        fn = getattr(self.instance, "reconfigure", None)
+        if fn is None:
+            if user_config is not None:
+                raise TypeError(f"{self.where} got user_config but defines no "
+                                "reconfigure(self, config) method")
+            return
+        await self.invoke(fn, (user_config,), {})
+
+    async def _run_del(self) -> None:
+        fn = getattr(type(self.instance), "__del__", None) if not self.is_function else None
+        if fn is None:
+            return
+        try:
+            result = fn(self.instance)
+            if inspect.isawaitable(result):
+                await asyncio.wait_for(result, self._grace or 1.0)
+        except Exception:
+            log.exception("__del__ of %s raised", self.where)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _controller_lost(self) -> None:
+        # The instance is gone: leave promptly rather than linger as an orphan.
+        self._grace = min(self._grace, 1.0)
+        self._stop.set()
+
+    # -- control messages -----------------------------------------------------------
+    def _on_stop(self, msg: dict[str, Any]) -> None:
+        self._grace = float(msg.get("timeout_s", self._grace))
+        self.draining = True
+        self._stop.set()
+
+    def _on_health(self, msg: dict[str, Any]) -> None:
+        self.loop.create_task(self._health(msg))
+
+    async def _health(self, msg: dict[str, Any]) -> None:
+        ok, error = True, ""
+        fn = getattr(self.instance, "check_health", None) if not self.is_function else None
+        if fn is not None:
+            try:
+                await asyncio.wait_for(self.invoke(fn, (), {}), float(msg.get("timeout_s", 30)))
+            except asyncio.TimeoutError:
+                ok, error = False, f"check_health did not return within {msg.get('timeout_s')}s"
+            except Exception as exc:
+                ok, error = False, f"check_health raised {type(exc).__name__}: {exc}"
+        self.runtime.send_ctrl({"type": "health_result", "id": msg.get("id"), "ok": ok,
+                                "error": error, "replica_id": self.spec.replica_id,
+                                "ongoing": self.ongoing})
+
+    def _on_reconfigure(self, msg: dict[str, Any]) -> None:
+        async def go() -> None:
+            ok, error = True, ""
+            try:
+                await self._reconfigure(msg["user_config"])
+            except Exception as exc:
+                ok, error = False, f"reconfigure raised {type(exc).__name__}: {exc}"
+            self.runtime.send_ctrl({"type": "reconfigure_result", "id": msg.get("id"),
+                                    "ok": ok, "error": error,
+                                    "replica_id": self.spec.replica_id})
+        self.loop.create_task(go())
+
+    # -- methods ---------------------------------------------------------------------
+    def method(self, name: str) -> tuple[Any, str]:
+        """The bound method and its kind; MethodNotFoundError naming both if absent."""
+        found = self._methods.get(name)
+        if found is not None:
+            return found
+        if self.is_function:
+            if name != "__call__":
+                raise MethodNotFoundError(
+                    f"deployment {self.spec.deployment_name!r} is a function and has only "
+                    f"__call__, not a method {name!r}")
+            fn = self.instance
+        else:
+            fn = getattr(self.instance, name, None) if not name.startswith("_") or \
+                name == "__call__" else None
+            if fn is None or not callable(fn):
+                raise MethodNotFoundError(
+                    f"deployment {self.spec.deployment_name!r} has no method {name!r}")
+        found = (fn, _kind(fn))
+        self._methods[name] = found
+        return found
+
+    async def invoke(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     kind: str | None = None) -> Any:
+        """Run fn: async methods on the loop, sync ones in the thread pool."""
+        kind = kind or _kind(fn)
+        if kind == ASYNC:
+            return await fn(*args, **kwargs)
+        if kind != SYNC:
+            raise TypeError(f"method {getattr(fn, '__name__', fn)!r} of {self.where} is a "
+                            "generator: call it with handle.options(stream=True)")
+        ctx = contextvars.copy_context()
+        result = await self.loop.run_in_executor(
+            self.pool, functools.partial(ctx.run, fn, *args, **kwargs))
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    # -- the Handler protocol ------------------------------------------------------
+    def on_call(self, conn: ServerConnection, call_id: int, method: str,
+                args: tuple[Any, ...], kwargs: dict[str, Any], meta: dict[str, Any] | None
+                ) -> None:
+        if self.draining:
+            conn.reply_error(call_id, ReplicaDrainingError(f"{self.where} is shutting down"))
+            return
+        task = self.loop.create_task(self._serve(conn, call_id, method, args, kwargs, meta))
+        key = (id(conn), call_id)
+        self.tasks[key] = task
+        self.ongoing += 1
+        self._idle.clear()
+        task.add_done_callback(functools.partial(self._done, key))
+
+    def _done(self, key: tuple[int, int], _task: asyncio.Task[Any]) -> None:
+        self.tasks.pop(key, None)
+        self.ongoing -= 1
+        if self.ongoing == 0:
+            self._idle.set()
+
+    async def _serve(self, conn: ServerConnection, call_id: int, method: str,
+                     args: tuple[Any, ...], kwargs: dict[str, Any],
+                     meta: dict[str, Any] | None) -> None:
+        try:
+            if meta is not None and "http" in meta:
+                await self.http.serve_http(conn, call_id, method, args[0], meta)
+                return
+            fn, kind = self.method(method)
+            if meta is not None:
+                args, kwargs = self.http.adapt_args(method, fn, args, kwargs, meta)
+                if meta.get("stream"):
+                    await self._stream(conn, call_id, fn, kind, args, kwargs)
+                    return
+            conn.reply(call_id, await self.invoke(fn, args, kwargs, kind))
+        except asyncio.CancelledError:
+            return
+        except BaseException as exc:  # noqa: BLE001 - goes back to the caller
+            conn.reply_error(call_id, exc, f"in {method} of {self.where}")
+
+    async def _stream(self, conn: ServerConnection, call_id: int, fn: Any, kind: str,
+                      args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if kind == AGEN:
+            agen = fn(*args, **kwargs)
+            try:
+                async for item in agen:
+                    conn.chunk(call_id, item)
+            finally:
+                await agen.aclose()
+        elif kind == GEN:
+            gen = fn(*args, **kwargs)
+            end = object()
+            try:
+                while True:
+                    item = await self.loop.run_in_executor(self.pool, next, gen, end)
+                    if item is end:
+                        break
+                    conn.chunk(call_id, item)
+            finally:
+                gen.close()
+        else:
+            result = await self.invoke(fn, args, kwargs, kind)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    conn.chunk(call_id, item)
+            elif inspect.isgenerator(result) or isinstance(result, list | tuple):
+                for item in result:
+                    conn.chunk(call_id, item)
+            else:
+                conn.chunk(call_id, result)
+        conn.reply(call_id, None)
+
+    def on_cancel(self, conn: ServerConnection, call_id: int) -> None:
+        task = self.tasks.get((id(conn), call_id))
+        if task is not None:
+            task.cancel()
+
+    def on_data(self, conn: ServerConnection, call_id: int, obj: Any) -> None:
+        if self.http is not None:
+            self.http.on_data(conn, call_id, obj)
+
+    def on_ctrl(self, conn: ServerConnection, msg: Any) -> None:
+        pass
+
+    def on_closed(self, conn: ServerConnection) -> None:
+        # The caller is gone: its calls have no one to answer to.
+        cid = id(conn)
+        for (c, _), task in list(self.tasks.items()):
+            if c == cid:
+                task.cancel()
+
+
+_ = time

@@ -1,0 +1,185 @@
+"""The Router: one per caller and deployment. Picks replicas by power of two choices
+on its own in-flight counts, keeps at most ``max_ongoing_requests`` on each, queues the
+rest in arrival order and refuses past ``max_queued_requests``. No I/O on the choice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fleet._types import DeploymentTable
+from fleet._wire.channel import Channel
+from fleet.exceptions import BackPressureError, DeploymentFailedError
+
+
+class Slot:
+    """One replica as this caller sees it."""
+
+    __slots__ = ("replica_id", "address", "inflight", "channel", "connecting", "gone")
+
+    def __init__(self, replica_id: str, address: str) -> None:
+        self.replica_id = replica_id
+        self.address = address
+        self.inflight = 0
+        self.channel: Channel | None = None
+        self.connecting: asyncio.Future[Channel] | None = None
+        self.gone = False
+
+
+class Router:
+    """Replica choice and limits for one deployment, as seen by one process."""
+
+    def __init__(self, key: str, connect: Callable[[str], Awaitable[Channel]]) -> None:
+        self.key = key
+        self.app, _, self.deployment = key.partition("#")
+        self._connect = connect
+        self.slots: list[Slot] = []
+        self._by_id: dict[str, Slot] = {}
+        self.max_ongoing = 5
+        self.max_queued = -1
+        self.status = "UPDATING"
+        self.message = ""
+        self.known = False
+        self.queue: deque[asyncio.Future[Slot]] = deque()
+        self.queued_total = 0
+
+    # -- table updates ---------------------------------------------------------
+    def update(self, table: DeploymentTable | None) -> None:
+        if table is None:
+            self.known = False
+            self.status = "DELETED"
+            self.slots = []
+            for slot in self._by_id.values():
+                slot.gone = True
+            self._by_id = {}
+            self._fail_waiters(DeploymentFailedError(
+                f"deployment {self.deployment!r} of application {self.app!r} was deleted"))
+            return
+        self.known = True
+        self.max_ongoing = table["max_ongoing_requests"]
+        self.max_queued = table["max_queued_requests"]
+        self.status = table["status"]
+        self.message = table["message"]
+        new: dict[str, Slot] = {}
+        for r in table["replicas"]:
+            slot = self._by_id.get(r["replica_id"])
+            if slot is None or slot.gone:
+                slot = Slot(r["replica_id"], r["address"])
+            new[slot.replica_id] = slot
+        for rid, slot in self._by_id.items():
+            if rid not in new:
+                slot.gone = True
+        self._by_id = new
+        self.slots = list(new.values())
+        if self.status == "DEPLOY_FAILED" and not self.slots:
+            self._fail_waiters(DeploymentFailedError(self.message or (
+                f"deployment {self.deployment!r} of application {self.app!r} failed")))
+        self._wake()
+
+    def drop(self, slot: Slot) -> None:
+        """Stop using a replica whose connection failed, before the table says so."""
+        slot.gone = True
+        if self._by_id.get(slot.replica_id) is slot:
+            del self._by_id[slot.replica_id]
+            self.slots = list(self._by_id.values())
+
+    # -- choosing ----------------------------------------------------------------
+    def _pick(self) -> Slot | None:
+        slots = self.slots
+        n = len(slots)
+        limit = self.max_ongoing
+        if n == 1:
+            s = slots[0]
+            return s if s.inflight < limit else None
+        if n == 0:
+            return None
+        a, b = random.sample(slots, 2)
+        if b.inflight < a.inflight:
+            a, b = b, a
+        if a.inflight < limit:
+            return a
+        free = [s for s in slots if s.inflight < limit]
+        return min(free, key=lambda s: s.inflight) if free else None
+
+    async def acquire(self) -> Slot:
+        """A replica with room, waiting in order if none has; raises when refused."""
+        if not self.queue:
+            slot = self._pick()
+            if slot is not None:
+                slot.inflight += 1
+                return slot
+        if 0 <= self.max_queued <= len(self.queue):
+            raise BackPressureError(
+                f"deployment {self.deployment!r} of application {self.app!r} already has "
+                f"{len(self.queue)} queued calls (max_queued_requests={self.max_queued}); "
+                "retry later or raise the limit")
+        if self.status == "DEPLOY_FAILED" and not self.slots:
+            raise DeploymentFailedError(self.message or f"deployment {self.deployment!r} failed")
+        fut: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
+        self.queue.append(fut)
+        self.queued_total += 1
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(fut.result())
+            raise
+        finally:
+            try:
+                self.queue.remove(fut)
+            except ValueError:
+                pass
+
+    def release(self, slot: Slot) -> None:
+        slot.inflight -= 1
+        if self.queue:
+            self._wake()
+
+    def _wake(self) -> None:
+        queue = self.queue
+        while queue:
+            fut = queue[0]
+            if fut.done():
+                queue.popleft()
+                continue
+            slot = self._pick()
+            if slot is None:
+                return
+            queue.popleft()
+            slot.inflight += 1
+            fut.set_result(slot)
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        while self.queue:
+            fut = self.queue.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+
+    async def channel(self, slot: Slot) -> Channel:
+        """The slot's connection, opened on first use and shared by all calls."""
+        ch = slot.channel
+        if ch is not None and not ch.closed:
+            return ch
+        if slot.connecting is None or slot.connecting.done() and slot.channel is ch:
+            loop = asyncio.get_running_loop()
+            slot.connecting = loop.create_future()
+            connecting = slot.connecting
+            try:
+                ch = await self._connect(slot.address)
+            except BaseException as exc:
+                connecting.set_exception(exc)
+                connecting.exception()
+                slot.connecting = None
+                raise
+            slot.channel = ch
+            connecting.set_result(ch)
+            return ch
+        return await asyncio.shield(slot.connecting)
+
+    def stats(self) -> dict[str, Any]:
+        """In-flight and queued calls, for the autoscaler and metrics."""
+        return {"inflight": sum(s.inflight for s in self.slots), "queued": len(self.queue)}

@@ -1,0 +1,268 @@
+"""The per-process runtime: the event loop fleet's calls run on, the controller
+connection with its published tables, and one Router per deployment.
+
+Every fleet process (driver, replica, proxy) has exactly one; handles find it with
+:func:`current`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from fleet._router import Router, Slot
+from fleet._types import Tables, deployment_key
+from fleet._wire import frames
+from fleet._wire.channel import Channel, Pending, connect
+from fleet.exceptions import (
+    DeploymentFailedError,
+    FleetError,
+    ReplicaDiedError,
+    RequestCancelledError,
+    RequestTimeoutError,
+)
+
+_current: Runtime | None = None
+_current_lock = threading.Lock()
+
+MAX_ATTEMPTS = 4
+
+
+def current() -> Runtime:
+    """This process's runtime; in a driver, starts an instance if none runs."""
+    rt = _current
+    if rt is not None:
+        return rt
+    from fleet import _api
+    _api.start()
+    assert _current is not None
+    return _current
+
+
+def set_current(rt: Runtime | None) -> None:
+    global _current
+    with _current_lock:
+        _current = rt
+
+
+class Runtime:
+    """Tables, routers and connections of one process, all owned by one event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, controller_address: str,
+                 secret: bytes) -> None:
+        self.loop = loop
+        self.controller_address = controller_address
+        self.secret = secret
+        self.tables: Tables | None = None
+        self.routers: dict[str, Router] = {}
+        self.controller: Channel | None = None
+        self._tables_changed = asyncio.Event()
+        self.ctrl_hooks: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self.on_controller_lost: Callable[[], None] | None = None
+        self.table_listeners: list[Callable[[Tables], None]] = []
+        self.ack_tables = False
+
+    # -- controller --------------------------------------------------------------
+    async def connect_controller(self, subscribe: bool = True) -> None:
+        self.controller = await connect(self.controller_address, self.secret,
+                                        on_ctrl=self._on_ctrl, on_closed=self._lost)
+        if subscribe:
+            await self.call_controller("subscribe")
+            await self.wait_tables(0)
+
+    def _lost(self, _ch: Channel) -> None:
+        if self.on_controller_lost is not None:
+            self.on_controller_lost()
+
+    async def call_controller(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        ch = self.controller
+        if ch is None or ch.closed:
+            raise FleetError("fleet's controller is not reachable: the instance was shut "
+                             "down or its driver exited")
+        return await ch.call(method, args, kwargs, None).result()
+
+    def send_ctrl(self, msg: dict[str, Any]) -> None:
+        if self.controller is not None:
+            self.controller.send(frames.encode(frames.CTRL, 0, msg))
+
+    def _on_ctrl(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "tables":
+            self.apply_tables(msg["tables"])
+            return
+        hook = self.ctrl_hooks.get(str(kind))
+        if hook is not None:
+            hook(msg)
+
+    def apply_tables(self, tables: Tables) -> None:
+        if self.tables is not None and tables["version"] <= self.tables["version"]:
+            return
+        self.tables = tables
+        deps = tables["deployments"]
+        for key, router in self.routers.items():
+            router.update(deps.get(key))
+        for listener in self.table_listeners:
+            listener(tables)
+        if self.ack_tables:
+            self.send_ctrl({"type": "tables_ack", "version": tables["version"]})
+        self._tables_changed.set()
+        self._tables_changed = asyncio.Event()
+
+    async def wait_tables(self, version: int) -> Tables:
+        """Wait for a table newer than version (or any, for 0)."""
+        while self.tables is None or self.tables["version"] <= version - 1:
+            await self._tables_changed.wait()
+        return self.tables
+
+    # -- routing ----------------------------------------------------------------
+    def router(self, app: str, deployment: str) -> Router:
+        key = deployment_key(app, deployment)
+        router = self.routers.get(key)
+        if router is None:
+            router = Router(key, self._connect_replica)
+            if self.tables is not None:
+                router.update(self.tables["deployments"].get(key))
+            self.routers[key] = router
+        return router
+
+    async def _connect_replica(self, address: str) -> Channel:
+        return await connect(address, self.secret)
+
+    def _check_known(self, router: Router) -> None:
+        if not router.known and self.tables is not None:
+            apps = {k.partition("#")[0] for k in self.tables["deployments"]}
+            if router.app not in apps:
+                raise FleetError(f"no application named {router.app!r} is running; "
+                                 f"running: {sorted(apps) or 'none'}")
+            raise FleetError(f"application {router.app!r} has no deployment named "
+                             f"{router.deployment!r}")
+
+    async def start_call(self, router: Router, method: str, args: tuple[Any, ...],
+                         kwargs: dict[str, Any], meta: dict[str, Any] | None,
+                         stream: bool) -> tuple[Slot, Pending]:
+        """Pick a replica and send the call; retries calls that never reached one."""
+        self._check_known(router)
+        last: BaseException | None = None
+        for _ in range(MAX_ATTEMPTS):
+            slot = await router.acquire()
+            try:
+                ch = await router.channel(slot)
+                return slot, ch.call(method, args, kwargs, meta, stream)
+            except (OSError, ReplicaDiedError) as exc:
+                router.release(slot)
+                router.drop(slot)
+                last = exc
+            except BaseException:
+                router.release(slot)
+                raise
+        raise ReplicaDiedError(f"could not reach a replica of deployment "
+                               f"{router.deployment!r}: {last}")
+
+    async def call(self, app: str, deployment: str, opts: Any, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        """One handle call, start to finish."""
+        args, kwargs = await _resolve(args, kwargs)
+        router = self.router(app, deployment)
+        meta = _meta(opts)
+        if opts.timeout_s is None:
+            return await self._call_once(router, opts.method_name, args, kwargs, meta)
+        try:
+            return await asyncio.wait_for(
+                self._call_once(router, opts.method_name, args, kwargs, meta), opts.timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(
+                f"call to {deployment}.{opts.method_name} (application {app!r}) did not "
+                f"finish within timeout_s={opts.timeout_s}; it was cancelled") from None
+
+    async def _call_once(self, router: Router, method: str, args: tuple[Any, ...],
+                         kwargs: dict[str, Any], meta: dict[str, Any] | None) -> Any:
+        for attempt in range(MAX_ATTEMPTS):
+            slot, pending = await self.start_call(router, method, args, kwargs, meta, False)
+            try:
+                return await pending.result()
+            except asyncio.CancelledError:
+                pending.cancel()
+                raise
+            except _Retry:
+                if attempt == MAX_ATTEMPTS - 1:
+                    raise ReplicaDiedError(f"deployment {router.deployment!r}: every replica "
+                                           "tried was shutting down") from None
+            finally:
+                router.release(slot)
+        raise AssertionError("unreachable")
+
+    async def open_stream(self, app: str, deployment: str, opts: Any, args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> Stream:
+        args, kwargs = await _resolve(args, kwargs)
+        router = self.router(app, deployment)
+        meta = _meta(opts) or {}
+        meta["stream"] = True
+        slot, pending = await self.start_call(router, opts.method_name, args, kwargs, meta, True)
+        return Stream(router, slot, pending)
+
+
+class _Retry(Exception):
+    """Marker base for errors a router retries elsewhere (the replica refused the call)."""
+
+
+class ReplicaDrainingError(_Retry, FleetError):
+    """The replica was shutting down and did not start the call."""
+
+
+class Stream:
+    """A streaming call in progress; holds its replica slot until the end."""
+
+    def __init__(self, router: Router, slot: Slot, pending: Pending) -> None:
+        self._router = router
+        self._slot: Slot | None = slot
+        self._pending = pending
+
+    def _finish(self) -> None:
+        if self._slot is not None:
+            self._router.release(self._slot)
+            self._slot = None
+
+    async def next_item(self, end: Any) -> Any:
+        if self._slot is None:
+            return end
+        try:
+            kind, value = await self._pending.next()
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        except BaseException:
+            self._finish()
+            raise
+        if kind == frames.OK:
+            self._finish()
+            return end
+        return value
+
+    def close(self) -> None:
+        if self._slot is not None:
+            self._pending.cancel()
+            self._finish()
+
+
+def _meta(opts: Any) -> dict[str, Any] | None:
+    if opts.http_headers:
+        return {"http_headers": opts.http_headers}
+    return None
+
+
+async def _resolve(args: tuple[Any, ...], kwargs: dict[str, Any]
+                   ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Await DeploymentResponses passed as arguments, so their values are delivered."""
+    from fleet._handle import DeploymentResponse
+    if any(isinstance(a, DeploymentResponse) for a in args):
+        args = tuple([await a._to_value() if isinstance(a, DeploymentResponse) else a
+                      for a in args])
+    if kwargs and any(isinstance(v, DeploymentResponse) for v in kwargs.values()):
+        kwargs = {k: (await v._to_value() if isinstance(v, DeploymentResponse) else v)
+                  for k, v in kwargs.items()}
+    return args, kwargs
+
+
+__all__ = ["DeploymentFailedError", "RequestCancelledError", "Runtime", "current"]

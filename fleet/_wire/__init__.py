@@ -1,0 +1,1 @@
+"""fleet's data plane: length-prefixed frames over persistent, multiplexed connections."""

@@ -1,0 +1,234 @@
+"""Connections: one asyncio.Protocol per socket, calls multiplexed by id.
+
+:class:`Connection` is the shared part (framing, coalesced writes, auth). The caller's
+side is :class:`Channel`, which turns calls into :class:`Pending` entries; the serving
+side hands frames to a :class:`Handler` (see :mod:`fleet._wire.listener`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from fleet._wire import frames
+from fleet._wire.errors import ErrorInfo, rebuild
+from fleet.exceptions import ReplicaDiedError
+
+
+class Connection(asyncio.Protocol):
+    """Framing and coalesced writes over one transport."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._parser = frames.FrameParser(self.on_frame)
+        self._wbuf: list[bytes] = []
+        self._flush_scheduled = False
+        self._loop = asyncio.get_event_loop()
+        self.lost = self._loop.create_future()
+
+    # -- transport callbacks (thin) ------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed(data)
+        except Exception:
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.on_lost()
+
+    # -- writing ---------------------------------------------------------------
+    def send(self, frame: bytes) -> None:
+        """Queue one frame; frames queued in one loop iteration go out in one write."""
+        if self.closed:
+            return
+        self._wbuf.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def send_now(self, frame: bytes) -> None:
+        """Write at once (used for the last frames before closing)."""
+        self._flush()
+        if self.transport is not None and not self.closed:
+            self.transport.write(frame)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        buf = self._wbuf
+        if not buf or self.transport is None or self.closed:
+            buf.clear()
+            return
+        data = buf[0] if len(buf) == 1 else b"".join(buf)
+        buf.clear()
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- to override -------------------------------------------------------------
+    def on_frame(self, kind: int, call_id: int, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def on_lost(self) -> None:
+        pass
+
+
+class Pending:
+    """One call awaiting its answer: a future, plus a chunk buffer when streaming."""
+
+    __slots__ = ("future", "chunks", "waiter", "done", "channel", "call_id", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stream: bool,
+                 channel: Channel, call_id: int) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[Any] | None = None if stream else loop.create_future()
+        self.chunks: deque[tuple[int, Any]] | None = deque() if stream else None
+        self.waiter: asyncio.Future[None] | None = None
+        self.done = False
+        self.channel = channel
+        self.call_id = call_id
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def deliver(self, kind: int, value: Any) -> None:
+        if self.chunks is None:
+            fut = self.future
+            assert fut is not None
+            if fut.done():
+                return
+            if kind == frames.OK:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+            self.done = True
+            return
+        self.chunks.append((kind, value))
+        if kind != frames.CHUNK:
+            self.done = True
+        self._wake()
+
+    async def next(self) -> tuple[int, Any]:
+        """The next streamed item: (CHUNK, item), (OK, final) or raises the error."""
+        chunks = self.chunks
+        assert chunks is not None
+        while not chunks:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+            self.waiter = None
+        kind, value = chunks.popleft()
+        if kind == frames.ERR:
+            raise value
+        return kind, value
+
+    async def result(self) -> Any:
+        assert self.future is not None
+        return await self.future
+
+    def cancel(self) -> None:
+        """Tell the replica to stop the call; late answers are dropped."""
+        if not self.done:
+            self.done = True
+            self.channel.cancel(self.call_id)
+
+    def send_data(self, obj: Any) -> None:
+        """Send a message into the running call (websocket frames)."""
+        self.channel.send(frames.encode(frames.DATA, self.call_id, obj))
+
+
+class Channel(Connection):
+    """The caller's connection to one replica (or the controller)."""
+
+    def __init__(self, secret: bytes, peer: str, on_ctrl: Callable[[Any], None] | None = None,
+                 on_closed: Callable[[Channel], None] | None = None) -> None:
+        super().__init__()
+        self.secret = secret
+        self.peer = peer
+        self.pending: dict[int, Pending] = {}
+        self._next_id = 0
+        self._on_ctrl = on_ctrl
+        self._on_closed = on_closed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.send(frames.encode_raw(frames.AUTH, 0, self.secret))
+
+    def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+             meta: dict[str, Any] | None, stream: bool = False) -> Pending:
+        """Start a call; raises TypeError if an argument cannot be pickled."""
+        if self.closed:
+            raise ReplicaDiedError(f"connection to {self.peer} is closed")
+        self._next_id += 1
+        call_id = self._next_id
+        frame = frames.encode(frames.CALL, call_id, (method, args, kwargs, meta))
+        pending = Pending(self._loop, stream, self, call_id)
+        self.pending[call_id] = pending
+        self.send(frame)
+        return pending
+
+    def cancel(self, call_id: int) -> None:
+        if self.pending.pop(call_id, None) is not None:
+            self.send(frames.encode_raw(frames.CANCEL, call_id, b""))
+
+    def on_frame(self, kind: int, call_id: int, payload: bytes) -> None:
+        if kind == frames.CTRL:
+            if self._on_ctrl is not None:
+                self._on_ctrl(frames.decode(payload))
+            return
+        if kind == frames.CHUNK:
+            pending = self.pending.get(call_id)
+        else:
+            pending = self.pending.pop(call_id, None)
+        if pending is None:
+            return
+        if kind == frames.ERR:
+            info: ErrorInfo = frames.decode(payload)
+            pending.deliver(kind, rebuild(info))
+        else:
+            pending.deliver(kind, frames.decode(payload))
+
+    def on_lost(self) -> None:
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            p.deliver(frames.ERR, ReplicaDiedError(
+                f"the replica at {self.peer} died or closed its connection before "
+                "answering; the call may or may not have run"))
+        if self._on_closed is not None:
+            self._on_closed(self)
+
+
+async def connect(address: str, secret: bytes, **kwargs: Any) -> Channel:
+    """Open a Channel to "unix:/path" or "tcp:host:port"."""
+    loop = asyncio.get_running_loop()
+    peer = address
+
+    def factory() -> Channel:
+        return Channel(secret, peer, **kwargs)
+
+    if address.startswith("unix:"):
+        _, proto = await loop.create_unix_connection(factory, address[5:])
+    elif address.startswith("tcp:"):
+        host, _, port = address[4:].rpartition(":")
+        _, proto = await loop.create_connection(factory, host, int(port))
+    else:
+        raise ValueError(f"bad data-plane address {address!r}")
+    return proto
+
+
+def check_secret(expected: bytes, got: bytes) -> bool:
+    """Constant-time secret comparison."""
+    return hmac.compare_digest(expected, got)

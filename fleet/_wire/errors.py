@@ -1,0 +1,52 @@
+"""Errors across the wire: a replica's exception to a payload and back to an exception."""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from typing import Any
+
+from fleet.exceptions import RemoteTraceback, ReplicaError
+
+# (pickled exception or None, type name, message, traceback, flags)
+ErrorInfo = tuple[bytes | None, str, str, str, dict[str, Any]]
+
+
+def error_info(exc: BaseException, where: str = "", **flags: Any) -> ErrorInfo:
+    """Describe exc for the caller; keep the exception itself when it pickles."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if where:
+        tb = f"{where}\n{tb}"
+    cause, exc.__cause__ = exc.__cause__, None
+    context, exc.__context__ = exc.__context__, None
+    try:
+        blob: bytes | None = pickle.dumps(exc, 5)
+        pickle.loads(blob)
+    except Exception:
+        blob = None
+    finally:
+        exc.__cause__, exc.__context__ = cause, context
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    if type(exc).__module__ == "builtins":
+        name = type(exc).__qualname__
+    return (blob, name, str(exc), tb, flags)
+
+
+def rebuild(info: ErrorInfo) -> BaseException:
+    """The caller's exception: the original type when possible, else ReplicaError."""
+    blob, name, message, tb, _flags = info
+    exc: BaseException | None = None
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = ReplicaError(f"{name}: {message}", error_type=name, remote_traceback=tb)
+    if tb:
+        exc.__cause__ = RemoteTraceback(tb)
+    try:
+        exc.remote_traceback = tb  # type: ignore[attr-defined]
+    except Exception:
+        pass
+    return exc
