@@ -13,6 +13,7 @@ from fleet._api import (
     start,
     status,
 )
+from fleet._batching import batch
 from fleet._config import (
     AutoscalingConfig,
     DeploymentConfig,
@@ -53,6 +54,7 @@ __all__ = [
     "RequestCancelledError",
     "RequestTimeoutError",
     "__version__",
+    "batch",
     "delete",
     "deployment",
     "get_app_handle",

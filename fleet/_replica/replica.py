@@ -14,6 +14,7 @@ from typing import Any
 
 import cloudpickle
 
+from fleet._batching import batch_stats
 from fleet._config import DeploymentConfig
 from fleet._runtime import ReplicaDrainingError, Runtime, set_current
 from fleet._types import ReplicaSpec
@@ -167,7 +168,7 @@ class Replica:
                 ok, error = False, f"check_health raised {type(exc).__name__}: {exc}"
         self.runtime.send_ctrl({"type": "health_result", "id": msg.get("id"), "ok": ok,
                                 "error": error, "replica_id": self.spec.replica_id,
-                                "ongoing": self.ongoing})
+                                "ongoing": self.ongoing, "batches": batch_stats()})
 
     def _on_reconfigure(self, msg: dict[str, Any]) -> None:
         async def go() -> None:
