@@ -135,6 +135,12 @@ class Instance:
     async def _shutdown(self) -> None:
         if self.controller is not None:
             await self.controller.shutdown()
+            task = self.controller._task
+            if task is not None:
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         if self.runtime is not None and self.runtime.controller is not None:
             self.runtime.controller.close()
         if self._server is not None:

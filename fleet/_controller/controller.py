@@ -69,7 +69,8 @@ class Controller:
         self._changed = asyncio.Event()
 
     async def _loop(self) -> None:
-        while True:
+        # A flag, not only cancel(): wait_for can swallow a cancel racing a kick.
+        while not self._closing:
             try:
                 await asyncio.wait_for(self._kick.wait(), TICK_S)
             except asyncio.TimeoutError:
