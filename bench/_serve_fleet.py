@@ -1,0 +1,96 @@
+"""Subprocess entry serving one fleet app: ``python -m bench._serve_fleet --app NAME``.
+
+Starts fleet on 127.0.0.1 (HTTP on ``--port``, gRPC on ``--grpc-port`` when given),
+runs ``bench.apps.<NAME>``, prints ``READY <json>`` and serves until SIGTERM/SIGINT,
+then shuts fleet down.  With ``--handle-bench`` it measures handle calls instead
+and exits when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import signal
+import sys
+import threading
+from typing import Any
+
+from bench import handlebench
+
+
+def _grpc_info(port: int) -> dict[str, Any]:
+    """How a client calls fleet's Predict API: method path and sample request."""
+    from bench.models import GRPC_ORDER
+    from fleet.generated import serve_pb2
+
+    service = serve_pb2.DESCRIPTOR.services_by_name["PredictAPIsService"]
+    request = serve_pb2.PredictRequest(input=GRPC_ORDER).SerializeToString()
+    return {
+        "grpc_port": port,
+        "grpc_method": f"/{service.full_name}/Predict",
+        "grpc_request_hex": request.hex(),
+        "grpc_metadata": [],
+    }
+
+
+def _load_app(name: str) -> Any:
+    """The bound application ``bench.apps.<name>``."""
+    apps = importlib.import_module("bench.apps")
+    app = getattr(apps, name)
+    if app is None:
+        reason = apps.GRPC_UNAVAILABLE if name == "grpc_app" else apps.BATCH_UNAVAILABLE
+        raise SystemExit(f"UNAVAILABLE {reason}")
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve (or benchmark handles of) one app until told to stop."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--app", default="noop")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--grpc-port", type=int, default=0)
+    handlebench.add_arguments(parser)
+    args = parser.parse_args(argv)
+
+    stop = threading.Event()
+    serving = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not serving.is_set():  # still starting: give up right away
+            raise SystemExit(128 + signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    import fleet
+
+    app = _load_app(args.app)
+    options: dict[str, Any] = {"http_options": {"host": "127.0.0.1", "port": args.port}}
+    if args.grpc_port:
+        options["grpc_options"] = {"port": args.grpc_port}
+    fleet.start(**options)
+    try:
+        handle = fleet.run(app, name="default", route_prefix="/")
+        info: dict[str, Any] = {"port": args.port}
+        if args.grpc_port:
+            info.update(_grpc_info(args.grpc_port))
+        serving.set()
+        print("READY " + json.dumps(info), flush=True)
+        if args.handle_bench:
+
+            async def acall() -> Any:
+                return await handle.remote()
+
+            handlebench.run(args, acall, lambda: handle.remote().result())
+        else:
+            while not stop.wait(0.5):
+                pass
+    finally:
+        fleet.shutdown()
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

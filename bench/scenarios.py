@@ -1,0 +1,392 @@
+"""The benchmark scenarios, each run against fleet, Ray Serve and the baseline.
+
+A scenario function gets a :class:`Context` and a system name and returns, for each
+of its metrics, the list of per-run values (and an optional note).  It starts every
+server in its own subprocess through :class:`bench.procs.ServerProcess`, which stops
+the whole process tree when the scenario ends or fails.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen
+from bench.models import CPU_ITERS_ENV
+from bench.procs import (
+    REPO_ROOT,
+    ServerProcess,
+    bench_env,
+    cpu_window,
+    free_port,
+    kill_tree,
+    python_module,
+    tree_memory,
+)
+from bench.results import Metric, Row
+
+Measured = dict[str, tuple[list[float], str]]
+SERVE_MODULE = {
+    "fleet": "bench._serve_fleet",
+    "ray": "bench._serve_ray",
+    "baseline": "bench._serve_baseline",
+}
+
+
+class Unavailable(Exception):
+    """A system cannot run this scenario; ``status`` goes into the report row."""
+
+    def __init__(self, status: str, note: str) -> None:
+        super().__init__(note)
+        self.status = status
+        self.note = note
+
+
+@dataclass
+class Context:
+    """Settings shared by every scenario."""
+
+    duration_s: float = 10.0
+    warmup_s: float = 3.0
+    runs: int = 3
+    use_wrk: bool = True
+    cpu_iters: int = 60_000
+    log: Callable[[str], None] = print
+    http_conns: int = 32
+    handle_concurrency: int = 200
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        """Environment for server subprocesses."""
+        return bench_env({CPU_ITERS_ENV: str(self.cpu_iters), **self.extra_env})
+
+
+def _app_args(system: str, app: str) -> list[str]:
+    """Per-system command-line arguments selecting app ``app``."""
+    if system != "baseline":
+        return ["--app", app]
+    if app in ("cpu1", "cpu2"):
+        return ["--app", "cpu", "--workers", app[-1]]
+    return [] if app == "grpc_app" else ["--app", app]
+
+
+def start_server(ctx: Context, system: str, app: str, *extra: str, grpc: bool = False,
+                 timeout_s: float = 240.0) -> ServerProcess:
+    """Launch ``app`` on ``system`` in a subprocess and wait until it is ready."""
+    port = free_port()
+    args = ["--port", str(port), *_app_args(system, app), *extra]
+    if grpc:
+        args += ["--grpc-port", str(free_port())]
+    server = ServerProcess(python_module(SERVE_MODULE[system], *args), env=ctx.env(),
+                           ready_timeout_s=timeout_s)
+    try:
+        server.start()
+    except (RuntimeError, TimeoutError) as exc:
+        server.stop()
+        text = str(exc)
+        if "UNAVAILABLE" in text:
+            reason = text.split("UNAVAILABLE", 1)[1].strip().splitlines()[0]
+            raise Unavailable("skipped", reason) from None
+        raise
+    server.info.setdefault("port", port)
+    return server
+
+
+def _per_request_us(cpu_s: float, requests: int) -> float:
+    return cpu_s / requests * 1e6 if requests else math.nan
+
+
+def _http_runs(ctx: Context, server: ServerProcess, conns: int) -> tuple[list[float], list[float],
+                                                                        int]:
+    """Warm up, then measure (requests/s, CPU µs/request) per run; also total errors."""
+    port = int(server.info["port"])
+    loadgen.wait_http_ok(port)
+    loadgen.http_load(port, "/", conns, ctx.warmup_s, ctx.use_wrk)
+    rps: list[float] = []
+    cpu: list[float] = []
+    errors = 0
+    for _ in range(ctx.runs):
+        with cpu_window(server.pid) as window:
+            res = loadgen.http_load(port, "/", conns, ctx.duration_s, ctx.use_wrk)
+        rps.append(res.rps)
+        cpu.append(_per_request_us(window["cpu_s"], res.requests))
+        errors += res.errors
+    return rps, cpu, errors
+
+
+def _latency_runs(ctx: Context, port: int) -> tuple[list[float], list[float]]:
+    """p50 and p99 (ms) with one connection, per run."""
+    p50: list[float] = []
+    p99: list[float] = []
+    for _ in range(ctx.runs):
+        res = loadgen.http_load(port, "/", 1, ctx.duration_s, ctx.use_wrk)
+        for out, q in ((p50, 50.0), (p99, 99.0)):
+            value = res.percentile(q)
+            out.append(value * 1e3 if value is not None else math.nan)
+    return p50, p99
+
+
+def _error_note(errors: int) -> str:
+    return f"{errors} failed requests" if errors else ""
+
+
+HTTP_METRICS = [
+    Metric("requests/s, 32 connections", "req/s"),
+    Metric("CPU per request, 32 connections", "µs", "lower"),
+    Metric("p50 latency, 1 connection", "ms", "lower"),
+    Metric("p99 latency, 1 connection", "ms", "lower"),
+]
+
+
+def scenario_http(ctx: Context, system: str) -> Measured:
+    """HTTP no-op: throughput with 32 connections, latency with one."""
+    with start_server(ctx, system, "noop") as server:
+        rps, cpu, errors = _http_runs(ctx, server, ctx.http_conns)
+        p50, p99 = _latency_runs(ctx, int(server.info["port"]))
+    names = [m.name for m in HTTP_METRICS]
+    return dict(zip(names, [(rps, _error_note(errors)), (cpu, ""), (p50, ""), (p99, "")],
+                    strict=True))
+
+
+GRPC_METRICS = [
+    Metric("requests/s, 32 concurrent calls", "req/s"),
+    Metric("CPU per request, 32 concurrent calls", "µs", "lower"),
+    Metric("p50 latency, 1 call at a time", "ms", "lower"),
+    Metric("p99 latency, 1 call at a time", "ms", "lower"),
+]
+
+
+def scenario_grpc(ctx: Context, system: str) -> Measured:
+    """gRPC FruitMarket graph (driver -> market -> stand) through each gRPC front end."""
+    with start_server(ctx, system, "grpc_app", grpc=True) as server:
+        info = server.info
+        port = int(info["grpc_port"])
+        method = str(info["grpc_method"])
+        payload = bytes.fromhex(info["grpc_request_hex"])
+        metadata = [tuple(m) for m in info.get("grpc_metadata", [])]
+        probe = loadgen.grpc_load(port, method, payload, metadata, 1, 0.2)
+        if not probe.requests:
+            raise RuntimeError(f"no successful Predict call ({probe.errors} errors)")
+        loadgen.grpc_load(port, method, payload, metadata, 32, ctx.warmup_s)
+        rps, cpu, p50, p99 = [], [], [], []
+        errors = 0
+        for _ in range(ctx.runs):
+            with cpu_window(server.pid) as window:
+                res = loadgen.grpc_load(port, method, payload, metadata, 32, ctx.duration_s)
+            rps.append(res.rps)
+            cpu.append(_per_request_us(window["cpu_s"], res.requests))
+            errors += res.errors
+        for _ in range(ctx.runs):
+            res = loadgen.grpc_load(port, method, payload, metadata, 1, ctx.duration_s)
+            p50.append(loadgen.percentile(res.latencies_s, 50) * 1e3)
+            p99.append(loadgen.percentile(res.latencies_s, 99) * 1e3)
+    names = [m.name for m in GRPC_METRICS]
+    values = [(rps, _error_note(errors)), (cpu, ""), (p50, ""), (p99, "")]
+    return dict(zip(names, values, strict=True))
+
+
+HANDLE_METRICS = [
+    Metric("calls/s, 200 in flight", "calls/s"),
+    Metric("CPU per call, 200 in flight", "µs", "lower"),
+    Metric("p50 latency, 1 call at a time", "ms", "lower"),
+    Metric("p99 latency, 1 call at a time", "ms", "lower"),
+]
+
+
+def scenario_handle(ctx: Context, system: str) -> Measured:
+    """Python handle calls from a driver to a no-op deployment (driver CPU included)."""
+    extra = [
+        "--handle-bench", "--duration", str(ctx.duration_s), "--warmup", str(ctx.warmup_s),
+        "--runs", str(ctx.runs), "--concurrency", str(ctx.handle_concurrency),
+    ]
+    server = start_server(ctx, system, "noop", *extra)
+    try:
+        budget = ctx.warmup_s * 2 + ctx.runs * (2 * ctx.duration_s + 30) + 60
+        if server.wait(budget) is None:
+            raise TimeoutError(f"handle benchmark did not finish in {budget:.0f}s")
+        results = server.json_lines("RESULT")
+        if not results:
+            raise RuntimeError(f"handle benchmark printed no result: {server.tail()}")
+    finally:
+        server.stop()
+    errors = sum(int(r["errors"]) for r in results)
+    keys = ["calls_per_s", "cpu_us_per_call", "p50_s", "p99_s"]
+    scale = [1.0, 1.0, 1e3, 1e3]
+    out: Measured = {}
+    for metric, key, factor in zip(HANDLE_METRICS, keys, scale, strict=True):
+        values = [float(r[key]) * factor for r in results if r.get(key) is not None]
+        out[metric.name] = (values, _error_note(errors) if key == "calls_per_s" else "")
+    return out
+
+
+BATCH_METRICS = [
+    Metric("requests/s unbatched, 64 connections", "req/s"),
+    Metric("requests/s batched, 64 connections", "req/s"),
+    Metric("batched / unbatched", "×"),
+    Metric("CPU per request batched", "µs", "lower"),
+]
+
+
+def scenario_batch(ctx: Context, system: str) -> Measured:
+    """5 ms + 0.1 ms/item model, with and without request batching."""
+    with start_server(ctx, system, "model_unbatched") as server:
+        plain, _, err_plain = _http_runs(ctx, server, 64)
+    try:
+        with start_server(ctx, system, "model_batched") as server:
+            batched, cpu, err_batched = _http_runs(ctx, server, 64)
+    except Unavailable as exc:
+        return {
+            BATCH_METRICS[0].name: (plain, _error_note(err_plain)),
+            BATCH_METRICS[1].name: ([], f"{exc.status}: {exc.note}"),
+            BATCH_METRICS[2].name: ([], f"{exc.status}: {exc.note}"),
+            BATCH_METRICS[3].name: ([], f"{exc.status}: {exc.note}"),
+        }
+    speedup = [b / p for b, p in zip(batched, plain, strict=False) if p]
+    return {
+        BATCH_METRICS[0].name: (plain, _error_note(err_plain)),
+        BATCH_METRICS[1].name: (batched, _error_note(err_batched)),
+        BATCH_METRICS[2].name: (speedup, ""),
+        BATCH_METRICS[3].name: (cpu, ""),
+    }
+
+
+SCALING_METRICS = [
+    Metric("requests/s, 1 replica, 8 connections", "req/s"),
+    Metric("requests/s, 2 replicas, 8 connections", "req/s"),
+    Metric("2 replicas / 1 replica", "×"),
+]
+
+
+def scenario_scaling(ctx: Context, system: str) -> Measured:
+    """CPU-bound 5 ms handler: throughput of 2 replicas over 1 (baseline: uvicorn workers)."""
+    with start_server(ctx, system, "cpu1") as server:
+        one, _, err1 = _http_runs(ctx, server, 8)
+    with start_server(ctx, system, "cpu2") as server:
+        two, _, err2 = _http_runs(ctx, server, 8)
+    ratio = [b / a for a, b in zip(one, two, strict=False) if a]
+    return {
+        SCALING_METRICS[0].name: (one, _error_note(err1)),
+        SCALING_METRICS[1].name: (two, _error_note(err2)),
+        SCALING_METRICS[2].name: (ratio, ""),
+    }
+
+
+COLDSTART_METRICS = [
+    Metric("launch to first HTTP 200", "s", "lower"),
+    Metric("idle RSS, all processes", "MiB", "lower"),
+    Metric("idle PSS, all processes", "MiB", "lower"),
+    Metric("processes when idle", "count", "lower"),
+    Metric("stop after SIGINT", "s", "lower"),
+]
+
+
+def _cli_argv(system: str, port: int, workdir: Path) -> list[str]:
+    """The command a user runs to serve the no-op app from the command line."""
+    if system == "fleet":
+        exe = shutil.which("fleet")
+        prefix = [exe] if exe else [sys.executable, "-c", "from fleet._cli import main; main()"]
+        return [*prefix, "run", "bench.apps:noop", "--host", "127.0.0.1", "--port", str(port)]
+    if system == "ray":
+        config = workdir / "serve_noop.yaml"
+        config.write_text(
+            "proxy_location: HeadOnly\n"
+            f"http_options:\n  host: 127.0.0.1\n  port: {port}\n"
+            "applications:\n  - name: default\n    route_prefix: /\n"
+            "    import_path: bench.ray_apps:noop\n"
+        )
+        exe = shutil.which("serve")
+        prefix = [exe] if exe else [sys.executable, "-m", "ray.serve.scripts"]
+        return [*prefix, "run", "--address", "local", str(config)]
+    return [sys.executable, "-m", "uvicorn", "bench.baseline:noop", "--host", "127.0.0.1",
+            "--port", str(port), "--loop", "uvloop", "--http", "httptools",
+            "--log-level", "warning"]
+
+
+def _one_coldstart(ctx: Context, system: str, workdir: Path) -> dict[str, float]:
+    port = free_port()
+    log = tempfile.TemporaryFile("w+")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(_cli_argv(system, port, workdir), cwd=REPO_ROOT, env=ctx.env(),
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        try:
+            ready = loadgen.wait_http_ok(port, timeout_s=240)
+        except TimeoutError:
+            log.seek(0)
+            raise RuntimeError("no HTTP 200: " + " / ".join(log.read().splitlines()[-5:])) \
+                from None
+        time.sleep(max(2.0, min(ctx.warmup_s, 5.0)))
+        mem = tree_memory(proc.pid)
+        t_stop = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+            stop_s = time.monotonic() - t_stop
+        except subprocess.TimeoutExpired:
+            stop_s = math.nan
+        return {"start_s": ready - t0, "stop_s": stop_s, **mem}
+    finally:
+        kill_tree(proc.pid, grace_s=5)
+        log.close()
+
+
+def scenario_coldstart(ctx: Context, system: str) -> Measured:
+    """CLI launch to first 200, idle memory of the whole instance, and stop time."""
+    samples: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp:
+        for _ in range(max(1, min(ctx.runs, 3))):
+            samples.append(_one_coldstart(ctx, system, Path(tmp)))
+    keys = ["start_s", "rss_mib", "pss_mib", "processes", "stop_s"]
+    return {m.name: ([s[k] for s in samples], "") for m, k in
+            zip(COLDSTART_METRICS, keys, strict=True)}
+
+
+ScenarioFn = Callable[[Context, str], Measured]
+SCENARIOS: dict[str, tuple[list[Metric], ScenarioFn]] = {
+    "http": (HTTP_METRICS, scenario_http),
+    "grpc": (GRPC_METRICS, scenario_grpc),
+    "handle": (HANDLE_METRICS, scenario_handle),
+    "batch": (BATCH_METRICS, scenario_batch),
+    "scaling": (SCALING_METRICS, scenario_scaling),
+    "coldstart": (COLDSTART_METRICS, scenario_coldstart),
+}
+
+
+def run_scenario(ctx: Context, name: str, system: str, unavailable: str | None) -> list[Row]:
+    """Run one scenario for one system and turn the outcome into report rows."""
+    metrics, fn = SCENARIOS[name]
+    if unavailable:
+        status, _, note = unavailable.partition(":")
+        return [Row.unavailable(name, m, system, status.strip(), note.strip()) for m in metrics]
+    try:
+        measured = fn(ctx, system)
+    except Unavailable as exc:
+        return [Row.unavailable(name, m, system, exc.status, exc.note) for m in metrics]
+    except Exception as exc:  # noqa: BLE001 - one failing system must not stop the suite
+        note = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
+        ctx.log(f"  {name}/{system} failed: {exc}")
+        return [Row.unavailable(name, m, system, "error", note[:200]) for m in metrics]
+    rows = []
+    for metric in metrics:
+        values, note = measured.get(metric.name, ([], "not measured"))
+        if not values and ":" in note:
+            status, _, text = note.partition(":")
+            rows.append(Row.unavailable(name, metric, system, status.strip(), text.strip()))
+        else:
+            rows.append(Row.measured(name, metric, system, values, note))
+    return rows
+
+
+def describe(info: dict[str, Any]) -> str:
+    """One-line summary of server info, for progress output."""
+    return ", ".join(f"{k}={v}" for k, v in info.items() if not k.endswith("_hex"))
