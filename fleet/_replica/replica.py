@@ -68,6 +68,7 @@ class Replica:
         self._idle.set()
         self._grace = self.config.graceful_shutdown_timeout_s
         self.http: Any = None
+        self.grpc: Any = None       # fleet/_replica/grpc.py, made on the first gRPC call
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self) -> int:
@@ -227,6 +228,9 @@ class Replica:
         if self.draining:
             conn.reply_error(call_id, ReplicaDrainingError(f"{self.where} is shutting down"))
             return
+        if meta is not None and "grpc" in meta:
+            from fleet._replica.grpc import adapter
+            adapter(self).accept(conn, call_id, meta)
         task = self.loop.create_task(self._serve(conn, call_id, method, args, kwargs, meta))
         key = (id(conn), call_id)
         self.tasks[key] = task
@@ -246,6 +250,9 @@ class Replica:
         try:
             if meta is not None and "http" in meta:
                 await self.http.serve_http(conn, call_id, method, args[0], meta)
+                return
+            if meta is not None and "grpc" in meta:
+                await self.grpc.serve(conn, call_id, method, args, meta)
                 return
             fn, kind = self.method(method)
             if meta is not None:
@@ -297,6 +304,8 @@ class Replica:
             task.cancel()
 
     def on_data(self, conn: ServerConnection, call_id: int, obj: Any) -> None:
+        if self.grpc is not None and self.grpc.on_data(conn, call_id, obj):
+            return
         if self.http is not None:
             self.http.on_data(conn, call_id, obj)
 

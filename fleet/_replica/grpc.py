@@ -1,0 +1,461 @@
+"""gRPC inside the replica: request bytes from the proxy become the user's messages.
+
+The proxy forwards raw bytes; this side knows the schema (from the generated
+``XServicer`` the user's class subclasses, or from a servicer function named in
+``grpc_options``), parses the request, runs the method with a servicer context that
+records status, details and metadata, and answers with the serialized reply.
+
+Call meta from the proxy: ``{"grpc": "/pkg.Service/Method", "md": ((key, value), ...),
+"fn": servicer function path or None, "in": "args" | "data", "out": bool,
+"timeout": seconds left or None}``. With ``"in": "data"`` request messages arrive as
+DATA frames (bytes), ``None`` marking the end of the client's stream. The reply is OK
+``bytes`` when the status is OK with no metadata, else OK ``(message or None, code,
+details, trailing metadata, initial metadata)``; streamed replies are CHUNK ``bytes``
+before that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+from collections import namedtuple
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from fleet.exceptions import MethodNotFoundError
+
+if TYPE_CHECKING:
+    from fleet._replica.replica import Replica
+    from fleet._wire.listener import ServerConnection
+
+log = logging.getLogger("fleet.replica")
+
+OK = grpc.StatusCode.OK
+CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+#: One metadata entry, as ``context.invocation_metadata()`` gives them.
+Metadatum = namedtuple("Metadatum", ("key", "value"))
+
+
+class MethodSchema:
+    """What one RPC needs on either side: its kind and (de)serializers."""
+
+    __slots__ = ("request_streaming", "response_streaming", "deserialize", "serialize")
+
+    def __init__(self, handler: Any) -> None:
+        self.request_streaming = bool(handler.request_streaming)
+        self.response_streaming = bool(handler.response_streaming)
+        self.deserialize: Callable[[bytes], Any] = handler.request_deserializer or _same
+        self.serialize: Callable[[Any], bytes] = handler.response_serializer or _same
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+class _Capture:
+    """A stand-in server that records what a generated ``add_XServicer_to_server`` adds."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Any] = {}
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        for name, handler in handlers.items():
+            self.handlers[f"/{service}/{name}"] = handler
+
+    def add_generic_rpc_handlers(self, generic: Any) -> None:
+        # Older generated code registers only a generic handler; read its table.
+        for g in generic:
+            service = getattr(g, "_name", None)
+            for name, handler in (getattr(g, "_method_handlers", None) or {}).items():
+                self.handlers.setdefault(f"/{service}/{name}", handler)
+
+
+def servicer_handlers(add_fn: Callable[[Any, Any], None]) -> dict[str, Any]:
+    """The method handlers (by full method name) a servicer function registers."""
+    capture = _Capture()
+    add_fn(_NullServicer(), capture)
+    return capture.handlers
+
+
+class _NullServicer:
+    def __getattr__(self, name: str) -> Any:
+        return None
+
+
+def load_servicer_function(path: str) -> Callable[[Any, Any], None]:
+    """Import ``"pkg.x_pb2_grpc.add_XServicer_to_server"``."""
+    module, _, name = path.rpartition(".")
+    if not module:
+        raise ValueError(f"grpc_servicer_functions: {path!r} is not an import path like "
+                         "'pkg.x_pb2_grpc.add_XServicer_to_server'")
+    fn = getattr(importlib.import_module(module), name, None)
+    if not callable(fn):
+        raise ValueError(f"grpc_servicer_functions: {module} has no function {name!r}")
+    return fn  # type: ignore[no-any-return]
+
+
+def class_servicers(cls: type) -> list[tuple[str, Callable[[Any, Any], None]]]:
+    """The generated servicer registration functions of the ``XServicer`` bases of cls."""
+    found = []
+    for base in cls.__mro__:
+        try:
+            module = importlib.import_module(base.__module__)
+        except Exception:
+            continue
+        fn = getattr(module, f"add_{base.__name__}_to_server", None)
+        if callable(fn):
+            found.append((base.__module__, fn))
+    return found
+
+
+class Abort(Exception):
+    """Raised by ``context.abort``: ends the RPC with this status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class ServicerContext:
+    """What a servicer method gets as ``context``: grpcio's calls that matter for a
+    handler, recorded here and sent back to the client with the reply."""
+
+    def __init__(self, meta: dict[str, Any], write: Callable[[Any], None] | None = None,
+                 read: Callable[[], Any] | None = None) -> None:
+        self._md = tuple(Metadatum(k, v) for k, v in meta.get("md", ()))
+        timeout = meta.get("timeout")
+        self._deadline = time.monotonic() + timeout if timeout is not None else None
+        self._code: grpc.StatusCode = OK
+        self._details = ""
+        self._trailing: tuple[tuple[str, Any], ...] = ()
+        self._initial: tuple[tuple[str, Any], ...] = ()
+        self._write = write
+        self._read = read
+        self._callbacks: list[Callable[[], None]] = []
+
+    def invocation_metadata(self) -> tuple[Metadatum, ...]:
+        """The metadata the client sent."""
+        return self._md
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        """The status the client gets when the method returns."""
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        """The status message the client gets."""
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        """Metadata sent with the status at the end of the call."""
+        self._trailing = tuple((k, v) for k, v in metadata)
+
+    def trailing_metadata(self) -> tuple[tuple[str, Any], ...]:
+        return self._trailing
+
+    def send_initial_metadata(self, metadata: Any) -> None:
+        """Metadata sent before the first reply message (awaitable or not)."""
+        self._initial = tuple((k, v) for k, v in metadata)
+        return None
+
+    def abort(self, code: grpc.StatusCode, details: str = "",
+              trailing_metadata: Any = None) -> Any:
+        """End the call with code and details; raises at once, so ``await
+        context.abort(...)`` (grpc.aio) and ``context.abort(...)`` both work."""
+        if code == OK:
+            raise ValueError("abort needs a status code other than OK")
+        if trailing_metadata is not None:
+            self.set_trailing_metadata(trailing_metadata)
+        raise Abort(code, details)
+
+    def abort_with_status(self, status: Any) -> Any:
+        self.abort(status.code, status.details, getattr(status, "trailing_metadata", None))
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the client's deadline (None without one)."""
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - time.monotonic())
+
+    def is_active(self) -> bool:
+        return True
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return False
+
+    def peer(self) -> str:
+        return "fleet-proxy"
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self._callbacks.append(callback)
+        return True
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self._callbacks.append(lambda: callback(self))
+
+    async def write(self, message: Any) -> None:
+        """Send one reply message of a response stream (grpc.aio style)."""
+        if self._write is None:
+            raise RuntimeError("context.write() is only for methods that stream replies")
+        self._write(message)
+
+    async def read(self) -> Any:
+        """The next request message of a request stream, or ``grpc.aio.EOF``."""
+        if self._read is None:
+            raise RuntimeError("context.read() is only for methods that take a stream")
+        return await self._read()
+
+    def _status(self, message: bytes | None) -> Any:
+        if self._code == OK and not self._trailing and not self._initial \
+                and message is not None:
+            return message
+        return (message, self._code.value[0], self._details, self._trailing, self._initial)
+
+    def _run_callbacks(self) -> None:
+        for cb in self._callbacks:
+            try:
+                cb()
+            except Exception:
+                log.exception("a gRPC context callback raised")
+
+
+class GRPCAdapter:
+    """Serves proxied gRPC calls for one replica."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.loop = replica.loop
+        self.methods: dict[str, MethodSchema] = {}
+        self.modules: list[str] = []
+        self.inboxes: dict[tuple[int, int], asyncio.Queue[Any]] = {}
+        self._loaded_fns: set[str] = set()
+        if not replica.is_function:
+            try:
+                for module, fn in class_servicers(type(replica.instance)):
+                    self._add(fn)
+                    self.modules.append(module)
+            except Exception:  # its calls answer UNIMPLEMENTED, with the reason logged
+                log.exception("could not read the gRPC schema of %s", replica.where)
+
+    def _add(self, fn: Callable[[Any, Any], None]) -> None:
+        for full, handler in servicer_handlers(fn).items():
+            self.methods.setdefault(full, MethodSchema(handler))
+
+    def _schema(self, full: str, fn_path: str | None) -> MethodSchema | None:
+        schema = self.methods.get(full)
+        if schema is None and fn_path and fn_path not in self._loaded_fns:
+            self._loaded_fns.add(fn_path)
+            self._add(load_servicer_function(fn_path))
+            schema = self.methods.get(full)
+        return schema
+
+    def describe(self) -> dict[str, Any]:
+        """The RPCs this replica's class serves, for the proxy's fast paths and reflection."""
+        return {"methods": {m: (s.request_streaming, s.response_streaming)
+                            for m, s in self.methods.items()},
+                "modules": list(self.modules)}
+
+    # -- called by the replica -----------------------------------------------------
+    def accept(self, conn: ServerConnection, call_id: int, meta: dict[str, Any]) -> None:
+        """A call arrived: open its inbox now, before its DATA frames are handled."""
+        if meta.get("in") == "data":
+            self.inboxes[(id(conn), call_id)] = asyncio.Queue()
+
+    def on_data(self, conn: ServerConnection, call_id: int, obj: Any) -> bool:
+        inbox = self.inboxes.get((id(conn), call_id))
+        if inbox is None:
+            return False
+        inbox.put_nowait(obj)
+        return True
+
+    async def serve(self, conn: ServerConnection, call_id: int, rpc: str,
+                    args: tuple[Any, ...], meta: dict[str, Any]) -> None:
+        key = (id(conn), call_id)
+        try:
+            if meta.get("describe"):
+                conn.reply(call_id, self.describe())
+                return
+            await self._serve(conn, call_id, rpc, args, meta, key)
+        finally:
+            self.inboxes.pop(key, None)
+
+    async def _serve(self, conn: ServerConnection, call_id: int, rpc: str,
+                     args: tuple[Any, ...], meta: dict[str, Any], key: tuple[int, int]
+                     ) -> None:
+        full: str = meta["grpc"]
+        rep = self.replica
+        where = f"deployment {rep.spec.deployment_name!r} of application {rep.spec.app_name!r}"
+        try:
+            schema = self._schema(full, meta.get("fn"))
+        except Exception as exc:
+            return self._fail(conn, call_id, grpc.StatusCode.INTERNAL,
+                              f"{where} could not load the schema of {full}: {exc}")
+        if schema is None:
+            return self._fail(conn, call_id, grpc.StatusCode.UNIMPLEMENTED,
+                              f"{where} does not serve the RPC {full}: its class subclasses "
+                              "no generated servicer with it, and no grpc_servicer_functions "
+                              "entry names it")
+        try:
+            fn, kind = rep.method(rpc)
+        except MethodNotFoundError:
+            return self._fail(conn, call_id, grpc.StatusCode.UNIMPLEMENTED,
+                              f"{where} has no method {rpc!r} for the RPC {full}")
+        inbox = self.inboxes.get(key)
+        ser = schema.serialize
+        stream_out = schema.response_streaming
+        if stream_out and not meta.get("out"):
+            return self._fail(conn, call_id, grpc.StatusCode.INTERNAL,
+                              f"{full} streams replies in {where}'s schema but the proxy's "
+                              "schema says it does not; use the same generated code")
+
+        def write(message: Any) -> None:
+            conn.chunk(call_id, ser(message))
+
+        ctx = ServicerContext(meta, write if stream_out else None,
+                              self._reader(inbox, schema) if inbox is not None else None)
+        try:
+            if schema.request_streaming:
+                if inbox is None:
+                    raise Abort(grpc.StatusCode.INTERNAL, "a request stream arrived as one "
+                                                          "message; the proxy's schema differs")
+                request: Any = self._requests(inbox, schema, kind)
+            else:
+                data = args[0] if inbox is None else await inbox.get()
+                try:
+                    request = schema.deserialize(data)
+                except Exception as exc:
+                    raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid message for {full}: {exc}"
+                                ) from None
+            if stream_out:
+                await self._stream(fn, kind, request, ctx, write)
+                conn.reply(call_id, ctx._status(None))
+            else:
+                result = await rep.invoke(fn, (request, ctx), {}, kind)
+                if result is None and ctx._code == OK:
+                    raise Abort(grpc.StatusCode.INTERNAL, f"{rpc} of {where} returned None "
+                                                          "instead of a reply message")
+                conn.reply(call_id, ctx._status(None if result is None else ser(result)))
+        except Abort as exc:
+            ctx._code, ctx._details = exc.code, exc.details
+            conn.reply(call_id, ctx._status(None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("%s of %s raised", full, where, exc_info=True)
+            ctx._code = grpc.StatusCode.INTERNAL
+            ctx._details = f"{type(exc).__name__}: {exc}"
+            conn.reply(call_id, ctx._status(None))
+        finally:
+            ctx._run_callbacks()
+
+    def _fail(self, conn: ServerConnection, call_id: int, code: grpc.StatusCode,
+              details: str) -> None:
+        conn.reply(call_id, (None, code.value[0], details, (), ()))
+
+    # -- request streams -------------------------------------------------------------
+    def _reader(self, inbox: asyncio.Queue[Any], schema: MethodSchema) -> Callable[[], Any]:
+        async def read() -> Any:
+            data = await inbox.get()
+            if data is None:
+                inbox.put_nowait(None)      # later reads see the end too
+                return grpc.aio.EOF
+            return _parse(schema, data)
+        return read
+
+    def _requests(self, inbox: asyncio.Queue[Any], schema: MethodSchema, kind: str) -> Any:
+        if kind == "sync" or kind == "gen":
+            return _SyncRequests(inbox, schema, self.loop)
+        return _async_requests(inbox, schema)
+
+    async def _stream(self, fn: Any, kind: str, request: Any, ctx: ServicerContext,
+                      write: Callable[[Any], None]) -> None:
+        rep = self.replica
+        if kind == "agen":
+            agen = fn(request, ctx)
+            try:
+                async for item in agen:
+                    write(item)
+            finally:
+                await agen.aclose()
+            return
+        if kind == "gen":
+            gen = fn(request, ctx)
+            end = object()
+            try:
+                while True:
+                    item = await self.loop.run_in_executor(rep.pool, next, gen, end)
+                    if item is end:
+                        return
+                    write(item)
+            finally:
+                gen.close()
+        result = await rep.invoke(fn, (request, ctx), {}, kind)
+        if result is None:          # wrote its replies with context.write()
+            return
+        if hasattr(result, "__aiter__"):
+            async for item in result:
+                write(item)
+        else:
+            for item in result:
+                write(item)
+
+
+def _parse(schema: MethodSchema, data: bytes) -> Any:
+    try:
+        return schema.deserialize(data)
+    except Exception as exc:
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    f"a request message could not be parsed: {exc}") from None
+
+
+async def _async_requests(inbox: asyncio.Queue[Any], schema: MethodSchema
+                          ) -> AsyncIterator[Any]:
+    while True:
+        data = await inbox.get()
+        if data is None:
+            return
+        yield _parse(schema, data)
+
+
+class _SyncRequests(Iterator[Any]):
+    """A request stream for a sync method running in the thread pool."""
+
+    def __init__(self, inbox: asyncio.Queue[Any], schema: MethodSchema,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self._inbox = inbox
+        self._schema = schema
+        self._loop = loop
+        self._ended = False
+
+    def __next__(self) -> Any:
+        if self._ended:
+            raise StopIteration
+        data = asyncio.run_coroutine_threadsafe(self._inbox.get(), self._loop).result()
+        if data is None:
+            self._ended = True
+            raise StopIteration
+        return _parse(self._schema, data)
+
+
+def adapter(replica: Replica) -> GRPCAdapter:
+    """The replica's adapter, made on its first gRPC call."""
+    found: GRPCAdapter | None = getattr(replica, "grpc", None)
+    if found is None:
+        found = GRPCAdapter(replica)
+        replica.grpc = found
+    return found
