@@ -270,3 +270,29 @@ def get_deployment_handle(deployment_name: str, app_name: str = "default") -> De
         raise FleetError(f"application {app_name!r} has no deployment {deployment_name!r}; it "
                          f"has {sorted(apps[app_name]['deployments'])}")
     return DeploymentHandle(deployment_name, app_name)
+
+
+def set_traffic(route_prefix: str, weights: dict[str, float] | None) -> None:
+    """Split the requests of ``route_prefix`` across applications by weight, e.g.
+    ``fleet.set_traffic("/", {"app_v1": 0.9, "app_v2": 0.1})``. Weights are relative,
+    non-negative and not all zero, and every application must be running. Takes effect
+    on the proxies before it returns; requests in flight are not disturbed. ``None`` or
+    ``{}`` sends the route's traffic to its own application again.
+    """
+    _ctl("set_traffic", route_prefix, weights)
+
+
+def shadow_traffic(route_prefix: str, app_name: str, fraction: float) -> None:
+    """Copy ``fraction`` (0 to 1) of the requests of ``route_prefix`` to the application
+    ``app_name`` and drop its answers: the client only ever sees the primary's response,
+    and a failing shadow never affects it. ``fraction=0`` stops shadowing to that app.
+    """
+    _ctl("shadow_traffic", route_prefix, app_name, fraction)
+
+
+def _apply_traffic(entries: list[Any]) -> None:
+    """Apply the ``traffic`` entries of a YAML config (:class:`fleet._config.TrafficConfig`)."""
+    for entry in entries:
+        set_traffic(entry.route_prefix, entry.weights or None)
+        for app_name, fraction in entry.shadow.items():
+            shadow_traffic(entry.route_prefix, app_name, fraction)

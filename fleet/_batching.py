@@ -194,7 +194,7 @@ class _BatchQueue:
                 if e.future is not None and not e.future.done():
                     e.future.set_exception(exc)
             return
-        for e, value in zip(entries, results):
+        for e, value in zip(entries, results, strict=True):
             if e.future is not None and not e.future.done():
                 e.future.set_result(value)
 
@@ -203,7 +203,7 @@ class _BatchQueue:
         gen = self._call([e.item for e in entries])
         try:
             async for out in gen:
-                for e, value in zip(entries, self._check(out, n)):
+                for e, value in zip(entries, self._check(out, n), strict=True):
                     assert e.chunks is not None
                     e.chunks.put_nowait(value)
         except Exception as exc:

@@ -137,12 +137,23 @@ class ApplicationConfig(_Model):
     deployments: list[DeploymentOverride] = Field(default_factory=list)
 
 
+class TrafficConfig(_Model):
+    """A route's traffic policy in YAML: ``weights`` by application for
+    :func:`fleet.set_traffic`, ``shadow`` fractions by application for
+    :func:`fleet.shadow_traffic`."""
+
+    route_prefix: str
+    weights: dict[str, float] = Field(default_factory=dict)
+    shadow: dict[str, float] = Field(default_factory=dict)
+
+
 class FleetConfig(_Model):
     """A whole instance as YAML: proxies and applications."""
 
     http_options: HTTPOptions = Field(default_factory=HTTPOptions)
     grpc_options: GRPCOptions = Field(default_factory=GRPCOptions)
     applications: list[ApplicationConfig] = Field(default_factory=list)
+    traffic: list[TrafficConfig] = Field(default_factory=list)
 
 
 def validation_message(exc: ValidationError, where: str) -> str:

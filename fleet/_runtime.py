@@ -8,6 +8,7 @@ Every fleet process (driver, replica, proxy) has exactly one; handles find it wi
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,8 @@ _current: Runtime | None = None
 _current_lock = threading.Lock()
 
 MAX_ATTEMPTS = 4
+# How often callers report their load on autoscaling deployments to the controller.
+LOAD_REPORT_S = 0.5
 
 
 def current() -> Runtime:
@@ -62,7 +65,11 @@ class Runtime:
         self.ctrl_hooks: dict[str, Callable[[dict[str, Any]], None]] = {}
         self.on_controller_lost: Callable[[], None] | None = None
         self.table_listeners: list[Callable[[Tables], None]] = []
-        self.ack_tables = False
+        # Acks let the controller drain a replica only after callers stopped routing to it.
+        self.ack_tables = True
+        self.caller_id = f"{os.getpid()}-{id(self):x}"
+        self._autoscaled: set[str] = set()
+        self._report_timer: asyncio.TimerHandle | None = None
 
     # -- controller --------------------------------------------------------------
     async def connect_controller(self, subscribe: bool = True) -> None:
@@ -103,6 +110,8 @@ class Runtime:
         deps = tables["deployments"]
         for key, router in self.routers.items():
             router.update(deps.get(key))
+        self._autoscaled = {k for k, t in deps.items() if t.get("autoscaling")}
+        self._schedule_reports()
         for listener in self.table_listeners:
             listener(tables)
         if self.ack_tables:
@@ -125,7 +134,29 @@ class Runtime:
             if self.tables is not None:
                 router.update(self.tables["deployments"].get(key))
             self.routers[key] = router
+            self._schedule_reports()
         return router
+
+    # -- load reports for the autoscaler (a timer, never per call) -------------------
+    def _schedule_reports(self) -> None:
+        if self._report_timer is None and self._autoscaled.intersection(self.routers):
+            self._report_timer = self.loop.call_later(LOAD_REPORT_S, self._report_loads)
+
+    def _report_loads(self) -> None:
+        self._report_timer = None
+        for key in self._autoscaled.intersection(self.routers):
+            self.report_load(self.routers[key])
+        self._schedule_reports()
+
+    def report_load(self, router: Router) -> None:
+        """Tell the controller this caller's in-flight and queued calls to router's
+        deployment."""
+        ch = self.controller
+        if ch is None or ch.closed:
+            return
+        stats = router.stats()
+        self.send_ctrl({"type": "load", "key": router.key, "caller": self.caller_id,
+                        "inflight": stats["inflight"], "queued": stats["queued"]})
 
     async def _connect_replica(self, address: str) -> Channel:
         return await connect(address, self.secret)
@@ -144,6 +175,10 @@ class Runtime:
                          stream: bool) -> tuple[Slot, Pending]:
         """Pick a replica and send the call; retries calls that never reached one."""
         self._check_known(router)
+        if not router.slots and router.key in self._autoscaled:
+            # No replica to take the call (scaled to zero): report once the call is
+            # queued, so the controller starts one without waiting for the timer.
+            self.loop.call_soon(self.report_load, router)
         last: BaseException | None = None
         for _ in range(MAX_ATTEMPTS):
             slot = await router.acquire()
@@ -186,12 +221,21 @@ class Runtime:
                 pending.cancel()
                 raise
             except _Retry:
+                router.drop(slot)
                 if attempt == MAX_ATTEMPTS - 1:
                     raise ReplicaDiedError(f"deployment {router.deployment!r}: every replica "
                                            "tried was shutting down") from None
             finally:
                 router.release(slot)
         raise AssertionError("unreachable")
+
+    def retry_elsewhere(self, router: Router, slot: Slot, exc: BaseException) -> bool:
+        """Whether a call the replica refused (it was draining) should be sent again;
+        the replica is not chosen again by this router until the tables list it anew."""
+        if isinstance(exc, _Retry):
+            router.drop(slot)
+            return True
+        return False
 
     async def open_stream(self, app: str, deployment: str, opts: Any, args: tuple[Any, ...],
                           kwargs: dict[str, Any]) -> Stream:

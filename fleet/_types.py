@@ -72,6 +72,7 @@ class DeploymentTable(TypedDict):
     status: str
     message: str
     legacy_refs: bool
+    autoscaling: bool              # callers report their load to the controller
 
 
 class RouteInfo(TypedDict):

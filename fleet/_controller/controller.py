@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from typing import Any
 
 from fleet._controller.state import AppState, DeploymentState, ReplicaRecord
+from fleet._controller.traffic import (
+    check_fraction,
+    check_route,
+    check_weights,
+    traffic_tables,
+)
 from fleet._deployment import DeploymentPlan
 from fleet._types import (
     ApplicationStatus,
@@ -32,6 +39,11 @@ log = logging.getLogger("fleet.controller")
 
 TICK_S = 0.2
 MAX_START_FAILURES = 3
+# A replica leaves the routing tables before it is told to drain; subscribers get this
+# long to confirm they stopped routing to it.
+UNROUTE_WAIT_S = 1.0
+# During a rolling update, at most this fraction of the target (at least one) starts at once.
+ROLLING_SURGE = 0.25
 
 
 class Controller:
@@ -124,7 +136,11 @@ class Controller:
         old = [r for r in dep.live() if r.version != version]
         target = dep.target
         if dep.status != DeploymentStatus.DEPLOY_FAILED:
-            for _ in range(target - len(cur)):
+            missing = target - len(cur)
+            if old and missing > 0:
+                starting = len([r for r in cur if r.state == ReplicaState.STARTING])
+                missing = min(missing, max(1, math.ceil(target * ROLLING_SURGE)) - starting)
+            for _ in range(missing):
                 await self._start(dep)
         if len(cur) > target:
             extras = sorted(cur, key=lambda r: (r.state == ReplicaState.RUNNING, r.started_at))
@@ -139,7 +155,9 @@ class Controller:
             for rec in old[:max(0, len(old) - keep)]:
                 self._stop(dep, rec)
         if dep.status != DeploymentStatus.DEPLOY_FAILED:
-            healthy = running_new >= target and not [r for r in dep.live() if r.version != version]
+            healthy = running_new >= target \
+                and not [r for r in dep.live() if r.version != version] \
+                and not any(r.reconfiguring for r in dep.replicas.values())
             status = DeploymentStatus.HEALTHY if healthy else DeploymentStatus.UPDATING
             if status != dep.status:
                 dep.status = status
@@ -148,7 +166,8 @@ class Controller:
 
     async def _start(self, dep: DeploymentState) -> None:
         rid = f"{dep.name}-{secrets.token_hex(3)}"
-        rec = ReplicaRecord(replica_id=rid, version=dep.plan.version)
+        rec = ReplicaRecord(replica_id=rid, version=dep.plan.version,
+                            user_config=dep.plan.config.user_config)
         dep.replicas[rid] = rec
         spec = ReplicaSpec(replica_id=rid, app_name=dep.app, deployment_name=dep.name,
                            version=dep.plan.version, serialized_def=dep.plan.serialized_def,
@@ -165,19 +184,46 @@ class Controller:
         log.info("starting replica %s of %s/%s", rid, dep.app, dep.name)
 
     def _stop(self, dep: DeploymentState, rec: ReplicaRecord) -> None:
-        if rec.state in (ReplicaState.STOPPING, ReplicaState.DEAD):
+        """Drain a replica: out of the tables first, then finish its calls, then exit."""
+        if rec.state in (ReplicaState.STOPPING, ReplicaState.DEAD) or rec.stopping:
             return
-        was_running = rec.state == ReplicaState.RUNNING
-        rec.state = ReplicaState.STOPPING
+        rec.stopping = True
+        routed = rec.state in (ReplicaState.RUNNING, ReplicaState.UNHEALTHY) \
+            and rec.conn is not None
+        if rec.state != ReplicaState.UNHEALTHY:
+            rec.state = ReplicaState.STOPPING
         timeout = dep.plan.config.graceful_shutdown_timeout_s
-        if rec.conn is not None and was_running:
-            rec.conn.ctrl({"type": "stop", "timeout_s": timeout})
-        elif rec.proc is not None:
-            self.backend.terminate(rec.proc)
-        task = asyncio.get_running_loop().create_task(self._await_exit(dep, rec, timeout + 2))
+        task = asyncio.get_running_loop().create_task(self._drain(dep, rec, routed, timeout))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
         self._notify()
+
+    async def _drain(self, dep: DeploymentState, rec: ReplicaRecord, routed: bool,
+                     timeout: float) -> None:
+        if routed:
+            await self._unroute()
+            rec.conn.ctrl({"type": "stop", "timeout_s": timeout})
+        elif rec.proc is not None:
+            self.backend.terminate(rec.proc)
+        await self._await_exit(dep, rec, timeout + 2)
+
+    async def _unroute(self) -> None:
+        """Publish tables without the stopping replicas and give subscribers a moment to
+        apply them, so that (almost) no call reaches a replica that refuses it."""
+        if self._closing:
+            return
+        self._publish()
+        version = self.version
+        deadline = time.monotonic() + UNROUTE_WAIT_S
+        while time.monotonic() < deadline:
+            lagging = [c for c in self.subscribers
+                       if getattr(c, "acked", version) < version]
+            if not lagging:
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                return
 
     async def _await_exit(self, dep: DeploymentState, rec: ReplicaRecord, timeout: float) -> None:
         if rec.proc is not None:
@@ -187,7 +233,7 @@ class Controller:
         self.kick()
 
     def _replica_gone(self, dep: DeploymentState, rec: ReplicaRecord, why: str) -> None:
-        if rec.state == ReplicaState.STOPPING:
+        if rec.state == ReplicaState.STOPPING or rec.stopping:
             return
         starting = rec.state == ReplicaState.STARTING
         rec.state = ReplicaState.DEAD
@@ -208,15 +254,14 @@ class Controller:
         self.kick()
 
     def _unhealthy(self, dep: DeploymentState, rec: ReplicaRecord, why: str) -> None:
+        """Stop routing to the replica, start a replacement, and stop it (its calls get
+        graceful_shutdown_timeout_s to finish; then it is killed)."""
         log.warning("replica %s of %s/%s is UNHEALTHY: %s; replacing it",
                     rec.replica_id, dep.app, dep.name, why)
         rec.state = ReplicaState.UNHEALTHY
         rec.message = why
-        if rec.proc is not None:
-            self.backend.kill(rec.proc)
-        rec.state = ReplicaState.RUNNING
         self._stop(dep, rec)
-        rec.message = why
+        self.kick()
 
     def _fail(self, dep: DeploymentState, message: str) -> None:
         dep.status = DeploymentStatus.DEPLOY_FAILED
@@ -242,9 +287,10 @@ class Controller:
                     "status": dep.status.value,
                     "message": dep.message,
                     "legacy_refs": dep.plan.legacy_refs,
+                    "autoscaling": dep.autoscaler is not None,
                 }
         return {"version": self.version, "deployments": deployments, "routes": routes,
-                "traffic": dict(self.traffic)}
+                "traffic": traffic_tables(self.traffic, self.apps)}
 
     def _publish(self, force: bool = False) -> None:
         tables = self.tables()
@@ -286,6 +332,9 @@ class Controller:
             conn.acked = msg["version"]  # type: ignore[attr-defined]
             self._notify()
             return
+        if kind == "load":
+            self._on_load(msg)
+            return
         found = self._find(msg.get("replica_id", ""))
         if found is None:
             return
@@ -294,12 +343,33 @@ class Controller:
             rec.health_sent = None
             rec.last_health = time.monotonic()
             rec.ongoing = int(msg.get("ongoing", 0))
+            rec.batches = msg.get("batches") or {}
             if not msg["ok"] and rec.state == ReplicaState.RUNNING:
                 self._unhealthy(dep, rec, msg["error"])
                 self.kick()
-        elif kind == "reconfigure_result" and not msg["ok"]:
-            rec.message = msg["error"]
-            log.error("replica %s: %s", rec.replica_id, msg["error"])
+        elif kind == "reconfigure_result":
+            rec.reconfiguring = False
+            if not msg["ok"]:
+                rec.message = msg["error"]
+                log.error("replica %s: %s", rec.replica_id, msg["error"])
+            self._notify()
+            self.kick()
+
+    def _on_load(self, msg: dict[str, Any]) -> None:
+        """A caller's in-flight and queued calls to an autoscaling deployment."""
+        app, _, dname = str(msg.get("key", "")).partition("#")
+        dep = self.apps[app].deployments.get(dname) if app in self.apps else None
+        if dep is None or dep.autoscaler is None:
+            return
+        load = int(msg.get("inflight", 0)) + int(msg.get("queued", 0))
+        dep.autoscaler.record(str(msg.get("caller", "")), load, time.monotonic())
+        if dep.target == 0 and load > 0:
+            self.kick()     # a call waits on a deployment scaled to zero: start one now
+
+    def _send_reconfigure(self, rec: ReplicaRecord, user_config: Any) -> None:
+        rec.user_config = user_config
+        rec.reconfiguring = True
+        rec.conn.ctrl({"type": "reconfigure", "user_config": user_config})
 
     def on_closed(self, conn: ServerConnection) -> None:
         self.subscribers.discard(conn)
@@ -339,6 +409,8 @@ class Controller:
         rec.last_health = time.monotonic()
         conn.tag = ("replica", rid)
         dep.start_failures = 0
+        if rec.user_config != dep.plan.config.user_config and rec.version == dep.plan.version:
+            self._send_reconfigure(rec, dep.plan.config.user_config)
         log.info("replica %s of %s/%s is RUNNING", rid, dep.app, dep.name)
         self._notify()
         self.kick()
@@ -412,17 +484,21 @@ class Controller:
             old = dep.plan
             dep.deleting = False
             if old.version == plan.version and old.config.user_config != plan.config.user_config:
+                # Only user_config changed: the live replicas reconfigure in place.
                 for rec in dep.running():
                     if rec.conn is not None:
-                        rec.conn.ctrl({"type": "reconfigure", "user_config":
-                                       plan.config.user_config})
+                        self._send_reconfigure(rec, plan.config.user_config)
             dep.plan = plan
-            dep.target = target if dep.autoscaler is None or plan.config.autoscaling_config \
-                is None else dep.target
             if dep.status == DeploymentStatus.DEPLOY_FAILED:
                 dep.status = DeploymentStatus.UPDATING
                 dep.message = ""
                 dep.start_failures = 0
+            if dep.autoscaler is not None and plan.config.autoscaling_config is not None:
+                # Keep the load history and current count; apply the new bounds.
+                dep.autoscaler.config = plan.config.autoscaling_config
+                dep.target = dep.autoscaler.clamp(dep.target)
+                return
+            dep.target = target
         dep.autoscaler = Autoscaler(plan.config.autoscaling_config) \
             if plan.config.autoscaling_config is not None else None
 
@@ -475,10 +551,7 @@ class Controller:
 
     async def rpc_report_load(self, conn: ServerConnection, key: str, caller: str,
                               inflight: int, queued: int) -> None:
-        app, _, dname = key.partition("#")
-        dep = self.apps.get(app).deployments.get(dname) if app in self.apps else None
-        if dep is not None and dep.autoscaler is not None:
-            dep.autoscaler.record(caller, inflight + queued, time.monotonic())
+        self._on_load({"key": key, "caller": caller, "inflight": inflight, "queued": queued})
 
     def status(self) -> dict[str, Any]:
         apps: dict[str, Any] = {}
@@ -490,14 +563,49 @@ class Controller:
                     "message": dep.message,
                     "target_replicas": dep.target,
                     "replicas": [{"replica_id": r.replica_id, "state": r.state.value,
-                                  "pid": r.pid, "version": r.version, "message": r.message}
+                                  "pid": r.pid, "version": r.version, "message": r.message,
+                                  "ongoing": r.ongoing, "batches": r.batches}
                                  for r in dep.replicas.values()],
                     "scaling_log": list(dep.scaling_log[-10:]),
                 }
+                if dep.autoscaler is not None:
+                    deps[dep.name]["autoscaling"] = dep.autoscaler.describe(time.monotonic())
             apps[app.name] = {"status": _app_status(app).value, "route_prefix": app.route_prefix,
                               "ingress": app.ingress, "deployments": deps}
         return {"applications": apps, "proxies": dict(self.proxies),
-                "traffic": dict(self.traffic)}
+                "traffic": {p: dict(v) for p, v in self.traffic.items()}}
+
+    # -- traffic policies ------------------------------------------------------------
+    async def rpc_set_traffic(self, conn: ServerConnection, route_prefix: str,
+                              weights: dict[str, float] | None) -> None:
+        prefix = check_route(self.apps, route_prefix)
+        policy = self.traffic.setdefault(prefix, {})
+        if weights:
+            policy["weights"] = check_weights(self.apps, weights)
+        else:
+            policy.pop("weights", None)
+        await self._traffic_changed(prefix)
+
+    async def rpc_shadow_traffic(self, conn: ServerConnection, route_prefix: str, app: str,
+                                 fraction: float) -> None:
+        prefix = check_route(self.apps, route_prefix)
+        fraction = check_fraction(self.apps, app, fraction)
+        policy = self.traffic.setdefault(prefix, {})
+        shadow = dict(policy.get("shadow", {}))
+        if fraction:
+            shadow[app] = fraction
+        else:
+            shadow.pop(app, None)
+        policy["shadow"] = shadow
+        await self._traffic_changed(prefix)
+
+    async def _traffic_changed(self, prefix: str) -> None:
+        policy = self.traffic.get(prefix, {})
+        if not policy.get("weights") and not policy.get("shadow"):
+            self.traffic.pop(prefix, None)
+        log.info("traffic policy of route %s: %s", prefix, self.traffic.get(prefix, "none"))
+        self._publish()
+        await self._proxies_caught_up()
 
     async def shutdown(self) -> None:
         self._closing = True

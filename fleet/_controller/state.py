@@ -27,6 +27,10 @@ class ReplicaRecord:
     health_id: int = 0
     last_health: float = field(default_factory=time.monotonic)
     ongoing: int = 0
+    batches: dict[str, Any] = field(default_factory=dict)
+    user_config: Any = None        # the user_config this replica was given last
+    reconfiguring: bool = False    # a reconfigure was sent and not yet answered
+    stopping: bool = False         # being drained (state STOPPING, or UNHEALTHY)
 
     @property
     def live(self) -> bool:
@@ -45,7 +49,7 @@ class DeploymentState:
     message: str = ""
     start_failures: int = 0
     deleting: bool = False
-    scaling_log: list[str] = field(default_factory=list)
+    scaling_log: list[dict[str, Any]] = field(default_factory=list)
     autoscaler: Any = None
 
     @property

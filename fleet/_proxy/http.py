@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 
 from fleet._config import HTTPOptions
+from fleet._proxy import traffic
 from fleet._proxy.routes import RouteTable
 from fleet._runtime import Runtime
 from fleet._types import Tables
@@ -129,6 +130,7 @@ class HTTPProxy:
         if root and not path.startswith(root):
             sub["path"] = root + path
         app, ingress = info["app"], info["ingress"]
+        app, ingress = traffic.route_http(self.runtime, prefix, app, ingress, method, sub, body)
         status, replica = await self._forward(app, ingress, method, sub, body, receive, send)
         if self.access and access_log.isEnabledFor(logging.INFO):
             access_log.info('%s %s %d %.2fms app=%s replica=%s', scope["method"], path, status,
@@ -195,6 +197,8 @@ class HTTPProxy:
                                     "more_body": True})
                     continue
                 # an error from the replica
+                if status == 500 and runtime.retry_elsewhere(router, slot, value):
+                    return await self._forward(app, ingress, method, sub, body, receive, send)
                 if status != 500:
                     raise value            # mid-stream: nothing sane to send; drop the connection
                 return await self._error(value, app, ingress, slot.replica_id, send)

@@ -1,0 +1,192 @@
+"""@fleet.batch against real replicas: grouping, timeouts, errors, cancellation,
+HTTP method calls, streaming, and batch sizes in status."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+import fleet
+
+
+@fleet.deployment(max_ongoing_requests=32, health_check_period_s=0.2)
+class Doubler:
+    def __init__(self) -> None:
+        self.arrived: list[int] = []
+        self.cancelled: list[int] = []
+        self.batches: list[list[int]] = []
+
+    @fleet.batch(max_batch_size=4, batch_wait_timeout_s=30)
+    async def full_only(self, items: list[int]) -> list[tuple[int, int]]:
+        return [(x * 2, len(items)) for x in items]
+
+    @fleet.batch(max_batch_size=8, batch_wait_timeout_s=0.2)
+    async def __call__(self, items: list[int]) -> list[tuple[int, int]]:
+        return [(x * 2, len(items)) for x in items]
+
+    @fleet.batch(max_batch_size=8, batch_wait_timeout_s=0.2)
+    async def boom(self, items: list[int]) -> list[int]:
+        raise ValueError(f"bad batch of {len(items)}")
+
+    @fleet.batch(max_batch_size=8, batch_wait_timeout_s=0.2)
+    async def short(self, items: list[int]) -> list[int]:
+        return items[:-1]
+
+    @fleet.batch(max_batch_size=2, batch_wait_timeout_s=30)
+    async def _pairs(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        return items
+
+    async def pairs(self, x: int) -> int:
+        # Records arrival and cancellation around the batched call, so the test can
+        # see that a cancelled caller left the batch before it ran.
+        self.arrived.append(x)
+        try:
+            return await self._pairs(x)
+        except asyncio.CancelledError:
+            self.cancelled.append(x)
+            raise
+
+    async def seen(self) -> dict[str, list]:
+        return {"arrived": self.arrived, "cancelled": self.cancelled,
+                "batches": self.batches}
+
+    @fleet.batch(max_batch_size=4, batch_wait_timeout_s=30)
+    async def predict(self, requests: list) -> list[dict]:
+        bodies = [await r.json() for r in requests]
+        return [{"y": b["x"] * 10, "batch": len(requests)} for b in bodies]
+
+    @fleet.batch(max_batch_size=4, batch_wait_timeout_s=30)
+    async def tokens(self, prompts: list[str]):
+        for i in range(3):
+            yield [f"{p}-{i}-{len(prompts)}" for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def doubler(shared_instance):
+    handle = fleet.run(Doubler.bind(), name="batching", route_prefix="/batch")
+    yield handle, shared_instance
+
+
+def test_batch_runs_as_soon_as_it_is_full(doubler) -> None:
+    handle, _ = doubler
+    started = time.monotonic()
+    responses = [handle.full_only.remote(i) for i in range(4)]
+    assert [r.result(timeout_s=10) for r in responses] == [(i * 2, 4) for i in range(4)]
+    assert time.monotonic() - started < 10       # far below batch_wait_timeout_s=30
+
+
+def test_partial_batch_runs_after_the_wait_timeout_and_each_caller_gets_its_element(
+        doubler) -> None:
+    handle, _ = doubler
+    started = time.monotonic()
+    responses = [handle.remote(i) for i in range(3)]
+    results = [r.result(timeout_s=10) for r in responses]
+    assert [v for v, _ in results] == [0, 2, 4]
+    assert sum(1 for _, size in results if size > 1) >= 2   # grouped
+    assert time.monotonic() - started >= 0.2 - 0.05     # waited for the timeout
+
+
+def test_exception_fails_every_call_of_the_batch(doubler) -> None:
+    handle, _ = doubler
+    responses = [handle.boom.remote(i) for i in range(3)]
+    for r in responses:
+        with pytest.raises(ValueError, match="bad batch of"):
+            r.result(timeout_s=10)
+
+
+def test_wrong_length_result_fails_every_caller_with_both_lengths(doubler) -> None:
+    handle, _ = doubler
+    responses = [handle.short.remote(i) for i in range(3)]
+    messages = []
+    for r in responses:
+        with pytest.raises(ValueError) as info:
+            r.result(timeout_s=10)
+        messages.append(str(info.value))
+    n = int(messages[0].split("batch of ")[1].split()[0])
+    assert n >= 1
+    assert all(f"returned {n - 1} results for a batch of {n} calls" in m for m in messages)
+
+
+def _wait_for(cond, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def test_cancelled_caller_is_taken_out_of_a_batch_not_yet_started(doubler) -> None:
+    handle, _ = doubler
+    first = handle.pairs.remote(100)
+    _wait_for(lambda: 100 in handle.seen.remote().result()["arrived"])
+    first.cancel()
+    _wait_for(lambda: 100 in handle.seen.remote().result()["cancelled"])
+    second, third = handle.pairs.remote(101), handle.pairs.remote(102)
+    assert second.result(timeout_s=10) == 101
+    assert third.result(timeout_s=10) == 102
+    assert handle.seen.remote().result()["batches"] == [[101, 102]]
+
+
+def test_batched_method_reached_by_http_method_header(doubler) -> None:
+    _, inst = doubler
+
+    async def go() -> list[dict]:
+        async with httpx.AsyncClient(base_url=inst.http_url, timeout=20) as client:
+            rs = await asyncio.gather(*[
+                client.post("/batch", json={"x": i},
+                            headers={"X-SERVE-CALL-METHOD": "predict"}) for i in range(4)])
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+        return [r.json() for r in rs]
+
+    results = asyncio.run(go())
+    assert [r["y"] for r in results] == [0, 10, 20, 30]
+    assert all(r["batch"] == 4 for r in results)    # only a full batch runs before 30 s
+
+
+def test_batched_method_reached_by_method_name(doubler) -> None:
+    handle, _ = doubler
+    h = handle.options(method_name="full_only")
+    responses = [h.remote(i) for i in range(4)]
+    assert [r.result(timeout_s=10)[0] for r in responses] == [0, 2, 4, 6]
+
+
+def test_batched_async_generator_streams_each_caller_its_element(doubler) -> None:
+    handle, _ = doubler
+    h = handle.options(method_name="tokens", stream=True)
+
+    async def consume(prompt: str) -> list[str]:
+        return [item async for item in h.remote(prompt)]
+
+    async def go() -> list[list[str]]:
+        return await asyncio.gather(*[consume(p) for p in "abcd"])
+
+    streams = asyncio.run(go())
+    assert streams == [[f"{p}-{i}-4" for i in range(3)] for p in "abcd"]
+
+
+def test_batch_sizes_show_in_status(doubler) -> None:
+    handle, _ = doubler
+    responses = [handle.full_only.remote(i) for i in range(4)]
+    for r in responses:
+        r.result(timeout_s=10)
+
+    def stats():
+        dep = fleet.status()["applications"]["batching"]["deployments"]["Doubler"]
+        return dep["replicas"][0]["batches"].get("Doubler.full_only")
+
+    found = _wait_for(stats)
+    assert found["largest_batch_size"] == 4
+    assert found["batch_sizes"].get(4, 0) >= 1
+
+
+def test_batch_rejects_sync_functions_and_bad_sizes() -> None:
+    with pytest.raises(TypeError, match="async def"):
+        fleet.batch(lambda items: items)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        fleet.batch(max_batch_size=0)
