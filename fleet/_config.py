@@ -46,7 +46,7 @@ class DeploymentConfig(_Model):
     """Every option of a deployment, with its default.
 
     ``num_replicas=1``; ``"auto"`` means autoscaling with the defaults of
-    :class:`AutoscalingConfig`. ``max_ongoing_requests=5`` calls at once per replica,
+    :class:`AutoscalingConfig`. ``max_ongoing_requests=100`` calls at once per replica,
     ``max_queued_requests=-1`` (no limit) waiting in each caller. Health is checked every
     ``health_check_period_s=10`` with ``health_check_timeout_s=30``; a stopping replica
     finishes its calls for up to ``graceful_shutdown_timeout_s=20``.
@@ -54,7 +54,7 @@ class DeploymentConfig(_Model):
 
     name: str = Field(min_length=1)
     num_replicas: int | Literal["auto"] = 1
-    max_ongoing_requests: int = Field(5, ge=1)
+    max_ongoing_requests: int = Field(100, ge=1)
     max_queued_requests: int = Field(-1, ge=-1)
     user_config: Any = None
     autoscaling_config: AutoscalingConfig | None = None

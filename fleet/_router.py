@@ -39,7 +39,7 @@ class Router:
         self._connect = connect
         self.slots: list[Slot] = []
         self._by_id: dict[str, Slot] = {}
-        self.max_ongoing = 5
+        self.max_ongoing = 100
         self.max_queued = -1
         self.status = "UPDATING"
         self.message = ""
@@ -66,9 +66,9 @@ class Router:
         self.message = table["message"]
         new: dict[str, Slot] = {}
         for r in table["replicas"]:
-            slot = self._by_id.get(r["replica_id"])
-            if slot is None or slot.gone:
-                slot = Slot(r["replica_id"], r["address"])
+            known = self._by_id.get(r["replica_id"])
+            slot = known if known is not None and not known.gone else \
+                Slot(r["replica_id"], r["address"])
             new[slot.replica_id] = slot
         for rid, slot in self._by_id.items():
             if rid not in new:

@@ -37,7 +37,7 @@ def _kind(fn: Any) -> str:
     if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(fn):
         return ASYNC
     if not inspect.isfunction(target) and not inspect.ismethod(target):
-        call = getattr(type(target), "__call__", None)
+        call = type(target).__dict__.get("__call__")
         if call is not None and inspect.iscoroutinefunction(call):
             return ASYNC
     return SYNC
@@ -255,9 +255,9 @@ class Replica:
                 await self.grpc.serve(conn, call_id, method, args, meta)
                 return
             fn, kind = self.method(method)
-            if meta is not None:
+            if meta is not None or self.http.takes_request(method, fn):
                 args, kwargs = self.http.adapt_args(method, fn, args, kwargs, meta)
-                if meta.get("stream"):
+                if meta is not None and meta.get("stream"):
                     await self._stream(conn, call_id, fn, kind, args, kwargs)
                     return
             conn.reply(call_id, await self.invoke(fn, args, kwargs, kind))

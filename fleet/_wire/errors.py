@@ -20,8 +20,9 @@ def error_info(exc: BaseException, where: str = "", **flags: Any) -> ErrorInfo:
     cause, exc.__cause__ = exc.__cause__, None
     context, exc.__context__ = exc.__context__, None
     try:
-        blob: bytes | None = pickle.dumps(exc, 5)
-        pickle.loads(blob)
+        data = pickle.dumps(exc, 5)
+        pickle.loads(data)      # some exceptions pickle but cannot be rebuilt
+        blob: bytes | None = data
     except Exception:
         blob = None
     finally:
@@ -38,7 +39,7 @@ def rebuild(info: ErrorInfo) -> BaseException:
     exc: BaseException | None = None
     if blob is not None:
         try:
-            exc = pickle.loads(blob)
+            exc = pickle.loads(bytes(blob))
         except Exception:
             exc = None
     if exc is None:

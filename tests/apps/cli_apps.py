@@ -1,0 +1,30 @@
+"""Applications the CLI tests run with `fleet run`."""
+
+from __future__ import annotations
+
+import fleet
+
+
+@fleet.deployment
+class Hello:
+    def __init__(self, greeting: str = "hello") -> None:
+        self.greeting = greeting
+
+    def __call__(self, request) -> str:
+        return f"{self.greeting} from fleet"
+
+
+@fleet.deployment
+class Broken:
+    def __init__(self) -> None:
+        raise ValueError("weights not found at /models/x.bin")
+
+
+app = Hello.bind()
+broken = Broken.bind()
+not_an_app = Hello
+number = 42
+
+
+def build(args: dict) -> fleet.Application:
+    return Hello.bind(args.get("greeting", "hi"))

@@ -1,0 +1,151 @@
+"""The `fleet` command, run as a user would: a real subprocess, real HTTP."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import psutil
+import pytest
+
+HERE = os.path.dirname(__file__)
+ROOT = os.path.dirname(HERE)
+
+
+def fleet_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fleet", *args]
+
+
+def start(*args: str) -> tuple[subprocess.Popen[str], int]:
+    """Start `fleet run ...` and wait for it to print where it serves."""
+    proc = subprocess.Popen(fleet_cmd("run", *args, "--app-dir", HERE, "--port", "0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=HERE, start_new_session=True)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"fleet: HTTP on http://127\.0\.0\.1:(\d+)", line)
+        if m:
+            return proc, int(m.group(1))
+    proc.wait(10)
+    raise AssertionError("fleet run exited before serving:\n" + "".join(lines))
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    family = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, f"left behind: {alive}"
+
+
+def run_to_end(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(fleet_cmd(*args), capture_output=True, text=True, cwd=HERE,
+                          timeout=60)
+
+
+def test_version_and_help():
+    import shutil
+    script = shutil.which("fleet")
+    assert script is not None, "the fleet console script is not installed"
+    out = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "0.1.0" in out.stdout
+    out = run_to_end("--help")
+    assert out.returncode == 0 and "run" in out.stdout and "status" in out.stdout
+
+
+def test_run_serves_and_sigterm_leaves_no_process_behind():
+    proc, port = start("apps.cli_apps:app")
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/")
+        assert r.status_code == 200 and r.text == "hello from fleet"
+        status = run_to_end("status")
+        assert status.returncode == 0
+        assert "state: RUNNING" in status.stdout and "Hello" in status.stdout
+    finally:
+        stop(proc)
+
+
+def test_run_ctrl_c_stops_cleanly():
+    proc, port = start("apps.cli_apps:app", "--route-prefix", "/hi", "--name", "greeter")
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert httpx.get(f"http://127.0.0.1:{port}/hi").text == "hello from fleet"
+    os.killpg(proc.pid, signal.SIGINT)     # what a terminal's Ctrl-C does
+    assert proc.wait(30) == 0
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive
+
+
+def test_run_yaml_config_with_args_and_overrides(tmp_path):
+    config = tmp_path / "fleet.yaml"
+    config.write_text(textwrap.dedent("""
+        http_options:
+          host: 127.0.0.1
+        applications:
+          - name: greeter
+            route_prefix: /greet
+            import_path: apps.cli_apps:build
+            args: {greeting: bonjour}
+            deployments:
+              - name: Hello
+                num_replicas: 2
+    """))
+    proc, port = start(str(config))
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/greet").text == "bonjour from fleet"
+        out = run_to_end("status", "--json")
+        import json
+        st = json.loads(out.stdout)["applications"]["greeter"]["deployments"]["Hello"]
+        assert len(st["replicas"]) == 2
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize("target,message", [
+    ("nosuchmodule:app", "cannot import module 'nosuchmodule'"),
+    ("apps.cli_apps:missing", "has no attribute 'missing'"),
+    ("apps.cli_apps:not_an_app", "not a fleet Application (did you forget .bind()?)"),
+    ("apps.cli_apps:number", "is a int, not a fleet Application"),
+    ("no_colon", "bad import path"),
+])
+def test_bad_targets_print_one_line_and_exit_1(target, message):
+    out = subprocess.run(fleet_cmd("run", target, "--app-dir", HERE, "--port", "0"),
+                         capture_output=True, text=True, cwd=HERE, timeout=60)
+    assert out.returncode == 1
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_constructor_failure_exits_1_with_the_error():
+    started = time.monotonic()
+    out = subprocess.run(fleet_cmd("run", "apps.cli_apps:broken", "--app-dir", HERE,
+                                   "--port", "0"),
+                         capture_output=True, text=True, cwd=HERE, timeout=60)
+    assert out.returncode == 1
+    assert "DEPLOY_FAILED" in out.stderr or "raised ValueError" in out.stderr
+    assert "weights not found at /models/x.bin" in out.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_bad_yaml_option_names_it(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("applications:\n  - import_path: apps.cli_apps:app\n    replicas: 3\n")
+    out = run_to_end("run", str(config))
+    assert out.returncode == 1
+    assert "unknown option 'applications.0.replicas'" in out.stderr
+
+
+def test_status_without_instance_says_so(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    out = subprocess.run(fleet_cmd("status"), capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 1
+    assert "no fleet instance is running" in out.stderr

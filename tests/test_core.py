@@ -1,0 +1,433 @@
+"""The core runtime: deployments, binding, handles, replicas in real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import signal
+import threading
+import time
+
+import pytest
+
+import fleet
+
+# -- deployments used by the tests (module level so replicas import them by name) ----
+
+
+@fleet.deployment(num_replicas=2)
+class Adder:
+    def __init__(self, increment: int):
+        self.increment = increment
+
+    def __call__(self, x: int) -> int:
+        return x + self.increment
+
+    async def twice(self, x: int) -> int:
+        return 2 * (x + self.increment)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@fleet.deployment
+class Ensemble:
+    def __init__(self, a: fleet.DeploymentHandle, b: fleet.DeploymentHandle):
+        self.a, self.b = a, b
+
+    async def __call__(self, x: int) -> int:
+        return await self.a.remote(x) + await self.b.remote(x)
+
+
+@fleet.deployment
+def double(x: int) -> int:
+    return 2 * x
+
+
+@fleet.deployment(name="tripler", num_replicas=1)
+def triple(x: int, factor: int = 3) -> int:
+    return factor * x
+
+
+@fleet.deployment
+class Nested:
+    def __init__(self, handles: list, by_name: dict, pair: tuple):
+        self.handles, self.by_name, self.pair = handles, by_name, pair
+
+    async def __call__(self, x: int) -> list:
+        out = [await h.remote(x) for h in self.handles]
+        out.append(await self.by_name["d"].remote(x))
+        out.append(await self.pair[0].remote(x))
+        return out
+
+    def kinds(self) -> list:
+        return [type(h).__name__ for h in self.handles] + [type(self.pair[1]).__name__]
+
+
+@fleet.deployment(max_ongoing_requests=20)
+class Sleeper:
+    def __init__(self) -> None:
+        self.active = 0
+        self.peak = 0
+
+    async def nap(self, seconds: float) -> float:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.active -= 1
+        return seconds
+
+    def block(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return "blocked"
+
+    async def ping(self) -> str:
+        return "pong"
+
+    def get_peak(self) -> int:
+        return self.peak
+
+
+@fleet.deployment
+class Streamer:
+    def count(self, n: int):
+        yield from range(n)
+
+    async def acount(self, n: int):
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield f"item{i}"
+
+
+class Unpicklable(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+        self.lock = threading.Lock()
+
+
+@fleet.deployment
+class Faulty:
+    def fail(self, message: str) -> None:
+        raise KeyError(message)
+
+    def fail_unpicklable(self) -> None:
+        raise Unpicklable(1, 2)
+
+    def give_lock(self):
+        return threading.Lock()
+
+    def take(self, value) -> str:
+        return type(value).__name__
+
+    def ok(self) -> str:
+        return "ok"
+
+
+@fleet.deployment
+class BrokenInit:
+    def __init__(self) -> None:
+        raise RuntimeError("the model file is missing")
+
+
+@fleet.deployment(max_ongoing_requests=1, max_queued_requests=1)
+class Narrow:
+    async def __call__(self, gate: float) -> str:
+        await asyncio.sleep(gate)
+        return "done"
+
+
+@fleet.deployment(num_replicas=2, max_ongoing_requests=5)
+class Victim:
+    async def hang(self) -> None:
+        await asyncio.sleep(60)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@fleet.deployment(max_ongoing_requests=3)
+class Counter:
+    def __init__(self) -> None:
+        self.active = 0
+        self.peak = 0
+
+    async def __call__(self) -> int:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        await asyncio.sleep(0.02)
+        self.active -= 1
+        return self.peak
+
+
+@fleet.deployment
+class Caller:
+    def __init__(self, target: fleet.DeploymentHandle) -> None:
+        self.target = target
+
+    def sync_call(self, x: int) -> int:
+        # a handle used from a sync method's worker thread
+        return self.target.remote(x).result()
+
+    async def chained(self, x: int) -> int:
+        first = self.target.remote(x)
+        return await self.target.remote(first)
+
+
+# -- tests ------------------------------------------------------------------------
+
+
+def test_issue_example_composes_handles_across_processes(instance):
+    app = Ensemble.bind(Adder.bind(1), Adder.options(name="Adder2").bind(2))
+    handle = fleet.run(app)
+    assert handle.remote(1).result() == 5
+    st = fleet.status()["applications"]["default"]
+    assert st["status"] == "RUNNING"
+    assert set(st["deployments"]) == {"Ensemble", "Adder", "Adder2"}
+    adders = st["deployments"]["Adder"]["replicas"]
+    assert len(adders) == 2 and all(r["state"] == "RUNNING" for r in adders)
+    assert os.getpid() not in {r["pid"] for r in adders}
+
+
+def test_other_methods_via_attribute_and_options(instance):
+    fleet.run(Adder.bind(10), name="adder", route_prefix="/adder")
+    h = fleet.get_deployment_handle("Adder", "adder")
+    assert h.twice.remote(1).result() == 22
+    assert h.options(method_name="twice").remote(2).result() == 24
+    assert fleet.get_app_handle("adder").remote(5).result() == 15
+
+
+def test_function_deployments_with_and_without_options(instance):
+    assert fleet.run(double.bind(), name="d", route_prefix="/d").remote(4).result() == 8
+    h = fleet.run(triple.bind(factor=5), name="t", route_prefix="/t")
+    assert h.remote(2).result() == 10
+    assert "tripler" in fleet.status()["applications"]["t"]["deployments"]
+
+
+def test_nested_bound_deployments_arrive_as_handles(instance):
+    app = Nested.bind([double.bind(), Adder.bind(1)], {"d": triple.bind()},
+                      (Adder.options(name="A3").bind(3), double.options(name="d2").bind()))
+    h = fleet.run(app)
+    assert h.remote(2).result() == [4, 3, 6, 5]
+    assert h.kinds.remote().result() == ["DeploymentHandle"] * 3
+
+
+def test_response_passed_as_argument_is_resolved(instance):
+    h = fleet.run(Adder.bind(1))
+    assert h.remote(h.remote(1)).result() == 3
+    caller = fleet.run(Caller.bind(Adder.bind(100)), name="c", route_prefix="/c")
+    assert caller.chained.remote(1).result() == 201
+
+
+def test_handles_from_threads_from_sync_replica_code_and_pickled(instance):
+    h = fleet.run(Caller.bind(Adder.bind(1)))
+    assert h.sync_call.remote(1).result() == 2
+    results: list[int] = []
+
+    def worker(i: int) -> None:
+        results.append(h.sync_call.remote(i).result())
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [i + 1 for i in range(8)]
+    clone = pickle.loads(pickle.dumps(h))
+    assert clone.sync_call.remote(41).result() == 42
+
+
+def test_handles_in_async_driver_code(instance):
+    h = fleet.run(Adder.bind(1))
+
+    async def main() -> list[int]:
+        return list(await asyncio.gather(*[h.remote(i) for i in range(20)]))
+
+    assert asyncio.run(main()) == [i + 1 for i in range(20)]
+
+
+def test_async_methods_run_concurrently(instance):
+    h = fleet.run(Sleeper.bind())
+    h.ping.remote().result()
+    start = time.monotonic()
+    responses = [h.nap.remote(0.5) for _ in range(10)]
+    assert [r.result() for r in responses] == [0.5] * 10
+    assert time.monotonic() - start < 0.95
+    assert h.get_peak.remote().result() == 10
+
+
+def test_sync_methods_do_not_block_the_replica_loop(instance):
+    h = fleet.run(Sleeper.bind())
+    blocked = h.block.remote(1.0)
+    start = time.monotonic()
+    assert h.ping.remote().result() == "pong"
+    assert time.monotonic() - start < 0.5
+    assert blocked.result() == "blocked"
+
+
+def test_streaming_sync_and_async_generators(instance):
+    h = fleet.run(Streamer.bind())
+    assert list(h.options(stream=True).count.remote(4)) == [0, 1, 2, 3]
+
+    async def consume() -> list[str]:
+        return [x async for x in h.options(stream=True, method_name="acount").remote(3)]
+
+    assert asyncio.run(consume()) == ["item0", "item1", "item2"]
+    with pytest.raises(TypeError, match="stream=True"):
+        h.count.remote(2).result()
+
+
+def test_router_never_exceeds_max_ongoing_requests(instance):
+    h = fleet.run(Counter.bind())
+    peaks = [r.result() for r in [h.remote() for _ in range(30)]]
+    assert max(peaks) <= 3
+    assert max(peaks) == 3
+
+
+def test_back_pressure_past_max_queued_requests(instance):
+    h = fleet.run(Narrow.bind())
+    running = h.remote(2.0)   # occupies the only slot
+    deadline = time.monotonic() + 5
+    # wait until the call holds the slot (it is sent at once; the router counts it)
+    router = fleet._runtime.current().routers["default#Narrow"]
+    while router.slots[0].inflight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queued = h.remote(0.0)    # waits in the caller's queue
+    while not router.queue and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(fleet.BackPressureError, match="max_queued_requests=1"):
+        h.remote(0.0).result()
+    assert running.result() == "done"
+    assert queued.result() == "done"
+
+
+def test_user_exception_keeps_its_type_and_remote_traceback(instance):
+    h = fleet.run(Faulty.bind())
+    with pytest.raises(KeyError, match="no such key") as info:
+        h.fail.remote("no such key").result()
+    assert isinstance(info.value.__cause__, fleet.exceptions.RemoteTraceback)
+    assert "in fail of deployment 'Faulty'" in str(info.value.__cause__)
+    assert "raise KeyError(message)" in str(info.value.__cause__)
+    with pytest.raises(fleet.ReplicaError, match="Unpicklable: 1/2"):
+        h.fail_unpicklable.remote().result()
+    assert h.ok.remote().result() == "ok"
+
+
+def test_unpicklable_arguments_and_results_name_the_type(instance):
+    h = fleet.run(Faulty.bind())
+    with pytest.raises(TypeError, match="_thread.lock"):
+        h.take.remote(threading.Lock()).result()
+    with pytest.raises(TypeError, match="result could not be sent back.*lock"):
+        h.give_lock.remote().result()
+    assert h.ok.remote().result() == "ok"
+
+
+def test_missing_method_names_deployment_and_method(instance):
+    h = fleet.run(Faulty.bind())
+    with pytest.raises(fleet.MethodNotFoundError, match="'Faulty' has no method 'nope'"):
+        h.nope.remote().result()
+    with pytest.raises(AttributeError):
+        h.options(method_name="missing").remote().result()
+
+
+def test_constructor_failure_raises_deployment_failed_error(instance):
+    with pytest.raises(fleet.DeploymentFailedError) as info:
+        fleet.run(BrokenInit.bind(), name="broken", route_prefix="/broken")
+    err = info.value
+    assert "RuntimeError" in str(err) and "the model file is missing" in str(err)
+    assert err.deployment == "BrokenInit" and err.error_type == "RuntimeError"
+    assert "raise RuntimeError" in err.remote_traceback
+    st = fleet.status()["applications"]["broken"]
+    assert st["status"] == "DEPLOY_FAILED"
+    dep = st["deployments"]["BrokenInit"]
+    assert dep["status"] == "DEPLOY_FAILED"
+    assert "the model file is missing" in dep["message"]
+    # it does not keep retrying: no replica is left starting
+    deadline = time.monotonic() + 5
+    while fleet.status()["applications"]["broken"]["deployments"]["BrokenInit"]["replicas"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_killed_replica_fails_its_calls_fast_and_is_replaced(instance):
+    h = fleet.run(Victim.bind())
+    pids = {r["pid"] for r in
+            fleet.status()["applications"]["default"]["deployments"]["Victim"]["replicas"]}
+    assert len(pids) == 2
+    hanging = [h.hang.remote() for _ in range(6)]
+    router = fleet._runtime.current().routers["default#Victim"]
+    deadline = time.monotonic() + 5
+    while sum(s.inflight for s in router.slots) < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim = pids.pop()
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    died = 0
+    for resp in hanging:
+        try:
+            resp.result(timeout_s=0.05)
+        except fleet.ReplicaDiedError:
+            died += 1
+        except fleet.RequestTimeoutError:
+            pass
+    assert died >= 1
+    assert time.monotonic() - killed_at < 1.5
+    # new calls go to the live replica
+    assert all(h.pid.remote().result() != victim for _ in range(10))
+    deadline = time.monotonic() + 20
+    while True:
+        reps = fleet.status()["applications"]["default"]["deployments"]["Victim"]["replicas"]
+        running = {r["pid"] for r in reps if r["state"] == "RUNNING"}
+        if len(running) == 2 and victim not in running:
+            break
+        assert time.monotonic() < deadline, reps
+        time.sleep(0.05)
+    for resp in hanging:
+        resp.cancel()
+
+
+def test_redeploy_keeps_unchanged_deployments_and_replaces_changed(instance):
+    fleet.run(Ensemble.bind(Adder.bind(1), Adder.options(name="Adder2").bind(2)))
+
+    def pids(name: str) -> set[int]:
+        reps = fleet.status()["applications"]["default"]["deployments"][name]["replicas"]
+        return {r["pid"] for r in reps}
+
+    before_a, before_b = pids("Adder"), pids("Adder2")
+    h = fleet.run(Ensemble.bind(Adder.bind(1), Adder.options(name="Adder2").bind(5)))
+    assert h.remote(1).result() == 2 + 6
+    assert pids("Adder") == before_a
+    deadline = time.monotonic() + 10
+    while pids("Adder2") & before_b:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_delete_removes_application(instance):
+    fleet.run(double.bind(), name="gone", route_prefix="/gone")
+    fleet.delete("gone")
+    assert "gone" not in fleet.status()["applications"]
+    with pytest.raises(fleet.FleetError, match="no application named 'gone'"):
+        fleet.get_app_handle("gone")
+
+
+def test_unknown_app_or_deployment_handle_errors(instance):
+    fleet.run(double.bind())
+    with pytest.raises(fleet.FleetError, match="no deployment 'nope'"):
+        fleet.get_deployment_handle("nope")
+    with pytest.raises(fleet.FleetError, match="no application named 'x'"):
+        fleet.DeploymentHandle("double", "x").remote(1).result()
+
+
+def test_shutdown_leaves_no_process_behind():
+    import psutil
+    fleet.shutdown()
+    fleet.start(http_options={"port": 0})
+    fleet.run(Adder.bind(1))
+    children = psutil.Process().children(recursive=True)
+    assert len(children) >= 3       # proxy and two replicas
+    fleet.shutdown()
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive
