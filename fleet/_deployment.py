@@ -74,6 +74,13 @@ class Application:
     def __repr__(self) -> str:
         return f"Application(ingress={self.deployment.name!r})"
 
+    def __getattr__(self, name: str) -> Any:
+        # `app.method.bind(...)` in deployment graphs (fleet.dag)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        from fleet.dag import bind_method
+        return bind_method(self, name)
+
 
 @overload
 def deployment(_func_or_class: type[T], **options: Any) -> Deployment: ...

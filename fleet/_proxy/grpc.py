@@ -1,0 +1,367 @@
+"""The gRPC proxy: grpc.aio with one generic handler that passes bytes to ingress replicas.
+
+The proxy never parses a user's message: request bytes go to the replica as they came,
+and the reply's bytes come back as they were sent (see ``fleet/_replica/grpc.py`` for
+the replica's side). The application is chosen by the ``application`` metadata key.
+An RPC whose kind the proxy knows (the built-in Predict, the ``grpc_servicer_functions``
+and what ingress replicas describe) gets a handler of its kind; any other is served as a
+stream both ways, which is the same on the wire for every kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+from fleet._config import GRPCOptions
+from fleet._replica.grpc import CODES, load_servicer_function, servicer_handlers
+from fleet._router import Router
+from fleet._runtime import ReplicaDrainingError, Runtime
+from fleet._types import Tables
+from fleet._wire import frames
+from fleet._wire.channel import Pending
+from fleet.exceptions import BackPressureError, FleetError, ReplicaDiedError
+
+log = logging.getLogger("fleet.proxy")
+
+_BUILTIN_SERVICER = "fleet.generated.serve_pb2_grpc.add_PredictAPIsServiceServicer_to_server"
+_OWN_SERVICES = (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME)
+_UNKNOWN = grpc.StatusCode.UNKNOWN
+_MAX_FALLBACKS = 1024
+
+
+class _Kind:
+    """One RPC the proxy knows: its name for the replica and its kind."""
+
+    __slots__ = ("full", "rpc", "fn", "stream_in", "stream_out")
+
+    def __init__(self, full: str, fn: str | None, stream_in: bool, stream_out: bool) -> None:
+        self.full = full
+        self.rpc = full.rpartition("/")[2]
+        self.fn = fn
+        self.stream_in = stream_in
+        self.stream_out = stream_out
+
+
+class GRPCProxy(grpc.GenericRpcHandler):
+    """Routes every RPC to an application's ingress replica."""
+
+    def __init__(self, runtime: Runtime, options: GRPCOptions) -> None:
+        self.runtime = runtime
+        self.options = options
+        self.timeout = options.request_timeout_s
+        self.apps: dict[str, str] = {}            # app name -> ingress deployment
+        self.grpc_apps: list[str] = []            # apps whose ingress is a gRPC driver
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._fallbacks: dict[str, grpc.RpcMethodHandler] = {}
+        self.services: set[str] = set(_OWN_SERVICES)
+        self._described: dict[str, tuple[str, ...]] = {}
+        self.reflection: Any = None
+        for path in [_BUILTIN_SERVICER, *options.grpc_servicer_functions]:
+            self._learn(servicer_handlers(load_servicer_function(path)), path)
+        runtime.table_listeners.append(self._on_tables)
+        if runtime.tables is not None:
+            self._on_tables(runtime.tables)
+
+    # -- what the proxy knows ----------------------------------------------------------
+    def _learn(self, methods: dict[str, Any], fn: str | None) -> None:
+        for full, h in methods.items():
+            kind = _Kind(full, fn, bool(h.request_streaming), bool(h.response_streaming))
+            self._add_kind(kind)
+
+    def _add_kind(self, kind: _Kind) -> None:
+        if kind.full in self.handlers:
+            return
+        self.services.add(kind.full[1:].rpartition("/")[0])
+        if self.reflection is not None:
+            # the reflection servicer keeps its names in a tuple; refresh it
+            self.reflection._service_names = tuple(sorted(self.services))
+        if not kind.stream_in and not kind.stream_out:
+            async def unary(request: bytes, context: Any, k: _Kind = kind) -> bytes:
+                return await self._unary(k, request, context)
+            handler = grpc.unary_unary_rpc_method_handler(unary)
+        elif not kind.stream_in:
+            async def unary_stream(request: bytes, context: Any, k: _Kind = kind) -> None:
+                await self._stream(k, request, None, context)
+            handler = grpc.unary_stream_rpc_method_handler(unary_stream)
+        elif not kind.stream_out:
+            async def stream_unary(requests: Any, context: Any, k: _Kind = kind) -> Any:
+                return await self._stream(k, None, requests, context)
+            handler = grpc.stream_unary_rpc_method_handler(stream_unary)
+        else:
+            async def stream_stream(requests: Any, context: Any, k: _Kind = kind) -> None:
+                await self._stream(k, None, requests, context)
+            handler = grpc.stream_stream_rpc_method_handler(stream_stream)
+        self.handlers[kind.full] = handler
+
+    def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        handler = self.handlers.get(method)
+        if handler is not None:
+            return handler
+        handler = self._fallbacks.get(method)
+        if handler is None:
+            # Unknown kind: a stream both ways carries any kind of RPC.
+            kind = _Kind(method, None, True, True)
+
+            async def any_kind(requests: Any, context: Any, k: _Kind = kind) -> None:
+                await self._stream(k, None, requests, context, fallback=True)
+            handler = grpc.stream_stream_rpc_method_handler(any_kind)
+            if len(self._fallbacks) < _MAX_FALLBACKS:
+                self._fallbacks[method] = handler
+        return handler
+
+    def _on_tables(self, tables: Tables) -> None:
+        apps: dict[str, str] = {}
+        grpc_apps: list[str] = []
+        for info in tables["routes"].values():
+            apps[info["app"]] = info["ingress"]
+            if info.get("protocol") == "grpc":
+                grpc_apps.append(info["app"])
+        self.apps = apps
+        self.grpc_apps = sorted(grpc_apps)
+        for app in grpc_apps:
+            key = _replica_ids(tables, app, apps[app])
+            if key and self._described.get(app) != key:
+                self._described[app] = key
+                self.runtime.loop.create_task(self._describe(app, apps[app]))
+
+    async def _describe(self, app: str, ingress: str) -> None:
+        """Learn a gRPC driver's RPCs (kinds, and its schema for reflection)."""
+        router = self.runtime.router(app, ingress)
+        try:
+            slot, pending = await self.runtime.start_call(
+                router, "__grpc_describe__", (None,), {}, {"grpc": "", "describe": 1}, False)
+            try:
+                info = await asyncio.wait_for(pending.result(), 10)
+            finally:
+                router.release(slot)
+            for module in info["modules"]:
+                importlib.import_module(module)    # its descriptors, for reflection
+            for full, (stream_in, stream_out) in info["methods"].items():
+                self._add_kind(_Kind(full, None, stream_in, stream_out))
+        except Exception as exc:   # the catch-all handler still serves its RPCs
+            log.warning("could not learn the RPCs of application %r: %s", app, exc)
+
+    def _route(self, context: Any) -> tuple[str, str, tuple[tuple[str, Any], ...]]:
+        md = context.invocation_metadata() or ()
+        pairs = tuple((m[0], m[1]) for m in md)
+        app = None
+        for key, value in pairs:
+            if key == "application":
+                app = value
+                break
+        if app is None:
+            if len(self.grpc_apps) == 1:
+                app = self.grpc_apps[0]
+            elif len(self.apps) == 1:
+                app = next(iter(self.apps))
+            else:
+                raise _Status(grpc.StatusCode.NOT_FOUND,
+                              "set the 'application' metadata key to the application to call; "
+                              f"running: {sorted(self.apps) or 'none'}")
+        ingress = self.apps.get(app)
+        if ingress is None:
+            raise _Status(grpc.StatusCode.NOT_FOUND,
+                          f"no application named {app!r} is running; running: "
+                          f"{sorted(self.apps) or 'none'}")
+        return app, ingress, pairs
+
+    # -- serving -----------------------------------------------------------------------
+    def _meta(self, kind: _Kind, pairs: Any, context: Any, stream_in: bool,
+              stream_out: bool) -> dict[str, Any]:
+        remaining = context.time_remaining()
+        if self.timeout is not None and (remaining is None or remaining > self.timeout):
+            remaining = self.timeout
+        return {"grpc": kind.full, "md": pairs, "fn": kind.fn,
+                "in": "data" if stream_in else "args", "out": stream_out,
+                "timeout": remaining}
+
+    async def _start(self, kind: _Kind, request: bytes | None, context: Any,
+                     stream_in: bool, stream_out: bool) -> tuple[Router, Any, Pending]:
+        try:
+            app, ingress, pairs = self._route(context)
+            router = self.runtime.router(app, ingress)
+            meta = self._meta(kind, pairs, context, stream_in, stream_out)
+            slot, pending = await self.runtime.start_call(router, kind.rpc, (request,), {},
+                                                          meta, stream_out)
+        except _Status as st:
+            await context.abort(st.code, st.details)
+            raise AssertionError("unreachable") from None
+        except BackPressureError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            raise AssertionError("unreachable") from None
+        except (FleetError, ReplicaDiedError) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise AssertionError("unreachable") from None
+        return router, slot, pending
+
+    async def _unary(self, kind: _Kind, request: bytes, context: Any) -> bytes:
+        router, slot, pending = await self._start(kind, request, context, False, False)
+        try:
+            timeout = self.timeout   # the client's deadline: grpc cancels this handler
+            fut = pending.result()
+            value = await (fut if timeout is None else asyncio.wait_for(fut, timeout))
+        except asyncio.CancelledError:
+            pending.cancel()            # the client cancelled or its deadline passed
+            raise
+        except asyncio.TimeoutError:
+            pending.cancel()
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"the call took longer than request_timeout_s={self.timeout}")
+            raise AssertionError("unreachable") from None
+        except BaseException as exc:
+            await self._error(exc, context)
+            raise AssertionError("unreachable") from None
+        finally:
+            router.release(slot)
+        if type(value) is bytes:
+            return value
+        return await self._finish(value, context)
+
+    async def _stream(self, kind: _Kind, request: bytes | None, requests: Any, context: Any,
+                      fallback: bool = False) -> Any:
+        stream_out = kind.stream_out
+        router, slot, pending = await self._start(kind, request, context,
+                                                  requests is not None, stream_out)
+        pump: asyncio.Task[None] | None = None
+        if requests is not None:
+            pump = asyncio.get_running_loop().create_task(_pump(requests, pending))
+        try:
+            timeout = self.timeout   # the client's deadline: grpc cancels this handler
+            if not stream_out:
+                fut = pending.result()
+                value = await (fut if timeout is None else asyncio.wait_for(fut, timeout))
+                if type(value) is bytes:
+                    return value
+                return await self._finish(value, context)
+            coro = self._relay(pending, context, fallback)
+            await (coro if timeout is None else asyncio.wait_for(coro, timeout))
+            return None
+        except asyncio.CancelledError:
+            pending.cancel()
+            raise
+        except asyncio.TimeoutError:
+            pending.cancel()
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"the call took longer than request_timeout_s={self.timeout}")
+        except grpc.aio.AbortError:
+            raise
+        except BaseException as exc:
+            await self._error(exc, context)
+        finally:
+            if pump is not None:
+                pump.cancel()
+            router.release(slot)
+
+    async def _relay(self, pending: Pending, context: Any, fallback: bool) -> None:
+        while True:
+            kind, value = await pending.next()
+            if kind == frames.CHUNK:
+                await context.write(value)
+                continue
+            if type(value) is bytes:
+                await context.write(value)
+                return
+            message = value[0]
+            if message is not None and fallback:
+                initial = value[4]
+                if initial:
+                    await context.send_initial_metadata(initial)
+                await context.write(message)
+                value = (None, *value[1:4], ())
+            await self._finish(value, context)
+            return
+
+    async def _finish(self, value: Any, context: Any) -> Any:
+        message, code_value, details, trailing, initial = value
+        if initial:
+            await context.send_initial_metadata(initial)
+        code = CODES.get(code_value, _UNKNOWN)
+        if code == grpc.StatusCode.OK:
+            if trailing:
+                context.set_trailing_metadata(trailing)
+            if details:
+                context.set_details(details)
+            return message
+        await context.abort(code, details, trailing or None)
+        return None
+
+    async def _error(self, exc: BaseException, context: Any) -> None:
+        if isinstance(exc, ReplicaDiedError | ReplicaDrainingError):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        etype = getattr(exc, "error_type", "") or type(exc).__name__
+        await context.abort(grpc.StatusCode.INTERNAL, f"{etype}: {exc}")
+
+
+class _Status(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+async def _pump(requests: AsyncIterator[bytes], pending: Pending) -> None:
+    """Client messages into the replica's call, then the end-of-stream marker."""
+    try:
+        async for message in requests:
+            if pending.done:
+                return
+            pending.send_data(message)
+    except Exception:   # the client went away: the handler's cancellation ends the call
+        return
+    if not pending.done:
+        pending.send_data(None)
+
+
+def _replica_ids(tables: Tables, app: str, ingress: str) -> tuple[str, ...]:
+    dep = tables["deployments"].get(f"{app}#{ingress}")
+    if dep is None:
+        return ()
+    return tuple(sorted(r["replica_id"] for r in dep["replicas"]))
+
+
+async def serve_grpc(runtime: Runtime, options: GRPCOptions, stop: asyncio.Event) -> int:
+    """Run the gRPC proxy until stop is set; reports its address to the controller."""
+    try:
+        proxy = GRPCProxy(runtime, options)
+    except Exception as exc:
+        await runtime.call_controller("proxy_ready", "grpc", {
+            "error": f"the gRPC proxy could not load grpc_servicer_functions: {exc}"})
+        return 1
+    # A port held by another process must fail loudly, not be shared.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    proxy.reflection = reflection.aio.ReflectionServicer(sorted(proxy.services))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(proxy.reflection, server)
+    server.add_generic_rpc_handlers((proxy,))
+    address = f"{options.host}:{options.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        port, error = 0, str(exc)
+    else:
+        error = "the port is taken"
+    if not port:
+        await runtime.call_controller("proxy_ready", "grpc", {
+            "error": f"the gRPC proxy cannot listen on {address}: {error}"})
+        return 1
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await runtime.call_controller("proxy_ready", "grpc", {"host": options.host, "port": port,
+                                                          "pid": os.getpid()})
+    await stop.wait()
+    await health.enter_graceful_shutdown()
+    await server.stop(grace=2)
+    return 0

@@ -1,0 +1,141 @@
+"""Drivers: the ingress deployments of deployment graphs, and gRPC ingress classes.
+
+- :class:`DefaultgRPCDriver` serves the built-in ``PredictAPIsService.Predict``
+  (``fleet/protos/serve.proto``) on the gRPC port: ``request.input`` (str -> bytes)
+  goes to the bound graph node, whose bytes come back as ``prediction``.
+- :class:`DAGDriver` does the same over HTTP: JSON body in, JSON out.
+- :class:`gRPCIngress` marks a class that serves its own schema: subclass a generated
+  ``XServicer`` and ``gRPCIngress``, decorate it ``@fleet.deployment(is_driver_deployment=
+  True)``, and its methods answer that service's RPCs with grpcio's signatures.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any
+
+import grpc
+
+from fleet._deployment import deployment
+from fleet.dag import Graph
+from fleet.exceptions import FleetError
+from fleet.generated import serve_pb2, serve_pb2_grpc
+
+
+class gRPCIngress:  # noqa: N801 - the name users of the seed API know
+    """Base of classes serving a user gRPC schema on fleet's gRPC port.
+
+    Example::
+
+        @fleet.deployment(is_driver_deployment=True)
+        class MyDriver(test_service_pb2_grpc.TestServiceServicer, gRPCIngress):
+            async def Ping(self, request, context):
+                return test_service_pb2.PingReply()
+
+    Methods take ``(self, request, context)``; streaming requests arrive as an
+    iterator (async for ``async def`` methods), streaming replies are yielded.
+    ``context`` supports ``invocation_metadata``, ``set_code``, ``set_details``,
+    ``abort``, ``set_trailing_metadata``, ``send_initial_metadata`` and
+    ``time_remaining``.
+    """
+
+
+class _DefaultgRPCDriver(serve_pb2_grpc.PredictAPIsServiceServicer, gRPCIngress):
+    """Serves ``Predict``: the graph node gets ``dict(request.input)``, returns bytes."""
+
+    def __init__(self, graph: Any) -> None:
+        self._graph = Graph(graph)
+
+    async def Predict(self, request: Any, context: Any) -> Any:  # noqa: N802 - the RPC
+        result = await self._graph.run(dict(request.input))
+        if not isinstance(result, bytes | bytearray):
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"the graph returned {type(result).__name__}, not bytes: Predict's "
+                "prediction is bytes, so serialize the result (struct.pack, json.dumps(...)"
+                ".encode(), pickle) before returning it")
+        return serve_pb2.PredictResponse(prediction=bytes(result))  # type: ignore[attr-defined]
+
+    async def predict(self, value: Any) -> Any:
+        """Run the graph on value (for handle calls)."""
+        return await self._graph.run(value)
+
+
+async def json_request(request: Any) -> Any:
+    """DAGDriver's default HTTP adapter: the JSON body (None when empty)."""
+    body = await request.body()
+    return json.loads(body) if body else None
+
+
+class _DAGDriver:
+    """Serves a graph over HTTP: ``http_adapter(request)`` (JSON body by default) is the
+    input, the graph's result is the response (JSON unless a str, bytes or Response)."""
+
+    def __init__(self, graph: Any, http_adapter: Any = None) -> None:
+        self._graph = Graph(graph)
+        self._adapter = http_adapter or json_request
+
+    async def __call__(self, request: Any) -> Any:
+        value = self._adapter(request)
+        if inspect.isawaitable(value):
+            value = await value
+        return await self._graph.run(value)
+
+    async def predict(self, value: Any) -> Any:
+        """Run the graph on value (for handle calls)."""
+        return await self._graph.run(value)
+
+
+_DRIVER_OPTIONS: dict[str, Any] = {"is_driver_deployment": True, "max_ongoing_requests": 1000}
+
+DefaultgRPCDriver = deployment(_DefaultgRPCDriver, name="DefaultgRPCDriver", **_DRIVER_OPTIONS)
+DefaultgRPCDriver.__doc__ = """The built-in gRPC driver: ``DefaultgRPCDriver.bind(node)`` serves
+``PredictAPIsService.Predict`` with the graph node; ``bind(node, port=9100)`` picks the
+gRPC port (default: the instance's, 9000 unless set)."""
+
+DAGDriver = deployment(_DAGDriver, name="DAGDriver", **_DRIVER_OPTIONS)
+DAGDriver.__doc__ = """The HTTP graph driver: ``DAGDriver.bind(node)``; the JSON body is the
+input and the node's result the JSON response. ``bind(node, http_adapter=fn)`` parses
+requests with ``fn(request)`` instead."""
+
+
+def driver_protocol(target: Any) -> str | None:
+    """"grpc" or "http" for a graph driver class, "grpc-ingress" for a gRPCIngress one."""
+    if not isinstance(target, type):
+        return None
+    if issubclass(target, _DefaultgRPCDriver):
+        return "grpc"
+    if issubclass(target, _DAGDriver):
+        return "http"
+    if issubclass(target, gRPCIngress):
+        return "grpc-ingress"
+    return None
+
+
+def ensure_grpc_proxy(port: int | None) -> None:
+    """Make sure the instance runs its gRPC proxy (on port, when given)."""
+    from fleet import _api
+    with _api._lock:
+        inst = _api._instance
+        if inst is None or inst.closed:
+            _api.start(grpc_options={} if port is None else {"port": port})
+            return
+    if inst.grpc_options.enabled:
+        running = _api.status()["proxies"].get("grpc", {}).get("port")
+        if port is not None and port not in (running, inst.grpc_options.port):
+            raise FleetError(f"the gRPC proxy already listens on port {running}; a driver "
+                             f"bound with port={port} needs fleet started with grpc_options="
+                             f"{{'port': {port}}}")
+        return
+    update: dict[str, Any] = {"enabled": True}
+    if port is not None:
+        update["port"] = port
+    options = inst.grpc_options.model_copy(update=update)
+    info = inst.call(inst._start_proxy("grpc", options))
+    if "error" in info:
+        raise FleetError(info["error"])
+    inst.grpc_options = options
+
+
+__all__ = ["DAGDriver", "DefaultgRPCDriver", "gRPCIngress", "json_request"]
