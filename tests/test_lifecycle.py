@@ -1,0 +1,178 @@
+"""Graceful shutdown, __del__, user_config/reconfigure and rolling updates under load,
+against real replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import httpx
+
+import fleet
+
+
+@fleet.deployment(graceful_shutdown_timeout_s=5, health_check_period_s=0.2)
+class Finisher:
+    def __init__(self, marks: str) -> None:
+        self.marks = marks
+
+    async def slow(self, seconds: float) -> str:
+        open(os.path.join(self.marks, f"started-{os.getpid()}"), "w").close()
+        await asyncio.sleep(seconds)    # the work a draining replica must finish
+        return "finished"
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    def __del__(self) -> None:
+        open(os.path.join(self.marks, f"del-{os.getpid()}"), "w").close()
+
+
+@fleet.deployment(graceful_shutdown_timeout_s=2)
+class AsyncFinisher:
+    def __init__(self, marks: str) -> None:
+        self.marks = marks
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def __del__(self) -> None:
+        await asyncio.sleep(0)
+        open(os.path.join(self.marks, f"adel-{os.getpid()}"), "w").close()
+
+
+@fleet.deployment(num_replicas=2, user_config={"threshold": 1})
+class Tunable:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.config: dict = {}
+
+    def reconfigure(self, config: dict) -> None:
+        self.calls += 1
+        self.config = config
+
+    def get(self) -> tuple[int, dict, int]:
+        return os.getpid(), self.config, self.calls
+
+
+@fleet.deployment(num_replicas=2, max_ongoing_requests=8, graceful_shutdown_timeout_s=5)
+class Versioned:
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    async def __call__(self, request=None) -> str:
+        await asyncio.sleep(0.005)
+        return self.version
+
+
+def _wait_for(cond, timeout_s: float = 15.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+def _replicas(app: str, dep: str) -> list[dict]:
+    return fleet.status()["applications"][app]["deployments"][dep]["replicas"]
+
+
+def test_delete_finishes_in_flight_calls_then_runs_del(instance, tmp_path) -> None:
+    handle = fleet.run(Finisher.bind(str(tmp_path)), name="finish", route_prefix=None)
+    pid = handle.pid.remote().result()
+    resp = handle.slow.remote(0.5)
+    _wait_for(lambda: (tmp_path / f"started-{pid}").exists())
+    fleet.delete("finish")
+    assert resp.result(timeout_s=10) == "finished"
+    assert (tmp_path / f"del-{pid}").exists()
+
+
+def test_scale_down_drains_one_replica_and_runs_its_del(instance, tmp_path) -> None:
+    app = Finisher.options(num_replicas=2).bind(str(tmp_path))
+    handle = fleet.run(app, name="shrink", route_prefix=None)
+    pids = {r["pid"] for r in _replicas("shrink", "Finisher")}
+    assert len(pids) == 2
+    fleet.run(Finisher.options(num_replicas=1).bind(str(tmp_path)), name="shrink",
+              route_prefix=None)
+    left = _wait_for(lambda: len(_replicas("shrink", "Finisher")) == 1
+                     and {r["pid"] for r in _replicas("shrink", "Finisher")})
+    assert left < pids      # the survivor is one of the two: a live change, no restart
+    gone = (pids - left).pop()
+    _wait_for(lambda: (tmp_path / f"del-{gone}").exists())
+    assert handle.pid.remote().result() in left
+
+
+def test_async_del_runs_on_shutdown(tmp_path) -> None:
+    fleet.shutdown()
+    fleet.start(http_options={"port": 0})
+    try:
+        handle = fleet.run(AsyncFinisher.bind(str(tmp_path)), name="adel", route_prefix=None)
+        pid = handle.pid.remote().result()
+    finally:
+        fleet.shutdown()
+    assert (tmp_path / f"adel-{pid}").exists()
+
+
+def test_user_config_change_reconfigures_live_replicas_without_restart(instance) -> None:
+    handle = fleet.run(Tunable.bind(), name="tune", route_prefix=None)
+    before = {r["pid"] for r in _replicas("tune", "Tunable")}
+    for _ in range(10):
+        pid, config, calls = handle.get.remote().result()
+        assert (config, calls) == ({"threshold": 1}, 1)     # called once at start
+    fleet.run(Tunable.options(user_config={"threshold": 7}).bind(), name="tune",
+              route_prefix=None)
+    after = {r["pid"] for r in _replicas("tune", "Tunable")}
+    assert after == before
+    for _ in range(10):
+        pid, config, calls = handle.get.remote().result()
+        assert pid in before
+        assert config == {"threshold": 7}
+        assert calls == 2          # once at start, once for the change
+
+
+def _load(stop: threading.Event, call, results: list, errors: list) -> None:
+    while not stop.is_set():
+        try:
+            results.append(call())
+        except Exception as exc:  # noqa: BLE001 - counted by the test
+            errors.append(repr(exc))
+
+
+def test_rolling_update_under_load_fails_no_request(instance) -> None:
+    handle = fleet.run(Versioned.bind("v1"), name="roll", route_prefix="/roll")
+    old_pids = {r["pid"] for r in _replicas("roll", "Versioned")}
+    stop = threading.Event()
+    results: list[str] = []
+    errors: list[str] = []
+    client = httpx.Client(base_url=instance.http_url, timeout=20)
+
+    def http_call() -> str:
+        r = client.get("/roll")
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text}")
+        return r.text
+
+    threads = [threading.Thread(target=_load, args=(stop, lambda: handle.remote().result(
+        timeout_s=20), results, errors)) for _ in range(3)]
+    threads += [threading.Thread(target=_load, args=(stop, http_call, results, errors))
+                for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        _wait_for(lambda: len(results) > 20)
+        fleet.run(Versioned.bind("v2"), name="roll", route_prefix="/roll")
+        mark = len(results)
+        _wait_for(lambda: len(results) > mark + 20)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        client.close()
+    assert errors == []
+    assert results[-1] == "v2" and "v1" in results
+    new_pids = {r["pid"] for r in _replicas("roll", "Versioned")}
+    assert not new_pids & old_pids
