@@ -179,6 +179,21 @@ class Caller:
 # -- tests ------------------------------------------------------------------------
 
 
+def wait_until(cond, timeout: float = 10.0) -> None:
+    """Poll a condition on state fleet updates from another thread, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def router_of(key: str):
+    routers = fleet._runtime.current().routers
+    wait_until(lambda: key in routers)
+    return routers[key]
+
+
+
 def test_issue_example_composes_handles_across_processes(instance):
     app = Ensemble.bind(Adder.bind(1), Adder.options(name="Adder2").bind(2))
     handle = fleet.run(app)
@@ -289,14 +304,10 @@ def test_router_never_exceeds_max_ongoing_requests(instance):
 def test_back_pressure_past_max_queued_requests(instance):
     h = fleet.run(Narrow.bind())
     running = h.remote(2.0)   # occupies the only slot
-    deadline = time.monotonic() + 5
-    # wait until the call holds the slot (it is sent at once; the router counts it)
-    router = fleet._runtime.current().routers["default#Narrow"]
-    while router.slots[0].inflight == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    router = router_of("default#Narrow")
+    wait_until(lambda: router.slots[0].inflight == 1)
     queued = h.remote(0.0)    # waits in the caller's queue
-    while not router.queue and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: len(router.queue) == 1)
     with pytest.raises(fleet.BackPressureError, match="max_queued_requests=1"):
         h.remote(0.0).result()
     assert running.result() == "done"
@@ -357,10 +368,8 @@ def test_killed_replica_fails_its_calls_fast_and_is_replaced(instance):
             fleet.status()["applications"]["default"]["deployments"]["Victim"]["replicas"]}
     assert len(pids) == 2
     hanging = [h.hang.remote() for _ in range(6)]
-    router = fleet._runtime.current().routers["default#Victim"]
-    deadline = time.monotonic() + 5
-    while sum(s.inflight for s in router.slots) < 6 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    router = router_of("default#Victim")
+    wait_until(lambda: sum(s.inflight for s in router.slots) == 6)
     victim = pids.pop()
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
