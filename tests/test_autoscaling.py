@@ -1,0 +1,116 @@
+"""Autoscaling against real replicas: scale up on queued load, down when idle, to zero
+and back; each decision logged with its reason in status."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+import fleet
+from fleet._config import DeploymentConfig
+
+
+@fleet.deployment(max_ongoing_requests=1000)
+class Gate:
+    """Holds calls until opened: lets tests keep load steady without sleeping."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.waiting = 0
+
+    async def wait(self) -> None:
+        self.waiting += 1
+        try:
+            await self.event.wait()
+        finally:
+            self.waiting -= 1
+
+    async def open(self) -> None:
+        self.event.set()
+
+    async def count(self) -> int:
+        return self.waiting
+
+
+@fleet.deployment(max_ongoing_requests=1, health_check_period_s=0.2,
+                  graceful_shutdown_timeout_s=1,
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 3,
+                                      "target_ongoing_requests": 1, "upscale_delay_s": 0,
+                                      "downscale_delay_s": 0.5, "look_back_period_s": 0.5})
+class Worker:
+    def __init__(self, gate) -> None:
+        self.gate = gate
+
+    async def __call__(self) -> str:
+        await self.gate.wait.remote()
+        return "done"
+
+
+@fleet.deployment(graceful_shutdown_timeout_s=1,
+                  autoscaling_config={"min_replicas": 0, "max_replicas": 1,
+                                      "initial_replicas": 0, "downscale_delay_s": 0.3,
+                                      "look_back_period_s": 0.3})
+class Sleepy:
+    async def __call__(self, request=None) -> str:
+        return "awake"
+
+
+def _wait_for(cond, timeout_s: float = 20.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def _dep(app: str, name: str) -> dict:
+    return fleet.status()["applications"][app]["deployments"][name]
+
+
+def _running(app: str, name: str) -> int:
+    return len([r for r in _dep(app, name)["replicas"] if r["state"] == "RUNNING"])
+
+
+def test_scales_up_on_queued_calls_and_down_when_idle(instance) -> None:
+    gate = fleet.run(Gate.bind(), name="gate", route_prefix=None)
+    worker = fleet.run(Worker.bind(gate), name="worker", route_prefix=None)
+    assert _running("worker", "Worker") == 1
+    calls = [worker.remote() for _ in range(3)]
+    _wait_for(lambda: _dep("worker", "Worker")["target_replicas"] == 3)
+    _wait_for(lambda: _running("worker", "Worker") == 3)
+    _wait_for(lambda: gate.count.remote().result() == 3)    # queued calls were dispatched
+    log = _dep("worker", "Worker")["scaling_log"]
+    assert log[0]["from"] == 1 and log[-1]["to"] == 3
+    assert "target_ongoing_requests" in log[-1]["reason"]
+    gate.open.remote().result()
+    assert [c.result(timeout_s=10) for c in calls] == ["done"] * 3
+    _wait_for(lambda: _dep("worker", "Worker")["target_replicas"] == 1)
+    _wait_for(lambda: len(_dep("worker", "Worker")["replicas"]) == 1)
+    last = _dep("worker", "Worker")["scaling_log"][-1]
+    assert last["to"] == 1 and "downscale_delay_s" in last["reason"]
+
+
+def test_scale_to_zero_and_back_for_handles_and_http(instance) -> None:
+    handle = fleet.run(Sleepy.bind(), name="sleepy", route_prefix="/sleepy")
+    assert _dep("sleepy", "Sleepy")["replicas"] == []
+    started = time.monotonic()
+    assert handle.options(timeout_s=30).remote().result() == "awake"
+    woke_in = time.monotonic() - started
+    assert "scaled to zero" in _dep("sleepy", "Sleepy")["scaling_log"][0]["reason"]
+    _wait_for(lambda: _dep("sleepy", "Sleepy")["target_replicas"] == 0)
+    _wait_for(lambda: _dep("sleepy", "Sleepy")["replicas"] == [])
+    r = httpx.get(instance.http_url + "/sleepy", timeout=30)
+    assert (r.status_code, r.text) == (200, "awake")
+    assert woke_in < 15
+
+
+def test_num_replicas_auto_uses_documented_defaults() -> None:
+    cfg = DeploymentConfig(name="x", num_replicas="auto")
+    a = cfg.autoscaling_config
+    assert a is not None
+    assert (a.min_replicas, a.max_replicas, a.target_ongoing_requests) == (1, 10, 2.0)
+    assert cfg.target_replicas() == 1
