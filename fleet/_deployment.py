@@ -76,7 +76,7 @@ class Application:
 
     def __getattr__(self, name: str) -> Any:
         # `app.method.bind(...)` in deployment graphs (fleet.dag)
-        if name.startswith("_"):
+        if name.startswith("_") and name != "__call__":
             raise AttributeError(name)
         from fleet.dag import bind_method
         return bind_method(self, name)

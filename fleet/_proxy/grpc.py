@@ -294,7 +294,7 @@ class GRPCProxy(grpc.GenericRpcHandler):
             if details:
                 context.set_details(details)
             return message
-        await context.abort(code, details, trailing or None)
+        await context.abort(code, details, tuple(trailing))
         return None
 
     async def _error(self, exc: BaseException, context: Any) -> None:

@@ -1,0 +1,150 @@
+"""The built-in Predict schema, InputNode graphs and the drivers, with real grpcio clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+import fleet
+from fleet.dag import InputNode
+from fleet.drivers import DAGDriver, DefaultgRPCDriver
+from fleet.generated import serve_pb2, serve_pb2_grpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@fleet.deployment
+class Doubler:
+    def __call__(self, x: int) -> int:
+        return 2 * x
+
+
+@fleet.deployment
+class Summer:
+    def __init__(self, doubler: Any) -> None:
+        self.doubler = doubler
+
+    async def total(self, inputs: dict[str, Any]) -> Any:
+        total = 0
+        for value in inputs.values():
+            ref = await self.doubler.remote(int(value))   # graph handles: ref, then value
+            total += await ref
+        return total
+
+    async def as_bytes(self, inputs: dict[str, bytes]) -> bytes:
+        return str(await self.total(inputs)).encode()
+
+
+@fleet.deployment
+class Combine:
+    def both(self, a: int, b: int) -> dict[str, int]:
+        return {"a": a, "b": b}
+
+
+@pytest.fixture(scope="module")
+def ports() -> Iterator[dict[str, int]]:
+    fleet.shutdown()
+    fleet.start(http_options={"port": 0}, grpc_options={"port": 0})
+    proxies = fleet.status()["proxies"]
+    try:
+        yield {"http": proxies["http"]["port"], "grpc": proxies["grpc"]["port"]}
+    finally:
+        fleet.shutdown()
+
+
+def _predict(port: int, inputs: dict[str, bytes], app: str | None = None) -> Any:
+    md = (("application", app),) if app else None
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = serve_pb2_grpc.PredictAPIsServiceStub(channel)
+        return stub.Predict(serve_pb2.PredictRequest(input=inputs), metadata=md, timeout=10)
+
+
+def test_seed_fruit_market_example_answers_29_over_grpc(ports: dict[str, int]) -> None:
+    sys.path.insert(0, ROOT)
+    from examples import grpc_fruit_market, grpc_fruit_market_client
+
+    fleet.run(grpc_fruit_market.my_deployment, name="fruit", route_prefix="/fruit")
+    grpc_fruit_market_client.ADDRESS = f"localhost:{ports['grpc']}"
+    response = asyncio.run(grpc_fruit_market_client.send_request())
+    assert struct.unpack("f", response.prediction) == (29.0,)
+    # the driver deployment runs exactly one replica
+    deps = fleet.status()["applications"]["fruit"]["deployments"]
+    assert len(deps["DefaultgRPCDriver"]["replicas"]) == 1
+
+
+def test_client_stubs_generated_from_the_installed_proto_work(ports: dict[str, int],
+                                                              tmp_path: Any) -> None:
+    import fleet as pkg
+    proto_dir = os.path.join(os.path.dirname(pkg.__file__), "protos")
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"--proto_path={proto_dir}",
+                    f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+                    os.path.join(proto_dir, "serve.proto")], check=True)
+    assert (tmp_path / "serve_pb2.py").exists() and (tmp_path / "serve_pb2_grpc.py").exists()
+    fleet.run(DefaultgRPCDriver.bind(Summer.bind(Doubler.bind()).as_bytes.bind(InputNode())),
+              name="gen", route_prefix="/gen")
+    client = textwrap.dedent(f"""
+        import grpc, serve_pb2, serve_pb2_grpc
+        with grpc.insecure_channel("127.0.0.1:{ports['grpc']}") as ch:
+            stub = serve_pb2_grpc.PredictAPIsServiceStub(ch)
+            r = stub.Predict(serve_pb2.PredictRequest(input={{"a": b"4", "b": b"1"}}),
+                             metadata=(("application", "gen"),), timeout=10)
+            print(r.prediction.decode())
+    """)
+    out = subprocess.run([sys.executable, "-c", client], cwd=tmp_path, check=True,
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "10"
+
+
+def test_graph_node_returning_non_bytes_gives_internal_with_reason(ports: dict[str, int]
+                                                                   ) -> None:
+    with InputNode() as inp:
+        node = Summer.bind(Doubler.bind()).total.bind(inp)
+    fleet.run(DefaultgRPCDriver.bind(node), name="notbytes", route_prefix="/notbytes")
+    with pytest.raises(grpc.RpcError) as err:
+        _predict(ports["grpc"], {"x": b"1"}, app="notbytes")
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "not bytes" in err.value.details() and "int" in err.value.details()
+
+
+def test_dag_driver_serves_a_graph_over_http_json(ports: dict[str, int]) -> None:
+    with InputNode() as inp:
+        doubled = Doubler.bind()
+        node = Combine.bind().both.bind(doubled.__call__.bind(inp[0]), inp[1])
+    handle = fleet.run(DAGDriver.bind(node), name="dag", route_prefix="/dag")
+    r = httpx.post(f"http://127.0.0.1:{ports['http']}/dag", json=[5, 7], timeout=10)
+    assert r.status_code == 200 and r.json() == {"a": 10, "b": 7}
+    assert handle.predict.remote([1, 2]).result(timeout_s=10) == {"a": 2, "b": 2}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_default_grpc_driver_port_argument_starts_the_proxy_there() -> None:
+    fleet.shutdown()
+    fleet.start(http_options={"port": 0})          # no gRPC proxy yet
+    try:
+        port = _free_port()
+        node = Summer.bind(Doubler.bind()).as_bytes.bind(InputNode())
+        fleet.run(DefaultgRPCDriver.bind(node, port=port), name="ported",
+                  route_prefix="/ported")
+        assert fleet.status()["proxies"]["grpc"]["port"] == port
+        assert _predict(port, {"a": b"3"}).prediction == b"6"
+        with pytest.raises(fleet.FleetError, match="already listens"):
+            fleet.run(DefaultgRPCDriver.bind(node, port=_free_port()), name="other",
+                      route_prefix="/other")
+    finally:
+        fleet.shutdown()
