@@ -143,6 +143,8 @@ class DeploymentResponse:
         try:
             return fut.result(timeout_s)
         except concurrent.futures.TimeoutError:
+            if fut.done():      # the call's own error: a TimeoutError since Python 3.11
+                raise
             from fleet.exceptions import RequestTimeoutError
             raise RequestTimeoutError(f"no result within {timeout_s}s") from None
 
