@@ -1,3 +1,4 @@
+# examples/quickstart.py
 """The quick start: two deployments composed into one application.
 
 Run it with ``fleet run examples.quickstart:app`` and call it with

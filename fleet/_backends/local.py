@@ -57,12 +57,17 @@ class LocalBackend:
 
     async def stop_replica(self, proc: Any, timeout_s: float) -> None:
         assert isinstance(proc, LocalProcess)
+        # Polling, not a waiter thread: this also runs from atexit, when executors
+        # no longer take work.
         loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(loop.run_in_executor(None, proc.popen.wait), timeout_s)
-        except asyncio.TimeoutError:
-            self.kill(proc)
-            await loop.run_in_executor(None, proc.popen.wait)
+        deadline = loop.time() + timeout_s
+        delay = 0.002
+        while proc.popen.poll() is None:
+            if loop.time() > deadline:
+                self.kill(proc)
+                deadline = loop.time() + 5
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
         self.procs.pop(proc.replica_id, None)
 
     def kill(self, proc: LocalProcess) -> None:
