@@ -88,3 +88,15 @@ def route_http(runtime: Runtime, prefix: str, app: str, ingress: str, method: st
 def shadows_in_flight() -> int:
     """Shadow copies still running in this process."""
     return len(_shadows)
+
+
+def route_grpc(runtime: Runtime, app: str, ingress: str) -> tuple[str, str]:
+    """:func:`choose` for a gRPC call addressed to ``app``: the policy of the route that
+    app serves splits it too. Shadow copies are HTTP-only for now."""
+    tables = runtime.tables
+    if tables is None or not tables["traffic"]:
+        return app, ingress
+    for prefix, info in tables["routes"].items():
+        if info["app"] == app and prefix in tables["traffic"]:
+            return choose(runtime, prefix, app, ingress)
+    return app, ingress
