@@ -24,6 +24,8 @@ from fleet._config import (
 )
 from fleet._deployment import Application, Deployment, deployment
 from fleet._handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from fleet._ingress import ingress
+from fleet._serve_request import ServeRequest
 from fleet.exceptions import (
     BackPressureError,
     DeploymentFailedError,
@@ -55,12 +57,14 @@ __all__ = [
     "ReplicaError",
     "RequestCancelledError",
     "RequestTimeoutError",
+    "ServeRequest",
     "__version__",
     "batch",
     "delete",
     "deployment",
     "get_app_handle",
     "get_deployment_handle",
+    "ingress",
     "run",
     "set_traffic",
     "shadow_traffic",

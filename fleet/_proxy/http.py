@@ -1,14 +1,19 @@
 """The HTTP proxy: a raw ASGI app on uvicorn that forwards requests to ingress replicas.
 
-The request path holds no lock and never touches the controller: match the route,
-read the body, pick a replica through the Router, send one frame, write the answer.
+The request path holds no lock, builds no per-request framework objects and never
+touches the controller: match the route, read the body, pick a replica through the
+Router, send one frame, write the answer. Work a feature needs (timeouts, websockets,
+disconnect watching) happens only on the requests that need it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
+import os
+import sys
 import time
 import uuid
 from typing import Any
@@ -21,21 +26,21 @@ from fleet._proxy.routes import RouteTable
 from fleet._runtime import Runtime
 from fleet._types import Tables
 from fleet._wire import frames
-from fleet.exceptions import (
-    BackPressureError,
-    DeploymentFailedError,
-    FleetError,
-    ReplicaDiedError,
-)
+from fleet.exceptions import BackPressureError, FleetError, ReplicaDiedError
 
 log = logging.getLogger("fleet.proxy")
-access_log = logging.getLogger("fleet.access")
 
 _METHOD_HEADER = b"x-serve-call-method"
+_LENGTH_HEADER = b"content-length"
+_CHUNKED_HEADER = b"transfer-encoding"
 _HTTP_META = {"http": 1}
 _SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string",
                "headers", "client", "server")
 _JSON = [(b"content-type", b"application/json")]
+_RETRY = [(b"retry-after", b"1")]
+# How long a request waits for its reply before the proxy starts watching for the
+# client going away (a task per request otherwise: the price of cancel-on-disconnect).
+DISCONNECT_WATCH_S = 0.05
 
 
 class _Timeout(Exception):
@@ -48,6 +53,39 @@ def _json(status: int, payload: dict[str, Any], extra: list[tuple[bytes, bytes]]
     return status, _JSON + (extra or []), body
 
 
+class AccessLog:
+    """One line per request to stderr: method, path, status, latency, app, replica.
+
+    Lines are joined and written once per loop iteration, like data-plane frames, so
+    a busy proxy pays for a few string operations per request, not a write."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stream: Any = None) -> None:
+        self.loop = loop
+        self.stream = stream or sys.stderr
+        self.lines: list[str] = []
+        self.stamp = ""
+        self.stamp_at = 0.0
+
+    def add(self, method: str, path: str, status: int, ms: float, app: str,
+            replica: str) -> None:
+        if not self.lines:
+            self.loop.call_soon(self.flush)
+            now = time.time()
+            if now - self.stamp_at >= 1.0:
+                self.stamp_at = int(now)
+                self.stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        self.lines.append(f"{self.stamp} INFO proxy fleet.access: {method} {path} {status} "
+                          f"{ms:.2f}ms app={app} replica={replica}\n")
+
+    def flush(self) -> None:
+        lines, self.lines = self.lines, []
+        try:
+            self.stream.write("".join(lines))
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
 class HTTPProxy:
     """The proxy's ASGI app (before user middlewares wrap it)."""
 
@@ -58,7 +96,7 @@ class HTTPProxy:
         self.timeout = options.request_timeout_s
         self.max_body = options.max_body_bytes
         self.root_path = options.root_path.rstrip("/")
-        self.access = options.access_log
+        self.access = AccessLog(runtime.loop) if options.access_log else None
         runtime.table_listeners.append(self._on_tables)
         if runtime.tables is not None:
             self._on_tables(runtime.tables)
@@ -72,7 +110,7 @@ class HTTPProxy:
         if kind == "http":
             await self.http(scope, receive, send)
         elif kind == "websocket":
-            from fleet._proxy.websocket import proxy_websocket  # type: ignore[import-not-found]
+            from fleet._proxy.websocket import proxy_websocket
             await proxy_websocket(self, scope, receive, send)
         elif kind == "lifespan":
             while True:
@@ -88,71 +126,107 @@ class HTTPProxy:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
+    def local_path(self, scope: dict[str, Any]) -> str:
+        """The request path below the proxy's root_path (a reverse proxy may keep it
+        or strip it)."""
+        path: str = scope["path"]
+        root = self.root_path
+        if root and (path == root or path.startswith(root + "/")):
+            path = path[len(root):] or "/"
+        return path
+
+    def sub_scope(self, scope: dict[str, Any], path: str, prefix: str) -> dict[str, Any]:
+        """The scope the replica sees: the route prefix mounted like an ASGI Mount, so
+        ``root_path`` is where the app lives and ``path`` still the full path."""
+        sub = {k: scope[k] for k in _SCOPE_KEYS if k in scope}
+        base = scope.get("root_path", "") or self.root_path
+        if base:
+            sub["path"] = base + path
+        sub["root_path"] = base + prefix if prefix != "/" else base
+        return sub
+
     async def http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         started = time.perf_counter()
-        path: str = scope["path"]
-        if self.root_path and path.startswith(self.root_path):
-            path = path[len(self.root_path):] or "/"
+        path = self.local_path(scope)
         if path.startswith("/-/"):
             await self._builtin(path, send)
             return
         hit = self.routes.match(path)
         if hit is None:
-            await self._respond(send, *_json(404, {"error": f"no application serves path "
-                                                            f"{path!r}", "routes":
-                                                   sorted(self.routes.routes)}))
+            await self._respond(send, *_json(404, {
+                "error": f"no application serves path {path!r}",
+                "routes": sorted(self.routes.routes)}))
             return
         prefix, info = hit
+        method = "__call__"
+        has_body = False
+        for name, value in scope["headers"]:
+            if name == _LENGTH_HEADER:
+                if value != b"0":
+                    has_body = True
+                    if value.isdigit() and int(value) > self.max_body:
+                        # refused before reading a byte (no "100 Continue" is sent)
+                        await self._too_large(send)
+                        return
+            elif name == _METHOD_HEADER:
+                method = value.decode("latin-1")
+            elif name == _CHUNKED_HEADER:
+                has_body = True
         body = b""
+        if has_body:
+            got = await self._read_body(receive, send)
+            if got is None:
+                return
+            body = got
+        sub = self.sub_scope(scope, path, prefix)
+        app, ingress = info["app"], info["ingress"]
+        app, ingress = traffic.route_http(self.runtime, prefix, app, ingress, method, sub, body)
+        status, replica = await self._forward(app, ingress, method, sub, body, receive, send)
+        if self.access is not None:
+            self.access.add(scope["method"], path, status,
+                            (time.perf_counter() - started) * 1000, app, replica)
+
+    async def _read_body(self, receive: Any, send: Any) -> bytes | None:
+        parts: list[bytes] = []
+        size = 0
         more = True
         while more:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                return
+                return None
             chunk = msg.get("body", b"")
             if chunk:
-                body = body + chunk if body else chunk
-                if len(body) > self.max_body:
-                    await self._respond(send, *_json(413, {
-                        "error": f"request body exceeds max_body_bytes={self.max_body}"}))
-                    return
+                size += len(chunk)
+                if size > self.max_body:
+                    await self._too_large(send)
+                    return None
+                parts.append(chunk)
             more = msg.get("more_body", False)
-        method = "__call__"
-        for name, value in scope["headers"]:
-            if name == _METHOD_HEADER:
-                method = value.decode("latin-1")
-                break
-        sub = {k: scope[k] for k in _SCOPE_KEYS if k in scope}
-        root = scope.get("root_path", "") or self.root_path
-        if prefix != "/":
-            root = root + prefix
-        sub["root_path"] = root
-        if root and not path.startswith(root):
-            sub["path"] = root + path
-        app, ingress = info["app"], info["ingress"]
-        app, ingress = traffic.route_http(self.runtime, prefix, app, ingress, method, sub, body)
-        status, replica = await self._forward(app, ingress, method, sub, body, receive, send)
-        if self.access and access_log.isEnabledFor(logging.INFO):
-            access_log.info('%s %s %d %.2fms app=%s replica=%s', scope["method"], path, status,
-                            (time.perf_counter() - started) * 1000, app, replica)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _too_large(self, send: Any) -> None:
+        await self._respond(send, *_json(413, {
+            "error": f"the request body exceeds max_body_bytes={self.max_body}"}))
 
     async def _forward(self, app: str, ingress: str, method: str, sub: dict[str, Any],
                        body: bytes, receive: Any, send: Any) -> tuple[int, str]:
         runtime = self.runtime
         router = runtime.router(app, ingress)
-        try:
-            slot, pending = await runtime.start_call(router, method, ((sub, body),), {},
-                                                     _HTTP_META, True)
-        except BackPressureError as exc:
-            await self._respond(send, *_json(503, {"error": str(exc)}, [(b"retry-after", b"1")]))
-            return 503, "-"
-        except (DeploymentFailedError, FleetError, ReplicaDiedError) as exc:
-            await self._respond(send, *_json(503, {"error": str(exc)}, [(b"retry-after", b"1")]))
-            return 503, "-"
         loop = runtime.loop
-        disc: asyncio.Task[Any] | None = None
-        timer: asyncio.TimerHandle | None = None
-        deadline = time.monotonic() + self.timeout if self.timeout else None
+        deadline = loop.time() + self.timeout if self.timeout else None
+        try:
+            start = runtime.start_call(router, method, ((sub, body),), {}, _HTTP_META, True)
+            if deadline is None:
+                slot, pending = await start
+            else:
+                slot, pending = await asyncio.wait_for(start, self.timeout)
+        except asyncio.TimeoutError:
+            return await self._timed_out(send, app, ingress, "-")
+        except (BackPressureError, FleetError) as exc:
+            await self._respond(send, *_json(503, {"error": str(exc), "app": app,
+                                                   "deployment": ingress}, _RETRY))
+            return 503, "-"
+        watch: _DisconnectWatch | None = None
         status = 500
         try:
             chunks = pending.chunks
@@ -161,19 +235,14 @@ class HTTPProxy:
                 if not chunks:
                     waiter = loop.create_future()
                     pending.waiter = waiter
-                    if disc is None:
-                        disc = loop.create_task(receive())
-                    disc.add_done_callback(lambda _t, w=waiter: w.done() or w.set_result(None))
-                    if deadline is not None:
-                        timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()),
-                                             lambda w=waiter: w.done() or
-                                             w.set_exception(_Timeout()))
+                    if watch is None:
+                        watch = _DisconnectWatch(loop, receive)
+                    watch.arm(waiter, deadline)
                     try:
                         await waiter
                     finally:
                         pending.waiter = None
-                        if timer is not None:
-                            timer.cancel()
+                        watch.disarm()
                     if not chunks:
                         pending.cancel()        # the client went away
                         return 499, slot.replica_id
@@ -204,19 +273,26 @@ class HTTPProxy:
                 return await self._error(value, app, ingress, slot.replica_id, send)
         except _Timeout:
             pending.cancel()
-            await self._respond(send, *_json(504, {
-                "error": f"the request took longer than request_timeout_s={self.timeout} and "
-                         "was cancelled", "app": app, "deployment": ingress}))
-            return 504, slot.replica_id
+            if status != 500:
+                raise                      # mid-stream: end the connection
+            return await self._timed_out(send, app, ingress, slot.replica_id)
         finally:
+            if watch is not None:
+                watch.close()
             router.release(slot)
+
+    async def _timed_out(self, send: Any, app: str, ingress: str, replica: str
+                         ) -> tuple[int, str]:
+        await self._respond(send, *_json(504, {
+            "error": f"the request took longer than request_timeout_s={self.timeout} and "
+                     "was cancelled", "app": app, "deployment": ingress}))
+        return 504, replica
 
     async def _error(self, exc: BaseException, app: str, ingress: str, replica: str,
                      send: Any) -> tuple[int, str]:
-        if isinstance(exc, ReplicaDiedError):
+        if isinstance(exc, ReplicaDiedError | BackPressureError):
             await self._respond(send, *_json(503, {"error": str(exc), "app": app,
-                                                   "deployment": ingress},
-                                             [(b"retry-after", b"1")]))
+                                                   "deployment": ingress}, _RETRY))
             return 503, replica
         error_id = uuid.uuid4().hex[:12]
         tb = getattr(exc, "remote_traceback", "")
@@ -239,6 +315,67 @@ class HTTPProxy:
             await self._respond(send, *_json(404, {"error": f"unknown fleet endpoint {path!r}"}))
 
 
+class _DisconnectWatch:
+    """Wakes a request's waiter when its client disconnects or its deadline passes.
+
+    Most replies come back within microseconds, so the task that reads ``receive()``
+    for a disconnect starts only once a request has waited DISCONNECT_WATCH_S."""
+
+    __slots__ = ("loop", "receive", "task", "waiter", "timer", "deadline_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, receive: Any) -> None:
+        self.loop = loop
+        self.receive = receive
+        self.task: asyncio.Task[Any] | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.deadline_timer: asyncio.TimerHandle | None = None
+
+    def arm(self, waiter: asyncio.Future[None], deadline: float | None) -> None:
+        self.waiter = waiter
+        task = self.task
+        if task is None:
+            self.timer = self.loop.call_later(DISCONNECT_WATCH_S, self._start)
+        elif task.done():
+            waiter.set_result(None)
+        if deadline is not None:
+            self.deadline_timer = self.loop.call_at(deadline, self._expire)
+
+    def disarm(self) -> None:
+        self.waiter = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
+
+    def _start(self) -> None:
+        self.timer = None
+        self.task = self.loop.create_task(self._until_disconnect())
+        self.task.add_done_callback(self._gone)
+
+    async def _until_disconnect(self) -> None:
+        # a request whose (empty) body was never read gets it here first
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+
+    def _gone(self, _task: asyncio.Task[Any]) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _expire(self) -> None:
+        self.deadline_timer = None
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_exception(_Timeout())
+
+    def close(self) -> None:
+        self.disarm()
+        # a pending receive() ends by itself when the response completes
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the proxy process owns signals."""
 
@@ -250,10 +387,40 @@ class _Server(uvicorn.Server):
         return contextlib.nullcontext()
 
 
+def _import(path: str) -> Any:
+    module, _, name = path.replace(":", ".").rpartition(".")
+    if not module:
+        raise ValueError(f"middleware {path!r} is not an import path like "
+                         "'starlette.middleware.cors.CORSMiddleware'")
+    return getattr(importlib.import_module(module), name)
+
+
+def middleware_spec(entry: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """(class, args, kwargs) of one ``http_options["middlewares"]`` entry.
+
+    Python gives ``starlette.middleware.Middleware(cls, **options)`` (or a bare class);
+    YAML gives ``{"cls": "starlette.middleware.cors.CORSMiddleware", **options}`` or an
+    import path string."""
+    if isinstance(entry, str):
+        return _import(entry), (), {}
+    if isinstance(entry, dict):
+        options = dict(entry)
+        cls = options.pop("cls", None)
+        if cls is None:
+            raise ValueError(f"middleware {entry!r} has no 'cls' (the middleware class or "
+                             "its import path)")
+        return (_import(cls) if isinstance(cls, str) else cls), (), options
+    if isinstance(entry, type):
+        return entry, (), {}
+    cls, args, kwargs = entry
+    return cls, tuple(args), dict(kwargs)
+
+
 def build_app(runtime: Runtime, options: HTTPOptions) -> Any:
+    """The proxy app wrapped in the configured middlewares (the first is outermost)."""
     app: Any = HTTPProxy(runtime, options)
     for middleware in reversed(options.middlewares):
-        cls, args, kwargs = middleware
+        cls, args, kwargs = middleware_spec(middleware)
         app = cls(app, *args, **kwargs)
     return app
 
@@ -261,16 +428,21 @@ def build_app(runtime: Runtime, options: HTTPOptions) -> Any:
 async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event) -> int:
     from fleet._proxy.process import bind_socket
     try:
+        app = build_app(runtime, options)
+    except Exception as exc:
+        await runtime.call_controller("proxy_ready", "http", {
+            "error": f"http_options middlewares: {type(exc).__name__}: {exc}"})
+        return 1
+    try:
         sock = bind_socket(options.host, options.port)
     except OSError as exc:
         await runtime.call_controller("proxy_ready", "http", {
             "error": f"the HTTP proxy cannot listen on {options.host}:{options.port}: {exc}"})
         return 1
     port = sock.getsockname()[1]
-    config = uvicorn.Config(build_app(runtime, options), loop="none", http="httptools",
-                            ws="websockets-sansio", lifespan="off", access_log=False,
-                            log_level="warning", timeout_keep_alive=30, server_header=False,
-                            date_header=False)
+    config = uvicorn.Config(app, loop="none", http="httptools", ws="websockets-sansio",
+                            lifespan="off", access_log=False, log_level="warning",
+                            timeout_keep_alive=30, server_header=False, date_header=False)
     server = _Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     while not server.started:
@@ -278,7 +450,7 @@ async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event
             return 1
         await asyncio.sleep(0.005)
     await runtime.call_controller("proxy_ready", "http", {"host": options.host, "port": port,
-                                                          "pid": __import__("os").getpid()})
+                                                          "pid": os.getpid()})
     await stop.wait()
     server.should_exit = True
     try:

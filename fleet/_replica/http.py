@@ -1,4 +1,13 @@
-"""HTTP inside the replica: a proxied request becomes an ASGI call to the user's code."""
+"""HTTP inside the replica: a proxied request becomes an ASGI call to the user's code.
+
+The proxy sends ``(scope, body)`` with the whole request body already read. A plain
+deployment gets a Starlette Request in the method the ``X-SERVE-CALL-METHOD`` header
+names (``__call__`` by default) and its return value is turned into a response; a
+deployment made with :func:`fleet.ingress` hands the call to its ASGI app. A response
+goes back as one OK frame ``(status, headers, body)``, or streamed as a CHUNK
+``(status, headers, first_body)``, CHUNK ``bytes``..., OK ``last_bytes``. A websocket
+call streams the app's ASGI messages back as CHUNKs and receives the client's as DATA.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +15,24 @@ import asyncio
 import dataclasses
 import inspect
 import json
+import typing
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from fleet._ingress import INSTANCE_KEY
+from fleet._serve_request import BODY_KEY, ServeRequest
 from fleet.exceptions import MethodNotFoundError
 
 if TYPE_CHECKING:
     from fleet._replica.replica import Replica
     from fleet._wire.listener import ServerConnection
+
+# Spec 2.4 tells Starlette that sends to a gone client raise, so StreamingResponse does
+# not start a task group just to watch for disconnects: the proxy's CANCEL does that.
+_ASGI = {"version": "3.0", "spec_version": "2.4"}
+_DISCONNECT = {"type": "http.disconnect"}
 
 
 def _jsonable(value: Any) -> Any:
@@ -36,19 +53,18 @@ def to_response(result: Any) -> Response:
         return PlainTextResponse(result)
     if isinstance(result, bytes | bytearray | memoryview):
         return Response(bytes(result), media_type="application/octet-stream")
-    if inspect.isasyncgen(result) or inspect.isgenerator(result):
+    if inspect.isasyncgen(result):
         return StreamingResponse(_encode_chunks(result))
+    if inspect.isgenerator(result):
+        # a sync iterator: Starlette steps it in a worker thread, off the event loop
+        return StreamingResponse(map(_chunk_bytes, result))
     body = json.dumps(result, default=_jsonable, separators=(",", ":")).encode()
     return Response(body, media_type="application/json")
 
 
 async def _encode_chunks(gen: Any) -> Any:
-    if inspect.isasyncgen(gen):
-        async for item in gen:
-            yield _chunk_bytes(item)
-    else:
-        for item in gen:
-            yield _chunk_bytes(item)
+    async for item in gen:
+        yield _chunk_bytes(item)
 
 
 def _chunk_bytes(item: Any) -> bytes:
@@ -99,16 +115,64 @@ class _Sender:
                 self.conn.reply(self.call_id, body)
 
 
+class _WebSocketSender:
+    """Every ASGI websocket message of the app goes to the proxy as one CHUNK."""
+
+    __slots__ = ("conn", "call_id")
+
+    def __init__(self, conn: ServerConnection, call_id: int) -> None:
+        self.conn = conn
+        self.call_id = call_id
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.conn.chunk(self.call_id, message)
+
+
+def _request_param(fn: Any) -> str | None:
+    """The name of fn's first parameter when it is annotated as a Starlette Request."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if not params or params[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
+                                            inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        return None
+    first = params[0]
+    ann = first.annotation
+    if isinstance(ann, str):
+        try:
+            ann = typing.get_type_hints(inspect.unwrap(fn)).get(first.name, ann)
+        except Exception:
+            pass
+    if isinstance(ann, str):
+        return first.name if ann.rsplit(".", 1)[-1] == "Request" else None
+    if inspect.isclass(ann) and issubclass(ann, Request):
+        return first.name
+    return None
+
+
 class HTTPAdapter:
-    """Serves proxied HTTP calls for one replica."""
+    """Serves proxied HTTP and websocket calls for one replica, and turns handle calls
+    to Request-taking methods into :class:`fleet.ServeRequest` ones."""
 
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
         self.asgi_app: Any = getattr(replica.instance, "_fleet_asgi_app", None)
+        # what each method's first parameter wants: a request param's name, or None
+        self._takes: dict[str, tuple[str | None, frozenset[str]]] = {}
+        self._inboxes: dict[tuple[int, int], asyncio.Queue[dict[str, Any]]] = {}
 
     async def serve_http(self, conn: ServerConnection, call_id: int, method: str,
                          message: tuple[dict[str, Any], bytes], meta: dict[str, Any]) -> None:
         scope, body = message
+        scope["asgi"] = _ASGI
+        if self.asgi_app is not None:
+            scope[INSTANCE_KEY] = self.replica.instance
+        if scope["type"] == "websocket":
+            await self._serve_websocket(conn, call_id, scope)
+            return
+        if body:
+            scope[BODY_KEY] = body
         done = asyncio.Event()
         sent = False
 
@@ -118,14 +182,14 @@ class HTTPAdapter:
                 sent = True
                 return {"type": "http.request", "body": body, "more_body": False}
             await done.wait()
-            return {"type": "http.disconnect"}
+            return _DISCONNECT
 
         sender = _Sender(conn, call_id)
         try:
             if self.asgi_app is not None and method == "__call__":
                 await self.asgi_app(scope, receive, sender)
             else:
-                await self._call_method(scope, receive, sender, method)
+                await self._call_method(scope, receive, sender, method, body)
         finally:
             done.set()
         if not sender.finished:
@@ -136,7 +200,7 @@ class HTTPAdapter:
                                      b"the application sent no response"))
 
     async def _call_method(self, scope: dict[str, Any], receive: Any, send: Any,
-                           method: str) -> None:
+                           method: str, body: bytes) -> None:
         rep = self.replica
         try:
             fn, kind = rep.method(method)
@@ -145,16 +209,65 @@ class HTTPAdapter:
                                 "method": method}, status_code=404)(scope, receive, send)
             return
         request = Request(scope, receive)
+        request._body = body  # the proxy read it all: sync methods can use it too
         if kind in ("agen", "gen"):
             result = fn(request)
         else:
             result = await rep.invoke(fn, (request,), {}, kind)
         await to_response(result)(scope, receive, send)
 
-    def adapt_args(self, method: str, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   meta: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Handle calls to Request-taking methods (filled in by ServeRequest support)."""
-        return args, kwargs
+    # -- websockets ------------------------------------------------------------------
+    async def _serve_websocket(self, conn: ServerConnection, call_id: int,
+                               scope: dict[str, Any]) -> None:
+        sender = _WebSocketSender(conn, call_id)
+        if self.asgi_app is None:
+            # only an ASGI app (fleet.ingress) has websocket routes; refuse the handshake
+            await sender({"type": "websocket.close", "code": 1000, "reason": ""})
+            conn.reply(call_id, None)
+            return
+        key = (id(conn), call_id)
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        inbox.put_nowait({"type": "websocket.connect"})
+        self._inboxes[key] = inbox
+        try:
+            await self.asgi_app(scope, inbox.get, sender)
+        finally:
+            del self._inboxes[key]
+        conn.reply(call_id, None)
 
     def on_data(self, conn: ServerConnection, call_id: int, obj: Any) -> None:
-        """Messages into a running call (websockets)."""
+        """A client message for a running websocket call (late ones are dropped)."""
+        inbox = self._inboxes.get((id(conn), call_id))
+        if inbox is not None:
+            inbox.put_nowait(obj)
+
+    # -- handle calls ----------------------------------------------------------------
+    def takes_request(self, method: str, fn: Any) -> bool:
+        """Whether handle calls to method need a ServeRequest (cached per method)."""
+        found = self._takes.get(method)
+        if found is None:
+            name = _request_param(fn)
+            others: frozenset[str] = frozenset()
+            if name is not None:
+                others = frozenset(p for p in inspect.signature(fn).parameters if p != name)
+            found = self._takes[method] = (name, others)
+        return found[0] is not None
+
+    def adapt_args(self, method: str, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   meta: dict[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A handle call to a Request-taking method: the first argument, the
+        ``http_headers`` option and the keyword arguments become one ServeRequest.
+
+        Keyword arguments named like another parameter of the method stay arguments; a
+        Request or ServeRequest passed on by another deployment arrives as it is."""
+        if not self.takes_request(method, fn):
+            return args, kwargs
+        if args and isinstance(args[0], Request | ServeRequest):
+            return args, kwargs
+        others = self._takes[method][1]
+        query = {k: v for k, v in kwargs.items() if k not in others}
+        if query:
+            kwargs = {k: v for k, v in kwargs.items() if k in others}
+        headers = meta.get("http_headers") if meta else None
+        request = ServeRequest(args[0] if args else None, headers=headers, query_params=query)
+        return (request, *args[1:]), kwargs
