@@ -22,6 +22,15 @@ def fleet_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "fleet", *args]
 
 
+@pytest.fixture(autouse=True)
+def private_tmpdir(tmp_path_factory, monkeypatch):
+    """Each test's instance records itself in its own temp dir, so `fleet status`
+    finds this test's instance and no other on the machine."""
+    tmp = tmp_path_factory.mktemp("fleet-tmp")
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    return tmp
+
+
 def start(*args: str) -> tuple[subprocess.Popen[str], int]:
     """Start `fleet run ...` and wait for it to print where it serves."""
     proc = subprocess.Popen(fleet_cmd("run", *args, "--app-dir", HERE, "--port", "0"),
