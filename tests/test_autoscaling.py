@@ -114,3 +114,14 @@ def test_num_replicas_auto_uses_documented_defaults() -> None:
     assert a is not None
     assert (a.min_replicas, a.max_replicas, a.target_ongoing_requests) == (1, 10, 2.0)
     assert cfg.target_replicas() == 1
+
+
+def test_serving_autoscaling_example_runs() -> None:
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "examples", "serving_autoscaling.py")],
+                         capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "answer: 42" in out.stdout

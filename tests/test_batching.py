@@ -190,3 +190,14 @@ def test_batch_rejects_sync_functions_and_bad_sizes() -> None:
         fleet.batch(lambda items: items)
     with pytest.raises(ValueError, match="max_batch_size"):
         fleet.batch(max_batch_size=0)
+
+
+def test_serving_batching_example_runs() -> None:
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "examples", "serving_batching.py")],
+                         capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "largest batch:" in out.stdout

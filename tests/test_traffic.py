@@ -148,3 +148,14 @@ traffic:
     policy = fleet.status()["traffic"]["/svc"]
     assert policy == {"weights": {"app_v1": 1.0, "app_v2": 3.0}, "shadow": {"app_v3": 0.1}}
     fleet.shadow_traffic("/svc", "app_v3", 0)
+
+
+def test_serving_traffic_example_runs() -> None:
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "examples", "serving_traffic.py")],
+                         capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "hello from v1" in out.stdout
