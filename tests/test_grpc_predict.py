@@ -9,16 +9,19 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import httpx
 import pytest
+from protos import fleet_echo_pb2 as pb
+from protos import fleet_echo_pb2_grpc as pb_grpc
 
 import fleet
 from fleet.dag import InputNode
-from fleet.drivers import DAGDriver, DefaultgRPCDriver
+from fleet.drivers import DAGDriver, DefaultgRPCDriver, gRPCIngress
 from fleet.generated import serve_pb2, serve_pb2_grpc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,6 +128,44 @@ def test_dag_driver_serves_a_graph_over_http_json(ports: dict[str, int]) -> None
     r = httpx.post(f"http://127.0.0.1:{ports['http']}/dag", json=[5, 7], timeout=10)
     assert r.status_code == 200 and r.json() == {"a": 10, "b": 7}
     assert handle.predict.remote([1, 2]).result(timeout_s=10) == {"a": 2, "b": 2}
+
+
+@fleet.deployment(is_driver_deployment=True)
+class Shout(pb_grpc.EchoServiceServicer, gRPCIngress):
+    async def Say(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return pb.EchoReply(text=request.text.upper())
+
+    async def Chat(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
+        async for r in request_iterator:
+            yield pb.EchoReply(text=r.text.upper())
+
+
+def _shout(port: int) -> tuple[str, list[str]]:
+    md = (("application", "shout"),)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.EchoServiceStub(channel)
+        one = stub.Say(pb.EchoRequest(text="a"), metadata=md, timeout=10).text
+        many = [r.text for r in stub.Chat(iter([pb.EchoRequest(text=t) for t in "bc"]),
+                                          metadata=md, timeout=10)]
+    return one, many
+
+
+def test_grpc_ingress_schema_learned_from_the_replica_without_servicer_functions(
+        ports: dict[str, int]) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+    fleet.run(Shout.bind(), name="shout", route_prefix="/shout")
+    # served at once (as streams both ways until the proxy learns the kinds) ...
+    assert _shout(ports["grpc"]) == ("A", ["B", "C"])
+    # ... and the proxy learns the service from the replica, for reflection too
+    deadline = time.monotonic() + 10
+    with grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
+        while "fleettest.EchoService" not in ProtoReflectionDescriptorDatabase(
+                channel).get_services():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert _shout(ports["grpc"]) == ("A", ["B", "C"])
 
 
 def _free_port() -> int:
