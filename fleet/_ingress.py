@@ -9,6 +9,8 @@ import types
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from starlette.requests import HTTPConnection
+
 T = TypeVar("T")
 
 # The replica puts its instance in every request's scope under this key; route
@@ -57,7 +59,7 @@ def ingress(app: Any) -> Callable[[type[T]], type[T]]:
     return decorator
 
 
-def current_instance(conn: Any) -> Any:
+def current_instance(conn: HTTPConnection) -> Any:
     """The replica's instance serving this request (the ``self`` of route functions)."""
     try:
         return conn.scope[INSTANCE_KEY]
@@ -124,14 +126,10 @@ def _same_route(route: Any, endpoint: Any) -> Any:
 def _with_self_dependency(fn: Any) -> Any:
     """A copy of fn whose ``self`` FastAPI fills with the replica's instance."""
     from fastapi import Depends
-    from starlette.requests import HTTPConnection
-
-    def instance(conn: HTTPConnection) -> Any:
-        return current_instance(conn)
 
     sig = inspect.signature(fn)
     params = list(sig.parameters.values())
-    first = params[0].replace(default=Depends(instance), annotation=inspect.Parameter.empty,
+    first = params[0].replace(default=Depends(current_instance), annotation=inspect.Parameter.empty,
                               kind=inspect.Parameter.KEYWORD_ONLY)
     rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params[1:]
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]

@@ -1,0 +1,107 @@
+"""Refusals and cancellation over HTTP: 503 with Retry-After, and a client that goes
+away cancels the replica's coroutine."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.requests import Request
+
+import fleet
+
+
+@fleet.deployment(max_ongoing_requests=1, max_queued_requests=0)
+class Single:
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.holding = False
+
+    async def __call__(self, request: Request) -> str:
+        self.holding = True
+        await self.release.wait()
+        self.holding = False
+        return "done"
+
+    async def is_holding(self) -> bool:
+        return self.holding
+
+    async def let_go(self) -> None:
+        self.release.set()
+
+
+@fleet.deployment
+class Hang:
+    async def __call__(self, request: Request) -> None:
+        marker = Path(request.query_params["marker"])
+        marker.with_suffix(".started").write_text("")
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            marker.write_text("CancelledError")
+            raise
+
+
+@fleet.deployment
+class Broken:
+    def __init__(self) -> None:
+        raise RuntimeError("cannot load the model")
+
+
+def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def url(shared_instance) -> Iterator[str]:
+    fleet.run(Single.bind(), name="single", route_prefix="/single")
+    fleet.run(Hang.bind(), name="hang", route_prefix="/hang")
+    yield shared_instance.http_url
+
+
+def test_full_queue_is_503_with_retry_after(url):
+    handle = fleet.get_app_handle("single")
+    first: list[httpx.Response] = []
+    t = threading.Thread(target=lambda: first.append(httpx.get(f"{url}/single", timeout=20)))
+    t.start()
+    try:
+        wait_for(lambda: handle.is_holding.remote().result(), "the first request to start")
+        r = httpx.get(f"{url}/single")
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert "max_queued_requests" in r.json()["error"]
+    finally:
+        handle.let_go.remote().result()
+        t.join(20)
+    assert first[0].status_code == 200 and first[0].text == "done"
+
+
+def test_no_healthy_replica_is_503_with_retry_after(url):
+    with pytest.raises(fleet.DeploymentFailedError):
+        fleet.run(Broken.bind(), name="broken", route_prefix="/broken")
+    try:
+        r = httpx.get(f"{url}/broken")
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["app"] == "broken"
+    finally:
+        fleet.delete("broken")
+
+
+def test_client_disconnect_cancels_the_replica_coroutine(url, tmp_path):
+    marker = tmp_path / "hang"
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(f"GET /hang?marker={marker} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+        wait_for(marker.with_suffix(".started").exists, "the replica to start the call")
+    wait_for(lambda: marker.exists() and marker.read_text() == "CancelledError",
+             "CancelledError in the replica")

@@ -1,0 +1,193 @@
+"""http_options: middlewares, request_timeout_s, root_path, max_body_bytes, the access
+log and the 500 error log, each against a proxy whose stderr the test reads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import start_instance
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+
+import fleet
+from fleet._cli import load_config
+
+
+@fleet.deployment
+class Service:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, request: Request) -> dict:
+        self.calls += 1
+        return {"root_path": request.scope["root_path"], "path": request.scope["path"],
+                "bytes": len(await request.body())}
+
+    def count(self) -> int:
+        return self.calls
+
+    async def hang(self, request: Request) -> None:
+        marker = Path(request.query_params["marker"])
+        marker.with_suffix(".started").write_text("")
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            marker.write_text("cancelled")
+            raise
+
+    async def fail(self, request: Request) -> None:
+        raise ValueError("the model exploded")
+
+
+@contextlib.contextmanager
+def stderr_into(path: Path) -> Iterator[None]:
+    """Point fd 2 at path while the proxy starts: it inherits it and logs there."""
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(fd)
+        os.close(saved)
+
+
+def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    log = tmp_path_factory.mktemp("proxy") / "stderr.log"
+    fleet.shutdown()
+    with stderr_into(log):
+        inst = start_instance(
+            middlewares=[Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"])],
+            request_timeout_s=1.0, root_path="/base", max_body_bytes=1000)
+    try:
+        fleet.run(Service.bind(), name="svc", route_prefix="/svc")
+        yield inst.http_url, log
+    finally:
+        fleet.shutdown()
+
+
+def test_cors_preflight_answered_by_middleware(proxy):
+    url, _ = proxy
+    r = httpx.options(f"{url}/svc", headers={"Origin": "https://example.com",
+                                             "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "*"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    r = httpx.get(f"{url}/svc", headers={"Origin": "https://example.com"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+
+
+def test_root_path_with_or_without_the_prefix_in_the_request(proxy):
+    url, _ = proxy
+    for path in ("/base/svc/x", "/svc/x"):      # as sent, or stripped by a reverse proxy
+        got = httpx.get(f"{url}{path}").json()
+        assert got["root_path"] == "/base/svc"
+        assert got["path"] == "/base/svc/x"
+
+
+def test_request_timeout_is_504_and_cancels_the_replica_call(proxy, tmp_path):
+    url, _ = proxy
+    marker = tmp_path / "hang"
+    started = time.monotonic()
+    r = httpx.get(f"{url}/svc", params={"marker": str(marker)},
+                  headers={"X-SERVE-CALL-METHOD": "hang"}, timeout=10)
+    assert r.status_code == 504
+    assert 0.9 < time.monotonic() - started < 5
+    assert "request_timeout_s" in r.json()["error"]
+    wait_for(lambda: marker.exists() and marker.read_text() == "cancelled",
+             "the replica's coroutine to be cancelled")
+
+
+def test_body_over_max_body_bytes_is_413_before_the_replica_sees_it(proxy):
+    url, _ = proxy
+    handle = fleet.get_app_handle("svc")
+    before = handle.count.remote().result()
+    assert httpx.post(f"{url}/svc", content=b"x" * 1001).status_code == 413
+
+    def chunked():                       # no content-length: counted while reading
+        for _ in range(3):
+            yield b"y" * 400
+
+    assert httpx.post(f"{url}/svc", content=chunked()).status_code == 413
+    assert handle.count.remote().result() == before
+    ok = httpx.post(f"{url}/svc", content=b"x" * 1000)
+    assert ok.status_code == 200 and ok.json()["bytes"] == 1000
+
+
+def test_access_log_line_per_request(proxy):
+    url, log = proxy
+    httpx.get(f"{url}/svc/logged?x=1")
+    wait_for(lambda: "GET /svc/logged 200" in log.read_text(), "the access log line")
+    line = next(ln for ln in log.read_text().splitlines() if "GET /svc/logged 200" in ln)
+    assert "app=svc" in line and "replica=Service-" in line
+    ms = line.split("GET /svc/logged 200 ")[1].split("ms")[0]
+    assert float(ms) >= 0
+
+
+def test_user_exception_is_500_with_error_id_and_logged_traceback(proxy):
+    url, log = proxy
+    r = httpx.get(f"{url}/svc", headers={"X-SERVE-CALL-METHOD": "fail"})
+    assert r.status_code == 500
+    body = r.json()
+    assert body["type"] == "ValueError" and body["message"] == "the model exploded"
+    assert body["app"] == "svc" and body["deployment"] == "Service"
+    error_id = body["error_id"]
+    wait_for(lambda: f"error {error_id}" in log.read_text(), "the error log entry")
+    text = log.read_text()
+    entry = text[text.index(f"error {error_id}"):]
+    assert "Traceback" in entry and "the model exploded" in entry
+    assert "raise ValueError" in entry
+
+
+def test_yaml_middlewares_and_access_log_off(tmp_path):
+    config = tmp_path / "fleet.yaml"
+    config.write_text(
+        "http_options:\n"
+        "  access_log: false\n"
+        "  middlewares:\n"
+        "    - cls: starlette.middleware.cors.CORSMiddleware\n"
+        "      allow_origins: ['https://app.example']\n"
+        "      allow_methods: ['GET']\n"
+        "applications: []\n")
+    options = load_config(str(config)).http_options
+    options.port = 0
+    log = tmp_path / "stderr.log"
+    fleet.shutdown()
+    with stderr_into(log):
+        fleet.start(http_options=options)
+    try:
+        port = fleet.status()["proxies"]["http"]["port"]
+        fleet.run(Service.bind(), name="quiet", route_prefix="/quiet")
+        r = httpx.options(f"http://127.0.0.1:{port}/quiet",
+                          headers={"Origin": "https://app.example",
+                                   "Access-Control-Request-Method": "GET"})
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        for _ in range(3):
+            assert httpx.get(f"http://127.0.0.1:{port}/quiet/x").status_code == 200
+    finally:
+        fleet.shutdown()
+    assert "fleet.access" not in log.read_text()
+
+
+def test_bad_middleware_fails_start_with_a_clear_error():
+    fleet.shutdown()
+    with pytest.raises(fleet.FleetError, match="middlewares"):
+        fleet.start(http_options={"port": 0, "middlewares": ["no.such.module.Middleware"]})
+    fleet.shutdown()
