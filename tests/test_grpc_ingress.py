@@ -74,6 +74,15 @@ class Plain:
         return pb.EchoReply(text=f"plain {os.getpid()}", index=request.count)
 
 
+@fleet.deployment(max_ongoing_requests=10, autoscaling_config={
+    "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+    "upscale_delay_s": 0, "look_back_period_s": 1})
+class Scaled:
+    async def Say(self, request: Any, context: Any) -> Any:  # noqa: N802
+        await asyncio.sleep(request.sleep_s)
+        return pb.EchoReply(text="scaled")
+
+
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
     fleet.shutdown()
@@ -81,6 +90,7 @@ def port() -> Iterator[int]:
                 grpc_options={"port": 0, "grpc_servicer_functions": [SERVICER_FN]})
     fleet.run(Echo.bind(), name="echo", route_prefix="/echo")
     fleet.run(Plain.bind(), name="plain", route_prefix="/plain")
+    fleet.run(Scaled.bind(), name="scaled", route_prefix="/scaled")
     try:
         yield fleet.status()["proxies"]["grpc"]["port"]
     finally:
@@ -244,3 +254,16 @@ def test_server_reflection_lists_and_describes_services(port: int) -> None:
                 "grpc.health.v1.Health"} <= services
         service = DescriptorPool(db).FindServiceByName("fleettest.EchoService")
         assert {m.name for m in service.methods} == {"Say", "Repeat", "Join", "Chat"}
+
+
+def test_autoscaling_acts_on_grpc_traffic(stub: Any) -> None:
+    md = (("application", "scaled"),)
+    calls = [stub.Say.future(pb.EchoRequest(sleep_s=4), metadata=md, timeout=10)
+             for _ in range(4)]
+
+    def replicas() -> int:
+        return int(fleet.status()["applications"]["scaled"]["deployments"]["Scaled"]
+                   ["target_replicas"])
+    _wait_for(lambda: replicas() == 2)
+    for call in calls:
+        call.cancel()
