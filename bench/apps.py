@@ -7,6 +7,7 @@ import; otherwise they are None and the matching ``*_UNAVAILABLE`` string says w
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import fleet
@@ -102,16 +103,18 @@ class FruitMarket:
 
     async def check_price(self, order: Any) -> bytes:
         fruit, amount = models.parse_order(order)
-        price = await self.directory[fruit].check_price.remote(amount)
+        ref = await self.directory[fruit].check_price.remote(amount)
+        # Handles inside a graph follow the two-step form: awaiting the call gives a
+        # reference, awaiting that gives the value.
+        price = await ref if inspect.isawaitable(ref) else ref
         return models.encode_price(price)
 
 
 grpc_app: Any = None
 GRPC_UNAVAILABLE = ""
 try:
-    from fleet.drivers import DefaultgRPCDriver
-
     from fleet.dag import InputNode
+    from fleet.drivers import DefaultgRPCDriver
     from fleet.generated import serve_pb2  # noqa: F401
 except ImportError as exc:
     GRPC_UNAVAILABLE = f"fleet gRPC not available ({exc})"

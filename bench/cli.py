@@ -74,6 +74,14 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _loadavg() -> str:
+    """1, 5 and 15 minute load averages: other work on the machine skews the figures."""
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def _load_generator(use_wrk: bool) -> str:
     wrk = loadgen.wrk_path() if use_wrk else None
     if wrk:
@@ -144,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": ", ".join(f"{d} {_version(d)}" for d in
                               ("fleet", "ray", "uvicorn", "grpcio", "starlette")),
         "availability": {s: (a or "ok") for s, a in available.items()},
+        "load_average_at_start": _loadavg(),
     }
     _log(f"load generator: {meta['load_generator']}")
     for system, state in available.items():
@@ -162,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"[{name}] {system} done in {time.monotonic() - t0:.1f}s: {summary}")
             # Partial results survive an interrupted or crashed run.
             results.write(rows, meta, args.out)
+    meta["load_average_at_end"] = _loadavg()
     json_path, md_path = results.write(rows, meta, args.out)
     print(md_path.read_text())
     _log(f"wrote {json_path} and {md_path}")

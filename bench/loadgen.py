@@ -32,6 +32,7 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     p50_s: float | None = None
     p99_s: float | None = None
+    first_error: str = ""
 
     @property
     def rps(self) -> float:
@@ -256,26 +257,29 @@ async def _grpc_load(
 
     latencies: list[float] = []
     errors = 0
+    first_error = ""
     async with grpc.aio.insecure_channel(target) as channel:
         call = channel.unary_unary(method)
         start = time.perf_counter()
         stop_at = start + duration_s
 
         async def caller() -> None:
-            nonlocal errors
+            nonlocal errors, first_error
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
                 try:
                     await call(payload, metadata=tuple(metadata), timeout=30)
-                except grpc.aio.AioRpcError:
+                except grpc.aio.AioRpcError as exc:
                     errors += 1
+                    first_error = first_error or f"{exc.code().name}: {exc.details()}"
                     await asyncio.sleep(0.01)
                     continue
                 latencies.append(time.perf_counter() - t0)
 
         await asyncio.gather(*(caller() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return LoadResult(len(latencies), errors, elapsed, "grpc.aio", latencies)
+    return LoadResult(len(latencies), errors, elapsed, "grpc.aio", latencies,
+                      first_error=first_error)
 
 
 def grpc_load(

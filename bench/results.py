@@ -87,7 +87,7 @@ def _cell(row: Row | None) -> str:
     if row is None:
         return ""
     if row.status == "ok" and row.value is not None:
-        return _fmt(row.value)
+        return f"{row.value:.0f}" if row.unit == "count" else _fmt(row.value)
     return f"{row.status}: {row.note}".replace("|", "/").strip(": ")
 
 
@@ -103,7 +103,8 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         f"- load generator: {meta.get('load_generator')}",
         f"- runs: {meta.get('runs')} × {meta.get('duration_s')} s after "
         f"{meta.get('warmup_s')} s warm-up; figures are medians over runs",
-        f"- machine: {meta.get('machine')}",
+        f"- machine: {meta.get('machine')}; load average at start "
+        f"{meta.get('load_average_at_start')}, at end {meta.get('load_average_at_end', '?')}",
         f"- versions: {meta.get('versions')}",
         "- CPU µs/request: user+system CPU of every process of the system under test "
         "during the measured window, divided by the successful requests",

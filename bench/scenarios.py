@@ -175,7 +175,7 @@ def scenario_grpc(ctx: Context, system: str) -> Measured:
         metadata = [tuple(m) for m in info.get("grpc_metadata", [])]
         probe = loadgen.grpc_load(port, method, payload, metadata, 1, 0.2)
         if not probe.requests:
-            raise RuntimeError(f"no successful Predict call ({probe.errors} errors)")
+            raise RuntimeError(f"no successful Predict call ({probe.first_error})")
         loadgen.grpc_load(port, method, payload, metadata, 32, ctx.warmup_s)
         rps, cpu, p50, p99 = [], [], [], []
         errors = 0
