@@ -3,12 +3,14 @@ deployment, with the replica's instance as ``self`` in the app's route functions
 
 from __future__ import annotations
 
+import copyreg
 import functools
 import inspect
 import types
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from starlette.datastructures import State
 from starlette.requests import HTTPConnection
 
 T = TypeVar("T")
@@ -154,3 +156,12 @@ def _self_first(fn: Any) -> Any:
             return fn(current_instance(conn), conn)
     del endpoint.__wrapped__  # type: ignore[attr-defined]
     return endpoint
+
+
+def _reduce_state(state: State) -> tuple[Any, ...]:
+    return (State, (dict(state._state),))
+
+
+# An app defined in a script travels to replicas by value; Starlette's State (app.state)
+# cannot be unpickled as it is (its __getattr__ recurses before __dict__ is restored).
+copyreg.pickle(State, _reduce_state)
