@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,6 +132,16 @@ def test_body_over_max_body_bytes_is_413_before_the_replica_sees_it(proxy):
     assert ok.status_code == 200 and ok.json()["bytes"] == 1000
 
 
+def test_expect_100_continue_over_the_limit_gets_413_without_continue(proxy):
+    url, _ = proxy
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /svc HTTP/1.1\r\nhost: x\r\ncontent-length: 5000\r\n"
+                  b"expect: 100-continue\r\n\r\n")
+        first = s.recv(4096)
+    assert first.startswith(b"HTTP/1.1 413")
+
+
 def test_access_log_line_per_request(proxy):
     url, log = proxy
     httpx.get(f"{url}/svc/logged?x=1")
@@ -191,3 +202,4 @@ def test_bad_middleware_fails_start_with_a_clear_error():
     with pytest.raises(fleet.FleetError, match="middlewares"):
         fleet.start(http_options={"port": 0, "middlewares": ["no.such.module.Middleware"]})
     fleet.shutdown()
+
