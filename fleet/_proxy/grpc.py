@@ -23,6 +23,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from fleet._config import GRPCOptions
+from fleet._proxy import traffic
 from fleet._replica.grpc import CODES, load_servicer_function, servicer_handlers
 from fleet._router import Router
 from fleet._runtime import ReplicaDrainingError, Runtime
@@ -191,6 +192,7 @@ class GRPCProxy(grpc.GenericRpcHandler):
                      stream_in: bool, stream_out: bool) -> tuple[Router, Any, Pending]:
         try:
             app, ingress, pairs = self._route(context)
+            app, ingress = traffic.route_grpc(self.runtime, app, ingress)
             router = self.runtime.router(app, ingress)
             meta = self._meta(kind, pairs, context, stream_in, stream_out)
             slot, pending = await self.runtime.start_call(router, kind.rpc, (request,), {},
