@@ -78,9 +78,15 @@ def resolve_app(obj: Any, import_path: str, args: dict[str, Any] | None = None) 
 def apply_overrides(app: Any, overrides: dict[str, dict[str, Any]]) -> Any:
     """Apply per-deployment option overrides by name throughout the graph."""
     from fleet._deployment import Application
+    from fleet.dag import MethodNode
     seen: dict[int, Any] = {}
 
     def walk(value: Any) -> Any:
+        if isinstance(value, MethodNode):
+            if id(value) not in seen:
+                seen[id(value)] = MethodNode(walk(value.app), value.method, walk(value.args),
+                                             walk(value.kwargs))
+            return seen[id(value)]
         if isinstance(value, Application):
             if id(value) in seen:
                 return seen[id(value)]
@@ -185,6 +191,12 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
                     grpc_options=config.grpc_options if config.grpc_options.enabled else None)
         for app_cfg, app in apps:
             fleet.run(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix)
+        if config.traffic:
+            from fleet._api import _apply_traffic
+            try:
+                _apply_traffic(config.traffic)
+            except (TypeError, ValueError) as exc:
+                raise CLIError(str(exc)) from None
         _print_serving(fleet.status())
         while not stop.wait(0.5):
             pass
@@ -209,7 +221,9 @@ def _print_serving(status: dict[str, Any]) -> None:
         deps = ", ".join(f"{d} x{len(info['replicas'])}"
                          for d, info in app["deployments"].items())
         where = ""
-        if http and app["route_prefix"] is not None:
+        if app.get("protocol") == "grpc" and grpc:
+            where = f" on gRPC {grpc['host']}:{grpc['port']}"
+        elif http and app["route_prefix"] is not None:
             where = f" at http://{http['host']}:{http['port']}{app['route_prefix']}"
         click.echo(f"fleet: application {name!r} RUNNING{where} ({deps})")
     if http:

@@ -158,3 +158,26 @@ def test_status_without_instance_says_so(tmp_path):
                          timeout=60)
     assert out.returncode == 1
     assert "no fleet instance is running" in out.stderr
+
+
+def test_yaml_traffic_split_is_applied(tmp_path):
+    config = tmp_path / "traffic.yaml"
+    config.write_text(textwrap.dedent("""
+        applications:
+          - name: v1
+            route_prefix: /svc
+            import_path: apps.cli_apps:build
+            args: {greeting: one}
+          - name: v2
+            route_prefix: /svc-v2
+            import_path: apps.cli_apps:build
+            args: {greeting: two}
+        traffic:
+          - route_prefix: /svc
+            weights: {v1: 0, v2: 1}
+    """))
+    proc, port = start(str(config))
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/svc").text == "two from fleet"
+    finally:
+        stop(proc)

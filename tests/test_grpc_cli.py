@@ -27,6 +27,9 @@ applications:
   - name: fruit
     route_prefix: /fruit
     import_path: examples.grpc_fruit_market:my_deployment
+    deployments:
+      - name: OrangeStand
+        num_replicas: 2
   - name: hello
     route_prefix: /hello
     import_path: test_grpc_cli:hello_app
@@ -71,6 +74,8 @@ def test_fleet_run_serves_http_and_grpc_and_prints_both_addresses(tmp_path: Any)
                                                                  "APPLE": b"3"}),
                                  metadata=(("application", "fruit"),), timeout=10)
         assert struct.unpack("f", reply.prediction) == (29.0,)
+        assert re.search(r"application 'fruit' RUNNING on gRPC 127\.0\.0\.1:\d+ \(.*"
+                         r"OrangeStand x2", out), out
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

@@ -571,7 +571,8 @@ class Controller:
                 if dep.autoscaler is not None:
                     deps[dep.name]["autoscaling"] = dep.autoscaler.describe(time.monotonic())
             apps[app.name] = {"status": _app_status(app).value, "route_prefix": app.route_prefix,
-                              "ingress": app.ingress, "deployments": deps}
+                              "ingress": app.ingress, "protocol": app.protocol,
+                              "deployments": deps}
         return {"applications": apps, "proxies": dict(self.proxies),
                 "traffic": {p: dict(v) for p, v in self.traffic.items()}}
 
