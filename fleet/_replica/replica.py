@@ -9,7 +9,6 @@ import functools
 import inspect
 import logging
 import os
-import time
 from typing import Any
 
 import cloudpickle
@@ -318,6 +317,3 @@ class Replica:
         for (c, _), task in list(self.tasks.items()):
             if c == cid:
                 task.cancel()
-
-
-_ = time
