@@ -87,8 +87,13 @@ DEPLOYMENT_OPTIONS = frozenset(DeploymentConfig.model_fields)
 
 
 class HTTPOptions(_Model):
-    """The HTTP proxy: where it listens and what wraps every route."""
+    """The HTTP proxy: where it listens and what wraps every route.
 
+    ``server`` picks the proxy's HTTP server: ``"uvicorn"`` (httptools, the default) or
+    ``"granian"`` (Rust, embedded in the proxy process; needs ``pip install granian``).
+    """
+
+    server: Literal["uvicorn", "granian"] = "uvicorn"
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_HTTP_PORT, ge=0, le=65535)
     middlewares: list[Any] = Field(default_factory=list)

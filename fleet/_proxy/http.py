@@ -433,6 +433,9 @@ async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event
         await runtime.call_controller("proxy_ready", "http", {
             "error": f"http_options middlewares: {type(exc).__name__}: {exc}"})
         return 1
+    if options.server == "granian":
+        from fleet._proxy.granian_server import serve_granian
+        return await serve_granian(runtime, options, app, stop)
     try:
         sock = bind_socket(options.host, options.port)
     except OSError as exc:

@@ -1,0 +1,96 @@
+"""The HTTP proxy on Granian: the same ASGI app, served by Granian's embedded server.
+
+Granian parses HTTP and writes responses in Rust, which is where a Python proxy
+spends most of its time (see bench/README.md). It runs in the proxy process itself
+(``granian.server.embed``), so it costs no supervisor process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from typing import Any
+
+from fleet._config import HTTPOptions
+from fleet._runtime import Runtime
+
+log = logging.getLogger("fleet.proxy")
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _coroutine_receive(app: Any) -> Any:
+    """Granian's ``receive()`` returns an awaitable that is not a coroutine; the proxy
+    hands it to ``create_task``, so make it one."""
+
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def coroutine_receive() -> Any:
+            return await receive()
+
+        await app(scope, coroutine_receive, send)
+
+    return wrapped
+
+
+async def serve_granian(runtime: Runtime, options: HTTPOptions, app: Any,
+                        stop: asyncio.Event) -> int:
+    """Serve app until stop is set; reports the bound port to the controller."""
+    try:
+        from granian.constants import Interfaces
+        from granian.server.embed import Server
+    except ImportError:
+        await runtime.call_controller("proxy_ready", "http", {
+            "error": "http_options server='granian' needs Granian: pip install granian"})
+        return 1
+    port = options.port or _free_port(options.host)
+    try:
+        # Granian binds in its own thread and reports failure only in its log: check
+        # the port first so a taken one fails loudly.
+        family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((options.host, port))
+    except OSError as exc:
+        await runtime.call_controller("proxy_ready", "http", {
+            "error": f"the HTTP proxy cannot listen on {options.host}:{port}: {exc}"})
+        return 1
+    logging.getLogger("granian").setLevel(logging.ERROR)
+    logging.getLogger("_granian").setLevel(logging.ERROR)
+    server = Server(_coroutine_receive(app), address=options.host, port=port,
+                    interface=Interfaces.ASGINL, runtime_threads=1, log_enabled=False,
+                    backlog=2048)
+    task = asyncio.get_running_loop().create_task(server.serve())
+    if not await _wait_listening(options.host, port, task):
+        await runtime.call_controller("proxy_ready", "http", {
+            "error": f"Granian did not start listening on {options.host}:{port}"})
+        return 1
+    await runtime.call_controller("proxy_ready", "http", {"host": options.host, "port": port,
+                                                          "pid": os.getpid(),
+                                                          "server": "granian"})
+    await stop.wait()
+    server.stop()
+    try:
+        await asyncio.wait_for(task, 10)
+    except (asyncio.TimeoutError, Exception):
+        task.cancel()
+    return 0
+
+
+async def _wait_listening(host: str, port: int, task: asyncio.Task[Any]) -> bool:
+    """Connect until the server accepts (Granian has no 'started' signal)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while loop.time() < deadline and not task.done():
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+            return True
+        await asyncio.sleep(0.01)
+    return False
