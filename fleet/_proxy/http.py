@@ -228,6 +228,7 @@ class HTTPProxy:
             return 503, "-"
         watch: _DisconnectWatch | None = None
         status = 500
+        started = False                 # a streamed response's head went out
         try:
             chunks = pending.chunks
             assert chunks is not None
@@ -248,14 +249,15 @@ class HTTPProxy:
                         return 499, slot.replica_id
                 kind, value = chunks.popleft()
                 if kind == frames.OK:
-                    if status == 500:           # a whole response in one frame
+                    if not started:             # a whole response in one frame
                         status, headers, data = value
                         await self._respond(send, status, headers, data)
                     else:                       # the end of a streamed one
                         await send({"type": "http.response.body", "body": value})
                     return status, slot.replica_id
                 if kind == frames.CHUNK:
-                    if status == 500:
+                    if not started:
+                        started = True
                         status, headers, data = value
                         await send({"type": "http.response.start", "status": status,
                                     "headers": headers})
@@ -266,14 +268,14 @@ class HTTPProxy:
                                     "more_body": True})
                     continue
                 # an error from the replica
-                if status == 500 and runtime.retry_elsewhere(router, slot, value):
+                if not started and runtime.retry_elsewhere(router, slot, value):
                     return await self._forward(app, ingress, method, sub, body, receive, send)
-                if status != 500:
+                if started:
                     raise value            # mid-stream: nothing sane to send; drop the connection
                 return await self._error(value, app, ingress, slot.replica_id, send)
         except _Timeout:
             pending.cancel()
-            if status != 500:
+            if started:
                 raise                      # mid-stream: end the connection
             return await self._timed_out(send, app, ingress, slot.replica_id)
         finally:
@@ -443,9 +445,11 @@ async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event
             "error": f"the HTTP proxy cannot listen on {options.host}:{options.port}: {exc}"})
         return 1
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, loop="none", http="httptools", ws="websockets-sansio",
-                            lifespan="off", access_log=False, log_level="warning",
-                            timeout_keep_alive=30, server_header=False, date_header=False)
+    from fleet._proxy.uvicorn_protocol import CoalescingHttpToolsProtocol
+    config = uvicorn.Config(app, loop="none", http=CoalescingHttpToolsProtocol,
+                            ws="websockets-sansio", lifespan="off", access_log=False,
+                            log_level="warning", timeout_keep_alive=30, server_header=False,
+                            date_header=False)
     server = _Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     while not server.started:
