@@ -50,6 +50,11 @@ class Returns:
                             headers={"x-extra": "1"})
             resp.set_cookie("flavour", "mint")
             return resp
+        if kind == "stream_status":
+            async def parts():
+                yield b"partial;"
+                yield b"failure"
+            return StreamingResponse(parts(), status_code=500, media_type="text/plain")
         if kind == "background":
             return JSONResponse({"ok": True},
                                 background=BackgroundTask(_touch, request.query_params["path"]))
@@ -138,6 +143,13 @@ def test_starlette_response_passes_through_with_status_headers_cookies(url):
     assert r.getheader("x-extra") == "1"
     assert "flavour=mint" in r.getheader("set-cookie")
     conn.close()
+
+
+def test_streamed_response_keeps_its_own_status_code(url):
+    # a 500 the app streams itself is a response like any other, not fleet's error
+    r = httpx.get(f"{url}/r", params={"kind": "stream_status"})
+    assert r.status_code == 500
+    assert r.content == b"partial;failure"
 
 
 def test_background_task_runs_after_the_response(url, tmp_path):
