@@ -208,31 +208,49 @@ class GRPCProxy(grpc.GenericRpcHandler):
             raise AssertionError("unreachable") from None
         return router, slot, pending
 
-    async def _unary(self, kind: _Kind, request: bytes, context: Any) -> bytes:
-        router, slot, pending = await self._start(kind, request, context, False, False)
+    async def _bounded(self, call: Any, context: Any) -> Any:
+        """Run one call's handler body under ``request_timeout_s`` (the client's own
+        deadline needs nothing here: grpc cancels the handler when it passes). The
+        bound covers the whole call, the wait for a free replica included."""
+        timeout = self.timeout
+        if timeout is None:
+            return await call
         try:
-            timeout = self.timeout   # the client's deadline: grpc cancels this handler
-            fut = pending.result()
-            value = await (fut if timeout is None else asyncio.wait_for(fut, timeout))
-        except asyncio.CancelledError:
-            pending.cancel()            # the client cancelled or its deadline passed
-            raise
+            return await asyncio.wait_for(call, timeout)
         except asyncio.TimeoutError:
-            pending.cancel()
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"the call took longer than request_timeout_s={self.timeout}")
-            raise AssertionError("unreachable") from None
-        except BaseException as exc:
-            await self._error(exc, context)
-            raise AssertionError("unreachable") from None
-        finally:
-            router.release(slot)
-        if type(value) is bytes:
-            return value
-        return await self._finish(value, context)
+                                f"the call took longer than request_timeout_s={timeout} "
+                                "and was cancelled")
+
+    async def _unary(self, kind: _Kind, request: bytes, context: Any) -> bytes:
+        return await self._bounded(self._unary_call(kind, request, context), context)
+
+    async def _unary_call(self, kind: _Kind, request: bytes, context: Any) -> bytes:
+        while True:
+            router, slot, pending = await self._start(kind, request, context, False, False)
+            try:
+                value = await pending.result()
+            except asyncio.CancelledError:
+                pending.cancel()        # the client cancelled, or a deadline passed
+                raise
+            except BaseException as exc:
+                if self.runtime.retry_elsewhere(router, slot, exc):
+                    continue            # that replica was stopping and never started it
+                await self._error(exc, router, context)
+                raise AssertionError("unreachable") from None
+            finally:
+                router.release(slot)
+            if type(value) is bytes:
+                return value
+            return await self._finish(value, context)
 
     async def _stream(self, kind: _Kind, request: bytes | None, requests: Any, context: Any,
                       fallback: bool = False) -> Any:
+        return await self._bounded(self._stream_call(kind, request, requests, context,
+                                                     fallback), context)
+
+    async def _stream_call(self, kind: _Kind, request: bytes | None, requests: Any,
+                           context: Any, fallback: bool) -> Any:
         stream_out = kind.stream_out
         router, slot, pending = await self._start(kind, request, context,
                                                   requests is not None, stream_out)
@@ -240,27 +258,20 @@ class GRPCProxy(grpc.GenericRpcHandler):
         if requests is not None:
             pump = asyncio.get_running_loop().create_task(_pump(requests, pending))
         try:
-            timeout = self.timeout   # the client's deadline: grpc cancels this handler
             if not stream_out:
-                fut = pending.result()
-                value = await (fut if timeout is None else asyncio.wait_for(fut, timeout))
+                value = await pending.result()
                 if type(value) is bytes:
                     return value
                 return await self._finish(value, context)
-            coro = self._relay(pending, context, fallback)
-            await (coro if timeout is None else asyncio.wait_for(coro, timeout))
+            await self._relay(pending, context, fallback)
             return None
         except asyncio.CancelledError:
             pending.cancel()
             raise
-        except asyncio.TimeoutError:
-            pending.cancel()
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"the call took longer than request_timeout_s={self.timeout}")
         except grpc.aio.AbortError:
             raise
         except BaseException as exc:
-            await self._error(exc, context)
+            await self._error(exc, router, context)
         finally:
             if pump is not None:
                 pump.cancel()
@@ -299,9 +310,11 @@ class GRPCProxy(grpc.GenericRpcHandler):
         await context.abort(code, details, tuple(trailing))
         return None
 
-    async def _error(self, exc: BaseException, context: Any) -> None:
+    async def _error(self, exc: BaseException, router: Router, context: Any) -> None:
         if isinstance(exc, ReplicaDiedError | ReplicaDrainingError):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"application {router.app!r}, deployment "
+                                f"{router.deployment!r}: {exc}")
         etype = getattr(exc, "error_type", "") or type(exc).__name__
         await context.abort(grpc.StatusCode.INTERNAL, f"{etype}: {exc}")
 
