@@ -192,9 +192,10 @@ class GRPCProxy(grpc.GenericRpcHandler):
                      stream_in: bool, stream_out: bool) -> tuple[Router, Any, Pending]:
         try:
             app, ingress, pairs = self._route(context)
-            app, ingress = traffic.route_grpc(self.runtime, app, ingress)
-            router = self.runtime.router(app, ingress)
             meta = self._meta(kind, pairs, context, stream_in, stream_out)
+            app, ingress = traffic.route_grpc(self.runtime, app, ingress, kind.rpc, request,
+                                              meta, stream_out)
+            router = self.runtime.router(app, ingress)
             slot, pending = await self.runtime.start_call(router, kind.rpc, (request,), {},
                                                           meta, stream_out)
         except _Status as st:

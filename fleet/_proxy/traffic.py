@@ -68,21 +68,29 @@ def route_http(runtime: Runtime, prefix: str, app: str, ingress: str, method: st
         return app, ingress
 
     async def shadow(s_app: str, s_ingress: str) -> None:
-        router = runtime.router(s_app, s_ingress)
-        slot, pending = await runtime.start_call(router, method, ((scope, body),), {},
-                                                 _HTTP_META, True)
-        try:
-            while True:
-                kind, _ = await pending.next()
-                if kind != frames.CHUNK:       # OK or an error ends the call
-                    return
-        except asyncio.CancelledError:
-            pending.cancel()
-            raise
-        finally:
-            router.release(slot)
+        await _copy(runtime, s_app, s_ingress, method, ((scope, body),), _HTTP_META, True)
 
     return choose(runtime, prefix, app, ingress, shadow)
+
+
+async def _copy(runtime: Runtime, app: str, ingress: str, method: str, args: tuple[Any, ...],
+                meta: dict[str, Any], stream: bool) -> None:
+    """One shadow call, its answer read to the end and dropped."""
+    router = runtime.router(app, ingress)
+    slot, pending = await runtime.start_call(router, method, args, {}, meta, stream)
+    try:
+        if not stream:
+            await pending.result()
+            return
+        while True:
+            kind, _ = await pending.next()
+            if kind != frames.CHUNK:       # OK or an error ends the call
+                return
+    except asyncio.CancelledError:
+        pending.cancel()
+        raise
+    finally:
+        router.release(slot)
 
 
 def shadows_in_flight() -> int:
@@ -90,13 +98,19 @@ def shadows_in_flight() -> int:
     return len(_shadows)
 
 
-def route_grpc(runtime: Runtime, app: str, ingress: str) -> tuple[str, str]:
+def route_grpc(runtime: Runtime, app: str, ingress: str, rpc: str, request: bytes | None,
+               meta: dict[str, Any], stream: bool) -> tuple[str, str]:
     """:func:`choose` for a gRPC call addressed to ``app``: the policy of the route that
-    app serves splits it too. Shadow copies are HTTP-only for now."""
+    app serves splits it, and its shadows get a copy of a call whose request is one
+    message (``request`` not None; a request stream is not copied)."""
     tables = runtime.tables
     if tables is None or not tables["traffic"]:
         return app, ingress
     for prefix, info in tables["routes"].items():
         if info["app"] == app and prefix in tables["traffic"]:
-            return choose(runtime, prefix, app, ingress)
+            shadow = None
+            if request is not None:
+                async def shadow(s_app: str, s_ingress: str) -> None:
+                    await _copy(runtime, s_app, s_ingress, rpc, (request,), meta, stream)
+            return choose(runtime, prefix, app, ingress, shadow)
     return app, ingress

@@ -1,0 +1,170 @@
+"""gRPC limits and policies with a real grpcio client: ``grpc_options.request_timeout_s``
+bounds the whole call, a replica that dies mid-call is UNAVAILABLE at once, traffic
+splits and shadow copies apply to gRPC calls, and a driver deployment runs one replica."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+from protos import fleet_echo_pb2 as pb
+from protos import fleet_echo_pb2_grpc as pb_grpc
+
+import fleet
+from fleet.drivers import gRPCIngress
+
+SERVICER_FN = "protos.fleet_echo_pb2_grpc.add_EchoServiceServicer_to_server"
+TIMEOUT_S = 1.0
+
+
+@fleet.deployment(max_ongoing_requests=1)
+class Held:
+    def __init__(self) -> None:
+        self.started = 0
+        self.cancelled = 0
+
+    async def Say(self, request: Any, context: Any) -> Any:  # noqa: N802
+        if request.text == "stats":
+            return pb.EchoReply(text=f"{self.started} {self.cancelled}")
+        self.started += 1
+        try:
+            await asyncio.sleep(request.sleep_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return pb.EchoReply(text="done")
+
+
+@fleet.deployment
+class Crash:
+    def Say(self, request: Any, context: Any) -> Any:  # noqa: N802
+        os._exit(1)                       # the process dies with the call in flight
+
+
+@fleet.deployment
+class Named:
+    def __init__(self, name: str, fail: bool = False) -> None:
+        self.name = name
+        self.fail = fail
+        self.calls = 0
+
+    async def Say(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("the shadow is broken")
+        return pb.EchoReply(text=self.name, index=request.count)
+
+    async def count(self) -> int:
+        return self.calls
+
+
+@fleet.deployment(is_driver_deployment=True, num_replicas=3)
+class Driver(pb_grpc.EchoServiceServicer, gRPCIngress):
+    async def Say(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return pb.EchoReply(text=f"driver {os.getpid()}")
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[Any]:
+    fleet.shutdown()
+    fleet.start(http_options={"port": 0},
+                grpc_options={"port": 0, "request_timeout_s": TIMEOUT_S,
+                              "grpc_servicer_functions": [SERVICER_FN]})
+    apps = [(Held.bind(), "held", "/held"), (Crash.bind(), "crash", "/crash"),
+            (Named.bind("primary"), "primary", "/primary"),
+            (Named.bind("other"), "other", None),
+            (Named.bind("copy", fail=True), "copy", None),
+            (Driver.bind(), "driver", "/driver")]
+    try:
+        with ThreadPoolExecutor(len(apps)) as pool:   # deploy side by side: faster
+            for done in [pool.submit(fleet.run, app, name=name, route_prefix=prefix)
+                         for app, name, prefix in apps]:
+                done.result()
+        port = fleet.status()["proxies"]["grpc"]["port"]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield pb_grpc.EchoServiceStub(channel)
+    finally:
+        fleet.shutdown()
+
+
+def _md(app: str) -> tuple[tuple[str, str], ...]:
+    return (("application", app),)
+
+
+def _wait_for(pred: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _held_stats(stub: Any) -> tuple[int, int]:
+    # "stats" itself needs Held's only slot: ask while nothing holds it
+    started, cancelled = stub.Say(pb.EchoRequest(text="stats"), metadata=_md("held"),
+                                  timeout=10).text.split()
+    return int(started), int(cancelled)
+
+
+def test_request_timeout_s_bounds_the_whole_call_and_cancels_the_replica_call(stub):
+    started, cancelled = _held_stats(stub)
+    begun = time.monotonic()
+    # no client deadline: only request_timeout_s ends these
+    holder = stub.Say.future(pb.EchoRequest(text="hold", sleep_s=30), metadata=_md("held"))
+    queued = stub.Say.future(pb.EchoRequest(text="queued"), metadata=_md("held"))
+    for call in (holder, queued):   # the second waits in the queue for Held's one slot
+        with pytest.raises(grpc.RpcError) as err:
+            call.result(timeout=10)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert f"request_timeout_s={TIMEOUT_S}" in err.value.details()
+    assert time.monotonic() - begun < TIMEOUT_S + 3
+    # the holder's coroutine was cancelled; the queued call never ran
+    _wait_for(lambda: _held_stats(stub) == (started + 1, cancelled + 1),
+              "the replica's call to be cancelled")
+
+
+def test_replica_dying_mid_call_is_unavailable_at_once_naming_the_deployment(stub):
+    begun = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Say(pb.EchoRequest(text="x"), metadata=_md("crash"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "application 'crash', deployment 'Crash'" in err.value.details()
+    assert "died" in err.value.details()
+    assert time.monotonic() - begun < 5
+
+
+def test_traffic_split_applies_to_grpc_calls(stub):
+    fleet.set_traffic("/primary", {"other": 1})
+    try:
+        got = {stub.Say(pb.EchoRequest(), metadata=_md("primary"), timeout=10).text
+               for _ in range(5)}
+        assert got == {"other"}
+    finally:
+        fleet.set_traffic("/primary", None)
+    assert stub.Say(pb.EchoRequest(), metadata=_md("primary"), timeout=10).text == "primary"
+
+
+def test_shadow_copies_of_grpc_calls_whose_failures_never_reach_the_client(stub):
+    copies = fleet.get_app_handle("copy")
+    before = copies.count.remote().result()
+    fleet.shadow_traffic("/primary", "copy", 1.0)
+    try:
+        for i in range(10):
+            reply = stub.Say(pb.EchoRequest(count=i), metadata=_md("primary"), timeout=10)
+            assert (reply.text, reply.index) == ("primary", i)
+        _wait_for(lambda: copies.count.remote().result() == before + 10,
+                  "a shadow copy of each call")
+    finally:
+        fleet.shadow_traffic("/primary", "copy", 0)
+
+
+def test_driver_deployment_runs_one_replica_whatever_num_replicas(stub):
+    deployment = fleet.status()["applications"]["driver"]["deployments"]["Driver"]
+    assert len(deployment["replicas"]) == 1
+    assert stub.Say(pb.EchoRequest(), metadata=_md("driver"),
+                    timeout=10).text.startswith("driver ")
