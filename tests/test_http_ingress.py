@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -34,6 +36,7 @@ class Out(pydantic.BaseModel):
 class Counter:
     def __init__(self, start: int) -> None:
         self.count = start
+        self.ws_events: list[str] = []
 
     @api.get("/items/{item_id}")
     def item(self, item_id: int, q: str | None = None) -> dict:
@@ -61,7 +64,23 @@ class Counter:
                 self.count += 1
                 await websocket.send_text(f"{text}:{self.count}")
         except WebSocketDisconnect:
-            pass
+            self.ws_events.append("ws: disconnect")
+        except asyncio.CancelledError:
+            self.ws_events.append("ws: cancelled")
+            raise
+
+    @api.websocket("/idle")
+    async def idle(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        self.ws_events.append("idle: accepted")
+        try:
+            await asyncio.Event().wait()       # never reads: misses the disconnect
+        except asyncio.CancelledError:
+            self.ws_events.append("idle: cancelled")
+            raise
+
+    def events(self) -> list[str]:
+        return self.ws_events
 
     def plain_method(self, request: Request) -> str:
         return f"plain {self.count}"
@@ -143,6 +162,30 @@ def test_websocket_route_through_the_proxy(url):
     name_a, count_a = first.split(":")
     name_b, count_b = second.split(":")
     assert (name_a, name_b) == ("a", "b") and int(count_b) == int(count_a) + 1
+
+
+def _wait_for_event(event: str) -> None:
+    handle = fleet.get_app_handle("counter")
+    deadline = time.monotonic() + 10
+    while event not in handle.events.remote().result():
+        assert time.monotonic() < deadline, f"no {event!r} in {handle.events.remote().result()}"
+        time.sleep(0.02)
+
+
+def test_websocket_client_gone_while_the_app_reads_is_a_disconnect_not_a_cancel(url):
+    with ws_connect(url.replace("http://", "ws://") + "/api/ws", open_timeout=10) as ws:
+        ws.send("x")
+        ws.recv(timeout=10)
+    _wait_for_event("ws: disconnect")
+    assert "ws: cancelled" not in fleet.get_app_handle("counter").events.remote().result()
+
+
+def test_websocket_client_gone_while_the_app_is_idle_cancels_its_call(url):
+    with ws_connect(url.replace("http://", "ws://") + "/api/idle", open_timeout=10):
+        _wait_for_event("idle: accepted")
+    # the app never reads the disconnect: after the grace its call is cancelled, so the
+    # dead connection does not hold a replica slot
+    _wait_for_event("idle: cancelled")
 
 
 def test_websocket_to_unknown_path_is_refused(url):

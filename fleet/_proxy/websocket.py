@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from fleet._wire import frames
+from fleet._wire.channel import Pending
 from fleet.exceptions import FleetError
 
 if TYPE_CHECKING:
@@ -23,6 +24,10 @@ log = logging.getLogger("fleet.proxy")
 _META = {"http": 1, "ws": 1}
 _TRY_AGAIN = 1013     # "try again later": no replica could take the connection
 _INTERNAL = 1011      # the app failed
+# After the client went away the app gets websocket.disconnect and this long to end by
+# itself (FastAPI: WebSocketDisconnect, then its cleanup); an app that is not reading
+# is then cancelled, so a dead connection never keeps a replica slot.
+DISCONNECT_GRACE_S = 1.0
 
 
 async def proxy_websocket(proxy: HTTPProxy, scope: dict[str, Any], receive: Any,
@@ -78,10 +83,14 @@ async def proxy_websocket(proxy: HTTPProxy, scope: dict[str, Any], receive: Any,
         router.release(slot)
 
 
-async def _pump(receive: Any, pending: Any) -> None:
-    """Client messages into the call, up to and including the disconnect."""
+async def _pump(receive: Any, pending: Pending) -> None:
+    """Client messages into the call, up to and including the disconnect; then, if
+    the app is still running after the grace, cancel its call and end the connection."""
     while True:
         message = await receive()
         pending.send_data(message)
         if message["type"] == "websocket.disconnect":
-            return
+            break
+    await asyncio.sleep(DISCONNECT_GRACE_S)   # cancelled if the call ends in time
+    pending.cancel()
+    pending.deliver(frames.OK, None)           # wakes proxy_websocket: it is over
