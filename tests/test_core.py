@@ -176,6 +176,66 @@ class Caller:
         return await self.target.remote(first)
 
 
+class Unrebuildable:
+    """Pickles in the replica, but unpickling it raises (as a class missing on the
+    caller's side would)."""
+
+    def __reduce__(self):
+        return (_refuse_to_rebuild, ())
+
+
+def _refuse_to_rebuild():
+    raise RuntimeError("this value cannot be rebuilt here")
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ of this exception fails")
+
+
+@fleet.deployment(max_ongoing_requests=1)
+class EdgeCases:
+    """One call at a time: a call that never answers, or a slot never given back,
+    would make the next call wait forever."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def stop_iteration(self) -> None:
+        next(iter([]))      # a user bug: StopIteration out of a plain function
+
+    def unrebuildable(self) -> Unrebuildable:
+        return Unrebuildable()
+
+    def unprintable(self) -> None:
+        raise Unprintable()
+
+    async def endless(self):
+        i = 0
+        try:
+            while True:
+                yield i
+                i += 1
+                await asyncio.sleep(0)
+        finally:
+            self.closed += 1
+
+    def endless_sync(self):
+        i = 0
+        try:
+            while True:
+                yield i
+                i += 1
+        finally:
+            self.closed += 1
+
+    def closed_streams(self) -> int:
+        return self.closed
+
+    async def ok(self) -> str:
+        return "ok"
+
+
 # -- tests ------------------------------------------------------------------------
 
 
@@ -440,3 +500,12 @@ def test_shutdown_leaves_no_process_behind():
     fleet.shutdown()
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive
+
+
+def test_stop_iteration_from_a_sync_method_reaches_the_caller(instance):
+    h = fleet.run(EdgeCases.bind())
+    with pytest.raises(RuntimeError, match="StopIteration") as info:
+        h.stop_iteration.remote().result(timeout_s=5)
+    assert "next(iter([]))" in str(info.value.__cause__)
+    assert h.ok.remote().result(timeout_s=5) == "ok"
+

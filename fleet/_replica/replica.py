@@ -42,6 +42,16 @@ def _kind(fn: Any) -> str:
     return SYNC
 
 
+def _call_sync(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # asyncio cannot put a StopIteration into a future: the call would never answer.
+    # Turn it into a RuntimeError, as Python does for coroutines and generators.
+    try:
+        return fn(*args, **kwargs)
+    except StopIteration as exc:
+        raise RuntimeError(f"{getattr(fn, '__qualname__', fn)} raised StopIteration") \
+            from exc
+
+
 class Replica:
     """The serving side of one replica process (a listener Handler)."""
 
@@ -215,7 +225,7 @@ class Replica:
                             "generator: call it with handle.options(stream=True)")
         ctx = contextvars.copy_context()
         result = await self.loop.run_in_executor(
-            self.pool, functools.partial(ctx.run, fn, *args, **kwargs))
+            self.pool, functools.partial(ctx.run, _call_sync, fn, args, kwargs))
         if inspect.isawaitable(result):
             result = await result
         return result
