@@ -90,6 +90,9 @@ class Sleeper:
     def get_peak(self) -> int:
         return self.peak
 
+    def unrebuildable(self) -> Unrebuildable:
+        return Unrebuildable()
+
 
 @fleet.deployment
 class Streamer:
@@ -203,9 +206,6 @@ class EdgeCases:
 
     def stop_iteration(self) -> None:
         next(iter([]))      # a user bug: StopIteration out of a plain function
-
-    def unrebuildable(self) -> Unrebuildable:
-        return Unrebuildable()
 
     def unprintable(self) -> None:
         raise Unprintable()
@@ -508,4 +508,15 @@ def test_stop_iteration_from_a_sync_method_reaches_the_caller(instance):
         h.stop_iteration.remote().result(timeout_s=5)
     assert "next(iter([]))" in str(info.value.__cause__)
     assert h.ok.remote().result(timeout_s=5) == "ok"
+
+
+def test_result_the_caller_cannot_rebuild_fails_only_that_call(instance):
+    h = fleet.run(Sleeper.bind())
+    napping = h.nap.remote(0.3)     # in flight on the same connection meanwhile
+    router = router_of("default#Sleeper")
+    wait_until(lambda: router.slots[0].inflight == 1)
+    with pytest.raises(fleet.FleetError, match="could not be deserialized.*cannot be rebuilt"):
+        h.unrebuildable.remote().result(timeout_s=5)
+    assert napping.result(timeout_s=5) == 0.3
+    assert h.ping.remote().result(timeout_s=5) == "pong"
 

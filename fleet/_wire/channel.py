@@ -15,7 +15,7 @@ from typing import Any
 
 from fleet._wire import frames
 from fleet._wire.errors import ErrorInfo, rebuild
-from fleet.exceptions import ReplicaDiedError
+from fleet.exceptions import FleetError, ReplicaDiedError
 
 
 class Connection(asyncio.Protocol):
@@ -195,11 +195,21 @@ class Channel(Connection):
             pending = self.pending.pop(call_id, None)
         if pending is None:
             return
+        try:
+            value = frames.decode(payload)
+        except Exception as exc:
+            # Only this call fails; the connection and its other calls are fine.
+            if kind == frames.CHUNK:
+                self.pending.pop(call_id, None)
+            pending.deliver(frames.ERR, FleetError(
+                f"the answer from {self.peer} could not be deserialized here: {exc!r}; "
+                "return values whose classes this process can import"))
+            return
         if kind == frames.ERR:
-            info: ErrorInfo = frames.decode(payload)
+            info: ErrorInfo = value
             pending.deliver(kind, rebuild(info))
         else:
-            pending.deliver(kind, frames.decode(payload))
+            pending.deliver(kind, value)
 
     def on_lost(self) -> None:
         pending, self.pending = self.pending, {}
