@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pydantic
@@ -89,6 +91,42 @@ class Counter:
 @api.get("/free")
 def free_function() -> str:
     return "no self needed"
+
+
+@contextlib.asynccontextmanager
+async def life(app: FastAPI) -> AsyncIterator[dict]:
+    Path(app.state.marker).write_text("started")
+    yield {"greeting": "set by the lifespan"}
+    Path(app.state.marker).write_text("stopped")
+
+
+life_api = FastAPI(lifespan=life)
+
+
+@fleet.deployment
+@fleet.ingress(life_api)
+class Lived:
+    def __init__(self, marker: str) -> None:
+        life_api.state.marker = marker      # the replica's copy of the app
+
+    @life_api.get("/")
+    def read(self, request: Request) -> dict:
+        return {"state": request.state.greeting}
+
+
+@contextlib.asynccontextmanager
+async def broken_life(app: FastAPI) -> AsyncIterator[None]:
+    raise RuntimeError("the model file is missing")
+    yield
+
+
+broken_api = FastAPI(lifespan=broken_life)
+
+
+@fleet.deployment
+@fleet.ingress(broken_api)
+class BrokenLife:
+    pass
 
 
 star = Starlette()
@@ -210,6 +248,24 @@ def test_starlette_app_route_sees_self(url):
     r = httpx.get(f"{url}/star/greet/fleet")
     assert r.status_code == 200 and r.text == "hello fleet"
     assert httpx.get(f"{url}/star/missing").status_code == 404
+
+
+def test_fastapi_lifespan_runs_in_the_replica_and_its_state_reaches_requests(url, tmp_path):
+    marker = tmp_path / "life"
+    fleet.run(Lived.bind(str(marker)), name="lived", route_prefix="/lived")
+    assert marker.read_text() == "started"          # before the replica was ready
+    assert httpx.get(f"{url}/lived/").json() == {"state": "set by the lifespan"}
+    fleet.delete("lived")
+    deadline = time.monotonic() + 10
+    while marker.read_text() != "stopped":
+        assert time.monotonic() < deadline, "the lifespan's shutdown never ran"
+        time.sleep(0.02)
+
+
+def test_failing_lifespan_startup_fails_the_deployment_with_its_error(url):
+    with pytest.raises(fleet.DeploymentFailedError, match="the model file is missing"):
+        fleet.run(BrokenLife.bind(), name="broken_life", route_prefix="/broken_life")
+    fleet.delete("broken_life")
 
 
 def test_openapi_json_is_valid_json(url):

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import inspect
 import json
+import logging
 import typing
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from fleet._ingress import INSTANCE_KEY
 from fleet._serve_request import BODY_KEY, ServeRequest
 from fleet.exceptions import MethodNotFoundError
+
+log = logging.getLogger("fleet.replica")
 
 if TYPE_CHECKING:
     from fleet._replica.replica import Replica
@@ -151,6 +154,63 @@ def _request_param(fn: Any) -> str | None:
     return None
 
 
+class Lifespan:
+    """The ASGI lifespan protocol of an ingress app (FastAPI's ``lifespan=`` and
+    ``on_event``): startup when the replica is built, shutdown when it stops. What the
+    app's lifespan yields is copied into every request's ``request.state``, as uvicorn
+    does. An app that answers the lifespan scope by raising has no lifespan."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.state: dict[str, Any] = {}
+        self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._replies: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        self._replies.put_nowait(message)
+
+    async def _run(self) -> None:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
+                 "state": self.state}
+        try:
+            await self.app(scope, self._inbox.get, self._send)
+        except BaseException as exc:  # noqa: BLE001 - reported through the replies
+            log.debug("the app's lifespan ended with %s: %s", type(exc).__name__, exc)
+        finally:
+            self._replies.put_nowait(None)
+
+    async def startup(self) -> None:
+        """Run the app's startup; raises RuntimeError with the app's message if it failed."""
+        self._inbox.put_nowait({"type": "lifespan.startup"})
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        reply = await self._replies.get()
+        if reply is None:                 # raised before answering: no lifespan support
+            self._task = None
+            return
+        if reply["type"] == "lifespan.startup.failed":
+            text = (reply.get("message") or "").strip()
+            last = text.splitlines()[-1] if text else "(no message)"
+            # Starlette's message is the whole traceback: its last line says what failed
+            raise RuntimeError(f"the ingress app's lifespan startup failed: {last}"
+                               + (f"\n{text}" if text != last else ""))
+
+    async def shutdown(self, timeout: float) -> None:
+        """Run the app's shutdown, for up to timeout seconds."""
+        task = self._task
+        if task is None or task.done():
+            return
+        self._inbox.put_nowait({"type": "lifespan.shutdown"})
+        try:
+            reply = await asyncio.wait_for(self._replies.get(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("the ingress app's lifespan shutdown did not finish in %ss", timeout)
+            task.cancel()
+            return
+        if reply is not None and reply["type"] == "lifespan.shutdown.failed":
+            log.error("the ingress app's lifespan shutdown failed: %s", reply.get("message"))
+
+
 class HTTPAdapter:
     """Serves proxied HTTP and websocket calls for one replica, and turns handle calls
     to Request-taking methods into :class:`fleet.ServeRequest` ones."""
@@ -158,6 +218,7 @@ class HTTPAdapter:
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
         self.asgi_app: Any = getattr(replica.instance, "_fleet_asgi_app", None)
+        self.lifespan = Lifespan(self.asgi_app) if self.asgi_app is not None else None
         # what each method's first parameter wants: a request param's name, or None
         self._takes: dict[str, tuple[str | None, frozenset[str]]] = {}
         self._inboxes: dict[tuple[int, int], asyncio.Queue[dict[str, Any]]] = {}
@@ -168,6 +229,9 @@ class HTTPAdapter:
         scope["asgi"] = _ASGI
         if self.asgi_app is not None:
             scope[INSTANCE_KEY] = self.replica.instance
+            state = self.lifespan.state if self.lifespan is not None else None
+            if state:
+                scope["state"] = dict(state)
         if scope["type"] == "websocket":
             await self._serve_websocket(conn, call_id, scope)
             return
@@ -215,6 +279,16 @@ class HTTPAdapter:
         else:
             result = await rep.invoke(fn, (request,), {}, kind)
         await to_response(result)(scope, receive, send)
+
+    async def startup(self) -> None:
+        """The ingress app's lifespan startup (nothing for plain deployments)."""
+        if self.lifespan is not None:
+            await self.lifespan.startup()
+
+    async def shutdown(self, timeout: float) -> None:
+        """The ingress app's lifespan shutdown, once the replica has drained."""
+        if self.lifespan is not None:
+            await self.lifespan.shutdown(timeout)
 
     # -- websockets ------------------------------------------------------------------
     async def _serve_websocket(self, conn: ServerConnection, call_id: int,

@@ -107,6 +107,7 @@ class Replica:
             for task in list(self.tasks.values()):
                 task.cancel()
         server.close()
+        await self.http.shutdown(self._grace or 1.0)
         await self._run_del()
         return 0
 
@@ -126,6 +127,7 @@ class Replica:
             self.instance = functools.partial(target, *args, **kwargs) if (args or kwargs) \
                 else target
         self.http = HTTPAdapter(self)
+        await self.http.startup()       # an ingress app's lifespan
         if self.config.user_config is not None:
             await self._reconfigure(self.config.user_config)
 
