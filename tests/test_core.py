@@ -520,3 +520,12 @@ def test_result_the_caller_cannot_rebuild_fails_only_that_call(instance):
     assert napping.result(timeout_s=5) == 0.3
     assert h.ping.remote().result(timeout_s=5) == "pong"
 
+
+def test_exception_whose_str_fails_still_reaches_the_caller(instance):
+    h = fleet.run(EdgeCases.bind())
+    with pytest.raises(Exception) as info:
+        h.unprintable.remote().result(timeout_s=5)
+    assert type(info.value).__name__ == "Unprintable"
+    assert "raise Unprintable()" in str(info.value.__cause__)
+    assert h.ok.remote().result(timeout_s=5) == "ok"
+

@@ -30,7 +30,11 @@ def error_info(exc: BaseException, where: str = "", **flags: Any) -> ErrorInfo:
     name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     if type(exc).__module__ == "builtins":
         name = type(exc).__qualname__
-    return (blob, name, str(exc), tb, flags)
+    try:
+        message = str(exc)      # user code: if it fails, the caller must still get an answer
+    except Exception as str_exc:
+        message = f"<str() of the exception failed: {str_exc!r}>"
+    return (blob, name, message, tb, flags)
 
 
 def rebuild(info: ErrorInfo) -> BaseException:
