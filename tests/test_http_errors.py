@@ -4,6 +4,7 @@ away cancels the replica's coroutine."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -46,6 +47,12 @@ class Hang:
         except asyncio.CancelledError:
             marker.write_text("CancelledError")
             raise
+
+
+@fleet.deployment
+class Crash:
+    def __call__(self, request: Request) -> None:
+        os._exit(1)                 # the process dies with the request in flight
 
 
 @fleet.deployment
@@ -95,6 +102,20 @@ def test_no_healthy_replica_is_503_with_retry_after(url):
         assert r.json()["app"] == "broken"
     finally:
         fleet.delete("broken")
+
+
+def test_replica_dying_mid_request_is_503_at_once(url):
+    fleet.run(Crash.bind(), name="crash", route_prefix="/crash")
+    try:
+        begun = time.monotonic()
+        r = httpx.get(f"{url}/crash", timeout=10)
+        assert time.monotonic() - begun < 5
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        body = r.json()
+        assert (body["app"], body["deployment"]) == ("crash", "Crash")
+        assert "died" in body["error"]
+    finally:
+        fleet.delete("crash")
 
 
 def test_client_disconnect_cancels_the_replica_coroutine(url, tmp_path):
