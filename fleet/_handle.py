@@ -204,25 +204,31 @@ class DeploymentResponseGenerator:
         return self._aiter()
 
     async def _aiter(self) -> AsyncIterator[Any]:
-        while True:
-            if _on_loop(self._loop):
-                item = await self._next()
-            else:
-                item = await asyncio.wrap_future(
-                    asyncio.run_coroutine_threadsafe(self._next(), self._loop))
-            if item is _END:
-                return
-            yield item
+        try:
+            while True:
+                if _on_loop(self._loop):
+                    item = await self._next()
+                else:
+                    item = await asyncio.wrap_future(
+                        asyncio.run_coroutine_threadsafe(self._next(), self._loop))
+                if item is _END:
+                    return
+                yield item
+        finally:
+            self.cancel()   # left early (break, error): free the replica
 
     def __iter__(self) -> Iterator[Any]:
         if _on_loop(self._loop):
             raise RuntimeError("iterate a streaming response with `async for` on the event "
                                "loop serving it")
-        while True:
-            item = asyncio.run_coroutine_threadsafe(self._next(), self._loop).result()
-            if item is _END:
-                return
-            yield item
+        try:
+            while True:
+                item = asyncio.run_coroutine_threadsafe(self._next(), self._loop).result()
+                if item is _END:
+                    return
+                yield item
+        finally:
+            self.cancel()   # left early (break, error): free the replica
 
     def cancel(self) -> None:
         """Stop the stream; the replica's generator is cancelled."""

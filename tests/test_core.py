@@ -529,3 +529,19 @@ def test_exception_whose_str_fails_still_reaches_the_caller(instance):
     assert "raise Unprintable()" in str(info.value.__cause__)
     assert h.ok.remote().result(timeout_s=5) == "ok"
 
+
+def test_leaving_a_stream_early_cancels_it_and_frees_the_replica(instance):
+    h = fleet.run(EdgeCases.bind())
+    for method in ("endless", "endless_sync", "endless"):
+        for i, _ in enumerate(h.options(stream=True, method_name=method).remote()):
+            if i == 2:
+                break
+
+    async def leave_async_for() -> None:
+        async for i in h.options(stream=True).endless.remote():
+            if i == 2:
+                break
+
+    asyncio.run(leave_async_for())
+    # max_ongoing_requests=1: a stream still holding the replica would block this call
+    wait_until(lambda: h.closed_streams.remote().result(timeout_s=5) == 4)
