@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench import loadgen, results
 from bench.models import calibrate_cpu_iterations
 from bench.procs import REPO_ROOT, bench_env
@@ -82,6 +84,18 @@ def _loadavg() -> str:
         return "unknown"
 
 
+def _background_cpu(wait_s: float) -> float:
+    """Machine-wide CPU use (%) over one second while none of our servers run; with
+    ``wait_s`` > 0, wait up to that long for it to drop under 10%."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        busy = psutil.cpu_percent(interval=1.0)
+        if busy < 10 or time.monotonic() >= deadline:
+            return busy
+        _log(f"  machine busy ({busy:.0f}% CPU), waiting")
+        time.sleep(4)
+
+
 def _load_generator(use_wrk: bool) -> str:
     wrk = loadgen.wrk_path() if use_wrk else None
     if wrk:
@@ -108,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=None, help="seconds per run (10)")
     parser.add_argument("--warmup", type=float, default=None, help="warm-up seconds (3)")
     parser.add_argument("--runs", type=int, default=None, help="measured runs (3)")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="before each system's run, wait up to SECONDS for other "
+                             "processes to use under 10%% of the CPU")
     parser.add_argument("--no-wrk", action="store_true", help="use the built-in HTTP client")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results",
                         help="folder for results.json and results.md")
@@ -160,9 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[results.Row] = []
     for name in scenarios:
         for system in systems:
-            _log(f"[{name}] {system} ...")
+            background = None if available[system] else _background_cpu(args.wait_idle)
+            _log(f"[{name}] {system} ... (background CPU {background or 0:.0f}%)")
             t0 = time.monotonic()
             new = run_scenario(ctx, name, system, available[system])
+            for row in new:
+                row.background_cpu_pct = background
             rows.extend(new)
             summary = "; ".join(
                 f"{r.metric}={r.value:.4g}" if r.value is not None else f"{r.metric}={r.status}"

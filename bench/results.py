@@ -36,6 +36,7 @@ class Row:
     runs: list[float] = field(default_factory=list)
     note: str = ""
     ratio_to_fleet: float | None = None
+    background_cpu_pct: float | None = None
 
     @classmethod
     def measured(cls, scenario: str, metric: Metric, system: str, runs: list[float],
@@ -129,6 +130,10 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
                 ratio = group[s].ratio_to_fleet if s in group else None
                 cells.append(f"{ratio:.2f}×" if ratio is not None else "–")
         lines.append("| " + " | ".join(cells) + " |")
+    busy = [r.background_cpu_pct for r in rows if r.background_cpu_pct is not None]
+    if busy and max(busy) > 10:
+        lines += ["", f"Warning: other processes used up to {max(busy):.0f}% of the machine's "
+                  "CPU just before some measurements; those figures are noisy."]
     notes = [r for r in rows if r.status == "ok" and r.note]
     if notes:
         lines += ["", "Notes:", ""]
