@@ -102,11 +102,12 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
 class DeploymentResponse:
     """The answer to one call: ``await resp`` in async code, ``resp.result()`` in sync."""
 
-    __slots__ = ("_task", "_cfut", "_loop", "_legacy")
+    __slots__ = ("_task", "_cfut", "_loop", "_legacy", "_call")
 
     def __init__(self, rt: Any, call: tuple[Any, ...]) -> None:
         self._loop: asyncio.AbstractEventLoop = rt.loop
         self._legacy = call[2].legacy_refs
+        self._call = call[:3]
         coro = rt.call(*call)
         self._task: asyncio.Future[Any] | None = None
         self._cfut: concurrent.futures.Future[Any] | None = None
@@ -146,7 +147,12 @@ class DeploymentResponse:
             if fut.done():      # the call's own error: a TimeoutError since Python 3.11
                 raise
             from fleet.exceptions import RequestTimeoutError
-            raise RequestTimeoutError(f"no result within {timeout_s}s") from None
+            app, deployment, opts = self._call
+            raise RequestTimeoutError(
+                f"call to {deployment}.{opts.method_name} (application {app!r}) gave no "
+                f"result within result(timeout_s={timeout_s}); it goes on running (cancel "
+                "it with response.cancel(), or bound it with handle.options(timeout_s=...))"
+            ) from None
 
     def cancel(self) -> None:
         """Cancel the call; the replica's task is cancelled too."""

@@ -545,3 +545,12 @@ def test_leaving_a_stream_early_cancels_it_and_frees_the_replica(instance):
     asyncio.run(leave_async_for())
     # max_ongoing_requests=1: a stream still holding the replica would block this call
     wait_until(lambda: h.closed_streams.remote().result(timeout_s=5) == 4)
+
+
+def test_result_timeout_names_the_call_which_goes_on(instance):
+    h = fleet.run(Sleeper.bind())
+    resp = h.nap.remote(0.5)
+    with pytest.raises(fleet.RequestTimeoutError,
+                       match=r"Sleeper\.nap \(application 'default'\).*timeout_s=0\.05"):
+        resp.result(timeout_s=0.05)
+    assert resp.result(timeout_s=5) == 0.5
