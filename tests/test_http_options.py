@@ -47,6 +47,31 @@ class Service:
     async def fail(self, request: Request) -> None:
         raise ValueError("the model exploded")
 
+    async def chain(self, request: Request) -> list[str]:
+        return request.headers.getlist("x-chain")
+
+    async def slow_stream(self, request: Request):
+        marker = Path(request.query_params["marker"])
+        yield b"first"
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            marker.write_text("cancelled")
+            raise
+
+
+class Tag:
+    """A pure ASGI middleware that adds its name to the request's x-chain headers."""
+
+    def __init__(self, app, name: str) -> None:
+        self.app = app
+        self.name = name.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "headers": [*scope["headers"], (b"x-chain", self.name)]}
+        await self.app(scope, receive, send)
+
 
 @contextlib.contextmanager
 def stderr_into(path: Path) -> Iterator[None]:
@@ -75,7 +100,8 @@ def proxy(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     fleet.shutdown()
     with stderr_into(log):
         inst = start_instance(
-            middlewares=[Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"])],
+            middlewares=[Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"]),
+                         Middleware(Tag, name="outer"), Middleware(Tag, name="inner")],
             request_timeout_s=1.0, root_path="/base", max_body_bytes=1000)
     try:
         fleet.run(Service.bind(), name="svc", route_prefix="/svc")
@@ -93,6 +119,12 @@ def test_cors_preflight_answered_by_middleware(proxy):
     assert "POST" in r.headers["access-control-allow-methods"]
     r = httpx.get(f"{url}/svc", headers={"Origin": "https://example.com"})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+
+
+def test_middlewares_wrap_in_order_the_first_outermost(proxy):
+    url, _ = proxy
+    r = httpx.get(f"{url}/svc", headers={"X-SERVE-CALL-METHOD": "chain"})
+    assert r.json() == ["outer", "inner"]
 
 
 def test_root_path_with_or_without_the_prefix_in_the_request(proxy):
@@ -114,6 +146,22 @@ def test_request_timeout_is_504_and_cancels_the_replica_call(proxy, tmp_path):
     assert "request_timeout_s" in r.json()["error"]
     wait_for(lambda: marker.exists() and marker.read_text() == "cancelled",
              "the replica's coroutine to be cancelled")
+
+
+def test_request_timeout_cuts_a_started_stream_and_cancels_the_replica_call(proxy, tmp_path):
+    url, _ = proxy
+    marker = tmp_path / "stream"
+    started = time.monotonic()
+    with httpx.stream("GET", f"{url}/svc", params={"marker": str(marker)}, timeout=10,
+                      headers={"X-SERVE-CALL-METHOD": "slow_stream"}) as r:
+        assert r.status_code == 200          # the head went out: no 504 can follow
+        chunks = r.iter_raw()
+        assert next(chunks) == b"first"
+        with pytest.raises(httpx.RemoteProtocolError):
+            list(chunks)                     # the connection is cut, not ended cleanly
+    assert 0.9 < time.monotonic() - started < 5
+    wait_for(lambda: marker.exists() and marker.read_text() == "cancelled",
+             "the replica's generator to be cancelled")
 
 
 def test_body_over_max_body_bytes_is_413_before_the_replica_sees_it(proxy):

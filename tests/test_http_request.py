@@ -80,6 +80,8 @@ def test_route_prefix_is_mounted_like_an_asgi_mount(url):
     assert got["path"] == "/inspect/a/b"
     at_root = httpx.get(f"{url}/other/path").json()
     assert at_root["root_path"] == "" and at_root["route_path"] == "/other/path"
+    # prefixes match whole path segments: /inspectors is not under /inspect
+    assert httpx.get(f"{url}/inspectors").json()["root_path"] == ""
 
 
 def test_json_body(url):
@@ -140,6 +142,7 @@ def test_no_route_is_404(shared_instance, url):
         r = httpx.get(f"{url}/nothing/here")
         assert r.status_code == 404
         assert "/nothing/here" in r.json()["error"]
+        assert "/inspect" in r.json()["routes"]     # what the client could have asked for
     finally:
         fleet.run(Inspect.bind(), name="root", route_prefix="/")
 

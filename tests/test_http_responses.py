@@ -64,6 +64,13 @@ class Returns:
         for i in range(3):
             yield f"s{i},"
 
+    def where_gen(self, request: Request):
+        try:
+            asyncio.get_running_loop()
+            yield "on the event loop"
+        except RuntimeError:
+            yield "in a worker thread"
+
 
 @fleet.deployment
 class Gate:
@@ -197,3 +204,8 @@ def test_async_generator_streams_chunk_by_chunk(url):
 def test_sync_generator_streams(url):
     r = httpx.get(f"{url}/r", headers={"X-SERVE-CALL-METHOD": "sync_gen"})
     assert r.status_code == 200 and r.text == "s0,s1,s2,"
+
+
+def test_sync_generator_runs_off_the_event_loop(url):
+    r = httpx.get(f"{url}/r", headers={"X-SERVE-CALL-METHOD": "where_gen"})
+    assert r.text == "in a worker thread"
