@@ -118,6 +118,14 @@ class Backend(Protocol):
         """Make sure the replica is gone: wait up to timeout_s, then kill it."""
         ...
 
+    def terminate(self, proc: ReplicaProcess) -> None:
+        """Ask the replica to exit (it drains first); returns at once."""
+        ...
+
+    def kill(self, proc: ReplicaProcess) -> None:
+        """End the replica now, with no draining; returns at once."""
+        ...
+
     def nodes(self) -> list[dict[str, Any]]:
         """The machines replicas can be placed on."""
         ...
