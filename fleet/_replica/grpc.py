@@ -113,6 +113,19 @@ def class_servicers(cls: type) -> list[tuple[str, Callable[[Any, Any], None]]]:
     return found
 
 
+class _Done:
+    """An awaitable that is already finished, for context calls grpc.aio awaits and
+    sync grpcio code does not."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Iterator[None]:
+        return iter(())
+
+
+_DONE = _Done()
+
+
 class Abort(Exception):
     """Raised by ``context.abort``: ends the RPC with this status."""
 
@@ -164,10 +177,11 @@ class ServicerContext:
     def trailing_metadata(self) -> tuple[tuple[str, Any], ...]:
         return self._trailing
 
-    def send_initial_metadata(self, metadata: Any) -> None:
-        """Metadata sent before the first reply message (awaitable or not)."""
+    def send_initial_metadata(self, metadata: Any) -> Any:
+        """Metadata sent before the first reply message; ``await`` it (grpc.aio) or not
+        (grpcio's sync servicers)."""
         self._initial = tuple((k, v) for k, v in metadata)
-        return None
+        return _DONE
 
     def abort(self, code: grpc.StatusCode, details: str = "",
               trailing_metadata: Any = None) -> Any:
