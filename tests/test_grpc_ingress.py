@@ -41,6 +41,9 @@ class Echo(pb_grpc.EchoServiceServicer, gRPCIngress):
             return pb.EchoReply()
         if request.text == "stats":
             return pb.EchoReply(text=f"{self.started} {self.cancelled}")
+        if request.text == "context":
+            await context.send_initial_metadata([("x-first", "early")])
+            return pb.EchoReply(text=f"{context.time_remaining():.3f}")
         if request.sleep_s:
             self.started += 1
             try:
@@ -72,6 +75,10 @@ class Plain:
         if request.sleep_s:
             await asyncio.sleep(request.sleep_s)
         return pb.EchoReply(text=f"plain {os.getpid()}", index=request.count)
+
+    def Join(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802 - sync
+        texts = [r.text for r in request_iterator]      # a plain iterator, in a thread
+        return pb.EchoReply(text="-".join(texts), index=len(texts))
 
 
 @fleet.deployment(max_ongoing_requests=10, autoscaling_config={
@@ -137,6 +144,20 @@ def test_stream_stream_replies_before_the_client_finishes(port: int) -> None:
             assert await call.read() == grpc.aio.EOF
             return got
     assert asyncio.run(chat()) == ["ONE", "TWO", "THREE"]
+
+
+def test_initial_metadata_and_time_remaining(stub: Any) -> None:
+    reply, call = stub.Say.with_call(pb.EchoRequest(text="context"), metadata=ECHO,
+                                     timeout=10)
+    assert ("x-first", "early") in tuple(call.initial_metadata())
+    # the client's 10 s deadline, as the server saw it (grpc's own rounding adds a little)
+    assert 5 < float(reply.text) < 11
+
+
+def test_stream_unary_into_a_sync_method(stub: Any) -> None:
+    reply = stub.Join(iter([pb.EchoRequest(text=t) for t in "xyz"]), metadata=PLAIN,
+                      timeout=10)
+    assert (reply.text, reply.index) == ("x-y-z", 3)
 
 
 def test_set_code_details_and_abort_reach_the_client(stub: Any) -> None:
