@@ -55,6 +55,24 @@ class Combine:
         return {"a": a, "b": b}
 
 
+@fleet.deployment
+class Tally:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x: int) -> int:
+        self.calls += 1
+        return x
+
+    def count(self) -> int:
+        return self.calls
+
+
+def query_value(request: Any) -> int:
+    """An http_adapter: the input is the ``value`` query parameter."""
+    return int(request.query_params["value"])
+
+
 @pytest.fixture(scope="module")
 def ports() -> Iterator[dict[str, int]]:
     fleet.shutdown()
@@ -128,6 +146,18 @@ def test_dag_driver_serves_a_graph_over_http_json(ports: dict[str, int]) -> None
     r = httpx.post(f"http://127.0.0.1:{ports['http']}/dag", json=[5, 7], timeout=10)
     assert r.status_code == 200 and r.json() == {"a": 10, "b": 7}
     assert handle.predict.remote([1, 2]).result(timeout_s=10) == {"a": 2, "b": 2}
+
+
+def test_dag_driver_http_adapter_and_a_node_used_twice_runs_once(ports: dict[str, int]
+                                                                 ) -> None:
+    with InputNode() as inp:
+        once = Tally.bind().__call__.bind(inp)
+        node = Combine.bind().both.bind(once, once)
+    fleet.run(DAGDriver.bind(node, http_adapter=query_value), name="twice",
+              route_prefix="/twice")
+    r = httpx.get(f"http://127.0.0.1:{ports['http']}/twice", params={"value": 4}, timeout=10)
+    assert r.status_code == 200 and r.json() == {"a": 4, "b": 4}
+    assert fleet.get_deployment_handle("Tally", "twice").count.remote().result() == 1
 
 
 @fleet.deployment(is_driver_deployment=True)
