@@ -14,23 +14,10 @@ import secrets
 import time
 from typing import Any
 
+from fleet._controller import traffic, views
 from fleet._controller.state import AppState, DeploymentState, ReplicaRecord
-from fleet._controller.traffic import (
-    check_fraction,
-    check_route,
-    check_weights,
-    traffic_tables,
-)
 from fleet._deployment import DeploymentPlan
-from fleet._types import (
-    ApplicationStatus,
-    DeploymentStatus,
-    DeploymentTable,
-    ReplicaSpec,
-    ReplicaState,
-    Tables,
-    deployment_key,
-)
+from fleet._types import DeploymentStatus, ReplicaSpec, ReplicaState, Tables
 from fleet._wire.errors import ErrorInfo
 from fleet._wire.listener import ServerConnection
 from fleet.exceptions import DeploymentFailedError, FleetError
@@ -271,26 +258,7 @@ class Controller:
 
     # -- tables -------------------------------------------------------------------
     def tables(self) -> Tables:
-        deployments: dict[str, DeploymentTable] = {}
-        routes: dict[str, Any] = {}
-        for app in self.apps.values():
-            if app.route_prefix is not None and not app.deleting:
-                routes[app.route_prefix] = {"app": app.name, "ingress": app.ingress,
-                                            "protocol": app.protocol}
-            for dep in app.deployments.values():
-                cfg = dep.plan.config
-                deployments[deployment_key(app.name, dep.name)] = {
-                    "replicas": [{"replica_id": r.replica_id, "address": r.address}
-                                 for r in dep.running()],
-                    "max_ongoing_requests": cfg.max_ongoing_requests,
-                    "max_queued_requests": cfg.max_queued_requests,
-                    "status": dep.status.value,
-                    "message": dep.message,
-                    "legacy_refs": dep.plan.legacy_refs,
-                    "autoscaling": dep.autoscaler is not None,
-                }
-        return {"version": self.version, "deployments": deployments, "routes": routes,
-                "traffic": traffic_tables(self.traffic, self.apps)}
+        return views.tables(self.apps, self.traffic, self.version)
 
     def _publish(self, force: bool = False) -> None:
         tables = self.tables()
@@ -554,56 +522,20 @@ class Controller:
         self._on_load({"key": key, "caller": caller, "inflight": inflight, "queued": queued})
 
     def status(self) -> dict[str, Any]:
-        apps: dict[str, Any] = {}
-        for app in self.apps.values():
-            deps: dict[str, Any] = {}
-            for dep in app.deployments.values():
-                deps[dep.name] = {
-                    "status": dep.status.value,
-                    "message": dep.message,
-                    "target_replicas": dep.target,
-                    "replicas": [{"replica_id": r.replica_id, "state": r.state.value,
-                                  "pid": r.pid, "version": r.version, "message": r.message,
-                                  "ongoing": r.ongoing, "batches": r.batches}
-                                 for r in dep.replicas.values()],
-                    "scaling_log": list(dep.scaling_log[-10:]),
-                }
-                if dep.autoscaler is not None:
-                    deps[dep.name]["autoscaling"] = dep.autoscaler.describe(time.monotonic())
-            apps[app.name] = {"status": _app_status(app).value, "route_prefix": app.route_prefix,
-                              "ingress": app.ingress, "protocol": app.protocol,
-                              "deployments": deps}
-        return {"applications": apps, "proxies": dict(self.proxies),
-                "traffic": {p: dict(v) for p, v in self.traffic.items()}}
+        return views.status(self.apps, self.proxies, self.traffic)
 
     # -- traffic policies ------------------------------------------------------------
     async def rpc_set_traffic(self, conn: ServerConnection, route_prefix: str,
                               weights: dict[str, float] | None) -> None:
-        prefix = check_route(self.apps, route_prefix)
-        policy = self.traffic.setdefault(prefix, {})
-        if weights:
-            policy["weights"] = check_weights(self.apps, weights)
-        else:
-            policy.pop("weights", None)
-        await self._traffic_changed(prefix)
+        await self._traffic_changed(traffic.set_weights(self.traffic, self.apps, route_prefix,
+                                                        weights))
 
     async def rpc_shadow_traffic(self, conn: ServerConnection, route_prefix: str, app: str,
                                  fraction: float) -> None:
-        prefix = check_route(self.apps, route_prefix)
-        fraction = check_fraction(self.apps, app, fraction)
-        policy = self.traffic.setdefault(prefix, {})
-        shadow = dict(policy.get("shadow", {}))
-        if fraction:
-            shadow[app] = fraction
-        else:
-            shadow.pop(app, None)
-        policy["shadow"] = shadow
-        await self._traffic_changed(prefix)
+        await self._traffic_changed(traffic.set_shadow(self.traffic, self.apps, route_prefix,
+                                                       app, fraction))
 
     async def _traffic_changed(self, prefix: str) -> None:
-        policy = self.traffic.get(prefix, {})
-        if not policy.get("weights") and not policy.get("shadow"):
-            self.traffic.pop(prefix, None)
         log.info("traffic policy of route %s: %s", prefix, self.traffic.get(prefix, "none"))
         self._publish()
         await self._proxies_caught_up()
@@ -621,15 +553,3 @@ class Controller:
         if self._task is not None:
             self._task.cancel()
 
-
-def _app_status(app: AppState) -> ApplicationStatus:
-    if app.deleting:
-        return ApplicationStatus.DELETING
-    states = {d.status for d in app.deployments.values()}
-    if DeploymentStatus.DEPLOY_FAILED in states:
-        return ApplicationStatus.DEPLOY_FAILED
-    if DeploymentStatus.UNHEALTHY in states:
-        return ApplicationStatus.UNHEALTHY
-    if states <= {DeploymentStatus.HEALTHY}:
-        return ApplicationStatus.RUNNING
-    return ApplicationStatus.DEPLOYING

@@ -63,6 +63,41 @@ def check_fraction(apps: dict[str, AppState], app: str, fraction: Any) -> float:
     return float(fraction)
 
 
+def set_weights(policies: dict[str, dict[str, Any]], apps: dict[str, AppState],
+                route_prefix: str, weights: Any) -> str:
+    """Set (or, for None or {}, clear) a route's split; returns the normalised prefix."""
+    prefix = check_route(apps, route_prefix)
+    policy = policies.setdefault(prefix, {})
+    if weights:
+        policy["weights"] = check_weights(apps, weights)
+    else:
+        policy.pop("weights", None)
+    _prune(policies, prefix)
+    return prefix
+
+
+def set_shadow(policies: dict[str, dict[str, Any]], apps: dict[str, AppState],
+               route_prefix: str, app: str, fraction: Any) -> str:
+    """Set (or, for 0, stop) the fraction of a route copied to app; returns the prefix."""
+    prefix = check_route(apps, route_prefix)
+    fraction = check_fraction(apps, app, fraction)
+    policy = policies.setdefault(prefix, {})
+    shadow = dict(policy.get("shadow", {}))
+    if fraction:
+        shadow[app] = fraction
+    else:
+        shadow.pop(app, None)
+    policy["shadow"] = shadow
+    _prune(policies, prefix)
+    return prefix
+
+
+def _prune(policies: dict[str, dict[str, Any]], prefix: str) -> None:
+    policy = policies.get(prefix, {})
+    if not policy.get("weights") and not policy.get("shadow"):
+        policies.pop(prefix, None)
+
+
 def traffic_tables(policies: dict[str, dict[str, Any]], apps: dict[str, AppState]
                    ) -> dict[str, Any]:
     """``{prefix: {"split": [[app, ingress, cumulative weight], ...],
