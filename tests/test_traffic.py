@@ -103,6 +103,7 @@ def test_weights_change_live_under_load_without_failed_requests(apps, shared_ins
 
 
 def test_invalid_weights_are_refused(apps) -> None:
+    fleet.set_traffic("/svc", None)
     with pytest.raises(ValueError, match="non-negative"):
         fleet.set_traffic("/svc", {"app_v1": -1})
     with pytest.raises(ValueError, match="all be zero"):
@@ -113,6 +114,7 @@ def test_invalid_weights_are_refused(apps) -> None:
         fleet.set_traffic("/elsewhere", {"app_v1": 1})
     with pytest.raises(ValueError, match="from 0 to 1"):
         fleet.shadow_traffic("/svc", "app_v3", 1.5)
+    assert fleet.status()["traffic"] == {}      # a refused policy changes nothing
 
 
 def test_shadow_copies_a_fraction_and_its_failures_never_reach_clients(apps) -> None:

@@ -67,9 +67,10 @@ def set_weights(policies: dict[str, dict[str, Any]], apps: dict[str, AppState],
                 route_prefix: str, weights: Any) -> str:
     """Set (or, for None or {}, clear) a route's split; returns the normalised prefix."""
     prefix = check_route(apps, route_prefix)
+    checked = check_weights(apps, weights) if weights else None
     policy = policies.setdefault(prefix, {})
-    if weights:
-        policy["weights"] = check_weights(apps, weights)
+    if checked:
+        policy["weights"] = checked
     else:
         policy.pop("weights", None)
     _prune(policies, prefix)
