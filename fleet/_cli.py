@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import json
 import os
 import signal
@@ -63,16 +64,38 @@ def resolve_app(obj: Any, import_path: str, args: dict[str, Any] | None = None) 
                            "import_path at a function returning an Application to pass args")
         return obj
     if callable(obj) and not isinstance(obj, type) and not hasattr(obj, "bind"):
-        try:
-            app = obj(args) if args else obj()
-        except TypeError:
-            app = obj(**(args or {}))
+        app = _call_builder(obj, import_path, args or {})
         if isinstance(app, Application):
             return app
         raise CLIError(f"{import_path!r} returned {type(app).__name__}, not a fleet "
                        "Application; return Deployment.bind(...)")
     hint = " (did you forget .bind()?)" if hasattr(obj, "bind") else ""
     raise CLIError(f"{import_path!r} is a {type(obj).__name__}, not a fleet Application{hint}")
+
+
+def _call_builder(fn: Any, import_path: str, args: dict[str, Any]) -> Any:
+    """Call an application builder with the config's args: as keywords when they name
+    its parameters (``build(greeting=...)``), else as one dict (``build(args)``); with no
+    args, with nothing or an empty dict."""
+    ways: list[tuple[tuple[Any, ...], dict[str, Any]]] = [((), args), ((args,), {})]
+    try:
+        sig: inspect.Signature | None = inspect.signature(fn)
+    except (TypeError, ValueError):
+        sig = None
+    for call_args, call_kwargs in ways:
+        try:
+            if sig is not None:
+                sig.bind(*call_args, **call_kwargs)
+        except TypeError:
+            continue
+        try:
+            return fn(*call_args, **call_kwargs)
+        except Exception as exc:
+            raise CLIError(f"calling {import_path!r} raised {type(exc).__name__}: "
+                           f"{exc}") from None
+    raise CLIError(f"{import_path!r} cannot be called with the config's args "
+                   f"{sorted(args)}: its signature is {import_path.split(':')[-1]}{sig}; "
+                   "take one dict argument or keyword arguments")
 
 
 def apply_overrides(app: Any, overrides: dict[str, dict[str, Any]]) -> Any:

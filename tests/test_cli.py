@@ -83,9 +83,11 @@ def test_run_serves_and_sigterm_leaves_no_process_behind():
 
 
 def test_run_ctrl_c_stops_cleanly():
-    proc, port = start("apps.cli_apps:app", "--route-prefix", "/hi", "--name", "greeter")
+    # the target is a function returning the Application, called with no args
+    proc, port = start("apps.cli_apps:build", "--route-prefix", "/hi", "--name", "greeter",
+                       "--host", "127.0.0.1")
     family = psutil.Process(proc.pid).children(recursive=True)
-    assert httpx.get(f"http://127.0.0.1:{port}/hi").text == "hello from fleet"
+    assert httpx.get(f"http://127.0.0.1:{port}/hi").text == "hi from fleet"
     os.killpg(proc.pid, signal.SIGINT)     # what a terminal's Ctrl-C does
     assert proc.wait(30) == 0
     _, alive = psutil.wait_procs(family, timeout=10)
@@ -123,6 +125,8 @@ def test_run_yaml_config_with_args_and_overrides(tmp_path):
     ("apps.cli_apps:not_an_app", "not a fleet Application (did you forget .bind()?)"),
     ("apps.cli_apps:number", "is a int, not a fleet Application"),
     ("no_colon", "bad import path"),
+    ("apps.cli_apps:failing_build", "calling 'apps.cli_apps:failing_build' raised "
+                                    "RuntimeError: no model configured"),
 ])
 def test_bad_targets_print_one_line_and_exit_1(target, message):
     out = subprocess.run(fleet_cmd("run", target, "--app-dir", HERE, "--port", "0"),
@@ -181,3 +185,19 @@ def test_yaml_traffic_split_is_applied(tmp_path):
         assert httpx.get(f"http://127.0.0.1:{port}/svc").text == "two from fleet"
     finally:
         stop(proc)
+
+
+def test_builders_are_called_with_the_args_as_a_dict_keywords_or_nothing():
+    from apps import cli_apps
+
+    from fleet._cli import CLIError, resolve_app
+
+    def keywords(greeting: str = "hey"):
+        return cli_apps.Hello.bind(greeting)
+
+    assert resolve_app(cli_apps.make, "m:make").args == ("made",)
+    assert resolve_app(cli_apps.build, "m:build").args == ("hi",)
+    assert resolve_app(cli_apps.build, "m:build", {"greeting": "yo"}).args == ("yo",)
+    assert resolve_app(keywords, "m:keywords", {"greeting": "yo"}).args == ("yo",)
+    with pytest.raises(CLIError, match="cannot be called with the config's args"):
+        resolve_app(cli_apps.make, "m:make", {"greeting": "yo"})

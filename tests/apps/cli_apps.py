@@ -28,3 +28,11 @@ number = 42
 
 def build(args: dict) -> fleet.Application:
     return Hello.bind(args.get("greeting", "hi"))
+
+
+def make() -> fleet.Application:
+    return Hello.bind("made")
+
+
+def failing_build(args: dict) -> fleet.Application:
+    raise RuntimeError("no model configured")
