@@ -1,0 +1,91 @@
+"""The README's claims about the core that no other test pins: the options table, the
+YAML example, the set-up commands, and the quick start run as its first command says."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import httpx
+import psutil
+import yaml
+
+from fleet._config import DeploymentConfig, FleetConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _readme() -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def _section(title: str) -> str:
+    text = _readme()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
+def test_options_table_lists_every_option_with_its_default():
+    rows = re.findall(r"^\| `(\w+)` \| (.+?) \|", _section("Deployments"), re.M)
+    table = dict(rows)
+    assert set(table) == set(DeploymentConfig.model_fields)
+    defaults = DeploymentConfig(name="x")
+    for option, shown in table.items():
+        if option == "name":
+            continue
+        value = re.match(r"`([^`]*)`", shown)
+        assert value, f"README gives no default for {option}: {shown}"
+        assert value.group(1) == repr(getattr(defaults, option)).replace(".0", ""), option
+
+
+def test_yaml_example_is_a_valid_config():
+    block = re.search(r"```yaml\n(.*?)```", _section("The command line"), re.S)
+    assert block
+    config = FleetConfig(**yaml.safe_load(block.group(1)))
+    app = config.applications[0]
+    assert (app.name, app.route_prefix, app.args) == ("greeter", "/greet",
+                                                      {"greeting": "bonjour"})
+    assert app.deployments[0].overrides() == {"num_replicas": 2}
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    commands = re.findall(r"```bash\n(.*?)\n```", _section("Set up a fresh machine"), re.S)
+    assert len(commands) == 2, "exactly two set-up commands"
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+    assert lines[-1].endswith(commands[1])
+    assert commands[0] == "pip install -e . && fleet run examples.quickstart:app"
+
+
+def test_quick_start_command_serves_and_status_shows_every_replica_running(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))     # this instance's record, and no other
+    proc = subprocess.Popen([sys.executable, "-m", "fleet", "run", "examples.quickstart:app",
+                             "--port", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        port = None
+        for line in proc.stdout:
+            m = re.search(r"fleet: HTTP on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+                break
+        assert port, "fleet run exited before serving"
+        assert httpx.get(f"http://127.0.0.1:{port}/?x=1").json() == {"x": 1, "total": 5}
+        out = subprocess.run([sys.executable, "-m", "fleet", "status", "--json"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        deps = json.loads(out.stdout)["applications"]["default"]["deployments"]
+        states = [r["state"] for d in deps.values() for r in d["replicas"]]
+        assert states == ["RUNNING"] * 5
+    finally:
+        family = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        _, alive = psutil.wait_procs(family, timeout=10)
+        assert not alive
