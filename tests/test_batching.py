@@ -65,6 +65,57 @@ class Doubler:
             yield [f"{p}-{i}-{len(prompts)}" for p in prompts]
 
 
+@fleet.deployment(max_ongoing_requests=32)
+class Gated:
+    """Batches that hold until the gate opens, recording whether it was open at their
+    start: a batch that started while the gate was shut ran alongside the first."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.arrived = 0
+        self.started: list[tuple[list[int], bool]] = []
+
+    async def _record(self, items: list[int]) -> list[int]:
+        self.started.append((list(items), self.gate.is_set()))
+        await self.gate.wait()
+        return items
+
+    @fleet.batch(max_batch_size=2, batch_wait_timeout_s=0, max_concurrent_batches=1)
+    async def _serial(self, items: list[int]) -> list[int]:
+        return await self._record(items)
+
+    @fleet.batch(max_batch_size=2, batch_wait_timeout_s=0, max_concurrent_batches=2)
+    async def _parallel(self, items: list[int]) -> list[int]:
+        return await self._record(items)
+
+    async def call(self, method: str, x: int) -> int:
+        self.arrived += 1
+        return await getattr(self, method)(x)
+
+    async def state(self) -> tuple[int, list]:
+        return self.arrived, self.started
+
+    async def open(self) -> None:
+        self.gate.set()
+
+
+@pytest.mark.parametrize("method,concurrent", [("_serial", 1), ("_parallel", 2)])
+def test_at_most_max_concurrent_batches_run_at_once(shared_instance, method, concurrent):
+    handle = fleet.run(Gated.bind(), name=f"gated{concurrent}", route_prefix=None)
+    calls = [handle.call.remote(method, 0), handle.call.remote(method, 1)]
+    _wait_for(lambda: handle.state.remote().result()[1])    # the first batch runs
+    calls += [handle.call.remote(method, x) for x in (2, 3, 4)]
+    _wait_for(lambda: handle.state.remote().result()[0] == 5)
+    # the running batches: exactly max_concurrent_batches, then no more
+    _wait_for(lambda: len(handle.state.remote().result()[1]) == concurrent)
+    handle.open.remote().result()
+    assert [c.result(timeout_s=10) for c in calls] == [0, 1, 2, 3, 4]
+    started = handle.state.remote().result()[1]
+    assert [open_ for _, open_ in started] == [False] * concurrent + [True] * (3 - concurrent)
+    assert sorted(x for items, _ in started for x in items) == [0, 1, 2, 3, 4]
+    fleet.delete(f"gated{concurrent}")
+
+
 @pytest.fixture(scope="module")
 def doubler(shared_instance):
     handle = fleet.run(Doubler.bind(), name="batching", route_prefix="/batch")
