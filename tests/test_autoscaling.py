@@ -4,12 +4,14 @@ and back; each decision logged with its reason in status."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import httpx
+import yaml
 
 import fleet
-from fleet._config import DeploymentConfig
+from fleet._config import DeploymentConfig, FleetConfig
 
 
 @fleet.deployment(max_ongoing_requests=1000)
@@ -75,7 +77,12 @@ def _running(app: str, name: str) -> int:
     return len([r for r in _dep(app, name)["replicas"] if r["state"] == "RUNNING"])
 
 
-def test_scales_up_on_queued_calls_and_down_when_idle(instance) -> None:
+def test_scales_up_on_queued_calls_and_down_when_idle(instance, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="fleet.autoscaler")
+    controller = fleet._api._instance.controller
+    reported: list[str] = []
+    on_load = controller._on_load
+    controller._on_load = lambda msg: (reported.append(msg["key"]), on_load(msg))
     gate = fleet.run(Gate.bind(), name="gate", route_prefix=None)
     worker = fleet.run(Worker.bind(gate), name="worker", route_prefix=None)
     assert _running("worker", "Worker") == 1
@@ -92,6 +99,33 @@ def test_scales_up_on_queued_calls_and_down_when_idle(instance) -> None:
     _wait_for(lambda: len(_dep("worker", "Worker")["replicas"]) == 1)
     last = _dep("worker", "Worker")["scaling_log"][-1]
     assert last["to"] == 1 and "downscale_delay_s" in last["reason"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "fleet.autoscaler"]
+    assert any(m.startswith("scaling worker/Worker from 1 to 3 replicas: load") for m in logged)
+    assert any(m.startswith("scaling worker/Worker from 3 to 1") for m in logged)
+    # Worker's replicas call Gate all along, but only autoscaling deployments get reports
+    assert set(reported) == {"worker#Worker"}
+
+
+def test_autoscaling_config_from_yaml() -> None:
+    from fleet._cli import apply_overrides
+    from fleet._deployment import build_plans
+    text = """
+applications:
+  - import_path: test_autoscaling:app
+    deployments:
+      - name: Worker
+        autoscaling_config: {min_replicas: 2, max_replicas: 5, initial_replicas: 3,
+                             target_ongoing_requests: 4, upscale_delay_s: 1,
+                             downscale_delay_s: 7, look_back_period_s: 2}
+"""
+    cfg = FleetConfig(**yaml.safe_load(text))
+    overrides = {d.name: d.overrides() for d in cfg.applications[0].deployments}
+    plans = build_plans(apply_overrides(Worker.bind(Gate.bind()), overrides), "yaml")
+    worker = next(p for p in plans if p.name == "Worker")
+    a = worker.config.autoscaling_config
+    assert a is not None and worker.config.target_replicas() == 3
+    assert (a.min_replicas, a.max_replicas, a.target_ongoing_requests, a.upscale_delay_s,
+            a.downscale_delay_s, a.look_back_period_s) == (2, 5, 4, 1, 7, 2)
 
 
 def test_scale_to_zero_and_back_for_handles_and_http(instance) -> None:
