@@ -18,10 +18,18 @@ import fleet
 class Fragile:
     def __init__(self) -> None:
         self.broken = False
+        self.checks = 0
 
     def check_health(self) -> None:
+        self.checks += 1
         if self.broken:
             raise RuntimeError("model weights went missing")
+
+    def health_checks(self) -> int:
+        return self.checks
+
+    async def hold(self) -> None:
+        await asyncio.Event().wait()
 
     def break_health(self) -> int:
         self.broken = True
@@ -83,16 +91,20 @@ def _replaced(app: str, dep: str, old_pid: int):
 
 def test_raising_check_health_marks_unhealthy_and_replaces_the_replica(instance) -> None:
     handle = fleet.run(Fragile.bind(), name="fragile", route_prefix=None)
+    # called every health_check_period_s=0.1
+    _wait_for(lambda: handle.health_checks.remote().result() >= 3, 2.0)
+    held = handle.hold.remote()     # keeps the unhealthy replica draining for a while
     old = handle.break_health.remote().result()
     unhealthy = _wait_for(lambda: [r for r in _replicas("fragile", "Fragile")
-                                   if r["pid"] == old and r["state"] == "UNHEALTHY"]
-                          or [r for r in _replicas("fragile", "Fragile") if r["pid"] != old])
-    if unhealthy[0]["pid"] == old:
-        assert "model weights went missing" in unhealthy[0]["message"]
+                                   if r["pid"] == old and r["state"] == "UNHEALTHY"])
+    assert unhealthy[0]["message"] == \
+        "check_health raised RuntimeError: model weights went missing"
+    # routing stopped at once: new calls reach the replacement only
     _wait_for(_replaced("fragile", "Fragile", old))
-    # routing stopped: every call now reaches the replacement
-    assert {handle.pid.remote().result() for _ in range(5)} != {old}
     assert old not in {handle.pid.remote().result() for _ in range(5)}
+    # its call was given graceful_shutdown_timeout_s=0.5 to finish, then cut
+    with pytest.raises(fleet.ReplicaDiedError):
+        held.result(timeout_s=5)
 
 
 def test_hanging_async_check_health_times_out_and_replica_is_replaced(instance) -> None:
