@@ -160,19 +160,36 @@ def test_rolling_update_under_load_fails_no_request(instance) -> None:
         timeout_s=20), results, errors)) for _ in range(3)]
     threads += [threading.Thread(target=_load, args=(stop, http_call, results, errors))
                 for _ in range(2)]
+    samples: list[tuple[int, int]] = []      # (RUNNING, STARTING) during the update
+    updating = threading.Event()
+
+    def watch() -> None:
+        while updating.is_set():
+            states = [r["state"] for r in _replicas("roll", "Versioned")]
+            samples.append((states.count("RUNNING"), states.count("STARTING")))
+
+    watcher = threading.Thread(target=watch)
     for t in threads:
         t.start()
     try:
         _wait_for(lambda: len(results) > 20)
+        updating.set()
+        watcher.start()
         fleet.run(Versioned.bind("v2"), name="roll", route_prefix="/roll")
+        updating.clear()
+        watcher.join(10)
         mark = len(results)
         _wait_for(lambda: len(results) > mark + 20)
     finally:
+        updating.clear()
         stop.set()
         for t in threads:
             t.join(30)
         client.close()
     assert errors == []
     assert results[-1] == "v2" and "v1" in results
+    # a few at a time (a quarter of 2, at least one) and never below the target
+    assert samples and min(r for r, _ in samples) >= 2
+    assert max(s for _, s in samples) == 1, samples
     new_pids = {r["pid"] for r in _replicas("roll", "Versioned")}
     assert not new_pids & old_pids
