@@ -70,6 +70,13 @@ def test_weights_split_a_route_across_applications(apps) -> None:
     assert fleet.status()["traffic"]["/svc"]["weights"] == {"app_v1": 0.7, "app_v2": 0.3}
 
 
+def _wait_for_more(results: list, n: int, timeout_s: float = 20.0) -> None:
+    mark, deadline = len(results), time.monotonic() + timeout_s
+    while len(results) < mark + n:
+        assert time.monotonic() < deadline, "the load stopped"
+        time.sleep(0.01)
+
+
 def test_weights_change_live_under_load_without_failed_requests(apps, shared_instance) -> None:
     stop = threading.Event()
     results: list[str] = []
@@ -88,12 +95,8 @@ def test_weights_change_live_under_load_without_failed_requests(apps, shared_ins
         for weights in ({"app_v1": 1}, {"app_v1": 1, "app_v2": 1}, {"app_v2": 1},
                         {"app_v1": 0, "app_v2": 5}):
             fleet.set_traffic("/svc", weights)
-            mark = len(results)
-            while len(results) < mark + 30:
-                time.sleep(0.01)    # pacing: let the load run under this policy
-        mark = len(results)
-        while len(results) < mark + 30:
-            time.sleep(0.01)
+            _wait_for_more(results, 30)     # let the load run under this policy
+        _wait_for_more(results, 30)
     finally:
         stop.set()
         for t in threads:
