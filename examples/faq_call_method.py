@@ -28,8 +28,11 @@ class StatefulProcessor:
 
 def main() -> None:
     fleet.start(http_options={"port": 0})
-    handle = fleet.run(StatefulProcessor.bind(), name="endpoint_name", route_prefix="/counter")
+    fleet.run(StatefulProcessor.bind(), name="endpoint_name", route_prefix="/counter")
     url = f"http://127.0.0.1:{fleet.status()['proxies']['http']['port']}/counter"
+
+    # The FAQ's client.get_handle("endpoint_name"): a handle by application name.
+    handle = fleet.get_app_handle("endpoint_name")
 
     # From Python: the handle's method_name option (or handle.other_method.remote(5)).
     assert handle.options(method_name="other_method").remote(5).result() is True
