@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 import fleet
 
@@ -51,6 +52,8 @@ class Tunable:
 
     def reconfigure(self, config: dict) -> None:
         self.calls += 1
+        if config["threshold"] < 0:
+            raise ValueError("threshold must be >= 0")
         self.config = config
 
     def get(self) -> tuple[int, dict, int]:
@@ -132,6 +135,22 @@ def test_user_config_change_reconfigures_live_replicas_without_restart(instance)
         assert pid in before
         assert config == {"threshold": 7}
         assert calls == 2          # once at start, once for the change
+
+
+def test_failing_reconfigure_fails_the_deploy_and_keeps_the_old_config(instance) -> None:
+    handle = fleet.run(Tunable.bind(), name="tune", route_prefix=None)
+    before = {r["pid"] for r in _replicas("tune", "Tunable")}
+    with pytest.raises(fleet.DeploymentFailedError,
+                       match="reconfigure raised ValueError: threshold must be >= 0"):
+        fleet.run(Tunable.options(user_config={"threshold": -1}).bind(), name="tune",
+                  route_prefix=None)
+    dep = fleet.status()["applications"]["tune"]["deployments"]["Tunable"]
+    assert dep["status"] == "DEPLOY_FAILED" and "previous user_config" in dep["message"]
+    assert {handle.get.remote().result()[1]["threshold"] for _ in range(6)} == {1}
+    fleet.run(Tunable.options(user_config={"threshold": 3}).bind(), name="tune",
+              route_prefix=None)
+    assert {r["pid"] for r in _replicas("tune", "Tunable")} == before
+    assert {handle.get.remote().result()[1]["threshold"] for _ in range(6)} == {3}
 
 
 def _load(stop: threading.Event, call, results: list, errors: list) -> None:

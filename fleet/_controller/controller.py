@@ -319,7 +319,10 @@ class Controller:
             rec.reconfiguring = False
             if not msg["ok"]:
                 rec.message = msg["error"]
-                log.error("replica %s: %s", rec.replica_id, msg["error"])
+                self._fail(dep, f"replica {rec.replica_id} of deployment {dep.name!r} "
+                                f"(application {dep.app!r}): {msg['error']}; it goes on "
+                                "serving with its previous user_config. Fix reconfigure() "
+                                "or the user_config and deploy again")
             self._notify()
             self.kick()
 
