@@ -13,6 +13,8 @@ from typing import Any
 
 import grpc
 import httpx
+from protos import fleet_echo_pb2 as pb
+from protos import fleet_echo_pb2_grpc as pb_grpc
 
 from fleet.generated import serve_pb2, serve_pb2_grpc
 
@@ -33,6 +35,9 @@ applications:
   - name: hello
     route_prefix: /hello
     import_path: test_grpc_cli:hello_app
+  - name: echo
+    route_prefix: /echo
+    import_path: test_grpc_cli:echo_app
 """
 
 
@@ -46,6 +51,23 @@ def _hello() -> Any:
 
 
 hello_app = _hello()
+
+
+def _echo() -> Any:
+    from protos import fleet_echo_pb2 as pb
+
+    import fleet
+
+    @fleet.deployment
+    class Echo:
+        """Served through the YAML's grpc_servicer_functions: methods named after RPCs."""
+
+        async def Say(self, request: Any, context: Any) -> Any:  # noqa: N802
+            return pb.EchoReply(text=f"yaml {request.text}")
+    return Echo.bind()
+
+
+echo_app = _echo()
 
 
 def test_fleet_run_serves_http_and_grpc_and_prints_both_addresses(tmp_path: Any) -> None:
@@ -73,7 +95,11 @@ def test_fleet_run_serves_http_and_grpc_and_prints_both_addresses(tmp_path: Any)
             reply = stub.Predict(serve_pb2.PredictRequest(input={"ORANGE": b"10",
                                                                  "APPLE": b"3"}),
                                  metadata=(("application", "fruit"),), timeout=10)
+            echo = pb_grpc.EchoServiceStub(channel).Say(pb.EchoRequest(text="hi"),
+                                                        metadata=(("application", "echo"),),
+                                                        timeout=10)
         assert struct.unpack("f", reply.prediction) == (29.0,)
+        assert echo.text == "yaml hi"
         assert re.search(r"application 'fruit' RUNNING on gRPC 127\.0\.0\.1:\d+ \(.*"
                          r"OrangeStand x2", out), out
     finally:
