@@ -60,6 +60,12 @@ class Doubler:
         return [{"y": b["x"] * 10, "batch": len(requests)} for b in bodies]
 
     @fleet.batch(max_batch_size=4, batch_wait_timeout_s=30)
+    async def words(self, requests: list):
+        names = [r.query_params["name"] for r in requests]
+        for i in range(3):
+            yield [f"{n}{i}/{len(names)};" for n in names]
+
+    @fleet.batch(max_batch_size=4, batch_wait_timeout_s=30)
     async def tokens(self, prompts: list[str]):
         for i in range(3):
             yield [f"{p}-{i}-{len(prompts)}" for p in prompts]
@@ -198,6 +204,20 @@ def test_batched_method_reached_by_http_method_header(doubler) -> None:
     results = asyncio.run(go())
     assert [r["y"] for r in results] == [0, 10, 20, 30]
     assert all(r["batch"] == 4 for r in results)    # only a full batch runs before 30 s
+
+
+def test_batched_async_generator_streams_each_http_client_its_element(doubler) -> None:
+    _, inst = doubler
+
+    async def go() -> list[str]:
+        async with httpx.AsyncClient(base_url=inst.http_url, timeout=20) as client:
+            rs = await asyncio.gather(*[
+                client.get("/batch", params={"name": n},
+                           headers={"X-SERVE-CALL-METHOD": "words"}) for n in "abcd"])
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+        return [r.text for r in rs]
+
+    assert asyncio.run(go()) == [f"{n}0/4;{n}1/4;{n}2/4;" for n in "abcd"]
 
 
 def test_batched_method_reached_by_method_name(doubler) -> None:
