@@ -244,6 +244,11 @@ def test_route_methods_stay_callable_from_handles(url):
     assert got["item_id"] == 9
 
 
+def test_handle_call_to_an_ingress_apps_call_says_what_to_do_instead(url):
+    with pytest.raises(fleet.MethodNotFoundError, match="serves an ASGI app"):
+        fleet.get_app_handle("counter").remote().result()
+
+
 def test_starlette_app_route_sees_self(url):
     r = httpx.get(f"{url}/star/greet/fleet")
     assert r.status_code == 200 and r.text == "hello fleet"

@@ -210,8 +210,12 @@ class Replica:
             fn = getattr(self.instance, name, None) if not name.startswith("_") or \
                 name == "__call__" else None
             if fn is None or not callable(fn):
+                hint = ""
+                if name == "__call__" and getattr(self.instance, "_fleet_asgi_app", None):
+                    hint = ("; it serves an ASGI app (fleet.ingress): send HTTP requests to "
+                            "its route, or call one of its methods (handle.name.remote())")
                 raise MethodNotFoundError(
-                    f"deployment {self.spec.deployment_name!r} has no method {name!r}")
+                    f"deployment {self.spec.deployment_name!r} has no method {name!r}{hint}")
         found = (fn, _kind(fn))
         self._methods[name] = found
         return found
