@@ -50,6 +50,18 @@ class Hang:
 
 
 @fleet.deployment
+class HangStream:
+    async def __call__(self, request: Request):
+        marker = Path(request.query_params["marker"])
+        yield "first"
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            marker.write_text("CancelledError")
+            raise
+
+
+@fleet.deployment
 class Crash:
     def __call__(self, request: Request) -> None:
         os._exit(1)                 # the process dies with the request in flight
@@ -72,6 +84,7 @@ def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
 def url(shared_instance) -> Iterator[str]:
     fleet.run(Single.bind(), name="single", route_prefix="/single")
     fleet.run(Hang.bind(), name="hang", route_prefix="/hang")
+    fleet.run(HangStream.bind(), name="hang_stream", route_prefix="/hang_stream")
     yield shared_instance.http_url
 
 
@@ -126,3 +139,15 @@ def test_client_disconnect_cancels_the_replica_coroutine(url, tmp_path):
         wait_for(marker.with_suffix(".started").exists, "the replica to start the call")
     wait_for(lambda: marker.exists() and marker.read_text() == "CancelledError",
              "CancelledError in the replica")
+
+
+def test_client_disconnect_mid_stream_cancels_the_replica_generator(url, tmp_path):
+    marker = tmp_path / "stream"
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET /hang_stream?marker={marker} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+        got = b""
+        while b"first" not in got:
+            got += s.recv(4096)
+    wait_for(lambda: marker.exists() and marker.read_text() == "CancelledError",
+             "CancelledError in the replica's generator")
