@@ -133,6 +133,8 @@ class Instance:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     async def _shutdown(self) -> None:
+        if self.runtime is not None:
+            self.runtime.close("fleet was shut down before this call reached a replica")
         if self.controller is not None:
             await self.controller.shutdown()
             task = self.controller._task

@@ -13,7 +13,7 @@ from typing import Any
 
 from fleet._types import DeploymentTable
 from fleet._wire.channel import Channel
-from fleet.exceptions import BackPressureError, DeploymentFailedError
+from fleet.exceptions import BackPressureError, DeploymentFailedError, FleetError
 
 
 class Slot:
@@ -46,6 +46,7 @@ class Router:
         self.known = False
         self.queue: deque[asyncio.Future[Slot]] = deque()
         self.queued_total = 0
+        self.closed = ""        # why calls are refused for good (the instance stopped)
 
     # -- table updates ---------------------------------------------------------
     def update(self, table: DeploymentTable | None) -> None:
@@ -119,6 +120,8 @@ class Router:
                 "retry later or raise the limit")
         if self.status == "DEPLOY_FAILED" and not self.slots:
             raise DeploymentFailedError(self.message or f"deployment {self.deployment!r} failed")
+        if self.closed:
+            raise FleetError(self.closed)
         fut: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
         self.queue.append(fut)
         self.queued_total += 1
@@ -152,6 +155,11 @@ class Router:
             queue.popleft()
             slot.inflight += 1
             fut.set_result(slot)
+
+    def close(self, why: str) -> None:
+        """Fail the waiting calls and every later one that would have to wait."""
+        self.closed = why
+        self._fail_waiters(FleetError(why))
 
     def _fail_waiters(self, exc: BaseException) -> None:
         while self.queue:

@@ -137,6 +137,12 @@ class Runtime:
             self._schedule_reports()
         return router
 
+    def close(self, why: str) -> None:
+        """Fail every call still waiting for a replica, now and later (the instance is
+        stopping: nothing will free one)."""
+        for router in self.routers.values():
+            router.close(why)
+
     # -- load reports for the autoscaler (a timer, never per call) -------------------
     def _schedule_reports(self) -> None:
         if self._report_timer is None and self._autoscaled.intersection(self.routers):

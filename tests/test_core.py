@@ -556,3 +556,16 @@ def test_result_timeout_names_the_call_which_goes_on(instance):
                        match=r"Sleeper\.nap \(application 'default'\).*timeout_s=0\.05"):
         resp.result(timeout_s=0.05)
     assert resp.result(timeout_s=5) == 0.5
+
+
+def test_shutdown_finishes_running_calls_and_fails_waiting_ones(instance):
+    h = fleet.run(Narrow.bind())
+    running = h.remote(0.3)
+    router = router_of("default#Narrow")
+    wait_until(lambda: router.slots[0].inflight == 1)
+    queued = h.remote(0.0)
+    wait_until(lambda: len(router.queue) == 1)
+    fleet.shutdown()
+    assert running.result(timeout_s=5) == "done"      # drained
+    with pytest.raises(fleet.FleetError, match="shut down before this call reached"):
+        queued.result(timeout_s=5)

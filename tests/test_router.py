@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from fleet._router import Router
-from fleet.exceptions import BackPressureError, DeploymentFailedError
+from fleet.exceptions import BackPressureError, DeploymentFailedError, FleetError
 
 
 def _table(n: int, max_ongoing: int = 2, max_queued: int = -1) -> Any:
@@ -114,5 +114,21 @@ def test_waiters_fail_when_the_deployment_is_deleted_or_failed() -> None:
         router.update(failed)
         with pytest.raises(DeploymentFailedError, match="constructor raised"):
             await waiting
+
+    asyncio.run(go())
+
+
+def test_closed_router_fails_waiters_and_refuses_to_queue() -> None:
+    async def go() -> None:
+        router = _router(1, max_ongoing=1)
+        held = await router.acquire()
+        waiting = asyncio.ensure_future(router.acquire())
+        await _settle()
+        router.close("the instance stopped")
+        with pytest.raises(FleetError, match="the instance stopped"):
+            await waiting
+        with pytest.raises(FleetError, match="the instance stopped"):
+            await router.acquire()
+        router.release(held)
 
     asyncio.run(go())
