@@ -76,6 +76,10 @@ class Plain:
             await asyncio.sleep(request.sleep_s)
         return pb.EchoReply(text=f"plain {os.getpid()}", index=request.count)
 
+    async def Repeat(self, request: Any, context: Any) -> None:  # noqa: N802
+        for i in range(request.count):           # grpc.aio style: write, return None
+            await context.write(pb.EchoReply(text=request.text, index=i))
+
     def Join(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802 - sync
         texts = [r.text for r in request_iterator]      # a plain iterator, in a thread
         return pb.EchoReply(text="-".join(texts), index=len(texts))
@@ -124,6 +128,11 @@ def test_unary_with_metadata_and_trailing_metadata(stub: Any) -> None:
 def test_unary_stream_from_a_sync_generator(stub: Any) -> None:
     replies = list(stub.Repeat(pb.EchoRequest(text="r", count=4), metadata=ECHO, timeout=10))
     assert [(r.text, r.index) for r in replies] == [("r", i) for i in range(4)]
+
+
+def test_unary_stream_written_with_context_write(stub: Any) -> None:
+    replies = list(stub.Repeat(pb.EchoRequest(text="w", count=3), metadata=PLAIN, timeout=10))
+    assert [(r.text, r.index) for r in replies] == [("w", 0), ("w", 1), ("w", 2)]
 
 
 def test_stream_unary(stub: Any) -> None:
