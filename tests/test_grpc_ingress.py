@@ -256,8 +256,11 @@ def test_full_queue_is_resource_exhausted(stub: Any) -> None:
     # Plain: 2 replicas x max_ongoing_requests=1, max_queued_requests=1.
     slow = [stub.Say.future(pb.EchoRequest(text="s", sleep_s=3), metadata=PLAIN, timeout=10)
             for _ in range(3)]
+    # the slow calls hold both replicas and the one queue place for 3 s: a call made
+    # once they are all in is refused (the loop only waits for them to arrive)
+    deadline = time.monotonic() + 2
     with pytest.raises(grpc.RpcError) as err:
-        for _ in range(5):
+        while time.monotonic() < deadline:
             stub.Say(pb.EchoRequest(text="x"), metadata=PLAIN, timeout=10)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_queued_requests" in err.value.details()
