@@ -67,6 +67,11 @@ class Named:
     async def count(self) -> int:
         return self.calls
 
+    async def Repeat(self, request: Any, context: Any) -> Any:  # noqa: N802
+        for i in range(request.count):
+            yield pb.EchoReply(text=self.name, index=i)
+        await asyncio.sleep(request.sleep_s)
+
 
 @fleet.deployment(is_driver_deployment=True, num_replicas=3)
 class Driver(pb_grpc.EchoServiceServicer, gRPCIngress):
@@ -140,6 +145,18 @@ def test_request_timeout_s_bounds_the_whole_call_and_cancels_the_replica_call(st
         return now_started - started == now_cancelled - cancelled >= 1
 
     _wait_for(all_cancelled, "the replica's calls to be cancelled")
+
+
+def test_request_timeout_s_bounds_streams_too(stub):
+    replies = stub.Repeat(pb.EchoRequest(count=2), metadata=_md("primary"), timeout=10)
+    assert [r.index for r in replies] == [0, 1]
+    got = []
+    with pytest.raises(grpc.RpcError) as err:
+        for r in stub.Repeat(pb.EchoRequest(count=2, sleep_s=30), metadata=_md("primary"),
+                             timeout=10):
+            got.append(r.index)
+    assert got == [0, 1]                         # the replies sent before the cut-off
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def test_replica_dying_mid_call_is_unavailable_at_once_naming_the_deployment(stub):
