@@ -85,8 +85,13 @@ def test_run_serves_and_sigterm_leaves_no_process_behind():
 def test_run_ctrl_c_stops_cleanly():
     # the target is a function returning the Application, called with no args
     proc, port = start("apps.cli_apps:build", "--route-prefix", "/hi", "--name", "greeter",
-                       "--host", "127.0.0.1")
+                       "--host", "127.0.0.1", "--grpc-port", "0")
+    assert proc.stdout is not None
+    grpc_line = proc.stdout.readline()      # printed right after the HTTP address
+    m = re.search(r"fleet: gRPC on 127\.0\.0\.1:(\d+)", grpc_line)
+    assert m and int(m.group(1)) > 0, grpc_line
     family = psutil.Process(proc.pid).children(recursive=True)
+    assert len([p for p in family if "fleet._proxy" in " ".join(p.cmdline())]) == 2
     assert httpx.get(f"http://127.0.0.1:{port}/hi").text == "hi from fleet"
     os.killpg(proc.pid, signal.SIGINT)     # what a terminal's Ctrl-C does
     assert proc.wait(30) == 0
