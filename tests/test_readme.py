@@ -89,3 +89,22 @@ def test_quick_start_command_serves_and_status_shows_every_replica_running(tmp_p
         proc.wait(30)
         _, alive = psutil.wait_procs(family, timeout=10)
         assert not alive
+
+
+def test_serving_guide_snippets_are_taken_from_the_examples_the_tests_run():
+    with open(os.path.join(ROOT, "docs", "serving.md")) as f:
+        text = f.read()
+    found = re.findall(r"```python\n(.*?)```\n\n\(`(examples/\w+\.py)`\.\)", text, re.S)
+    assert len(found) == 3
+    for snippet, path in found:
+        with open(os.path.join(ROOT, path)) as f:
+            source = f.read()
+        # the snippet may leave out lines (comments, the script part), never change them
+        lines = iter(source.splitlines())
+        for line in snippet.strip().splitlines():
+            assert any(line.strip() == s.strip() for s in lines), (path, line)
+    block = re.search(r"```yaml\n(.*?)```", text, re.S)
+    assert block
+    policy = FleetConfig(**yaml.safe_load(block.group(1))).traffic[0]
+    assert (policy.route_prefix, policy.weights, policy.shadow) == (
+        "/hello", {"app_v1": 0.9, "app_v2": 0.1}, {"app_v3": 0.2})
