@@ -108,3 +108,9 @@ def test_serving_guide_snippets_are_taken_from_the_examples_the_tests_run():
     policy = FleetConfig(**yaml.safe_load(block.group(1))).traffic[0]
     assert (policy.route_prefix, policy.weights, policy.shadow) == (
         "/hello", {"app_v1": 0.9, "app_v2": 0.1}, {"app_v3": 0.2})
+
+
+def test_instances_started_with_defaults_serve_http_on_localhost_8000():
+    from fleet._config import HTTPOptions
+    assert "HTTP on 127.0.0.1:8000" in _section("Running applications")
+    assert (HTTPOptions().host, HTTPOptions().port) == ("127.0.0.1", 8000)
