@@ -220,20 +220,27 @@ def run(app: Application, name: str = "default", route_prefix: str | None = "/",
     from fleet.dag import prepare_app  # graph drivers turn into plain applications
     app, protocol = prepare_app(app)
     plans = build_plans(app, name)
+    # Before deploying: the route is live before run() returns, and a SIGTERM from then
+    # on must shut down cleanly.
+    stop = _stop_on_sigterm() if blocking else None
     _ctl("deploy", name, route_prefix, plans, protocol)
     _ctl("wait_ready", name)
     handle = DeploymentHandle(plans[0].name, name)
     if plans[0].legacy_refs:
         handle = handle._with_legacy_refs()
-    if blocking:
-        _block()
+    if stop is not None:
+        _block(stop)
     return handle
 
 
-def _block() -> None:
+def _stop_on_sigterm() -> threading.Event:
     import signal
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
+
+
+def _block(stop: threading.Event) -> None:
     try:
         while not stop.wait(1.0):
             pass

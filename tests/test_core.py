@@ -569,3 +569,46 @@ def test_shutdown_finishes_running_calls_and_fails_waiting_ones(instance):
     assert running.result(timeout_s=5) == "done"      # drained
     with pytest.raises(fleet.FleetError, match="shut down before this call reached"):
         queued.result(timeout_s=5)
+
+
+BLOCKING_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import fleet
+from examples.quickstart import app
+fleet.start(http_options={{"port": 0}})
+print(fleet.status()["proxies"]["http"]["port"], flush=True)
+fleet.run(app, blocking=True)
+print("returned after shutdown", flush=True)
+"""
+
+
+def test_run_blocking_serves_until_sigterm_then_shuts_down():
+    import subprocess
+    import sys
+
+    import httpx
+    import psutil
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKING_SCRIPT.format(root=root)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        deadline = time.monotonic() + 30
+        while True:     # fleet.run does not return, so the route going live is the sign
+            r = httpx.get(f"http://127.0.0.1:{port}/?x=1")
+            if r.status_code == 200:
+                break
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.05)
+        assert r.json() == {"x": 1, "total": 5}
+        family = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert proc.stdout.read() == "returned after shutdown\n"
+        _, alive = psutil.wait_procs(family, timeout=10)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
