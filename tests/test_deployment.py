@@ -73,7 +73,7 @@ def test_bad_option_values_are_value_errors_naming_the_option(option, value):
     class A:
         pass
 
-    with pytest.raises(ValueError, match=option.split("_")[0]):
+    with pytest.raises(ValueError, match=option):
         A.options(**{option: value})
 
 
