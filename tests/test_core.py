@@ -366,7 +366,7 @@ def test_router_never_exceeds_max_ongoing_requests(instance):
 
 def test_back_pressure_past_max_queued_requests(instance):
     h = fleet.run(Narrow.bind())
-    running = h.remote(2.0)   # occupies the only slot
+    running = h.remote(1.0)   # occupies the only slot
     router = router_of("default#Narrow")
     wait_until(lambda: router.slots[0].inflight == 1)
     queued = h.remote(0.0)    # waits in the caller's queue
@@ -560,7 +560,7 @@ def test_result_timeout_names_the_call_which_goes_on(instance):
 
 def test_shutdown_finishes_running_calls_and_fails_waiting_ones(instance):
     h = fleet.run(Narrow.bind())
-    running = h.remote(0.3)
+    running = h.remote(0.5)
     router = router_of("default#Narrow")
     wait_until(lambda: router.slots[0].inflight == 1)
     queued = h.remote(0.0)
