@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     app = _load_app(args.app)
     options: dict[str, Any] = {"http_options": {"host": "127.0.0.1", "port": args.port}}
     if args.grpc_port:
-        options["grpc_options"] = {"port": args.grpc_port}
+        options["grpc_options"] = {"host": "127.0.0.1", "port": args.grpc_port}
     fleet.start(**options)
     try:
         handle = fleet.run(app, name="default", route_prefix="/")
