@@ -33,7 +33,7 @@ class Slot:
 class Router:
     """Replica choice and limits for one deployment, as seen by one process."""
 
-    def __init__(self, key: str, connect: Callable[[str], Awaitable[Channel]]) -> None:
+    def __init__(self, key: str, connect: Callable[[str, str], Awaitable[Channel]]) -> None:
         self.key = key
         self.app, _, self.deployment = key.partition("#")
         self._connect = connect
@@ -177,7 +177,9 @@ class Router:
             slot.connecting = loop.create_future()
             connecting = slot.connecting
             try:
-                ch = await self._connect(slot.address)
+                ch = await self._connect(
+                    slot.address, f"replica {slot.replica_id} of deployment "
+                                  f"{self.deployment!r} (application {self.app!r})")
             except BaseException as exc:
                 connecting.set_exception(exc)
                 connecting.exception()

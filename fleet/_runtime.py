@@ -164,8 +164,8 @@ class Runtime:
         self.send_ctrl({"type": "load", "key": router.key, "caller": self.caller_id,
                         "inflight": stats["inflight"], "queued": stats["queued"]})
 
-    async def _connect_replica(self, address: str) -> Channel:
-        return await connect(address, self.secret)
+    async def _connect_replica(self, address: str, peer: str) -> Channel:
+        return await connect(address, self.secret, peer=peer)
 
     def _check_known(self, router: Router) -> None:
         if not router.known and self.tables is not None:
@@ -198,8 +198,9 @@ class Runtime:
             except BaseException:
                 router.release(slot)
                 raise
-        raise ReplicaDiedError(f"could not reach a replica of deployment "
-                               f"{router.deployment!r}: {last}")
+        raise ReplicaDiedError(f"could not reach a replica of deployment {router.deployment!r} "
+                               f"(application {router.app!r}) after {MAX_ATTEMPTS} tries: "
+                               f"{last}")
 
     async def call(self, app: str, deployment: str, opts: Any, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> Any:

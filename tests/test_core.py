@@ -442,7 +442,9 @@ def test_killed_replica_fails_its_calls_fast_and_is_replaced(instance):
     wait_until(lambda: sum(r._cfut.done() for r in hanging) == on_victim, timeout=1.0)
     for resp in hanging:
         if resp._cfut.done():
-            with pytest.raises(fleet.ReplicaDiedError):
+            with pytest.raises(fleet.ReplicaDiedError,
+                               match=f"replica {victim_id} of deployment 'Victim' "
+                                     r"\(application 'default'\) died"):
                 resp.result()
     assert sum(not r._cfut.done() for r in hanging) == 6 - on_victim
     # new calls go to the live replica

@@ -20,7 +20,7 @@ def _table(n: int, max_ongoing: int = 2, max_queued: int = -1) -> Any:
             "status": "HEALTHY", "message": "", "legacy_refs": False, "autoscaling": False}
 
 
-async def _no_connect(address: str) -> Any:
+async def _no_connect(address: str, peer: str) -> Any:
     raise AssertionError("the choice must not open connections")
 
 

@@ -215,16 +215,17 @@ class Channel(Connection):
         pending, self.pending = self.pending, {}
         for p in pending.values():
             p.deliver(frames.ERR, ReplicaDiedError(
-                f"the replica at {self.peer} died or closed its connection before "
-                "answering; the call may or may not have run"))
+                f"{self.peer} died or closed its connection before answering; the call "
+                "may or may not have run. A replacement replica is started; retry the call "
+                "if it is safe to run twice"))
         if self._on_closed is not None:
             self._on_closed(self)
 
 
-async def connect(address: str, secret: bytes, **kwargs: Any) -> Channel:
-    """Open a Channel to "unix:/path" or "tcp:host:port"."""
+async def connect(address: str, secret: bytes, peer: str = "", **kwargs: Any) -> Channel:
+    """Open a Channel to "unix:/path" or "tcp:host:port"; peer names it in errors."""
     loop = asyncio.get_running_loop()
-    peer = address
+    peer = peer or address
 
     def factory() -> Channel:
         return Channel(secret, peer, **kwargs)
