@@ -189,7 +189,9 @@ class _BatchQueue:
         n = len(entries)
         try:
             results = self._check(await self._call([e.item for e in entries]), n)
-        except Exception as exc:
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every caller must get an answer
             for e in entries:
                 if e.future is not None and not e.future.done():
                     e.future.set_exception(exc)
@@ -206,7 +208,9 @@ class _BatchQueue:
                 for e, value in zip(entries, self._check(out, n), strict=True):
                     assert e.chunks is not None
                     e.chunks.put_nowait(value)
-        except Exception as exc:
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every caller must get an answer
             for e in entries:
                 assert e.chunks is not None
                 e.chunks.put_nowait(_Failed(exc))

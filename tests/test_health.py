@@ -131,3 +131,33 @@ def test_sigkilled_replica_fails_its_call_fast_and_is_replaced(instance, tmp_pat
     assert pid not in pids
     _wait_for(lambda: len([r for r in _replicas("victim", "Victim")
                            if r["state"] == "RUNNING"]) == 2)
+
+
+@fleet.deployment(health_check_period_s=0.1, health_check_timeout_s=5,
+                  graceful_shutdown_timeout_s=0.5)
+class ExitsInHealthCheck:
+    def __init__(self) -> None:
+        self.checks = 0
+
+    def check_health(self) -> None:
+        self.checks += 1
+        if self.checks == 2:
+            raise SystemExit("the user's code called sys.exit")
+
+    def pid(self) -> int:
+        import os
+        return os.getpid()
+
+
+def test_system_exit_in_check_health_marks_unhealthy_not_silent(instance):
+    h = fleet.run(ExitsInHealthCheck.bind(), name="sysexit", route_prefix=None)
+    first = h.pid.remote().result()
+    deadline = time.monotonic() + 20
+    while True:
+        dep = fleet.status()["applications"]["sysexit"]["deployments"]["ExitsInHealthCheck"]
+        running = [r for r in dep["replicas"] if r["state"] == "RUNNING"]
+        if running and running[0]["pid"] != first:
+            break
+        assert time.monotonic() < deadline, dep
+        time.sleep(0.05)
+    assert h.pid.remote().result() != first

@@ -148,7 +148,9 @@ class Replica:
             result = fn(self.instance)
             if inspect.isawaitable(result):
                 await asyncio.wait_for(result, self._grace or 1.0)
-        except Exception:
+        except asyncio.CancelledError:
+            raise
+        except BaseException:  # noqa: BLE001 - SystemExit from user code included
             log.exception("__del__ of %s raised", self.where)
 
     def request_stop(self) -> None:
@@ -176,7 +178,9 @@ class Replica:
                 await asyncio.wait_for(self.invoke(fn, (), {}), float(msg.get("timeout_s", 30)))
             except asyncio.TimeoutError:
                 ok, error = False, f"check_health did not return within {msg.get('timeout_s')}s"
-            except Exception as exc:
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - SystemExit from user code included
                 ok, error = False, f"check_health raised {type(exc).__name__}: {exc}"
         self.runtime.send_ctrl({"type": "health_result", "id": msg.get("id"), "ok": ok,
                                 "error": error, "replica_id": self.spec.replica_id,
@@ -187,7 +191,9 @@ class Replica:
             ok, error = True, ""
             try:
                 await self._reconfigure(msg["user_config"])
-            except Exception as exc:
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - SystemExit from user code included
                 ok, error = False, f"reconfigure raised {type(exc).__name__}: {exc}"
             self.runtime.send_ctrl({"type": "reconfigure_result", "id": msg.get("id"),
                                     "ok": ok, "error": error,
