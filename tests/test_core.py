@@ -236,6 +236,27 @@ class EdgeCases:
         return "ok"
 
 
+@fleet.deployment
+class Blocker:
+    async def work(self, seconds: float) -> float:
+        time.sleep(seconds)        # CPU-style work that blocks the replica's loop
+        return time.time()
+
+
+@fleet.deployment
+class Pair:
+    def __init__(self, blocker: fleet.DeploymentHandle) -> None:
+        self.blocker = blocker
+
+    async def __call__(self) -> tuple[float, float]:
+        first = self.blocker.work.remote(0.3)    # both frames leave in one write
+        second = self.blocker.work.remote(0.3)
+        await first
+        first_received = time.time()
+        second_done = await second
+        return first_received, second_done
+
+
 # -- tests ------------------------------------------------------------------------
 
 
@@ -614,3 +635,9 @@ def test_run_blocking_serves_until_sigterm_then_shuts_down():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_reply_is_not_held_behind_the_next_blocking_call(instance):
+    h = fleet.run(Pair.bind(Blocker.bind()))
+    first_received, second_done = h.remote().result()
+    assert first_received < second_done

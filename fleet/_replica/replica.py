@@ -268,6 +268,10 @@ class Replica:
     async def _serve(self, conn: ServerConnection, call_id: int, method: str,
                      args: tuple[Any, ...], kwargs: dict[str, Any],
                      meta: dict[str, Any] | None) -> None:
+        if conn._wbuf:
+            # Replies of calls that finished in this loop iteration leave now: the user
+            # code about to run may block the loop (an async method doing CPU work).
+            conn._flush()
         try:
             if meta is not None and "http" in meta:
                 await self.http.serve_http(conn, call_id, method, args[0], meta)
