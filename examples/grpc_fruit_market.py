@@ -1,3 +1,4 @@
+# examples/grpc_fruit_market.py
 """The FruitMarket deployment graph behind fleet's built-in gRPC schema.
 
 Run it with ``fleet run examples.grpc_fruit_market:my_deployment`` (or ``python -m

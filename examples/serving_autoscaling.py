@@ -1,3 +1,4 @@
+# examples/serving_autoscaling.py
 """Autoscaling with scale to zero: the first call waits while a replica starts."""
 
 import fleet

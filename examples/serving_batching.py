@@ -1,3 +1,4 @@
+# examples/serving_batching.py
 """Dynamic batching: concurrent calls are grouped into one call with a list."""
 
 import fleet

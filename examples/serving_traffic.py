@@ -1,3 +1,4 @@
+# examples/serving_traffic.py
 """Traffic policies: split a route 90/10 across two versions, shadow a copy to a third."""
 
 import collections
