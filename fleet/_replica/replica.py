@@ -9,6 +9,7 @@ import functools
 import inspect
 import logging
 import os
+import time
 from typing import Any
 
 import cloudpickle
@@ -24,6 +25,9 @@ from fleet.exceptions import MethodNotFoundError
 log = logging.getLogger("fleet.replica")
 
 ASYNC, SYNC, AGEN, GEN = "async", "sync", "agen", "gen"
+
+# A call this long makes one more write per reply negligible (see Replica._serve).
+SLOW_CALL_S = 0.001
 
 
 def _kind(fn: Any) -> str:
@@ -69,6 +73,7 @@ class Replica:
         self.instance: Any = None
         self.is_function = False
         self._methods: dict[str, tuple[Any, str]] = {}
+        self._slow: set[str] = set()      # methods whose last call took > SLOW_CALL_S
         self.tasks: dict[tuple[int, int], asyncio.Task[Any]] = {}
         self.ongoing = 0
         self.draining = False
@@ -268,10 +273,12 @@ class Replica:
     async def _serve(self, conn: ServerConnection, call_id: int, method: str,
                      args: tuple[Any, ...], kwargs: dict[str, Any],
                      meta: dict[str, Any] | None) -> None:
-        if conn._wbuf:
-            # Replies of calls that finished in this loop iteration leave now: the user
-            # code about to run may block the loop (an async method doing CPU work).
+        if conn._wbuf and method in self._slow:
+            # Replies of calls that finished in this loop iteration leave now: this
+            # method took milliseconds last time and may block the loop (an async method
+            # doing CPU work). Fast methods keep their replies coalesced into one write.
             conn._flush()
+        started = time.perf_counter()
         try:
             if meta is not None and "http" in meta:
                 await self.http.serve_http(conn, call_id, method, args[0], meta)
@@ -290,6 +297,11 @@ class Replica:
             return
         except BaseException as exc:  # noqa: BLE001 - goes back to the caller
             conn.reply_error(call_id, exc, f"in {method} of {self.where}")
+        finally:
+            if time.perf_counter() - started > SLOW_CALL_S:
+                self._slow.add(method)
+            else:
+                self._slow.discard(method)
 
     async def _stream(self, conn: ServerConnection, call_id: int, fn: Any, kind: str,
                       args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
