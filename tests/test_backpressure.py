@@ -10,6 +10,7 @@ import time
 import httpx
 import psutil
 import pytest
+from helpers import wait_for
 
 import fleet
 
@@ -60,13 +61,7 @@ class Slow:
 
 
 def _wait_for(cond, timeout_s: float = 10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
+    return wait_for(cond, timeout_s)
 
 
 def test_handle_calls_past_max_queued_fail_at_once(instance) -> None:

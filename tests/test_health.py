@@ -9,6 +9,8 @@ import signal
 import time
 
 import pytest
+from helpers import replicas as _replicas
+from helpers import wait_for
 
 import fleet
 
@@ -69,17 +71,9 @@ class Victim:
 
 
 def _wait_for(cond, timeout_s: float = 15.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
+    return wait_for(cond, timeout_s)
 
 
-def _replicas(app: str, dep: str) -> list[dict]:
-    return fleet.status()["applications"][app]["deployments"][dep]["replicas"]
 
 
 def _replaced(app: str, dep: str, old_pid: int):

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
 
 import httpx
 import pytest
+from helpers import replicas as _replicas
+from helpers import wait_for
 
 import fleet
 
@@ -71,17 +72,9 @@ class Versioned:
 
 
 def _wait_for(cond, timeout_s: float = 15.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
+    return wait_for(cond, timeout_s)
 
 
-def _replicas(app: str, dep: str) -> list[dict]:
-    return fleet.status()["applications"][app]["deployments"][dep]["replicas"]
 
 
 def test_delete_finishes_in_flight_calls_then_runs_del(instance, tmp_path) -> None:
