@@ -15,6 +15,7 @@ import socket
 from typing import Any
 
 from fleet._config import HTTPOptions
+from fleet._proxy.process import proxy_failed
 from fleet._runtime import Runtime
 
 log = logging.getLogger("fleet.proxy")
@@ -47,9 +48,8 @@ async def serve_granian(runtime: Runtime, options: HTTPOptions, app: Any,
         from granian.constants import Interfaces
         from granian.server.embed import Server
     except ImportError:
-        await runtime.call_controller("proxy_ready", "http", {
-            "error": "http_options server='granian' needs Granian: pip install granian"})
-        return 1
+        return await proxy_failed(runtime, "http", "http_options server='granian' needs "
+                                                   "Granian: pip install granian")
     port = options.port or _free_port(options.host)
     try:
         # Granian binds in its own thread and reports failure only in its log: check
@@ -58,9 +58,8 @@ async def serve_granian(runtime: Runtime, options: HTTPOptions, app: Any,
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.bind((options.host, port))
     except OSError as exc:
-        await runtime.call_controller("proxy_ready", "http", {
-            "error": f"the HTTP proxy cannot listen on {options.host}:{port}: {exc}"})
-        return 1
+        return await proxy_failed(runtime, "http",
+                                  f"the HTTP proxy cannot listen on {options.host}:{port}: {exc}")
     logging.getLogger("granian").setLevel(logging.ERROR)
     logging.getLogger("_granian").setLevel(logging.ERROR)
     server = Server(_coroutine_receive(app), address=options.host, port=port,
@@ -68,9 +67,8 @@ async def serve_granian(runtime: Runtime, options: HTTPOptions, app: Any,
                     backlog=2048)
     task = asyncio.get_running_loop().create_task(server.serve())
     if not await _wait_listening(options.host, port, task):
-        await runtime.call_controller("proxy_ready", "http", {
-            "error": f"Granian did not start listening on {options.host}:{port}"})
-        return 1
+        return await proxy_failed(runtime, "http",
+                                  f"Granian did not start listening on {options.host}:{port}")
     await runtime.call_controller("proxy_ready", "http", {"host": options.host, "port": port,
                                                           "pid": os.getpid(),
                                                           "server": "granian"})

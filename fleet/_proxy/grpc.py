@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from fleet._config import GRPCOptions
 from fleet._proxy import traffic
+from fleet._proxy.process import proxy_failed
 from fleet._replica.grpc import CODES, load_servicer_function, servicer_handlers
 from fleet._router import Router
 from fleet._runtime import ReplicaDrainingError, Runtime
@@ -352,9 +353,8 @@ async def serve_grpc(runtime: Runtime, options: GRPCOptions, stop: asyncio.Event
     try:
         proxy = GRPCProxy(runtime, options)
     except Exception as exc:
-        await runtime.call_controller("proxy_ready", "grpc", {
-            "error": f"the gRPC proxy could not load grpc_servicer_functions: {exc}"})
-        return 1
+        return await proxy_failed(runtime, "grpc",
+                                  f"the gRPC proxy could not load grpc_servicer_functions: {exc}")
     # A port held by another process must fail loudly, not be shared.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     health = HealthServicer()
@@ -370,9 +370,8 @@ async def serve_grpc(runtime: Runtime, options: GRPCOptions, stop: asyncio.Event
     else:
         error = "the port is taken"
     if not port:
-        await runtime.call_controller("proxy_ready", "grpc", {
-            "error": f"the gRPC proxy cannot listen on {address}: {error}"})
-        return 1
+        return await proxy_failed(runtime, "grpc",
+                                  f"the gRPC proxy cannot listen on {address}: {error}")
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await runtime.call_controller("proxy_ready", "grpc", {"host": options.host, "port": port,

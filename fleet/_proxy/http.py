@@ -428,22 +428,20 @@ def build_app(runtime: Runtime, options: HTTPOptions) -> Any:
 
 
 async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event) -> int:
-    from fleet._proxy.process import bind_socket
+    from fleet._proxy.process import bind_socket, proxy_failed
     try:
         app = build_app(runtime, options)
     except Exception as exc:
-        await runtime.call_controller("proxy_ready", "http", {
-            "error": f"http_options middlewares: {type(exc).__name__}: {exc}"})
-        return 1
+        return await proxy_failed(runtime, "http",
+                                  f"http_options middlewares: {type(exc).__name__}: {exc}")
     if options.server == "granian":
         from fleet._proxy.granian_server import serve_granian
         return await serve_granian(runtime, options, app, stop)
     try:
         sock = bind_socket(options.host, options.port)
     except OSError as exc:
-        await runtime.call_controller("proxy_ready", "http", {
-            "error": f"the HTTP proxy cannot listen on {options.host}:{options.port}: {exc}"})
-        return 1
+        return await proxy_failed(runtime, "http", f"the HTTP proxy cannot listen on "
+                                                   f"{options.host}:{options.port}: {exc}")
     port = sock.getsockname()[1]
     from fleet._proxy.uvicorn_protocol import CoalescingHttpToolsProtocol
     config = uvicorn.Config(app, loop="none", http=CoalescingHttpToolsProtocol,

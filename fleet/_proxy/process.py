@@ -62,3 +62,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+async def proxy_failed(runtime: Runtime, kind: str, message: str) -> int:
+    """Tell the controller this proxy cannot serve (fleet.start raises with message);
+    returns the process's exit code."""
+    await runtime.call_controller("proxy_ready", kind, {"error": message})
+    return 1
