@@ -8,12 +8,9 @@ With ``--handle-bench`` it measures handle calls instead and exits when done.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import signal
 import sys
-import threading
 from typing import Any
 
 from bench import handlebench
@@ -21,23 +18,7 @@ from bench import handlebench
 
 def main(argv: list[str] | None = None) -> None:
     """Serve (or benchmark handles of) one Ray Serve app until told to stop."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--app", default="noop")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--grpc-port", type=int, default=0)
-    handlebench.add_arguments(parser)
-    args = parser.parse_args(argv)
-
-    stop = threading.Event()
-    serving = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        if not serving.is_set():  # still starting: give up right away
-            raise SystemExit(128 + signum)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    args, stop, serving = handlebench.server_setup(__doc__, argv)
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray

@@ -13,6 +13,8 @@ import argparse
 import asyncio
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -90,3 +92,28 @@ def run(
             "latency_samples": len(lat),
         }
         print("RESULT " + json.dumps(record), flush=True)
+
+
+def server_setup(description: str | None,
+                 argv: list[str] | None) -> tuple[Any, threading.Event, threading.Event]:
+    """The common start of a benchmark server process: its arguments, and (stop,
+    serving) events wired to SIGTERM/SIGINT. A signal before ``serving`` is set exits at
+    once; after it, it sets ``stop``."""
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--app", default="noop")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--grpc-port", type=int, default=0)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    serving = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not serving.is_set():  # still starting: give up right away
+            raise SystemExit(128 + signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    return args, stop, serving
