@@ -211,26 +211,126 @@ def run(app: Application, name: str = "default", route_prefix: str | None = "/",
     deployment's handle. Running an app under an existing name updates it in place:
     deployments whose code and options did not change keep their replicas.
 
+    With ``blocking=True`` it says on stderr what is starting and where the application
+    is served, then serves until Ctrl-C or SIGTERM and shuts the instance down.
+
     Raises :class:`fleet.DeploymentFailedError` (with the replica's traceback) when a
     constructor fails.
     """
-    if not isinstance(app, Application):
-        raise TypeError(f"fleet.run expects an Application (Deployment.bind(...)), got "
-                        f"{type(app).__name__}")
-    from fleet.dag import prepare_app  # graph drivers turn into plain applications
-    app, protocol = prepare_app(app)
-    plans = build_plans(app, name)
     # Before deploying: the route is live before run() returns, and a SIGTERM from then
     # on must shut down cleanly.
     stop = _stop_on_sigterm() if blocking else None
-    _ctl("deploy", name, route_prefix, plans, protocol)
-    _ctl("wait_ready", name)
+    handle = deploy(app, name, route_prefix, progress=blocking)
+    if stop is not None:
+        _print_addresses(status(), name)
+        _block(stop)
+    return handle
+
+
+def deploy(app: Application, name: str, route_prefix: str | None,
+           progress: bool = False) -> DeploymentHandle:
+    """:func:`run` without blocking; with progress, report start-up on stderr."""
+    if not isinstance(app, Application):
+        raise TypeError(f"fleet.run expects an Application (Deployment.bind(...)), got "
+                        f"{type(app).__name__}")
+    if route_prefix is not None and (not isinstance(route_prefix, str)
+                                     or not route_prefix.startswith("/")):
+        raise ValueError(f"application {name!r}: route_prefix must start with '/' (or be None "
+                         f"for no HTTP route), got {route_prefix!r}")
+    from fleet.dag import prepare_app  # graph drivers turn into plain applications
+    app, protocol = prepare_app(app)
+    plans = build_plans(app, name)
+    _deploy(name, route_prefix, plans, protocol, progress=progress)
     handle = DeploymentHandle(plans[0].name, name)
     if plans[0].legacy_refs:
         handle = handle._with_legacy_refs()
-    if stop is not None:
-        _block(stop)
     return handle
+
+
+def _deploy(name: str, route_prefix: str | None, plans: list[Any], protocol: str,
+            progress: bool) -> None:
+    """Deploy and wait until ready; with progress, say on stderr what is starting."""
+    _ctl("deploy", name, route_prefix, plans, protocol)
+    if not progress:
+        _ctl("wait_ready", name)
+        return
+    _say(f"deploying application {name!r}: "
+         + ", ".join(f"{p.name} x{p.config.target_replicas()}" for p in plans))
+    done = threading.Event()
+    watcher = Progress(name)
+    thread = threading.Thread(target=watcher.watch, args=(done,), name="fleet-progress",
+                              daemon=True)
+    thread.start()
+    try:
+        _ctl("wait_ready", name)
+    finally:
+        done.set()
+        thread.join(5)
+    watcher.update(_app_status(name))
+
+
+def _say(line: str) -> None:
+    print(f"fleet: {line}", file=sys.stderr, flush=True)
+
+
+def _app_status(name: str) -> dict[str, Any] | None:
+    apps: dict[str, Any] = status()["applications"]
+    return apps.get(name)
+
+
+class Progress:
+    """Prints each deployment's replicas as they become ready, and what slow ones do."""
+
+    REPORT_AFTER_S = (5, 10, 20, 40, 60, 120, 180, 240, 300)
+
+    def __init__(self, app: str) -> None:
+        self.app = app
+        self.ready: dict[str, int] = {}
+        self.reported_slow: dict[str, int] = {}
+
+    def watch(self, done: threading.Event) -> None:
+        while not done.wait(0.25):
+            try:
+                self.update(_app_status(self.app))
+            except Exception:
+                return
+
+    def update(self, app: dict[str, Any] | None) -> None:
+        if app is None:
+            return
+        for dep_name, dep in app["deployments"].items():
+            running = sum(r["state"] == "RUNNING" for r in dep["replicas"])
+            target = dep.get("target_replicas", running)
+            if running != self.ready.get(dep_name, 0) and running <= target:
+                self.ready[dep_name] = running
+                _say(f"{dep_name} {running}/{target} ready")
+            starting = [r for r in dep["replicas"] if r["state"] == "STARTING"]
+            if not starting:
+                continue
+            slowest = max(starting, key=lambda r: r.get("uptime_s", 0))
+            age = slowest.get("uptime_s", 0)
+            marks = [m for m in self.REPORT_AFTER_S if m <= age]
+            if marks and self.reported_slow.get(dep_name) != marks[-1]:
+                self.reported_slow[dep_name] = marks[-1]
+                doing = slowest.get("message") or "starting"
+                _say(f"{dep_name}: {doing} for {int(age)} s")
+
+
+def _print_addresses(st: dict[str, Any], only: str | None = None) -> None:
+    """Where each application is served, on stderr."""
+    proxies = st.get("proxies", {})
+    http, grpc = proxies.get("http"), proxies.get("grpc")
+    for name, app in st["applications"].items():
+        if only is not None and name != only:
+            continue
+        deps = ", ".join(f"{d} x{len(info['replicas'])}"
+                         for d, info in app["deployments"].items())
+        where = ""
+        if app.get("protocol") == "grpc" and grpc:
+            where = f" on gRPC {grpc['host']}:{grpc['port']}"
+        elif http and app["route_prefix"] is not None:
+            where = f" at http://{http['host']}:{http['port']}{app['route_prefix']}"
+        _say(f"application {name!r} RUNNING{where} ({deps})")
 
 
 def _stop_on_sigterm() -> threading.Event:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import importlib
 import inspect
 import json
@@ -16,7 +17,7 @@ import click
 import yaml
 from pydantic import ValidationError
 
-from fleet._config import FleetConfig, validation_message
+from fleet._config import FleetConfig, describe_errors
 
 
 class CLIError(click.ClickException):
@@ -27,9 +28,13 @@ class CLIError(click.ClickException):
 
 
 def import_attr(import_path: str, app_dir: str | None = None) -> Any:
-    """Import ``module:attr`` (or ``module.attr``), with one-line errors."""
+    """Import ``module:attr``, ``module.attr`` or ``path/to/file.py[:attr]``, with one-line
+    errors and a hint for near misses."""
     if app_dir is not None:
         sys.path.insert(0, os.path.abspath(app_dir))
+    file_part, colon, file_attr = import_path.partition(":")
+    if file_part.endswith(".py"):
+        return _import_file(file_part, file_attr if colon else None)
     if ":" in import_path:
         module_name, _, attr = import_path.partition(":")
     else:
@@ -37,8 +42,19 @@ def import_attr(import_path: str, app_dir: str | None = None) -> Any:
     if not module_name or not attr:
         raise CLIError(f"bad import path {import_path!r}: expected MODULE:ATTRIBUTE, "
                        "e.g. my_app:app")
+    module = _import_module(module_name, import_path)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CLIError(f"module {module_name!r} has no attribute {attr!r}"
+                           f"{_near_miss(module, module_name, attr)}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _import_module(module_name: str, import_path: str) -> Any:
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise CLIError(f"cannot import module {module_name!r} (from {import_path!r}): "
@@ -47,12 +63,59 @@ def import_attr(import_path: str, app_dir: str | None = None) -> Any:
     except Exception as exc:
         raise CLIError(f"importing module {module_name!r} raised "
                        f"{type(exc).__name__}: {exc}") from None
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise CLIError(f"module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
+
+
+def _applications(module: Any) -> list[str]:
+    from fleet._deployment import Application
+    return sorted(n for n, v in vars(module).items()
+                  if isinstance(v, Application) and not n.startswith("_"))
+
+
+def _near_miss(module: Any, module_name: str, attr: str) -> str:
+    """A hint when ``pkg.mod`` was meant as a module, or the module defines other apps."""
+    candidates: list[str] = []
+    try:
+        sub = importlib.import_module(f"{module_name}.{attr}")
+    except Exception:
+        sub = None
+    if sub is not None:
+        candidates = [f"{module_name}.{attr}:{n}" for n in _applications(sub)]
+    if not candidates:
+        apps = _applications(module)
+        apps = difflib.get_close_matches(attr, apps, n=1, cutoff=0.6) or apps
+        candidates = [f"{module_name}:{n}" for n in apps]
+    if not candidates:
+        return ""
+    return f"; did you mean {' or '.join(candidates)}?"
+
+
+def _import_file(path: str, attr: str | None) -> Any:
+    """Import a Python file with its directory on sys.path; without attr, its only
+    Application."""
+    full = os.path.abspath(path)
+    if not os.path.isfile(full):
+        raise CLIError(f"no such file {path!r}")
+    directory, filename = os.path.split(full)
+    sys.path.insert(0, directory)
+    module_name = filename[:-3]
+    module = _import_module(module_name, path)
+    if getattr(module, "__file__", None) and \
+            os.path.realpath(module.__file__) != os.path.realpath(full):
+        raise CLIError(f"importing {path!r} found another module named {module_name!r} at "
+                       f"{module.__file__}; rename the file or use MODULE:ATTR with --app-dir")
+    if attr:
+        if not hasattr(module, attr):
+            raise CLIError(f"{path!r} has no attribute {attr!r}"
+                           f"{_near_miss(module, module_name, attr)}")
+        return getattr(module, attr)
+    apps = _applications(module)
+    if len(apps) == 1:
+        return getattr(module, apps[0])
+    if not apps:
+        raise CLIError(f"{path!r} defines no fleet Application; bind one "
+                       "(app = MyDeployment.bind()) or name a builder as FILE:ATTR")
+    raise CLIError(f"{path!r} defines {len(apps)} applications ({', '.join(apps)}); pick "
+                   f"one, e.g. {path}:{apps[0]}")
 
 
 def resolve_app(obj: Any, import_path: str, args: dict[str, Any] | None = None) -> Any:
@@ -130,21 +193,60 @@ def apply_overrides(app: Any, overrides: dict[str, dict[str, Any]]) -> Any:
             return {k: walk(v) for k, v in value.items()}
         return value
 
-    return walk(app)
+    result = walk(app)
+    names = {v.deployment.name for v in seen.values() if isinstance(v, Application)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"the config overrides deployment(s) {', '.join(map(repr, unknown))}, "
+                         f"which the application does not have; its deployments are "
+                         f"{', '.join(map(repr, sorted(names)))}")
+    return result
 
 
 def load_config(path: str) -> FleetConfig:
+    """Read and validate a YAML config; every problem is one line naming file and line."""
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            text = f.read()
     except OSError as exc:
         raise CLIError(f"cannot read config {path!r}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+        root = yaml.compose(text)
     except yaml.YAMLError as exc:
-        raise CLIError(f"config {path!r} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CLIError(f"config {path!r}{where}: not valid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise CLIError(f"config {path!r}: expected a mapping of options at the top, got "
+                       f"{type(raw).__name__}")
     try:
         return FleetConfig(**raw)
     except ValidationError as exc:
-        raise CLIError(validation_message(exc, f"config {path!r}")) from None
+        problems = [f"config {path!r}{_yaml_line(root, loc)}: {text}"
+                    for loc, text in describe_errors(exc)]
+        raise CLIError("; ".join(problems)) from None
+
+
+def _yaml_line(node: Any, loc: tuple[Any, ...]) -> str:
+    """``, line N`` of the YAML node at loc (the key's line for a mapping entry)."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == part:
+                    line, node = key.start_mark.line, value
+                    break
+            else:
+                break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) \
+                and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line
+        else:
+            break
+    return f", line {line + 1}" if line is not None else ""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -165,7 +267,7 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
         host: str | None, port: int | None, grpc_port: int | None) -> None:
     """Run TARGET (MODULE:ATTR or CONFIG.yaml) in the foreground until Ctrl-C or SIGTERM."""
     import fleet
-    from fleet._api import shutdown
+    from fleet._api import deploy, shutdown
     if app_dir is None:
         app_dir = "."
     sys.path.insert(0, os.path.abspath(app_dir))
@@ -183,6 +285,10 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
         from fleet._config import ApplicationConfig
         config = FleetConfig(applications=[ApplicationConfig(
             name=name or "default", route_prefix=route_prefix or "/", import_path=target)])
+    for flag, value in (("--port", port), ("--grpc-port", grpc_port)):
+        if value is not None and not 0 <= value <= 65535:
+            raise CLIError(f"{flag} must be a port number from 0 to 65535 (0 picks a free "
+                           f"one), got {value}")
     if host is not None:
         config.http_options.host = host
     if port is not None:
@@ -213,7 +319,11 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
         fleet.start(http_options=config.http_options,
                     grpc_options=config.grpc_options if config.grpc_options.enabled else None)
         for app_cfg, app in apps:
-            fleet.run(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix)
+            try:
+                deploy(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix,
+                       progress=True)
+            except (TypeError, ValueError) as exc:
+                raise CLIError(str(exc)) from None
         if config.traffic:
             from fleet._api import _apply_traffic
             try:
@@ -237,24 +347,15 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
 
 
 def _print_serving(status: dict[str, Any]) -> None:
+    from fleet._api import _print_addresses
+    _print_addresses(status)
     proxies = status.get("proxies", {})
-    http = proxies.get("http")
-    grpc = proxies.get("grpc")
-    for name, app in status["applications"].items():
-        deps = ", ".join(f"{d} x{len(info['replicas'])}"
-                         for d, info in app["deployments"].items())
-        where = ""
-        if app.get("protocol") == "grpc" and grpc:
-            where = f" on gRPC {grpc['host']}:{grpc['port']}"
-        elif http and app["route_prefix"] is not None:
-            where = f" at http://{http['host']}:{http['port']}{app['route_prefix']}"
-        click.echo(f"fleet: application {name!r} RUNNING{where} ({deps})")
+    http, grpc = proxies.get("http"), proxies.get("grpc")
     if http:
-        click.echo(f"fleet: HTTP on http://{http['host']}:{http['port']}")
+        click.echo(f"fleet: HTTP on http://{http['host']}:{http['port']}", err=True)
     if grpc:
-        click.echo(f"fleet: gRPC on {grpc['host']}:{grpc['port']}")
-    click.echo("fleet: press Ctrl-C to stop")
-    sys.stdout.flush()
+        click.echo(f"fleet: gRPC on {grpc['host']}:{grpc['port']}", err=True)
+    click.echo("fleet: press Ctrl-C to stop", err=True)
 
 
 def _connect_instance() -> tuple[str, bytes]:

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
+import re
+import types
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 9000
@@ -64,10 +75,16 @@ class DeploymentConfig(_Model):
     ray_actor_options: dict[str, Any] | None = None
     is_driver_deployment: bool = False
 
+    @field_validator("num_replicas", mode="before")
+    @classmethod
+    def _check_num_replicas(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                               and value >= 0):
+            return value
+        raise ValueError('num_replicas must be a whole number >= 0 or "auto"')
+
     @model_validator(mode="after")
     def _check(self) -> DeploymentConfig:
-        if isinstance(self.num_replicas, int) and self.num_replicas < 0:
-            raise ValueError(f"num_replicas must be >= 0 or 'auto', got {self.num_replicas}")
         if self.num_replicas == "auto" and self.autoscaling_config is None:
             self.autoscaling_config = AutoscalingConfig()
         return self
@@ -161,23 +178,128 @@ class FleetConfig(_Model):
     traffic: list[TrafficConfig] = Field(default_factory=list)
 
 
-def validation_message(exc: ValidationError, where: str) -> str:
-    """One readable line per problem: which option, what is wrong."""
-    lines = []
+# Parts of a pydantic error location that name a branch of a union, not a field:
+# ("num_replicas", "int") and ("num_replicas", "literal['auto']") are one option.
+_BRANCH = re.compile(r"^(int|float|str|bool|none|literal\[.*\]|dict\[.*\]|list\[.*\]|"
+                     r"function-\w+\[.*\]|[A-Z]\w*)$")
+
+_PHRASES = {
+    "int_parsing": "must be a whole number", "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number", "float_type": "must be a number",
+    "bool_parsing": "must be true or false", "bool_type": "must be true or false",
+    "string_type": "must be a string", "string_too_short": "must not be empty",
+    "missing": "is required", "list_type": "must be a list",
+    "dict_type": "must be a mapping of options", "model_type": "must be a mapping of options",
+    "model_attributes_type": "must be a mapping of options",
+}
+
+
+def _phrase(err: Any) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in _PHRASES:
+        return _PHRASES[kind]
+    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
+              "less_than": "<"}
+    if kind in bounds:
+        key = {">=": "ge", ">": "gt", "<=": "le", "<": "lt"}[bounds[kind]]
+        limit = ctx.get(key)
+        if isinstance(limit, float) and limit.is_integer():
+            limit = int(limit)
+        return f"must be {bounds[kind]} {limit}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    msg = str(err["msg"])
+    return msg[:1].lower() + msg[1:]
+
+
+def _models() -> dict[str, type[BaseModel]]:
+    found: dict[str, type[BaseModel]] = {}
+    todo: list[type[BaseModel]] = [_Model]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds, through Optional, lists and dicts."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list, dict):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def option_names(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
+    """The valid option names at loc inside model (empty when unknown)."""
+    for part in loc:
+        if model is None:
+            return []
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field is not None else None
+    return sorted(model.model_fields) if model is not None else []
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or nothing."""
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def describe_errors(exc: ValidationError) -> list[tuple[tuple[Any, ...], str]]:
+    """Each problem as (location, sentence in a user's words), one per option."""
+    model = _models().get(exc.title)
+    grouped: dict[tuple[Any, ...], list[Any]] = {}
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown option {loc!r}")
-        else:
-            lines.append(f"{where}: option {loc!r}: {err['msg']} (got {err.get('input')!r})")
-    return "; ".join(lines)
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _BRANCH.match(p)))
+        grouped.setdefault(loc, []).append(err)
+    out = []
+    for loc, errs in grouped.items():
+        path = ".".join(str(p) for p in loc)
+        first = errs[0]
+        if first["type"] == "extra_forbidden":
+            hint = did_you_mean(str(loc[-1]), option_names(model, loc[:-1]))
+            out.append((loc, f"unknown option {path!r}{hint}"))
+            continue
+        phrases = list(dict.fromkeys(_phrase(e) for e in errs))
+        if all(p.startswith("must be ") for p in phrases):
+            rest = [p.removeprefix("must be ").removeprefix("one of ") for p in phrases[1:]]
+            phrases = [phrases[0], *rest]
+        text = " or ".join(phrases)
+        leaf = str(loc[-1]) if loc else ""
+        if first["type"] != "value_error" or not text.startswith(leaf):
+            text = f"{path} {text}" if path else text
+        elif path != leaf:
+            text = f"{path[: -len(leaf)]}{text}"
+        given = first.get("input")
+        if first["type"] != "missing" and not isinstance(given, (dict, BaseModel)) \
+                and ", got " not in text:
+            text += f", got {given!r}"
+        out.append((loc, text))
+    return out
+
+
+def validation_message(exc: ValidationError, where: str) -> str:
+    """One readable line for all problems: which option, what is wrong, what was given."""
+    return "; ".join(f"{where}: {text}" for _loc, text in describe_errors(exc))
 
 
 def make_deployment_config(where: str, **options: Any) -> DeploymentConfig:
     """Validate options, raising TypeError for unknown names and ValueError for bad values."""
     unknown = sorted(set(options) - DEPLOYMENT_OPTIONS)
     if unknown:
-        raise TypeError(f"{where}: unknown deployment option(s) {', '.join(unknown)}; "
+        hint = did_you_mean(unknown[0], sorted(DEPLOYMENT_OPTIONS)) if len(unknown) == 1 else ""
+        raise TypeError(f"{where}: unknown deployment option(s) {', '.join(unknown)}{hint}; "
                         f"valid options are {', '.join(sorted(DEPLOYMENT_OPTIONS))}")
     try:
         return DeploymentConfig(**options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -165,11 +166,19 @@ def _target_ref(target: Any) -> Any:
     return target
 
 
+# inspect.getsource on a class parses the module with ast, which CPython 3.11 can fail
+# with "AST constructor recursion depth mismatch" when two threads do it at once
+# (gh-106905): fleet.run from several threads hashes source, so one thread at a time.
+_source_lock = threading.Lock()
+
+
 def _source_hash(target: Any) -> str:
-    try:
-        return hashlib.sha1(inspect.getsource(target).encode()).hexdigest()
-    except (OSError, TypeError):
-        return ""
+    with _source_lock:
+        try:
+            source = inspect.getsource(target)
+        except (OSError, TypeError):
+            return ""
+    return hashlib.sha1(source.encode()).hexdigest()
 
 
 def build_plans(app: Application, app_name: str,

@@ -49,6 +49,7 @@ class Controller:
         self._published: Any = None
         self._kick = asyncio.Event()
         self._changed = asyncio.Event()
+        self._deploying: dict[str, int] = {}    # app -> calls waiting for it to be ready
         self._task: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[Any]] = set()
         self.proxies: dict[str, dict[str, Any]] = {}
@@ -251,9 +252,13 @@ class Controller:
         self.kick()
 
     def _fail(self, dep: DeploymentState, message: str) -> None:
+        # Logged once, in one line, and only when nobody waits for the deploy: the
+        # waiter gets a DeploymentFailedError with the traceback and shows it itself.
+        if dep.status != DeploymentStatus.DEPLOY_FAILED and not self._deploying.get(dep.app):
+            log.warning("deployment %s/%s DEPLOY_FAILED: %s", dep.app, dep.name,
+                        message.splitlines()[0] if message else "")
         dep.status = DeploymentStatus.DEPLOY_FAILED
         dep.message = message
-        log.error("deployment %s/%s DEPLOY_FAILED: %s", dep.app, dep.name, message)
         self._notify()
 
     # -- tables -------------------------------------------------------------------
@@ -377,6 +382,7 @@ class Controller:
         dep, rec = found
         rec.conn, rec.address, rec.pid = conn, address, pid
         rec.state = ReplicaState.RUNNING
+        rec.message = ""
         rec.last_health = time.monotonic()
         conn.tag = ("replica", rid)
         dep.start_failures = 0
@@ -386,6 +392,12 @@ class Controller:
         self._notify()
         self.kick()
 
+    async def rpc_replica_starting(self, conn: ServerConnection, rid: str, doing: str) -> None:
+        """A starting replica says what it is doing (shown by fleet status)."""
+        found = self._find(rid)
+        if found is not None and found[1].state == ReplicaState.STARTING:
+            found[1].message = doing
+
     async def rpc_replica_failed(self, conn: ServerConnection, rid: str, info: ErrorInfo) -> None:
         found = self._find(rid)
         if found is None:
@@ -394,10 +406,15 @@ class Controller:
         _blob, etype, message, tb, _ = info
         rec.state = ReplicaState.STOPPING
         rec.message = f"{etype}: {message}"
-        self._fail(dep, f"the constructor of deployment {dep.name!r} (application {dep.app!r}) "
-                        f"raised {etype}: {message}\n{tb}")
-        dep.message_type = etype  # type: ignore[attr-defined]
-        dep.traceback = tb  # type: ignore[attr-defined]
+        if dep.status == DeploymentStatus.DEPLOY_FAILED and dep.error_type == etype \
+                and dep.message.endswith(f"raised {etype}: {message}"):
+            dep.same_failures += 1
+        else:
+            dep.same_failures = 1
+            self._fail(dep, f"the constructor of deployment {dep.name!r} (application "
+                            f"{dep.app!r}) raised {etype}: {message}")
+            dep.error_type, dep.traceback = etype, tb
+        self._notify()
         task = asyncio.get_running_loop().create_task(self._await_exit(dep, rec, 5))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
@@ -474,22 +491,52 @@ class Controller:
             if plan.config.autoscaling_config is not None else None
 
     async def rpc_wait_ready(self, conn: ServerConnection, name: str) -> None:
+        self._deploying[name] = self._deploying.get(name, 0) + 1
+        try:
+            await self._wait_ready(name)
+        finally:
+            self._deploying[name] -= 1
+            if not self._deploying[name]:
+                del self._deploying[name]
+
+    async def _wait_ready(self, name: str) -> None:
         while True:
             app = self.apps.get(name)
             if app is None:
                 raise FleetError(f"application {name!r} was deleted while deploying")
             for dep in app.deployments.values():
                 if dep.status == DeploymentStatus.DEPLOY_FAILED:
-                    raise DeploymentFailedError(
-                        f"application {name!r}: {dep.message}", app=name, deployment=dep.name,
-                        error_type=getattr(dep, "message_type", ""),
-                        remote_traceback=getattr(dep, "traceback", ""))
+                    await self._settle(dep)
+                    raise self._failure(name, dep)
             if all(d.status == DeploymentStatus.HEALTHY for d in app.deployments.values()
                    if not d.deleting):
                 self._publish()
                 await self._proxies_caught_up()
                 return
             await self._changed.wait()
+
+    async def _settle(self, dep: DeploymentState, timeout_s: float = 2.0) -> None:
+        """Give the deployment's other starting replicas a moment to report, so the
+        error says how many failed the same way instead of arriving once per replica."""
+        deadline = time.monotonic() + timeout_s
+        while any(r.state == ReplicaState.STARTING for r in dep.replicas.values()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
+    @staticmethod
+    def _failure(app: str, dep: DeploymentState) -> DeploymentFailedError:
+        message = f"application {app!r}: {dep.message}"
+        if dep.same_failures > 1:
+            message += f" ({dep.same_failures} replicas failed the same way)"
+        if dep.traceback:
+            message += "\n" + dep.traceback.rstrip()
+        return DeploymentFailedError(message, app=app, deployment=dep.name,
+                                     error_type=dep.error_type, remote_traceback=dep.traceback)
 
     async def _proxies_caught_up(self) -> None:
         """Wait until every proxy applied the current tables, so routes are live."""

@@ -48,6 +48,9 @@ class DeploymentState:
     status: DeploymentStatus = DeploymentStatus.UPDATING
     message: str = ""
     start_failures: int = 0
+    error_type: str = ""           # of the constructor that failed the deployment
+    traceback: str = ""            # its traceback, shown once by whoever deployed
+    same_failures: int = 0         # replicas whose constructor failed the same way
     deleting: bool = False
     scaling_log: list[dict[str, Any]] = field(default_factory=list)
     autoscaler: Any = None

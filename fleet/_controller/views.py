@@ -6,12 +6,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fleet._controller.state import AppState
+from fleet._controller.state import AppState, ReplicaRecord
 from fleet._controller.traffic import traffic_tables
 from fleet._types import (
     ApplicationStatus,
     DeploymentStatus,
     DeploymentTable,
+    ReplicaState,
     Tables,
     deployment_key,
 )
@@ -45,6 +46,7 @@ def status(apps: dict[str, AppState], proxies: dict[str, dict[str, Any]],
            traffic: dict[str, Any]) -> dict[str, Any]:
     """Applications -> deployments -> replicas, the proxies and the traffic policies."""
     out: dict[str, Any] = {}
+    now = time.monotonic()
     for app in apps.values():
         deps: dict[str, Any] = {}
         for dep in app.deployments.values():
@@ -53,7 +55,9 @@ def status(apps: dict[str, AppState], proxies: dict[str, dict[str, Any]],
                 "message": dep.message,
                 "target_replicas": dep.target,
                 "replicas": [{"replica_id": r.replica_id, "state": r.state.value,
-                              "pid": r.pid, "version": r.version, "message": r.message,
+                              "pid": r.pid, "version": r.version,
+                              "message": r.message or _doing(r),
+                              "uptime_s": round(now - r.started_at, 1),
                               "ongoing": r.ongoing, "batches": r.batches}
                              for r in dep.replicas.values()],
                 "scaling_log": list(dep.scaling_log[-10:]),
@@ -65,6 +69,11 @@ def status(apps: dict[str, AppState], proxies: dict[str, dict[str, Any]],
                          "deployments": deps}
     return {"applications": out, "proxies": dict(proxies),
             "traffic": {p: dict(v) for p, v in traffic.items()}}
+
+
+def _doing(rec: ReplicaRecord) -> str:
+    """What a starting replica is doing, when it has no message of its own."""
+    return "process starting" if rec.state == ReplicaState.STARTING else ""
 
 
 def app_status(app: AppState) -> ApplicationStatus:

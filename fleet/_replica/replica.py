@@ -96,9 +96,12 @@ class Replica:
         address = f"unix:{sock_dir}/{self.spec.replica_id}.sock"
         server = await listen(self, self.spec.secret, address)
         try:
+            await rt.call_controller("replica_starting", self.spec.replica_id,
+                                     "constructor running")
             await self._construct()
         except BaseException as exc:  # noqa: BLE001 - reported to the controller
-            log.error("constructor of %s failed", self.where, exc_info=True)
+            # No traceback here: the controller gets it and the deployer shows it once.
+            log.debug("constructor of %s failed", self.where, exc_info=True)
             await rt.call_controller("replica_failed", self.spec.replica_id,
                                      error_info(exc, f"while constructing {self.where}"))
             server.close()

@@ -36,3 +36,31 @@ def make() -> fleet.Application:
 
 def failing_build(args: dict) -> fleet.Application:
     raise RuntimeError("no model configured")
+
+
+@fleet.deployment(num_replicas=2)
+class BrokenTwice:
+    def __init__(self) -> None:
+        raise ValueError("weights not found at /models/y.bin")
+
+
+broken_twice = BrokenTwice.bind()
+
+
+@fleet.deployment
+class Gated:
+    """Its constructor runs until the file named by FLEET_TEST_GATE exists."""
+
+    def __init__(self) -> None:
+        import os
+        import time
+        gate = os.environ["FLEET_TEST_GATE"]
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def __call__(self, request) -> str:
+        return "opened"
+
+
+gated = Gated.bind()
