@@ -263,8 +263,10 @@ def cli() -> None:
 @click.option("--host", default=None, help="HTTP host (default: 127.0.0.1).")
 @click.option("--port", default=None, type=int, help="HTTP port (default: 8000).")
 @click.option("--grpc-port", default=None, type=int, help="Also serve gRPC on this port.")
+@click.option("--reload", is_flag=True, help="Redeploy what changed when the application's "
+              "files change.")
 def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | None,
-        host: str | None, port: int | None, grpc_port: int | None) -> None:
+        host: str | None, port: int | None, grpc_port: int | None, reload: bool) -> None:
     """Run TARGET (MODULE:ATTR or CONFIG.yaml) in the foreground until Ctrl-C or SIGTERM."""
     import fleet
     from fleet._api import deploy, shutdown
@@ -298,19 +300,22 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
         config.grpc_options.enabled = True
     if config.grpc_options.grpc_servicer_functions:
         config.grpc_options.enabled = True
-    apps = []
-    for app_cfg in config.applications:
-        obj = import_attr(app_cfg.import_path)
-        app = resolve_app(obj, app_cfg.import_path, app_cfg.args)
-        overrides = {d.name: d.overrides() for d in app_cfg.deployments}
-        if overrides:
-            try:
-                app = apply_overrides(app, overrides)
-            except (TypeError, ValueError) as exc:
-                raise CLIError(str(exc)) from None
-        apps.append((app_cfg, app))
+    apps = _load_apps(config)
     if not apps:
         raise CLIError(f"{target!r} defines no applications")
+    watcher = None
+    if reload:
+        from fleet._reload import Watcher
+        roots = {os.path.abspath(app_dir)}
+        extra = []
+        if target.endswith((".yaml", ".yml")):
+            roots.add(os.path.dirname(os.path.abspath(target)))
+            extra.append(target)
+        for app_cfg in config.applications:
+            file_part = app_cfg.import_path.partition(":")[0]
+            if file_part.endswith(".py"):
+                roots.add(os.path.dirname(os.path.abspath(file_part)))
+        watcher = Watcher(roots, extra)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -332,7 +337,10 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
                 raise CLIError(str(exc)) from None
         _print_serving(fleet.status())
         while not stop.wait(0.5):
-            pass
+            if watcher is not None:
+                changed = watcher.changed()
+                if changed:
+                    _reload(watcher, changed, target, config)
         click.echo("fleet: shutting down", err=True)
     except fleet.DeploymentFailedError as exc:
         click.echo(f"fleet: error: {exc}", err=True)
@@ -344,6 +352,58 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
         sys.exit(1)
     finally:
         shutdown()
+
+
+def _load_apps(config: FleetConfig) -> list[tuple[Any, Any]]:
+    """Import every application of config, with its overrides applied."""
+    apps = []
+    for app_cfg in config.applications:
+        obj = import_attr(app_cfg.import_path)
+        app = resolve_app(obj, app_cfg.import_path, app_cfg.args)
+        overrides = {d.name: d.overrides() for d in app_cfg.deployments}
+        if overrides:
+            try:
+                app = apply_overrides(app, overrides)
+            except (TypeError, ValueError) as exc:
+                raise CLIError(str(exc)) from None
+        apps.append((app_cfg, app))
+    return apps
+
+
+def _versions(status: dict[str, Any]) -> dict[str, set[str]]:
+    return {f"{app}/{dep}": {r["version"] for r in info["replicas"] if r["state"] == "RUNNING"}
+            for app, a in status["applications"].items()
+            for dep, info in a["deployments"].items()}
+
+
+def _reload(watcher: Any, changed: list[str], target: str, config: FleetConfig) -> None:
+    """Import the changed application afresh and redeploy it: deployments whose code and
+    options did not change keep their replicas; a failure keeps the previous version."""
+    import fleet
+    from fleet._api import deploy
+    names = ", ".join(os.path.relpath(p) for p in changed)
+    click.echo(f"fleet: {names} changed; reloading", err=True)
+    before = _versions(fleet.status())
+    watcher.forget_modules()
+    try:
+        if target.endswith((".yaml", ".yml")):
+            fresh = load_config(target)
+            config.applications = fresh.applications
+        apps = _load_apps(config)
+        for app_cfg, app in apps:
+            deploy(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix, progress=True)
+    except (CLIError, fleet.FleetError, TypeError, ValueError) as exc:
+        text = exc.message if isinstance(exc, CLIError) else str(exc)
+        click.echo(f"fleet: error: {text}", err=True)
+        click.echo("fleet: reload failed; the previous version keeps serving", err=True)
+    else:
+        after = _versions(fleet.status())
+        rolled = sorted(d for d in after if after[d] != before.get(d))
+        kept = sorted(d for d in after if after[d] == before.get(d))
+        click.echo(f"fleet: reloaded: rolled {', '.join(rolled) or 'nothing'}; kept "
+                   f"{', '.join(kept) or 'nothing'}", err=True)
+    finally:
+        watcher.rescan()
 
 
 def _print_serving(status: dict[str, Any]) -> None:
