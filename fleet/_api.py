@@ -22,6 +22,7 @@ from fleet._controller.controller import Controller
 from fleet._deployment import Application, build_plans
 from fleet._handle import DeploymentHandle
 from fleet._runtime import Runtime, set_current
+from fleet._types import Backend
 from fleet._wire.listener import listen
 from fleet.exceptions import FleetError
 
@@ -39,7 +40,8 @@ class Instance:
     """One fleet instance owned by this process: controller, backend and proxies,
     all on a background event loop thread."""
 
-    def __init__(self, http_options: HTTPOptions, grpc_options: GRPCOptions) -> None:
+    def __init__(self, http_options: HTTPOptions, grpc_options: GRPCOptions,
+                 backend: Backend | None = None, register: bool = True) -> None:
         self.http_options = http_options
         self.grpc_options = grpc_options
         self.dir = tempfile.mkdtemp(prefix="fleet-")
@@ -52,7 +54,8 @@ class Instance:
             self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fleet-controller",
                                        daemon=True)
-        self.backend = LocalBackend()
+        self.backend: Backend = backend if backend is not None else LocalBackend()
+        self.register = register          # write the instance file other processes find
         self.controller: Controller | None = None
         self.runtime: Runtime | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -86,7 +89,8 @@ class Instance:
         for info in await asyncio.gather(*waits):
             if "error" in info:
                 raise FleetError(info["error"])
-        self._write_instance_file()
+        if self.register:
+            self._write_instance_file()
 
     async def _start_proxy(self, kind: str, options: Any) -> dict[str, Any]:
         assert self.controller is not None

@@ -104,6 +104,10 @@ class ReplicaProcess(Protocol):
 
     def alive(self) -> bool: ...
 
+    def exit_code(self) -> int | None:
+        """The exit status once it ended (negative: killed by that signal), else None."""
+        ...
+
 
 class Backend(Protocol):
     """The seam: the only code that knows how replica processes are made."""
@@ -134,6 +138,15 @@ class Backend(Protocol):
         """Whether the replica's process still runs."""
         ...
 
+    def spawn(self, key: str, module: str, payload: Any) -> ReplicaProcess:
+        """Start another fleet process (a proxy) running ``python -m module`` with
+        payload, under key."""
+        ...
+
     async def shutdown(self) -> None:
         """Stop everything this backend started."""
+        ...
+
+    def kill_all(self) -> None:
+        """Last resort at interpreter exit, from any thread: end everything now."""
         ...

@@ -70,14 +70,16 @@ class LocalBackend:
             delay = min(delay * 2, 0.05)
         self.procs.pop(proc.replica_id, None)
 
-    def kill(self, proc: LocalProcess) -> None:
+    def kill(self, proc: Any) -> None:
+        assert isinstance(proc, LocalProcess)
         if proc.alive():
             try:
                 proc.popen.send_signal(signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
-    def terminate(self, proc: LocalProcess) -> None:
+    def terminate(self, proc: Any) -> None:
+        assert isinstance(proc, LocalProcess)
         if proc.alive():
             try:
                 proc.popen.send_signal(signal.SIGTERM)

@@ -228,8 +228,7 @@ class Controller:
         dep.replicas.pop(rec.replica_id, None)
         if rec.proc is not None:
             self.backend.kill(rec.proc)
-        code = rec.proc.exit_code() if rec.proc is not None and hasattr(rec.proc, "exit_code") \
-            else None
+        code = rec.proc.exit_code() if rec.proc is not None else None
         log.warning("replica %s of %s/%s is gone: %s (exit code %s); replacing it",
                     rec.replica_id, dep.app, dep.name, why, code)
         if starting and dep.status != DeploymentStatus.DEPLOY_FAILED:

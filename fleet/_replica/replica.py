@@ -59,14 +59,18 @@ def _call_sync(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 class Replica:
     """The serving side of one replica process (a listener Handler)."""
 
-    def __init__(self, spec: ReplicaSpec, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, spec: ReplicaSpec, loop: asyncio.AbstractEventLoop,
+                 own_process: bool = True) -> None:
         self.spec = spec
         self.loop = loop
         self.config = DeploymentConfig(**spec.config)
         self.where = (f"deployment {spec.deployment_name!r} of application "
                       f"{spec.app_name!r}, replica {spec.replica_id}")
         self.runtime = Runtime(loop, spec.controller_address, spec.secret)
-        set_current(self.runtime)
+        if own_process:
+            # Handles made in this process route through this replica's runtime. A
+            # replica sharing a process (the memory backend) leaves the driver's in place.
+            set_current(self.runtime)
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(4, min(64, self.config.max_ongoing_requests)),
             thread_name_prefix=f"fleet-{spec.deployment_name}")
