@@ -218,12 +218,12 @@ def run(app: Application, name: str = "default", route_prefix: str | None = "/",
         raise TypeError(f"fleet.run expects an Application (Deployment.bind(...)), got "
                         f"{type(app).__name__}")
     from fleet.dag import prepare_app  # graph drivers turn into plain applications
-    app, protocol = prepare_app(app)
+    app, protocol, grpc_port = prepare_app(app)
     plans = build_plans(app, name)
     # Before deploying: the route is live before run() returns, and a SIGTERM from then
     # on must shut down cleanly.
     stop = _stop_on_sigterm() if blocking else None
-    _ctl("deploy", name, route_prefix, plans, protocol)
+    _ctl("deploy", name, route_prefix, plans, protocol, grpc_port)
     _ctl("wait_ready", name)
     handle = DeploymentHandle(plans[0].name, name)
     if plans[0].legacy_refs:

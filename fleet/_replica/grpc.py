@@ -371,8 +371,13 @@ class GRPCAdapter:
             raise
         except Exception as exc:
             log.error("%s of %s raised", full, where, exc_info=True)
-            ctx._code = grpc.StatusCode.INTERNAL
-            ctx._details = f"{type(exc).__name__}: {exc}"
+            if ctx._code == OK:
+                ctx._code = grpc.StatusCode.INTERNAL
+                ctx._details = f"{type(exc).__name__}: {exc}"
+            elif not ctx._details:
+                # As grpcio does: a code the method set before raising is kept (the
+                # generated servicer base sets UNIMPLEMENTED and raises).
+                ctx._details = f"{type(exc).__name__}: {exc}"
             conn.reply(call_id, ctx._status(None))
         finally:
             ctx._run_callbacks()
