@@ -225,7 +225,7 @@ def run(app: Application, name: str = "default", route_prefix: str | None = "/",
     stop = _stop_on_sigterm() if blocking else None
     _ctl("deploy", name, route_prefix, plans, protocol, grpc_port)
     _ctl("wait_ready", name)
-    handle = DeploymentHandle(plans[0].name, name)
+    handle = DeploymentHandle(plans[0].name, name)._following_traffic()
     if plans[0].legacy_refs:
         handle = handle._with_legacy_refs()
     if stop is not None:
@@ -262,11 +262,13 @@ def status() -> dict[str, Any]:
 
 
 def get_app_handle(name: str) -> DeploymentHandle:
-    """The handle of a running application's ingress deployment."""
+    """The handle of a running application's ingress deployment. Like HTTP and gRPC
+    calls, its calls follow the traffic policy of the route the application serves
+    (``set_traffic``'s split, ``shadow_traffic``'s copies)."""
     apps = status()["applications"]
     if name not in apps:
         raise FleetError(f"no application named {name!r}; running: {sorted(apps) or 'none'}")
-    return DeploymentHandle(apps[name]["ingress"], name)
+    return DeploymentHandle(apps[name]["ingress"], name)._following_traffic()
 
 
 def get_deployment_handle(deployment_name: str, app_name: str = "default") -> DeploymentHandle:
