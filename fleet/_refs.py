@@ -53,11 +53,17 @@ async def _done_indexes(resps: list[DeploymentResponse], num_returns: int,
     the timeout passed."""
     futs: dict[asyncio.Future[Any], int] = {}
     for i, r in enumerate(resps):
-        fut = r._task if r._task is not None else asyncio.wrap_future(r._cfut)  # type: ignore[arg-type]
+        if r._task is not None:
+            fut = r._task
+        else:
+            assert r._cfut is not None
+            fut = asyncio.wrap_future(r._cfut)
+            # The caller reads the error from the response itself; this copy's must not
+            # be reported as never retrieved.
+            fut.add_done_callback(_retrieved)
         futs[fut] = i
     deadline = None if timeout is None else time.monotonic() + timeout
     pending = set(futs)
-    done_count = len(futs) - len(pending)
     while pending:
         done_count = sum(1 for f in futs if f.done())
         if done_count >= num_returns:
@@ -68,6 +74,11 @@ async def _done_indexes(resps: list[DeploymentResponse], num_returns: int,
         _, pending = await asyncio.wait(pending, timeout=left,
                                         return_when=asyncio.FIRST_COMPLETED)
     return {i for f, i in futs.items() if f.done()}
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _on_calls_loop(resps: list[DeploymentResponse], num_returns: int,
