@@ -266,3 +266,16 @@ def test_seed_defaults_grpc_options_default_port_is_9000() -> None:
         assert fleet.status()["proxies"]["grpc"]["port"] == 9000
     finally:
         fleet.shutdown()
+
+
+def test_grpc_guide_gRPCIngress_snippet_imports_and_defines_the_driver() -> None:
+    import re
+    with open(os.path.join(ROOT, "docs", "grpc.md")) as f:
+        text = f.read()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S)
+                   if "class MyDriver" in b)
+    code = "\n".join(ln for ln in snippet.splitlines() if not ln.startswith("fleet.run("))
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/grpc.md", "exec"), namespace)
+    assert isinstance(namespace["MyDriver"], fleet.Deployment)
+    assert namespace["MyDriver"].config.is_driver_deployment
