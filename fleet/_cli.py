@@ -245,7 +245,7 @@ def _print_serving(status: dict[str, Any]) -> None:
                          for d, info in app["deployments"].items())
         where = ""
         if app.get("protocol") == "grpc" and grpc:
-            where = f" on gRPC {grpc['host']}:{grpc['port']}"
+            where = f" on gRPC {grpc['host']}:{app.get('grpc_port') or grpc['port']}"
         elif http and app["route_prefix"] is not None:
             where = f" at http://{http['host']}:{http['port']}{app['route_prefix']}"
         click.echo(f"fleet: application {name!r} RUNNING{where} ({deps})")
