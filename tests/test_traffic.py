@@ -23,6 +23,10 @@ class Version:
     async def __call__(self, request=None) -> str:
         return self.name
 
+    async def letters(self):
+        for letter in self.name:
+            yield letter
+
 
 @fleet.deployment
 class Shadow:
@@ -150,6 +154,8 @@ def test_app_handles_follow_the_split_as_http_does(apps) -> None:
         assert set(_hits(client, 20)) == {"v2"}
         assert {by_name.remote().result() for _ in range(20)} == {"v2"}
         assert {from_run.remote().result() for _ in range(20)} == {"v2"}
+        streamed = by_name.options(stream=True).letters
+        assert {"".join(streamed.remote()) for _ in range(10)} == {"v2"}
         # A handle to one deployment (as deployments hold to each other) is not routed.
         inner = fleet.get_deployment_handle("Version", "app_v1")
         assert {inner.remote().result() for _ in range(20)} == {"v1"}
