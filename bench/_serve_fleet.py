@@ -31,12 +31,21 @@ def _grpc_info(port: int) -> dict[str, Any]:
     }
 
 
+def _predict_request() -> bytes:
+    from bench.models import PREDICT_INPUT
+    from fleet.generated import serve_pb2
+
+    inputs = {k: v.encode() for k, v in PREDICT_INPUT.items()}
+    return bytes(serve_pb2.PredictRequest(input=inputs).SerializeToString())
+
+
 def _load_app(name: str) -> Any:
     """The bound application ``bench.apps.<name>``."""
     apps = importlib.import_module("bench.apps")
     app = getattr(apps, name)
     if app is None:
-        reason = apps.GRPC_UNAVAILABLE if name == "grpc_app" else apps.BATCH_UNAVAILABLE
+        reason = apps.GRPC_UNAVAILABLE if name in ("grpc_app", "predict_grpc") \
+            else apps.BATCH_UNAVAILABLE
         raise SystemExit(f"UNAVAILABLE {reason}")
     return app
 
@@ -57,6 +66,11 @@ def main(argv: list[str] | None = None) -> None:
         info: dict[str, Any] = {"port": args.port}
         if args.grpc_port:
             info.update(_grpc_info(args.grpc_port))
+        if args.app == "predict_http" and args.grpc_port:
+            # The protocols scenario: the same handler as a gRPC Predict deployment.
+            fleet.run(_load_app("predict_grpc"), name="grpc", route_prefix="/grpc")
+            info["grpc_metadata"] = [["application", "grpc"]]
+            info["grpc_request_hex"] = _predict_request().hex()
         serving.set()
         print("READY " + json.dumps(info), flush=True)
         if args.handle_bench:

@@ -110,7 +110,19 @@ class FruitMarket:
         return models.encode_price(price)
 
 
+@fleet.deployment(max_ongoing_requests=MAX_ONGOING)
+class PredictJSON:
+    """The ``protocols`` scenario over HTTP: JSON ``{"input": {...}}`` in, JSON out."""
+
+    async def __call__(self, request: Any) -> dict[str, str]:
+        body = await request.json()
+        return {"prediction": models.predict(body["input"]).decode()}
+
+
+predict_http = PredictJSON.bind()
+
 grpc_app: Any = None
+predict_grpc: Any = None
 GRPC_UNAVAILABLE = ""
 try:
     from fleet.dag import InputNode
@@ -123,3 +135,15 @@ else:
         _market = FruitMarket.bind(OrangeStand.bind(), AppleStand.bind())
         _node = _market.check_price.bind(inp)
     grpc_app = DefaultgRPCDriver.bind(_node)
+
+    from fleet.drivers import gRPCIngress
+    from fleet.generated import serve_pb2_grpc
+
+    @fleet.deployment(is_driver_deployment=True, max_ongoing_requests=MAX_ONGOING)
+    class PredictGRPC(serve_pb2_grpc.PredictAPIsServiceServicer, gRPCIngress):
+        """The ``protocols`` scenario over gRPC: Predict served by one deployment."""
+
+        async def Predict(self, request: Any, context: Any) -> Any:  # noqa: N802
+            return serve_pb2.PredictResponse(prediction=models.predict(request.input))
+
+    predict_grpc = PredictGRPC.bind()

@@ -153,12 +153,19 @@ class _HttpConn(asyncio.Protocol):
 
 
 async def _http_load(
-    port: int, path: str, connections: int, duration_s: float, host: str
+    port: int, path: str, connections: int, duration_s: float, host: str,
+    json_body: bytes | None = None,
 ) -> LoadResult:
     loop = asyncio.get_running_loop()
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: fleet-bench\r\n\r\n"
-    ).encode()
+    if json_body is None:
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: fleet-bench\r\n\r\n"
+        ).encode()
+    else:
+        request = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: fleet-bench\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(json_body)}\r\n\r\n"
+        ).encode() + json_body
     latencies: list[float] = []
     start = time.perf_counter()
     stop_at = start + duration_s
@@ -229,9 +236,11 @@ def http_load(
     duration_s: float = 5.0,
     use_wrk: bool = True,
     host: str = LOOPBACK,
+    json_body: bytes | None = None,
 ) -> LoadResult:
-    """Drive ``GET http://host:port/path`` with ``connections`` keep-alive callers."""
-    wrk = wrk_path() if use_wrk else None
+    """Drive ``GET http://host:port/path`` with ``connections`` keep-alive callers
+    (``POST`` of ``json_body`` when given, always with the built-in client)."""
+    wrk = wrk_path() if use_wrk and json_body is None else None
     if wrk:
         threads = max(1, min(2, connections))
         argv = [
@@ -240,7 +249,7 @@ def http_load(
         ]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 60)
         return parse_wrk(out.stdout)
-    result = run_async(_http_load(port, path, connections, duration_s, host))
+    result = run_async(_http_load(port, path, connections, duration_s, host, json_body))
     assert isinstance(result, LoadResult)
     return result
 

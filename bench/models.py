@@ -36,6 +36,15 @@ def noop() -> str:
     return "ok"
 
 
+#: The input of the ``protocols`` scenario, as JSON (HTTP) and as Predict's map (gRPC).
+PREDICT_INPUT = {"ORANGE": "10", "APPLE": "3"}
+
+
+def predict(inputs: Mapping[str, Any]) -> bytes:
+    """The ``protocols`` scenario's handler: reads the input, answers a tiny payload."""
+    return b"ok" if len(inputs) == len(PREDICT_INPUT) else b"bad input"
+
+
 def spin(iterations: int) -> int:
     """Burn CPU in pure Python for ``iterations`` loop turns; returns a checksum."""
     acc = 0

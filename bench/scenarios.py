@@ -8,6 +8,7 @@ the whole process tree when the scenario ends or fails.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen
+from bench import loadgen, models
 from bench.models import CPU_ITERS_ENV
 from bench.procs import (
     REPO_ROOT,
@@ -194,6 +195,59 @@ def scenario_grpc(ctx: Context, system: str) -> Measured:
     return dict(zip(names, values, strict=True))
 
 
+PROTOCOL_METRICS = [
+    Metric("HTTP/JSON requests/s, 32 connections", "req/s"),
+    Metric("HTTP/JSON CPU per request, 32 connections", "µs", "lower"),
+    Metric("HTTP/JSON p50 latency, 1 connection", "ms", "lower"),
+    Metric("gRPC Predict requests/s, 32 concurrent calls", "req/s"),
+    Metric("gRPC Predict CPU per request, 32 concurrent calls", "µs", "lower"),
+    Metric("gRPC Predict p50 latency, 1 call at a time", "ms", "lower"),
+]
+
+
+def scenario_protocols(ctx: Context, system: str) -> Measured:
+    """The same handler behind one deployment, over HTTP/JSON and over gRPC Predict, from
+    the same server process: a like-for-like check of "gRPC is faster than HTTP"."""
+    if system != "fleet":
+        raise Unavailable("skipped", "fleet's own HTTP/JSON against gRPC comparison")
+    with start_server(ctx, system, "predict_http", grpc=True) as server:
+        info = server.info
+        port, grpc_port = int(info["port"]), int(info["grpc_port"])
+        body = json.dumps({"input": models.PREDICT_INPUT}).encode()
+        method = str(info["grpc_method"])
+        payload = bytes.fromhex(info["grpc_request_hex"])
+        metadata = [tuple(m) for m in info.get("grpc_metadata", [])]
+        probe = loadgen.grpc_load(grpc_port, method, payload, metadata, 1, 0.2)
+        if not probe.requests:
+            raise RuntimeError(f"no successful Predict call ({probe.first_error})")
+        out: dict[str, list[float]] = {m.name: [] for m in PROTOCOL_METRICS}
+        errors = 0
+        loadgen.http_load(port, "/", ctx.http_conns, ctx.warmup_s, json_body=body)
+        loadgen.grpc_load(grpc_port, method, payload, metadata, 32, ctx.warmup_s)
+        for _ in range(ctx.runs):     # the two protocols alternate, so drift hits both
+            with cpu_window(server.pid) as window:
+                res = loadgen.http_load(port, "/", ctx.http_conns, ctx.duration_s,
+                                        json_body=body)
+            out[PROTOCOL_METRICS[0].name].append(res.rps)
+            out[PROTOCOL_METRICS[1].name].append(_per_request_us(window["cpu_s"],
+                                                                 res.requests))
+            errors += res.errors
+            with cpu_window(server.pid) as window:
+                g = loadgen.grpc_load(grpc_port, method, payload, metadata, 32,
+                                      ctx.duration_s)
+            out[PROTOCOL_METRICS[3].name].append(g.rps)
+            out[PROTOCOL_METRICS[4].name].append(_per_request_us(window["cpu_s"],
+                                                                 g.requests))
+            errors += g.errors
+            one = loadgen.http_load(port, "/", 1, ctx.duration_s, json_body=body)
+            out[PROTOCOL_METRICS[2].name].append((one.percentile(50.0) or math.nan) * 1e3)
+            g1 = loadgen.grpc_load(grpc_port, method, payload, metadata, 1, ctx.duration_s)
+            out[PROTOCOL_METRICS[5].name].append(loadgen.percentile(g1.latencies_s, 50) * 1e3)
+    note = _error_note(errors)
+    return {name: (values, note if i == 0 else "")
+            for i, (name, values) in enumerate(out.items())}
+
+
 HANDLE_METRICS = [
     Metric("calls/s, 200 in flight", "calls/s"),
     Metric("CPU per call, 200 in flight", "µs", "lower"),
@@ -355,6 +409,7 @@ ScenarioFn = Callable[[Context, str], Measured]
 SCENARIOS: dict[str, tuple[list[Metric], ScenarioFn]] = {
     "http": (HTTP_METRICS, scenario_http),
     "grpc": (GRPC_METRICS, scenario_grpc),
+    "protocols": (PROTOCOL_METRICS, scenario_protocols),
     "handle": (HANDLE_METRICS, scenario_handle),
     "batch": (BATCH_METRICS, scenario_batch),
     "scaling": (SCALING_METRICS, scenario_scaling),

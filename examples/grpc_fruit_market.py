@@ -3,16 +3,17 @@
 
 Run it with ``fleet run examples.grpc_fruit_market:my_deployment`` (or ``python -m
 examples.grpc_fruit_market``), then ``python -m examples.grpc_fruit_market_client``
-prints ``(29.0,)``. Only the imports differ from the Ray Serve 2.1 example.
+prints ``(29.0,)``. Only the imports differ from the Ray Serve 2.1 example, renamed as
+the README's "From Ray Serve" table says.
 """
 
 import struct
 from typing import Dict  # noqa: UP035 - kept as the example was written
 
 import fleet as serve
-from fleet import DeploymentHandle as RayServeDeploymentHandle
-from fleet.dag import InputNode
+from fleet.deployment_graph import InputNode
 from fleet.drivers import DefaultgRPCDriver
+from fleet.handle import RayServeDeploymentHandle
 
 
 @serve.deployment

@@ -25,11 +25,13 @@ from fleet._config import (
 from fleet._deployment import Application, Deployment, deployment
 from fleet._handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from fleet._ingress import ingress
+from fleet._refs import get, wait
 from fleet._serve_request import ServeRequest
 from fleet.exceptions import (
     BackPressureError,
     DeploymentFailedError,
     FleetError,
+    GetTimeoutError,
     MethodNotFoundError,
     ReplicaDiedError,
     ReplicaError,
@@ -51,6 +53,7 @@ __all__ = [
     "DeploymentResponseGenerator",
     "FleetError",
     "GRPCOptions",
+    "GetTimeoutError",
     "HTTPOptions",
     "MethodNotFoundError",
     "ReplicaDiedError",
@@ -62,6 +65,7 @@ __all__ = [
     "batch",
     "delete",
     "deployment",
+    "get",
     "get_app_handle",
     "get_deployment_handle",
     "ingress",
@@ -71,4 +75,5 @@ __all__ = [
     "shutdown",
     "start",
     "status",
+    "wait",
 ]

@@ -242,19 +242,19 @@ def deploy(app: Application, name: str, route_prefix: str | None,
         raise ValueError(f"application {name!r}: route_prefix must start with '/' (or be None "
                          f"for no HTTP route), got {route_prefix!r}")
     from fleet.dag import prepare_app  # graph drivers turn into plain applications
-    app, protocol = prepare_app(app)
+    app, protocol, grpc_port = prepare_app(app)
     plans = build_plans(app, name)
-    _deploy(name, route_prefix, plans, protocol, progress=progress)
-    handle = DeploymentHandle(plans[0].name, name)
+    _deploy(name, route_prefix, plans, protocol, grpc_port, progress=progress)
+    handle = DeploymentHandle(plans[0].name, name)._following_traffic()
     if plans[0].legacy_refs:
         handle = handle._with_legacy_refs()
     return handle
 
 
 def _deploy(name: str, route_prefix: str | None, plans: list[Any], protocol: str,
-            progress: bool) -> None:
+            grpc_port: int | None, progress: bool) -> None:
     """Deploy and wait until ready; with progress, say on stderr what is starting."""
-    _ctl("deploy", name, route_prefix, plans, protocol)
+    _ctl("deploy", name, route_prefix, plans, protocol, grpc_port)
     if not progress:
         _ctl("wait_ready", name)
         return
@@ -331,7 +331,7 @@ def _print_addresses(st: dict[str, Any], only: str | None = None) -> None:
                          for d, info in app["deployments"].items())
         where = ""
         if app.get("protocol") == "grpc" and grpc:
-            where = f" on gRPC {grpc['host']}:{grpc['port']}"
+            where = f" on gRPC {grpc['host']}:{app.get('grpc_port') or grpc['port']}"
         elif http and app["route_prefix"] is not None:
             where = f" at http://{http['host']}:{http['port']}{app['route_prefix']}"
         _say(f"application {name!r} RUNNING{where} ({deps})")
@@ -366,11 +366,13 @@ def status() -> dict[str, Any]:
 
 
 def get_app_handle(name: str) -> DeploymentHandle:
-    """The handle of a running application's ingress deployment."""
+    """The handle of a running application's ingress deployment. Like HTTP and gRPC
+    calls, its calls follow the traffic policy of the route the application serves
+    (``set_traffic``'s split, ``shadow_traffic``'s copies)."""
     apps = status()["applications"]
     if name not in apps:
         raise FleetError(f"no application named {name!r}; running: {sorted(apps) or 'none'}")
-    return DeploymentHandle(apps[name]["ingress"], name)
+    return DeploymentHandle(apps[name]["ingress"], name)._following_traffic()
 
 
 def get_deployment_handle(deployment_name: str, app_name: str = "default") -> DeploymentHandle:

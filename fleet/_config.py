@@ -132,21 +132,26 @@ class GRPCOptions(_Model):
 
 
 class DeploymentOverride(_Model):
-    """Per-deployment overrides in a YAML application (any deployment option)."""
+    """Per-deployment overrides in a YAML application: ``name`` and any option of
+    :class:`DeploymentConfig`. The options are read from that model, so the two cannot
+    drift apart; each value is checked by it too."""
+
+    model_config = ConfigDict(extra="allow")
 
     name: str
-    num_replicas: int | Literal["auto"] | None = None
-    max_ongoing_requests: int | None = None
-    max_queued_requests: int | None = None
-    user_config: Any = None
-    autoscaling_config: dict[str, Any] | None = None
-    health_check_period_s: float | None = None
-    health_check_timeout_s: float | None = None
-    graceful_shutdown_timeout_s: float | None = None
-    ray_actor_options: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> DeploymentOverride:
+        try:
+            make_deployment_config(f"deployment {self.name!r}", **self.overrides(),
+                                   name=self.name)
+        except TypeError as exc:   # an unknown option: pydantic reports ValueErrors
+            raise ValueError(str(exc)) from None
+        return self
 
     def overrides(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
+        """The options given (those set to null are left at the deployment's own)."""
+        return {k: v for k, v in (self.model_extra or {}).items() if v is not None}
 
 
 class ApplicationConfig(_Model):

@@ -24,6 +24,9 @@ class _CallOptions:
     timeout_s: float | None = None
     http_headers: dict[str, str] = field(default_factory=dict)
     legacy_refs: bool = False
+    # A handle to an application (fleet.get_app_handle, fleet.run) follows the traffic
+    # policy of the route that application serves, as HTTP and gRPC calls do.
+    follow_traffic: bool = False
 
 
 def _runtime() -> Any:
@@ -69,6 +72,10 @@ class DeploymentHandle:
     def _with_legacy_refs(self) -> DeploymentHandle:
         return DeploymentHandle(self.deployment_name, self.app_name,
                                 replace(self._opts, legacy_refs=True))
+
+    def _following_traffic(self) -> DeploymentHandle:
+        return DeploymentHandle(self.deployment_name, self.app_name,
+                                replace(self._opts, follow_traffic=True))
 
     def __getattr__(self, name: str) -> DeploymentHandle:
         if name.startswith("_"):

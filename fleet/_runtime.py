@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from fleet import _traffic
 from fleet._router import Router, Slot
 from fleet._types import Tables, deployment_key
 from fleet._wire import frames
@@ -206,8 +207,11 @@ class Runtime:
                    kwargs: dict[str, Any]) -> Any:
         """One handle call, start to finish."""
         args, kwargs = await _resolve(args, kwargs)
-        router = self.router(app, deployment)
         meta = _meta(opts)
+        if opts.follow_traffic and self.tables is not None and self.tables["traffic"]:
+            app, deployment = _traffic.route_handle(self, app, deployment, opts.method_name,
+                                                    args, kwargs, meta, False)
+        router = self.router(app, deployment)
         if opts.timeout_s is None:
             return await self._call_once(router, opts.method_name, args, kwargs, meta)
         try:
@@ -247,9 +251,12 @@ class Runtime:
     async def open_stream(self, app: str, deployment: str, opts: Any, args: tuple[Any, ...],
                           kwargs: dict[str, Any]) -> Stream:
         args, kwargs = await _resolve(args, kwargs)
-        router = self.router(app, deployment)
         meta = _meta(opts) or {}
         meta["stream"] = True
+        if opts.follow_traffic and self.tables is not None and self.tables["traffic"]:
+            app, deployment = _traffic.route_handle(self, app, deployment, opts.method_name,
+                                                    args, kwargs, meta, True)
+        router = self.router(app, deployment)
         slot, pending = await self.start_call(router, opts.method_name, args, kwargs, meta, True)
         return Stream(router, slot, pending)
 

@@ -81,6 +81,7 @@ class RouteInfo(TypedDict):
     app: str
     ingress: str
     protocol: str                  # "http" or "grpc": the ingress's kind
+    grpc_port: int | None          # the port a gRPC driver asked to be served on
 
 
 class Tables(TypedDict):

@@ -256,8 +256,9 @@ class Graph:
 
 # -- fleet.run's hook ---------------------------------------------------------------
 
-def prepare_app(app: Any) -> tuple[Any, str]:
-    """Turn a graph driver into a plain application; returns (app, protocol).
+def prepare_app(app: Any) -> tuple[Any, str, int | None]:
+    """Turn a graph driver into a plain application; returns (app, protocol, the gRPC
+    port its driver asked for or None).
 
     A driver's bound node becomes its constructor's argument (Applications in it become
     handles); a gRPC driver also makes sure the instance runs the gRPC proxy.
@@ -265,10 +266,10 @@ def prepare_app(app: Any) -> tuple[Any, str]:
     from fleet import drivers
     protocol = drivers.driver_protocol(app.deployment.func_or_class)
     if protocol is None:
-        return app, "http"
+        return app, "http", None
     if protocol == "grpc-ingress":
         drivers.ensure_grpc_proxy(None)
-        return app, "grpc"
+        return app, "grpc", None
     args, kwargs = list(app.args), dict(app.kwargs)
     port = kwargs.pop("port", None) if protocol == "grpc" else None
     name = app.deployment.name
@@ -279,4 +280,4 @@ def prepare_app(app: Any) -> tuple[Any, str]:
     app = Application(app.deployment, (plan, *args), kwargs)
     if protocol == "grpc":
         drivers.ensure_grpc_proxy(port)
-    return app, protocol
+    return app, protocol, port

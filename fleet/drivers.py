@@ -1,7 +1,8 @@
 """Drivers: the ingress deployments of deployment graphs, and gRPC ingress classes.
 
 - :class:`DefaultgRPCDriver` serves the built-in ``PredictAPIsService.Predict``
-  (``fleet/protos/serve.proto``) on the gRPC port: ``request.input`` (str -> bytes)
+  (``fleet/protos/serve.proto``, and the same under Ray Serve's package name in
+  ``fleet/protos/ray_serve.proto``) on the gRPC port: ``request.input`` (str -> bytes)
   goes to the bound graph node, whose bytes come back as ``prediction``.
 - :class:`DAGDriver` does the same over HTTP: JSON body in, JSON out.
 - :class:`gRPCIngress` marks a class that serves its own schema: subclass a generated
@@ -20,7 +21,7 @@ import grpc
 from fleet._deployment import deployment
 from fleet.dag import Graph
 from fleet.exceptions import FleetError
-from fleet.generated import serve_pb2, serve_pb2_grpc
+from fleet.generated import ray_serve_pb2, ray_serve_pb2_grpc, serve_pb2, serve_pb2_grpc
 
 
 class gRPCIngress:  # noqa: N801 - the name users of the seed API know
@@ -41,8 +42,18 @@ class gRPCIngress:  # noqa: N801 - the name users of the seed API know
     """
 
 
-class _DefaultgRPCDriver(serve_pb2_grpc.PredictAPIsServiceServicer, gRPCIngress):
-    """Serves ``Predict``: the graph node gets ``dict(request.input)``, returns bytes."""
+# Predict's request type -> its reply type: fleet's schema, and Ray Serve's (package
+# ray.serve), whose clients call /ray.serve.PredictAPIsService/Predict.
+_REPLIES: dict[type, Any] = {
+    serve_pb2.PredictRequest: serve_pb2.PredictResponse,  # type: ignore[attr-defined]
+    ray_serve_pb2.PredictRequest: ray_serve_pb2.PredictResponse,  # type: ignore[attr-defined]
+}
+
+
+class _DefaultgRPCDriver(serve_pb2_grpc.PredictAPIsServiceServicer,
+                         ray_serve_pb2_grpc.PredictAPIsServiceServicer, gRPCIngress):
+    """Serves ``Predict`` of both schemas: the graph node gets ``dict(request.input)``
+    and returns bytes."""
 
     def __init__(self, graph: Any) -> None:
         self._graph = Graph(graph)
@@ -55,7 +66,7 @@ class _DefaultgRPCDriver(serve_pb2_grpc.PredictAPIsServiceServicer, gRPCIngress)
                 f"the graph returned {type(result).__name__}, not bytes: Predict's "
                 "prediction is bytes, so serialize the result (struct.pack, json.dumps(...)"
                 ".encode(), pickle) before returning it")
-        return serve_pb2.PredictResponse(prediction=bytes(result))  # type: ignore[attr-defined]
+        return _REPLIES[type(request)](prediction=bytes(result))
 
     async def predict(self, value: Any) -> Any:
         """Run the graph on value (for handle calls)."""
@@ -114,7 +125,9 @@ def driver_protocol(target: Any) -> str | None:
 
 
 def ensure_grpc_proxy(port: int | None) -> None:
-    """Make sure the instance runs its gRPC proxy (on port, when given)."""
+    """Make sure the instance runs its gRPC proxy (on port, when given and no gRPC
+    proxy runs yet; a running proxy also listens on a driver's port once it is
+    deployed)."""
     from fleet import _api
     with _api._lock:
         inst = _api._instance
@@ -122,11 +135,6 @@ def ensure_grpc_proxy(port: int | None) -> None:
             _api.start(grpc_options={} if port is None else {"port": port})
             return
     if inst.grpc_options.enabled:
-        running = _api.status()["proxies"].get("grpc", {}).get("port")
-        if port is not None and port not in (running, inst.grpc_options.port):
-            raise FleetError(f"the gRPC proxy already listens on port {running}; a driver "
-                             f"bound with port={port} needs fleet started with grpc_options="
-                             f"{{'port': {port}}}")
         return
     update: dict[str, Any] = {"enabled": True}
     if port is not None:

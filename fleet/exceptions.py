@@ -10,6 +10,7 @@ The tree::
     +-- RequestTimeoutError         the call ran past its timeout and was cancelled
     +-- MethodNotFoundError         the deployment has no such method (also an AttributeError)
     +-- RequestCancelledError       the caller cancelled the call
+    +-- GetTimeoutError             fleet.get() ran past its timeout (also a TimeoutError)
 
 A user exception raised inside a replica reaches the caller as an exception of the
 same type when it can be pickled, with the remote traceback attached as its
@@ -77,6 +78,11 @@ class RequestCancelledError(FleetError):
     """The call was cancelled by its caller."""
 
 
+class GetTimeoutError(FleetError, TimeoutError):
+    """:func:`fleet.get` gave up waiting for a result after its ``timeout``; the calls
+    go on running (wait for them again, or cancel them)."""
+
+
 class RemoteTraceback(Exception):
     """Carries a replica's formatted traceback; attached as ``__cause__`` of remote errors."""
 
@@ -89,7 +95,8 @@ class RemoteTraceback(Exception):
 
 
 __all__ = [
-    "BackPressureError", "DeploymentFailedError", "FleetError", "MethodNotFoundError",
+    "BackPressureError", "DeploymentFailedError", "FleetError", "GetTimeoutError",
+    "MethodNotFoundError",
     "RemoteTraceback", "ReplicaDiedError", "ReplicaError", "RequestCancelledError",
     "RequestTimeoutError",
 ]

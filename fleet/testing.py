@@ -69,7 +69,7 @@ class _Session:
 
     def start(self) -> None:
         from fleet.dag import prepare_app
-        app, protocol = prepare_app(self.app)
+        app, protocol, grpc_port = prepare_app(self.app)
         plans = build_plans(app, self.name)
         self.ingress, self.legacy_refs = plans[0].name, plans[0].legacy_refs
         self._previous = _runtime._current
@@ -78,12 +78,12 @@ class _Session:
         self.instance = inst
         try:
             inst.start()
-            inst.call(self._deploy(plans, protocol))
+            inst.call(self._deploy(plans, protocol, grpc_port))
         except BaseException:
             self.stop()
             raise
 
-    async def _deploy(self, plans: list[Any], protocol: str) -> None:
+    async def _deploy(self, plans: list[Any], protocol: str, grpc_port: int | None) -> None:
         inst = self.instance
         assert inst is not None and inst.runtime is not None
         # The proxy's own runtime, as in a proxy process: its routers, its tables.
@@ -93,7 +93,7 @@ class _Session:
         from fleet._proxy.http import build_app
         self.asgi = build_app(proxy, self.http_options)
         await inst.runtime.call_controller("deploy", self.name, self.route_prefix, plans,
-                                           protocol)
+                                           protocol, grpc_port)
         await inst.runtime.call_controller("wait_ready", self.name)
         assert inst.runtime.tables is not None
         await proxy.wait_tables(inst.runtime.tables["version"])

@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark harness: fleet only, http and handle, about a minute."""
+"""Smoke test of the benchmark harness: fleet only, http, protocols and handle, about a
+minute."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(300)
-def test_bench_quick_fleet_http_and_handle(tmp_path: Path) -> None:
+def test_bench_quick_fleet_http_protocols_and_handle(tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             sys.executable, "-m", "bench", "--quick", "--systems", "fleet",
-            "--scenarios", "http,handle", "--duration", "1", "--warmup", "0.5",
+            "--scenarios", "http,protocols,handle", "--duration", "1", "--warmup", "0.5",
             "--runs", "1", "--out", str(tmp_path),
         ],
         cwd=REPO_ROOT,
@@ -32,7 +33,7 @@ def test_bench_quick_fleet_http_and_handle(tmp_path: Path) -> None:
         row for row in data["rows"]
         if row["system"] == "fleet" and row["unit"] in ("req/s", "calls/s")
     ]
-    assert {row["scenario"] for row in rates} == {"http", "handle"}
+    assert {row["scenario"] for row in rates} == {"http", "protocols", "handle"}
     for row in rates:
         assert row["status"] == "ok", row
         assert row["value"] > 0, row

@@ -1,5 +1,5 @@
-"""The proxies' traffic choice on its own (no processes): splits by cumulative share,
-and at most 256 shadow copies in flight per proxy, past which copies are skipped."""
+"""The traffic choice on its own (no processes), shared by the proxies and app handles:
+splits by cumulative share, and at most 256 shadow copies in flight per process."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import random
 from typing import Any
 
-from fleet._proxy import traffic
+from fleet import _traffic as traffic
 
 
 class _Runtime:

@@ -9,10 +9,11 @@ import fleet
 EXPECTED = {
     "Application", "AutoscalingConfig", "BackPressureError", "Deployment", "DeploymentConfig",
     "DeploymentFailedError", "DeploymentHandle", "DeploymentResponse",
-    "DeploymentResponseGenerator", "FleetError", "GRPCOptions", "HTTPOptions",
+    "DeploymentResponseGenerator", "FleetError", "GRPCOptions", "GetTimeoutError",
+    "HTTPOptions",
     "MethodNotFoundError", "ReplicaDiedError", "ReplicaError", "RequestCancelledError",
     "RequestTimeoutError", "__version__", "delete", "deployment", "get_app_handle",
-    "get_deployment_handle", "run", "shutdown", "start", "status",
+    "get", "get_deployment_handle", "run", "shutdown", "start", "status", "wait",
 }
 
 
@@ -35,4 +36,6 @@ def test_exception_tree():
                  "RequestTimeoutError"):
         assert issubclass(getattr(fleet, name), fleet.FleetError)
     assert issubclass(fleet.RequestTimeoutError, TimeoutError)
+    assert issubclass(fleet.GetTimeoutError, fleet.FleetError)
+    assert issubclass(fleet.GetTimeoutError, TimeoutError)
     assert issubclass(fleet.MethodNotFoundError, AttributeError)

@@ -23,6 +23,10 @@ class Version:
     async def __call__(self, request=None) -> str:
         return self.name
 
+    async def letters(self):
+        for letter in self.name:
+            yield letter
+
 
 @fleet.deployment
 class Shadow:
@@ -139,6 +143,42 @@ def test_shadow_copies_a_fraction_and_its_failures_never_reach_clients(apps) -> 
     fleet.shadow_traffic("/svc", "app_v3", 0)
     assert "shadow" not in fleet.status()["traffic"].get("/svc", {}) or \
         fleet.status()["traffic"]["/svc"]["shadow"] == {}
+
+
+def test_app_handles_follow_the_split_as_http_does(apps) -> None:
+    client, _ = apps
+    fleet.set_traffic("/svc", {"app_v2": 1})
+    try:
+        from_run = fleet.run(Version.bind("v1"), name="app_v1", route_prefix="/svc")
+        by_name = fleet.get_app_handle("app_v1")
+        assert set(_hits(client, 20)) == {"v2"}
+        assert {by_name.remote().result() for _ in range(20)} == {"v2"}
+        assert {from_run.remote().result() for _ in range(20)} == {"v2"}
+        streamed = by_name.options(stream=True).letters
+        assert {"".join(streamed.remote()) for _ in range(10)} == {"v2"}
+        # A handle to one deployment (as deployments hold to each other) is not routed.
+        inner = fleet.get_deployment_handle("Version", "app_v1")
+        assert {inner.remote().result() for _ in range(20)} == {"v1"}
+    finally:
+        fleet.set_traffic("/svc", None)
+    assert {by_name.remote().result() for _ in range(5)} == {"v1"}
+
+
+def test_app_handles_copy_calls_to_shadows(apps) -> None:
+    _, shadow = apps
+    before = shadow.count.remote().result()
+    fleet.shadow_traffic("/svc", "app_v3", 1.0)      # every call is copied
+    try:
+        handle = fleet.get_app_handle("app_v1")
+        got = [handle.remote("a request").result() for _ in range(20)]
+        assert set(got) == {"v1"}           # the shadow's failures never reach the caller
+        deadline = time.monotonic() + 10
+        while shadow.count.remote().result() - before < 20:
+            assert time.monotonic() < deadline, "the shadow copies did not arrive"
+            time.sleep(0.02)
+    finally:
+        fleet.shadow_traffic("/svc", "app_v3", 0)
+    assert shadow.count.remote().result() - before == 20
 
 
 def test_traffic_from_yaml_config(apps) -> None:

@@ -422,6 +422,7 @@ class Controller:
                               ) -> None:
         conn.tag = ("proxy", kind)
         self.proxies[kind] = info
+        self._notify()
         waiter = self._proxy_waiters.pop(kind, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(info)
@@ -433,7 +434,8 @@ class Controller:
 
     # -- calls from the driver and the CLI -------------------------------------------
     async def rpc_deploy(self, conn: ServerConnection, name: str, route_prefix: str | None,
-                         plans: list[DeploymentPlan], protocol: str = "http") -> None:
+                         plans: list[DeploymentPlan], protocol: str = "http",
+                         grpc_port: int | None = None) -> None:
         if route_prefix is not None:
             if not route_prefix.startswith("/"):
                 raise ValueError(f"route_prefix must start with '/', got {route_prefix!r}")
@@ -451,6 +453,7 @@ class Controller:
         app.route_prefix = route_prefix
         app.ingress = plans[0].name
         app.protocol = protocol
+        app.grpc_port = grpc_port
         wanted = {p.name for p in plans}
         for dname, dep in app.deployments.items():
             if dname not in wanted:
@@ -511,6 +514,8 @@ class Controller:
                    if not d.deleting):
                 self._publish()
                 await self._proxies_caught_up()
+                if app.grpc_port is not None:
+                    await self._grpc_port_open(app.grpc_port)
                 return
             await self._changed.wait()
 
@@ -536,6 +541,26 @@ class Controller:
             message += "\n" + dep.traceback.rstrip()
         return DeploymentFailedError(message, app=app, deployment=dep.name,
                                      error_type=dep.error_type, remote_traceback=dep.traceback)
+
+    async def _grpc_port_open(self, port: int) -> None:
+        """Wait until the gRPC proxy listens on the port a driver asked for."""
+        deadline = time.monotonic() + 10
+        while True:
+            info = self.proxies.get("grpc", {})
+            if port in info.get("ports", ()):
+                return
+            error = info.get("port_errors", {}).get(port)
+            if error is not None:
+                raise FleetError(f"{error}; pick another port in DefaultgRPCDriver.bind(..., "
+                                 "port=...) or free this one")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FleetError(f"the gRPC proxy did not start listening on port {port} "
+                                 "within 10 s; see its log")
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
 
     async def _proxies_caught_up(self) -> None:
         """Wait until every proxy applied the current tables, so routes are live."""

@@ -77,4 +77,5 @@ class AppState:
     deployments: dict[str, DeploymentState] = field(default_factory=dict)
     deleting: bool = False
     protocol: str = "http"
+    grpc_port: int | None = None       # the port a gRPC driver asked to be served on
     deployed_at: float = field(default_factory=time.time)

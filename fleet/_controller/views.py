@@ -25,7 +25,8 @@ def tables(apps: dict[str, AppState], traffic: dict[str, Any], version: int) -> 
     for app in apps.values():
         if app.route_prefix is not None and not app.deleting:
             routes[app.route_prefix] = {"app": app.name, "ingress": app.ingress,
-                                        "protocol": app.protocol}
+                                        "protocol": app.protocol,
+                                        "grpc_port": app.grpc_port}
         for dep in app.deployments.values():
             cfg = dep.plan.config
             deployments[deployment_key(app.name, dep.name)] = {
@@ -66,6 +67,7 @@ def status(apps: dict[str, AppState], proxies: dict[str, dict[str, Any]],
                 deps[dep.name]["autoscaling"] = dep.autoscaler.describe(time.monotonic())
         out[app.name] = {"status": app_status(app).value, "route_prefix": app.route_prefix,
                          "ingress": app.ingress, "protocol": app.protocol,
+                         "grpc_port": app.grpc_port,
                          "deployments": deps}
     return {"applications": out, "proxies": dict(proxies),
             "traffic": {p: dict(v) for p, v in traffic.items()}}

@@ -35,7 +35,10 @@ from fleet.exceptions import BackPressureError, FleetError, ReplicaDiedError
 
 log = logging.getLogger("fleet.proxy")
 
-_BUILTIN_SERVICER = "fleet.generated.serve_pb2_grpc.add_PredictAPIsServiceServicer_to_server"
+_BUILTIN_SERVICERS = (
+    "fleet.generated.serve_pb2_grpc.add_PredictAPIsServiceServicer_to_server",
+    "fleet.generated.ray_serve_pb2_grpc.add_PredictAPIsServiceServicer_to_server",
+)
 _OWN_SERVICES = (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME)
 _UNKNOWN = grpc.StatusCode.UNKNOWN
@@ -43,16 +46,22 @@ _MAX_FALLBACKS = 1024
 
 
 class _Kind:
-    """One RPC the proxy knows: its name for the replica and its kind."""
+    """One RPC the proxy knows: its name for the replica and its kind, and the port it
+    is served on (None: the proxy's own port)."""
 
-    __slots__ = ("full", "rpc", "fn", "stream_in", "stream_out")
+    __slots__ = ("full", "rpc", "fn", "stream_in", "stream_out", "port")
 
-    def __init__(self, full: str, fn: str | None, stream_in: bool, stream_out: bool) -> None:
+    def __init__(self, full: str, fn: str | None, stream_in: bool, stream_out: bool,
+                 port: int | None = None) -> None:
         self.full = full
         self.rpc = full.rpartition("/")[2]
         self.fn = fn
         self.stream_in = stream_in
         self.stream_out = stream_out
+        self.port = port
+
+    def on_port(self, port: int) -> _Kind:
+        return _Kind(self.full, self.fn, self.stream_in, self.stream_out, port)
 
 
 class GRPCProxy(grpc.GenericRpcHandler):
@@ -64,12 +73,17 @@ class GRPCProxy(grpc.GenericRpcHandler):
         self.timeout = options.request_timeout_s
         self.apps: dict[str, str] = {}            # app name -> ingress deployment
         self.grpc_apps: list[str] = []            # apps whose ingress is a gRPC driver
+        self.port_apps: dict[int, list[str]] = {}  # port -> apps whose driver asked for it
+        self.port = options.port                  # the port bound, once bound
+        self.kinds: dict[str, _Kind] = {}
         self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.health: Any = None
         self._fallbacks: dict[str, grpc.RpcMethodHandler] = {}
         self.services: set[str] = set(_OWN_SERVICES)
         self._described: dict[str, tuple[str, ...]] = {}
         self.reflection: Any = None
-        for path in [_BUILTIN_SERVICER, *options.grpc_servicer_functions]:
+        self.ports: _Ports | None = None
+        for path in [*_BUILTIN_SERVICERS, *options.grpc_servicer_functions]:
             self._learn(servicer_handlers(load_servicer_function(path)), path)
         runtime.table_listeners.append(self._on_tables)
         if runtime.tables is not None:
@@ -84,10 +98,23 @@ class GRPCProxy(grpc.GenericRpcHandler):
     def _add_kind(self, kind: _Kind) -> None:
         if kind.full in self.handlers:
             return
-        self.services.add(kind.full[1:].rpartition("/")[0])
+        service = kind.full[1:].rpartition("/")[0]
+        self.services.add(service)
         if self.reflection is not None:
             # the reflection servicer keeps its names in a tuple; refresh it
             self.reflection._service_names = tuple(sorted(self.services))
+        if self.health is not None:
+            self.runtime.loop.create_task(
+                self.health.set(service, health_pb2.HealthCheckResponse.SERVING))
+        self.kinds[kind.full] = kind
+        self.handlers[kind.full] = self.handler(kind)
+
+    def handler(self, kind: _Kind, fallback: bool = False) -> grpc.RpcMethodHandler:
+        """The grpc handler serving one RPC of kind (on kind's port)."""
+        if fallback:
+            async def any_kind(requests: Any, context: Any, k: _Kind = kind) -> None:
+                await self._stream(k, None, requests, context, fallback=True)
+            return grpc.stream_stream_rpc_method_handler(any_kind)
         if not kind.stream_in and not kind.stream_out:
             async def unary(request: bytes, context: Any, k: _Kind = kind) -> bytes:
                 return await self._unary(k, request, context)
@@ -104,7 +131,7 @@ class GRPCProxy(grpc.GenericRpcHandler):
             async def stream_stream(requests: Any, context: Any, k: _Kind = kind) -> None:
                 await self._stream(k, None, requests, context)
             handler = grpc.stream_stream_rpc_method_handler(stream_stream)
-        self.handlers[kind.full] = handler
+        return handler
 
     def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
@@ -114,11 +141,7 @@ class GRPCProxy(grpc.GenericRpcHandler):
         handler = self._fallbacks.get(method)
         if handler is None:
             # Unknown kind: a stream both ways carries any kind of RPC.
-            kind = _Kind(method, None, True, True)
-
-            async def any_kind(requests: Any, context: Any, k: _Kind = kind) -> None:
-                await self._stream(k, None, requests, context, fallback=True)
-            handler = grpc.stream_stream_rpc_method_handler(any_kind)
+            handler = self.handler(_Kind(method, None, True, True), fallback=True)
             if len(self._fallbacks) < _MAX_FALLBACKS:
                 self._fallbacks[method] = handler
         return handler
@@ -126,12 +149,19 @@ class GRPCProxy(grpc.GenericRpcHandler):
     def _on_tables(self, tables: Tables) -> None:
         apps: dict[str, str] = {}
         grpc_apps: list[str] = []
+        port_apps: dict[int, list[str]] = {}
         for info in tables["routes"].values():
             apps[info["app"]] = info["ingress"]
             if info.get("protocol") == "grpc":
                 grpc_apps.append(info["app"])
+            port = info.get("grpc_port")
+            if port is not None:
+                port_apps.setdefault(port, []).append(info["app"])
         self.apps = apps
         self.grpc_apps = sorted(grpc_apps)
+        self.port_apps = {p: sorted(a) for p, a in port_apps.items()}
+        if self.ports is not None:
+            self.ports.want(set(port_apps) - {self.port})
         for app in grpc_apps:
             key = _replica_ids(tables, app, apps[app])
             if key and self._described.get(app) != key:
@@ -155,7 +185,8 @@ class GRPCProxy(grpc.GenericRpcHandler):
         except Exception as exc:   # the catch-all handler still serves its RPCs
             log.warning("could not learn the RPCs of application %r: %s", app, exc)
 
-    def _route(self, context: Any) -> tuple[str, str, tuple[tuple[str, Any], ...]]:
+    def _route(self, context: Any, port: int | None
+               ) -> tuple[str, str, tuple[tuple[str, Any], ...]]:
         md = context.invocation_metadata() or ()
         pairs = tuple((m[0], m[1]) for m in md)
         app = None
@@ -164,7 +195,15 @@ class GRPCProxy(grpc.GenericRpcHandler):
                 app = value
                 break
         if app is None:
-            if len(self.grpc_apps) == 1:
+            asked = self.port_apps.get(self.port if port is None else port, ())
+            if len(asked) == 1:             # the application whose driver asked for it
+                app = asked[0]
+            elif port is not None or len(asked) > 1:
+                raise _Status(grpc.StatusCode.NOT_FOUND,
+                              "set the 'application' metadata key to the application to "
+                              f"call; on port {port or self.port}: {asked or 'none'}, "
+                              f"running: {sorted(self.apps) or 'none'}")
+            elif len(self.grpc_apps) == 1:
                 app = self.grpc_apps[0]
             elif len(self.apps) == 1:
                 app = next(iter(self.apps))
@@ -192,7 +231,7 @@ class GRPCProxy(grpc.GenericRpcHandler):
     async def _start(self, kind: _Kind, request: bytes | None, context: Any,
                      stream_in: bool, stream_out: bool) -> tuple[Router, Any, Pending]:
         try:
-            app, ingress, pairs = self._route(context)
+            app, ingress, pairs = self._route(context, kind.port)
             meta = self._meta(kind, pairs, context, stream_in, stream_out)
             app, ingress = traffic.route_grpc(self.runtime, app, ingress, kind.rpc, request,
                                               meta, stream_out)
@@ -341,6 +380,111 @@ async def _pump(requests: AsyncIterator[bytes], pending: Pending) -> None:
         pending.send_data(None)
 
 
+class _PortHandler(grpc.GenericRpcHandler):
+    """Serves the proxy's RPCs on a port a driver asked for (``DefaultgRPCDriver.bind(g,
+    port=P)``): the same handlers, with that port's application as the default."""
+
+    def __init__(self, proxy: GRPCProxy, port: int) -> None:
+        self.proxy = proxy
+        self.port = port
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        handler = self.handlers.get(method)
+        if handler is None:
+            kind = self.proxy.kinds.get(method)
+            fallback = kind is None
+            if kind is None:
+                kind = _Kind(method, None, True, True)
+            handler = self.proxy.handler(kind.on_port(self.port), fallback)
+            if len(self.handlers) < _MAX_FALLBACKS + len(self.proxy.kinds):
+                self.handlers[method] = handler
+        return handler
+
+
+class _Ports:
+    """The extra ports: one grpc.aio server each (a started grpc server cannot add or
+    drop ports), opened when a driver asks for a port and stopped when none does.
+    Changes run one at a time; the controller hears the result (``ports``,
+    ``port_errors``) so ``fleet.run`` can wait for the port or report why it failed."""
+
+    def __init__(self, proxy: GRPCProxy, runtime: Runtime, options: GRPCOptions,
+                 info: dict[str, Any]) -> None:
+        self.proxy = proxy
+        self.runtime = runtime
+        self.options = options
+        self.info = info
+        self.servers: dict[int, grpc.aio.Server] = {}
+        self.errors: dict[int, str] = {}
+        self.wanted: set[int] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def want(self, ports: set[int]) -> None:
+        self.wanted = ports
+        if self._task is None or self._task.done():
+            self._task = self.runtime.loop.create_task(self._apply())
+
+    async def _apply(self) -> None:
+        while True:
+            wanted = set(self.wanted)
+            have = set(self.servers) | set(self.errors)
+            if wanted == have:
+                return
+            for port in sorted(have - wanted):
+                self.errors.pop(port, None)
+                server = self.servers.pop(port, None)
+                if server is not None:
+                    await server.stop(grace=2)
+            for port in sorted(wanted - have):
+                try:
+                    self.servers[port] = await _open_server(self.proxy, self.options.host,
+                                                            port, _PortHandler(self.proxy,
+                                                                               port))
+                except Exception as exc:
+                    log.error("the gRPC proxy cannot listen on port %s: %s", port, exc)
+                    self.errors[port] = (f"the gRPC proxy cannot listen on "
+                                         f"{self.options.host}:{port}: {exc}")
+            await self.report()
+
+    async def report(self) -> None:
+        info = dict(self.info, ports=sorted([self.info["port"], *self.servers]),
+                    port_errors=dict(self.errors))
+        try:
+            await self.runtime.call_controller("proxy_ready", "grpc", info)
+        except Exception as exc:   # the instance is stopping
+            log.debug("could not report the gRPC ports: %s", exc)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for server in self.servers.values():
+            await server.stop(grace=2)
+        self.servers.clear()
+
+
+async def _open_server(proxy: GRPCProxy, host: str, port: int,
+                       handler: grpc.GenericRpcHandler) -> grpc.aio.Server:
+    """A started grpc.aio server on host:port with health, reflection and handler."""
+    # A port held by another process must fail loudly, not be shared.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(proxy.reflection, server)
+    server.add_generic_rpc_handlers((handler,))
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(str(exc)) from None
+    if not bound:
+        raise OSError("the port is taken")
+    await server.start()
+    for service in ["", *proxy.services]:
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return server
+
+
 def _replica_ids(tables: Tables, app: str, ingress: str) -> tuple[str, ...]:
     dep = tables["deployments"].get(f"{app}#{ingress}")
     if dep is None:
@@ -373,10 +517,18 @@ async def serve_grpc(runtime: Runtime, options: GRPCOptions, stop: asyncio.Event
         return await proxy_failed(runtime, "grpc",
                                   f"the gRPC proxy cannot listen on {address}: {error}")
     await server.start()
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    await runtime.call_controller("proxy_ready", "grpc", {"host": options.host, "port": port,
-                                                          "pid": os.getpid()})
+    for service in ["", *proxy.services]:
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    proxy.health = health
+    proxy.port = port
+    info = {"host": options.host, "port": port, "pid": os.getpid(), "ports": [port],
+            "port_errors": {}}
+    proxy.ports = _Ports(proxy, runtime, options, info)
+    await runtime.call_controller("proxy_ready", "grpc", info)
+    if runtime.tables is not None:
+        proxy._on_tables(runtime.tables)    # ports asked for before this proxy started
     await stop.wait()
     await health.enter_graceful_shutdown()
+    await proxy.ports.close()
     await server.stop(grace=2)
     return 0

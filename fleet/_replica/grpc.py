@@ -371,8 +371,12 @@ class GRPCAdapter:
             raise
         except Exception as exc:
             log.error("%s of %s raised", full, where, exc_info=True)
-            ctx._code = grpc.StatusCode.INTERNAL
-            ctx._details = f"{type(exc).__name__}: {exc}"
+            # As in grpcio, a code the method set before raising is kept, with its
+            # details (the generated servicer base sets UNIMPLEMENTED, then raises).
+            if ctx._code == OK:
+                ctx._code, ctx._details = grpc.StatusCode.INTERNAL, ""
+            if not ctx._details:
+                ctx._details = f"{type(exc).__name__}: {exc}"
             conn.reply(call_id, ctx._status(None))
         finally:
             ctx._run_callbacks()

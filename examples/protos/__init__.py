@@ -1,0 +1,1 @@
+"""Generated code of the examples' gRPC schemas (regenerate with grpc_tools.protoc)."""

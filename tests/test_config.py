@@ -1,0 +1,57 @@
+"""YAML per-deployment overrides are derived from DeploymentConfig: every deployment
+option is accepted (is_driver_deployment included) and checked by it, so the two cannot
+drift apart; unknown options and bad values are errors naming the deployment."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+import fleet
+from fleet._cli import apply_overrides
+from fleet._config import DEPLOYMENT_OPTIONS, DeploymentOverride, FleetConfig
+from fleet._deployment import build_plans
+
+
+@fleet.deployment
+class Plain:
+    def __call__(self) -> str:
+        return "plain"
+
+
+def _config(deployments: str) -> FleetConfig:
+    text = f"""
+applications:
+  - import_path: test_config:app
+    deployments:
+{deployments}
+"""
+    return FleetConfig(**yaml.safe_load(text))
+
+
+def test_is_driver_deployment_override_reaches_the_plan() -> None:
+    cfg = _config("      - {name: Plain, is_driver_deployment: true, num_replicas: 3}")
+    overrides = {d.name: d.overrides() for d in cfg.applications[0].deployments}
+    assert overrides == {"Plain": {"is_driver_deployment": True, "num_replicas": 3}}
+    plan = build_plans(apply_overrides(Plain.bind(), overrides), "yaml")[0]
+    assert plan.config.is_driver_deployment is True
+    assert plan.config.target_replicas() == 1      # one per node on the local backend
+
+
+def test_every_deployment_option_is_an_override() -> None:
+    values = {"num_replicas": 2, "max_ongoing_requests": 5, "max_queued_requests": 10,
+              "user_config": {"a": 1}, "autoscaling_config": None,
+              "health_check_period_s": 1.0, "health_check_timeout_s": 2.0,
+              "graceful_shutdown_timeout_s": 3.0, "ray_actor_options": {"num_cpus": 1},
+              "is_driver_deployment": True}
+    assert set(values) | {"name"} == DEPLOYMENT_OPTIONS   # a new option must be listed here
+    given = {k: v for k, v in values.items() if v is not None}
+    assert DeploymentOverride(name="Plain", **given).overrides() == given
+
+
+def test_unknown_option_and_bad_value_name_the_deployment() -> None:
+    with pytest.raises(ValidationError, match="deployment 'Plain': unknown deployment option"):
+        _config("      - {name: Plain, num_replica: 2}")
+    with pytest.raises(ValidationError, match="deployment 'Plain'.*max_ongoing_requests"):
+        _config("      - {name: Plain, max_ongoing_requests: 0}")
