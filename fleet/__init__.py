@@ -25,6 +25,7 @@ from fleet._config import (
 from fleet._deployment import Application, Deployment, deployment
 from fleet._handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from fleet._ingress import ingress
+from fleet._multiplex import get_multiplexed_model_id, multiplexed
 from fleet._serve_request import ServeRequest
 from fleet.exceptions import (
     BackPressureError,
@@ -64,7 +65,9 @@ __all__ = [
     "deployment",
     "get_app_handle",
     "get_deployment_handle",
+    "get_multiplexed_model_id",
     "ingress",
+    "multiplexed",
     "run",
     "set_traffic",
     "shadow_traffic",

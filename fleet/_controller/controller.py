@@ -319,6 +319,8 @@ class Controller:
             if not msg["ok"] and rec.state == ReplicaState.RUNNING:
                 self._unhealthy(dep, rec, msg["error"])
                 self.kick()
+        elif kind == "models":         # a multiplexed loader loaded or evicted
+            rec.models = list(msg.get("models") or [])
         elif kind == "reconfigure_result":
             rec.reconfiguring = False
             if not msg["ok"]:

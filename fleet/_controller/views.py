@@ -58,7 +58,8 @@ def status(apps: dict[str, AppState], proxies: dict[str, dict[str, Any]],
                               "pid": r.pid, "version": r.version,
                               "message": r.message or _doing(r),
                               "uptime_s": round(now - r.started_at, 1),
-                              "ongoing": r.ongoing, "batches": r.batches}
+                              "ongoing": r.ongoing, "batches": r.batches,
+                              **({"models": list(r.models)} if r.models else {})}
                              for r in dep.replicas.values()],
                 "scaling_log": list(dep.scaling_log[-10:]),
             }

@@ -185,9 +185,13 @@ class GRPCProxy(grpc.GenericRpcHandler):
         remaining = context.time_remaining()
         if self.timeout is not None and (remaining is None or remaining > self.timeout):
             remaining = self.timeout
-        return {"grpc": kind.full, "md": pairs, "fn": kind.fn,
+        meta = {"grpc": kind.full, "md": pairs, "fn": kind.fn,
                 "in": "data" if stream_in else "args", "out": stream_out,
                 "timeout": remaining}
+        for key, value in pairs:
+            if key == "multiplexed_model_id" and value:     # fleet.get_multiplexed_model_id
+                meta["model"] = value
+        return meta
 
     async def _start(self, kind: _Kind, request: bytes | None, context: Any,
                      stream_in: bool, stream_out: bool) -> tuple[Router, Any, Pending]:

@@ -34,6 +34,9 @@ _METHOD_HEADER = b"x-serve-call-method"
 _LENGTH_HEADER = b"content-length"
 _CHUNKED_HEADER = b"transfer-encoding"
 _HTTP_META = {"http": 1}
+# A multiplexed model id (fleet.get_multiplexed_model_id): Ray Serve's header name,
+# with underscores or dashes.
+_MODEL_HEADERS = frozenset((b"serve_multiplexed_model_id", b"serve-multiplexed-model-id"))
 _SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string",
                "headers", "client", "server")
 _JSON = [(b"content-type", b"application/json")]
@@ -160,6 +163,7 @@ class HTTPProxy:
         prefix, info = hit
         method = "__call__"
         has_body = False
+        meta = _HTTP_META
         for name, value in scope["headers"]:
             if name == _LENGTH_HEADER:
                 if value != b"0":
@@ -172,6 +176,8 @@ class HTTPProxy:
                 method = value.decode("latin-1")
             elif name == _CHUNKED_HEADER:
                 has_body = True
+            elif name in _MODEL_HEADERS and value:
+                meta = {"http": 1, "model": value.decode("latin-1")}
         body = b""
         if has_body:
             got = await self._read_body(receive, send)
@@ -181,7 +187,8 @@ class HTTPProxy:
         sub = self.sub_scope(scope, path, prefix)
         app, ingress = info["app"], info["ingress"]
         app, ingress = traffic.route_http(self.runtime, prefix, app, ingress, method, sub, body)
-        status, replica = await self._forward(app, ingress, method, sub, body, receive, send)
+        status, replica = await self._forward(app, ingress, method, sub, body, receive, send,
+                                              meta)
         if self.access is not None:
             self.access.add(scope["method"], path, status,
                             (time.perf_counter() - started) * 1000, app, replica)
@@ -209,13 +216,14 @@ class HTTPProxy:
             "error": f"the request body exceeds max_body_bytes={self.max_body}"}))
 
     async def _forward(self, app: str, ingress: str, method: str, sub: dict[str, Any],
-                       body: bytes, receive: Any, send: Any) -> tuple[int, str]:
+                       body: bytes, receive: Any, send: Any,
+                       meta: dict[str, Any] = _HTTP_META) -> tuple[int, str]:
         runtime = self.runtime
         router = runtime.router(app, ingress)
         loop = runtime.loop
         deadline = loop.time() + self.timeout if self.timeout else None
         try:
-            start = runtime.start_call(router, method, ((sub, body),), {}, _HTTP_META, True)
+            start = runtime.start_call(router, method, ((sub, body),), {}, meta, True)
             if deadline is None:
                 slot, pending = await start
             else:
@@ -269,7 +277,8 @@ class HTTPProxy:
                     continue
                 # an error from the replica
                 if not started and runtime.retry_elsewhere(router, slot, value):
-                    return await self._forward(app, ingress, method, sub, body, receive, send)
+                    return await self._forward(app, ingress, method, sub, body, receive, send,
+                                               meta)
                 if started:
                     raise value            # mid-stream: nothing sane to send; drop the connection
                 return await self._error(value, app, ingress, slot.replica_id, send)
