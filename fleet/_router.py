@@ -77,6 +77,9 @@ class Router:
             known = self._by_id.get(r["replica_id"])
             slot = known if known is not None and not known.gone else \
                 Slot(r["replica_id"], r["address"])
+            if "models" in r and (slot.channel is None or slot.channel.closed):
+                # What the controller heard; a connected replica tells this caller itself.
+                slot.models = set(r["models"])
             new[slot.replica_id] = slot
         for rid, slot in self._by_id.items():
             if rid not in new:

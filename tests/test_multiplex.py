@@ -15,8 +15,10 @@ import httpx
 import pytest
 from helpers import replicas, wait_for
 from protos import fleet_echo_pb2 as pb
+from starlette.requests import Request
 
 import fleet
+from fleet import _runtime
 from fleet._router import Router
 
 SERVICER_FN = "protos.fleet_echo_pb2_grpc.add_EchoServiceServicer_to_server"
@@ -92,13 +94,17 @@ class Big:
 
 @fleet.deployment
 class Web:
+    def __init__(self) -> None:
+        self.loads = 0
+
     @fleet.multiplexed(max_num_models_per_replica=2)
     async def get_model(self, model_id: str) -> Model:
+        self.loads += 1
         return Model(model_id)
 
-    async def __call__(self, request: Any) -> dict[str, str]:
+    async def __call__(self, request: Request) -> dict[str, Any]:
         model = await self.get_model(fleet.get_multiplexed_model_id())
-        return {"model": model.model_id}
+        return {"model": model.model_id, "pid": os.getpid(), "loads": self.loads}
 
     async def Say(self, request: Any, context: Any) -> Any:  # noqa: N802 - the RPC's name
         model = await self.get_model(fleet.get_multiplexed_model_id())
@@ -204,10 +210,40 @@ def test_model_id_from_http_header_with_underscores_or_dashes(ports: Any) -> Non
     for header in ("serve_multiplexed_model_id", "serve-multiplexed-model-id"):
         r = httpx.post(url, headers={header: f"via-{header[5]}"}, timeout=30)
         assert r.status_code == 200, r.text
-        assert r.json() == {"model": f"via-{header[5]}"}
+        assert r.json()["model"] == f"via-{header[5]}"
     r = httpx.post(url, timeout=30)
     assert r.status_code == 500
     assert "serve_multiplexed_model_id" in r.json()["message"]
+
+
+def test_a_new_caller_finds_the_holders_in_the_tables(ports: Any) -> None:
+    http_port, _ = ports
+    fleet.run(Web.options(num_replicas=2).bind(), name="tables", route_prefix="/tables")
+    where = {}
+    for mid in ("t0", "t1", "t2"):     # loaded through the HTTP proxy's router
+        r = httpx.post(f"http://127.0.0.1:{http_port}/tables",
+                       headers={"serve_multiplexed_model_id": mid}, timeout=30)
+        where[mid] = r.json()["pid"]
+
+    def published() -> bool:
+        table = _runtime.current().tables["deployments"]["tables#Web"]  # type: ignore
+        return sorted(m for r in table["replicas"] for m in r.get("models", [])) == \
+            ["t0", "t1", "t2"]
+    wait_for(published)
+    # The driver never called these replicas: it routes by what the tables say. Ask
+    # first for a model of the second replica listed, where a caller that knew nothing
+    # would send it (the first of two equally empty replicas).
+    table = _runtime.current().tables["deployments"]["tables#Web"]  # type: ignore
+    first = table["replicas"][1]["models"][0]
+    handle = fleet.get_deployment_handle("Web", "tables")
+    for mid in [first] + [m for m in ("t0", "t1", "t2") if m != first]:
+        got = handle.options(multiplexed_model_id=mid).remote({}).result(timeout_s=30)
+        assert got["pid"] == where[mid]
+    loads = {}
+    for mid in ("t0", "t1", "t2"):
+        got = handle.options(multiplexed_model_id=mid).remote({}).result(timeout_s=30)
+        loads[got["pid"]] = got["loads"]
+    assert sum(loads.values()) == 3
 
 
 def test_model_id_from_grpc_metadata(ports: Any) -> None:

@@ -321,6 +321,7 @@ class Controller:
                 self.kick()
         elif kind == "models":         # a multiplexed loader loaded or evicted
             rec.models = list(msg.get("models") or [])
+            self.kick()                 # callers learn it with the next tables
         elif kind == "reconfigure_result":
             rec.reconfiguring = False
             if not msg["ok"]:

@@ -12,6 +12,7 @@ from fleet._types import (
     ApplicationStatus,
     DeploymentStatus,
     DeploymentTable,
+    ReplicaInfo,
     ReplicaState,
     Tables,
     deployment_key,
@@ -29,8 +30,7 @@ def tables(apps: dict[str, AppState], traffic: dict[str, Any], version: int) -> 
         for dep in app.deployments.values():
             cfg = dep.plan.config
             deployments[deployment_key(app.name, dep.name)] = {
-                "replicas": [{"replica_id": r.replica_id, "address": r.address}
-                             for r in dep.running()],
+                "replicas": [_replica_info(r) for r in dep.running()],
                 "max_ongoing_requests": cfg.max_ongoing_requests,
                 "max_queued_requests": cfg.max_queued_requests,
                 "status": dep.status.value,
@@ -40,6 +40,13 @@ def tables(apps: dict[str, AppState], traffic: dict[str, Any], version: int) -> 
             }
     return {"version": version, "deployments": deployments, "routes": routes,
             "traffic": traffic_tables(traffic, apps)}
+
+
+def _replica_info(rec: ReplicaRecord) -> ReplicaInfo:
+    info: ReplicaInfo = {"replica_id": rec.replica_id, "address": rec.address}
+    if rec.models:      # multiplexed models it holds, for callers that never called it
+        info["models"] = [m["model_id"] for m in rec.models]
+    return info
 
 
 def status(apps: dict[str, AppState], proxies: dict[str, dict[str, Any]],
