@@ -4,6 +4,7 @@ Mark a class with :func:`deployment`, compose with ``.bind()``, start it with
 :func:`run`, and call it over HTTP, gRPC or a :class:`DeploymentHandle`.
 """
 
+from fleet import oip
 from fleet._api import (
     delete,
     get_app_handle,
@@ -68,6 +69,7 @@ __all__ = [
     "get_multiplexed_model_id",
     "ingress",
     "multiplexed",
+    "oip",
     "run",
     "set_traffic",
     "shadow_traffic",

@@ -94,6 +94,7 @@ class Tables(TypedDict):
     deployments: dict[str, DeploymentTable]   # key: "app#deployment"
     routes: dict[str, RouteInfo]              # key: route prefix
     traffic: dict[str, Any]
+    oip: dict[str, Any]                       # Open Inference Protocol models by name
 
 
 def deployment_key(app: str, deployment: str) -> str:

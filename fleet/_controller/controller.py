@@ -266,7 +266,8 @@ class Controller:
 
     def _publish(self, force: bool = False) -> None:
         tables = self.tables()
-        content = (tables["deployments"], tables["routes"], tables["traffic"])
+        content = (tables["deployments"], tables["routes"], tables["traffic"],
+                   tables["oip"])
         if content == self._published and not force:
             return
         self._published = content

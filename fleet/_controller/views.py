@@ -39,7 +39,20 @@ def tables(apps: dict[str, AppState], traffic: dict[str, Any], version: int) -> 
                 "autoscaling": dep.autoscaler is not None,
             }
     return {"version": version, "deployments": deployments, "routes": routes,
-            "traffic": traffic_tables(traffic, apps)}
+            "traffic": traffic_tables(traffic, apps), "oip": oip_models(apps)}
+
+
+def oip_models(apps: dict[str, AppState]) -> dict[str, Any]:
+    """Open Inference Protocol models by name, across every application."""
+    out: dict[str, Any] = {}
+    for app in apps.values():
+        if app.deleting:
+            continue
+        for dep in app.deployments.values():
+            spec = dep.plan.oip
+            if spec is not None and spec["name"] not in out:
+                out[spec["name"]] = {**spec, "app": app.name, "deployment": dep.name}
+    return out
 
 
 def _replica_info(rec: ReplicaRecord) -> ReplicaInfo:

@@ -352,6 +352,18 @@ def _replica_ids(tables: Tables, app: str, ingress: str) -> tuple[str, ...]:
     return tuple(sorted(r["replica_id"] for r in dep["replicas"]))
 
 
+def _add_oip(server: Any, runtime: Runtime, options: GRPCOptions, proxy: GRPCProxy) -> None:
+    """The Open Inference Protocol's service, ahead of the catch-all handler (it needs
+    NumPy; without it the service is absent)."""
+    try:
+        from fleet._oip.grpc import SERVICE, add_service
+    except ImportError as exc:
+        log.info("inference.GRPCInferenceService is not served: %s", exc)
+        return
+    add_service(server, runtime, options.request_timeout_s)
+    proxy.services.add(SERVICE)
+
+
 async def serve_grpc(runtime: Runtime, options: GRPCOptions, stop: asyncio.Event) -> int:
     """Run the gRPC proxy until stop is set; reports its address to the controller."""
     try:
@@ -365,6 +377,7 @@ async def serve_grpc(runtime: Runtime, options: GRPCOptions, stop: asyncio.Event
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     proxy.reflection = reflection.aio.ReflectionServicer(sorted(proxy.services))
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(proxy.reflection, server)
+    _add_oip(server, runtime, options, proxy)
     server.add_generic_rpc_handlers((proxy,))
     address = f"{options.host}:{options.port}"
     try:

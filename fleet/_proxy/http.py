@@ -100,6 +100,7 @@ class HTTPProxy:
         self.max_body = options.max_body_bytes
         self.root_path = options.root_path.rstrip("/")
         self.access = AccessLog(runtime.loop) if options.access_log else None
+        self.oip = False            # any Open Inference Protocol model is deployed
         runtime.table_listeners.append(self._on_tables)
         if runtime.tables is not None:
             self._on_tables(runtime.tables)
@@ -107,6 +108,7 @@ class HTTPProxy:
     def _on_tables(self, tables: Tables) -> None:
         self.routes.update({p: r for p, r in tables["routes"].items()
                             if r.get("protocol", "http") == "http"})
+        self.oip = bool(tables.get("oip"))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -153,6 +155,11 @@ class HTTPProxy:
         path = self.local_path(scope)
         if path.startswith("/-/"):
             await self._builtin(path, send)
+            return
+        if self.oip and (path == "/v2" or path.startswith("/v2/")):
+            # Open Inference Protocol models answer at the root, whatever the routes.
+            from fleet._oip import rest
+            await rest.handle(self, scope, receive, send, path)
             return
         hit = self.routes.match(path)
         if hit is None:
