@@ -223,7 +223,14 @@ class _BatchQueue:
     async def _run_once(self, entries: list[_Entry]) -> None:
         n = len(entries)
         try:
-            results = self._check(await self._call([e.item for e in entries]), n)
+            items = [e.item for e in entries]
+            joiner = getattr(type(self.owner), "_fleet_batch_joiner", None)
+            if joiner is not None and self.fn.__name__ == "__call__":
+                # An Open Inference Protocol model: one call with the tensors joined.
+                joined, sizes = joiner.join(items)
+                results = joiner.split(await self._call(joined), sizes)
+            else:
+                results = self._check(await self._call(items), n)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - every caller must get an answer

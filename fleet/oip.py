@@ -69,6 +69,43 @@ def _tensors(specs: Any, what: str, model_name: str) -> list[dict[str, Any]]:
     return out
 
 
+class _Joiner:
+    """How ``@fleet.batch`` on an OIP model's ``__call__`` makes one call of many: each
+    input's arrays joined along the first dimension, each output split back by the rows
+    each request sent (the first dimension of its first input)."""
+
+    @staticmethod
+    def join(items: list[dict[str, Any]]) -> tuple[dict[str, Any], list[int]]:
+        import numpy as np
+        sizes = [len(next(iter(item.values()))) if item else 0 for item in items]
+        joined: dict[str, Any] = {}
+        for name in items[0]:
+            try:
+                joined[name] = np.concatenate([item[name] for item in items])
+            except (ValueError, KeyError) as exc:
+                raise ValueError(f"the batch's requests cannot be joined along the first "
+                                 f"dimension of input {name!r}: {exc}") from None
+        return joined, sizes
+
+    @staticmethod
+    def split(result: Any, sizes: list[int]) -> list[dict[str, Any]]:
+        import numpy as np
+        if not isinstance(result, dict):
+            raise TypeError(f"a batched model's __call__ must return {{output name: array}}, "
+                            f"got {type(result).__name__}")
+        bounds = np.cumsum(sizes)[:-1]
+        out: list[dict[str, Any]] = [{} for _ in sizes]
+        for name, value in result.items():
+            arr = np.asarray(value)
+            if arr.ndim == 0 or len(arr) != sum(sizes):
+                raise ValueError(f"output {name!r} of a batched model has "
+                                 f"{len(arr) if arr.ndim else 0} rows for a batch of "
+                                 f"{sum(sizes)} input rows; it must have one per input row")
+            for i, part in enumerate(np.split(arr, bounds)):
+                out[i][name] = part
+        return out
+
+
 def model(*, name: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]],
           version: str = "1", platform: str = "fleet") -> Callable[[T], T]:
     """Declare a deployment class as an Open Inference Protocol model.
@@ -77,8 +114,16 @@ def model(*, name: str, inputs: list[dict[str, Any]], outputs: list[dict[str, An
     list the tensors as ``{"name", "datatype", "shape"}`` (datatypes: BOOL, UINT8-64,
     INT8-64, FP16, FP32, FP64, BYTES; ``-1`` for a dimension of any size). Put it under
     ``@fleet.deployment``.
+
+    With ``@fleet.batch`` on ``__call__``, concurrent requests are joined along the first
+    dimension into one call (``__call__`` still takes and returns one dict) and each
+    gets its own rows back.
+
+    ``name="*"`` on a class with a ``@fleet.multiplexed`` loader serves every model name
+    the loader accepts: the name in the path is the request's
+    ``fleet.get_multiplexed_model_id()``, and a loader raising ``KeyError`` makes it 404.
     """
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not (name == "*" or _NAME.match(name)):
         raise ValueError(f"fleet.oip.model: name must be letters, digits, '_', '-' or '.', "
                          f"got {name!r}")
     if not isinstance(version, str) or not _NAME.match(version):
@@ -96,6 +141,7 @@ def model(*, name: str, inputs: list[dict[str, Any]], outputs: list[dict[str, An
             raise TypeError(f"fleet.oip.model(name={name!r}): class {cls.__name__} has no "
                             "__call__(self, inputs) method")
         cls._fleet_oip = spec  # type: ignore[attr-defined]
+        cls._fleet_batch_joiner = _Joiner  # type: ignore[attr-defined]
         return cls
 
     return mark

@@ -25,6 +25,9 @@ def models(runtime: Runtime) -> dict[str, dict[str, Any]]:
 def find(runtime: Runtime, name: str, version: str = "") -> dict[str, Any]:
     """A model's entry (its spec plus app and deployment); 404 naming what exists."""
     entry = models(runtime).get(name)
+    if entry is None and "*" in models(runtime) and name:
+        # A multiplexed model server: the name is the model id its loader gets.
+        entry = {**models(runtime)["*"], "name": name, "model_id": name}
     if entry is None:
         raise OIPError(f"unknown model {name!r}; served models: "
                        f"{sorted(models(runtime)) or 'none'}", 404, "NOT_FOUND")
@@ -86,7 +89,9 @@ async def infer(runtime: Runtime, entry: dict[str, Any], inputs: dict[str, np.nd
     """Call the model's ``__call__`` with the input arrays; its outputs, checked."""
     check_complete(entry, inputs)
     router = runtime.router(entry["app"], entry["deployment"])
-    call = runtime._call_once(router, "__call__", (inputs,), {}, None)
+    model_id = entry.get("model_id")
+    call = runtime._call_once(router, "__call__", (inputs,), {},
+                              {"model": model_id} if model_id else None)
     try:
         result = await (asyncio.wait_for(call, timeout_s) if timeout_s else call)
     except asyncio.TimeoutError:
@@ -98,6 +103,12 @@ async def infer(runtime: Runtime, entry: dict[str, Any], inputs: dict[str, np.nd
         raise OIPError(str(exc), 503, "UNAVAILABLE") from None
     except asyncio.CancelledError:
         raise
+    except KeyError as exc:
+        if model_id:            # the loader does not know this model
+            raise OIPError(f"unknown model {entry['name']!r}: {exc}", 404,
+                           "NOT_FOUND") from None
+        raise OIPError(f"model {entry['name']!r} raised KeyError: {exc}", 500,
+                       "INTERNAL") from None
     except Exception as exc:
         raise OIPError(f"model {entry['name']!r} raised {type(exc).__name__}: {exc}", 500,
                        "INTERNAL") from None
