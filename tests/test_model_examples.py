@@ -20,12 +20,13 @@ def _run(name: str) -> str:
     return out.stdout
 
 
-def test_digits_classifier_over_http_and_a_handle():
+def test_digits_classifier_over_oip_rest_grpc_and_a_handle():
     stdout = _run("models_digits")
-    digits = re.search(r"HTTP: \[(.*)\]", stdout)
+    digits = re.search(r"REST: \[(.*)\]", stdout)
     assert digits and len(digits.group(1).split(",")) == 20
-    accuracy = float(re.search(r"accuracy ([\d.]+) on 297", stdout).group(1))  # type: ignore
+    accuracy = float(re.search(r"gRPC: accuracy ([\d.]+) on 297", stdout).group(1))  # type: ignore
     assert accuracy > 0.9
+    assert re.search(r"handle: \[\d, \d, \d\] expected \[1, 7, 4\]", stdout)
 
 
 def test_batched_network_answers_like_the_unbatched_one():
