@@ -98,3 +98,25 @@ def test_wildcard_name_serves_what_the_multiplexed_loader_knows(ports: tuple[int
     # the replica holds the models it loaded, as multiplexing shows them
     held = fleet.status()["applications"]["scalers"]["deployments"]["Scalers"]["replicas"]
     assert {m["model_id"] for m in held[0].get("models", [])} <= {"double", "triple"}
+
+
+def test_a_model_name_is_served_by_one_application_only(ports: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="model 'rows', which application 'rows' already"):
+        fleet.run(Rows.bind(), name="rows_again", route_prefix=None)
+    # redeploying the same application is fine
+    fleet.run(Rows.bind(), name="rows", route_prefix=None)
+
+
+def test_an_oip_model_starts_the_grpc_proxy() -> None:
+    fleet.shutdown()
+    fleet.start(http_options={"host": "127.0.0.1", "port": 0},
+                grpc_options={"enabled": False, "port": 0})
+    try:
+        assert "grpc" not in fleet.status()["proxies"]
+        fleet.run(Rows.bind(), name="rows", route_prefix=None)
+        port = fleet.status()["proxies"]["grpc"]["port"]
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+        assert client.is_model_ready("rows")
+        client.close()
+    finally:
+        fleet.shutdown()

@@ -448,6 +448,7 @@ class Controller:
                         and not other.deleting:
                     raise ValueError(f"route_prefix {route_prefix!r} is already used by "
                                      f"application {other.name!r}; pick another or delete it")
+        views.check_oip_names(self.apps, name, plans)
         app = self.apps.get(name)
         if app is None or app.deleting:
             app = AppState(name=name, route_prefix=route_prefix, ingress=plans[0].name)

@@ -42,6 +42,22 @@ def tables(apps: dict[str, AppState], traffic: dict[str, Any], version: int) -> 
             "traffic": traffic_tables(traffic, apps), "oip": oip_models(apps)}
 
 
+def check_oip_names(apps: dict[str, AppState], app_name: str, plans: list[Any]) -> None:
+    """Refuse an Open Inference Protocol model name that another application serves."""
+    taken = {e["name"]: e["app"] for e in oip_models(apps).values() if e["app"] != app_name}
+    seen: set[str] = set()
+    for plan in plans:
+        if plan.oip is None:
+            continue
+        model = plan.oip["name"]
+        if model in taken or model in seen:
+            where = f"application {taken[model]!r}" if model in taken else "this application"
+            raise ValueError(f"deployment {plan.name!r} declares the Open Inference Protocol "
+                             f"model {model!r}, which {where} already serves; model names "
+                             "are unique across applications: rename it or delete the other")
+        seen.add(model)
+
+
 def oip_models(apps: dict[str, AppState]) -> dict[str, Any]:
     """Open Inference Protocol models by name, across every application."""
     out: dict[str, Any] = {}
