@@ -10,6 +10,8 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
 
 import fleet
 
@@ -105,6 +107,27 @@ def test_a_model_name_is_served_by_one_application_only(ports: tuple[int, int]) 
         fleet.run(Rows.bind(), name="rows_again", route_prefix=None)
     # redeploying the same application is fine
     fleet.run(Rows.bind(), name="rows", route_prefix=None)
+
+
+def test_repository_extension_unloads_and_loads_by_deleting_and_deploying(
+        ports: tuple[int, int]) -> None:
+    client = triton_http.InferenceServerClient(f"127.0.0.1:{ports[0]}")
+    index = {m["name"]: m for m in client.get_model_repository_index()}
+    assert index["rows"]["state"] == "READY" and index["rows"]["version"] == "1"
+    client.unload_model("rows")
+    assert "rows" not in fleet.status()["applications"]        # its application is gone
+    # no "rows" now: the name falls to the "*" model, whose loader does not know it
+    r = httpx.post(f"http://127.0.0.1:{ports[0]}/v2/models/rows/infer",
+                   json=_infer("rows", [1.0]), timeout=30)
+    assert r.status_code == 404 and "rows" in r.json()["error"]
+    index = {m["name"]: m for m in client.get_model_repository_index()}
+    assert (index["rows"]["state"], index["rows"]["reason"]) == ("UNAVAILABLE", "unloaded")
+    with pytest.raises(InferenceServerException, match="no model 'nothing' to load"):
+        client.load_model("nothing")
+    client.load_model("rows")                                  # deployed again, ready
+    assert client.is_model_ready("rows")
+    assert fleet.status()["applications"]["rows"]["status"] == "RUNNING"
+    client.close()
 
 
 def test_an_oip_model_starts_the_grpc_proxy() -> None:

@@ -42,6 +42,25 @@ def tables(apps: dict[str, AppState], traffic: dict[str, Any], version: int) -> 
             "traffic": traffic_tables(traffic, apps), "oip": oip_models(apps)}
 
 
+def oip_index(apps: dict[str, AppState], unloaded: dict[str, Any]) -> list[dict[str, Any]]:
+    """The repository index: loaded models READY (or UNAVAILABLE while they have no
+    running replica), unloaded ones UNAVAILABLE."""
+    out = []
+    loaded = oip_models(apps)
+    for name, entry in sorted(loaded.items()):
+        dep = apps[entry["app"]].deployments[entry["deployment"]]
+        ok = bool(dep.running())
+        out.append({"name": name, "version": entry["version"],
+                    "state": "READY" if ok else "UNAVAILABLE",
+                    "reason": "" if ok else dep.message or "no replica is running"})
+    for name, (_, _, plans, _) in sorted(unloaded.items()):
+        if name not in loaded:
+            spec = next(p.oip for p in plans if p.oip and p.oip["name"] == name)
+            out.append({"name": name, "version": spec["version"], "state": "UNAVAILABLE",
+                        "reason": "unloaded"})
+    return out
+
+
 def check_oip_names(apps: dict[str, AppState], app_name: str, plans: list[Any]) -> None:
     """Refuse an Open Inference Protocol model name that another application serves."""
     taken = {e["name"]: e["app"] for e in oip_models(apps).values() if e["app"] != app_name}

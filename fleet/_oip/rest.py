@@ -2,12 +2,14 @@
 
 ``/v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{name}[/versions/{v}]``,
 ``.../ready`` and ``.../infer``, with JSON tensors and the binary tensor extension
-(``Inference-Header-Content-Length``). Errors are ``{"error": "..."}`` with a 4xx (5xx
-when the model or fleet failed).
+(``Inference-Header-Content-Length``), and the repository extension
+(``/v2/repository/index``, ``.../models/{name}/load`` and ``/unload``). Errors are
+``{"error": "..."}`` with a 4xx (5xx when the model or fleet failed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -16,6 +18,8 @@ from fleet._oip.codec import OIPError, from_json, from_raw, to_json, to_raw
 
 _JSON = [(b"content-type", b"application/json")]
 _HEADER_LENGTH = b"inference-header-content-length"
+# How long a repository load or unload may take when request_timeout_s is unset.
+REPOSITORY_TIMEOUT_S = 300.0
 
 
 def _reply(status: int, payload: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -31,6 +35,12 @@ def _route(path: str) -> tuple[str, str, str]:
         return "live", "", ""
     if parts == ["health", "ready"]:
         return "ready", "", ""
+    if parts[0] == "repository":
+        if parts[1:] == ["index"]:
+            return "repo_index", "", ""
+        if len(parts) == 4 and parts[1] == "models" and parts[3] in ("load", "unload"):
+            return "repo_" + parts[3], parts[2], ""
+        return "", "", ""
     if parts[0] != "models" or len(parts) < 2:
         return "", "", ""
     name, rest, version = parts[1], parts[2:], ""
@@ -66,7 +76,7 @@ async def _answer(proxy: Any, scope: dict[str, Any], receive: Any, send: Any, pa
     method = scope["method"]
     if not what:
         raise OIPError(f"no Open Inference Protocol route {path!r}", 404, "NOT_FOUND")
-    want = "POST" if what == "infer" else "GET"
+    want = "POST" if what == "infer" or what.startswith("repo_") else "GET"
     if method != want:
         raise OIPError(f"{path} takes {want}, not {method}", 405, "UNIMPLEMENTED")
     if what == "live":
@@ -77,6 +87,8 @@ async def _answer(proxy: Any, scope: dict[str, Any], receive: Any, send: Any, pa
     if what == "server":
         return _reply(200, {"name": core.SERVER_NAME, "version": _version(),
                             "extensions": core.EXTENSIONS})
+    if what.startswith("repo_"):
+        return await _repository(proxy, what, name)
     entry = core.find(runtime, name, version)
     if what == "model":
         return _reply(200, core.metadata(entry))
@@ -87,6 +99,29 @@ async def _answer(proxy: Any, scope: dict[str, Any], receive: Any, send: Any, pa
     if body is None:                     # too large (answered) or the client left
         return 0, [], b""
     return await _infer(proxy, scope, entry, body)
+
+
+async def _repository(proxy: Any, what: str, name: str
+                      ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The repository extension: index, and load/unload as deploying and deleting."""
+    runtime = proxy.runtime
+    method = {"repo_index": "oip_index", "repo_load": "oip_load",
+              "repo_unload": "oip_unload"}[what]
+    args = () if what == "repo_index" else (name,)
+    try:
+        result = await asyncio.wait_for(runtime.call_controller(method, *args),
+                                        proxy.timeout or REPOSITORY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise OIPError(f"{what[5:]} of model {name!r} did not finish in time", 504,
+                       "DEADLINE_EXCEEDED") from None
+    except KeyError as exc:
+        raise OIPError(str(exc.args[0] if exc.args else exc), 404, "NOT_FOUND") from None
+    except Exception as exc:
+        raise OIPError(f"{what[5:]} of model {name!r} failed: {type(exc).__name__}: {exc}",
+                       400) from None
+    if what == "repo_index":
+        return 200, _JSON, json.dumps(result).encode()
+    return _reply(200, {})
 
 
 def _version() -> str:

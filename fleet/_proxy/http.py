@@ -108,7 +108,8 @@ class HTTPProxy:
     def _on_tables(self, tables: Tables) -> None:
         self.routes.update({p: r for p, r in tables["routes"].items()
                             if r.get("protocol", "http") == "http"})
-        self.oip = bool(tables.get("oip"))
+        # once a model was served, /v2 stays the protocol's (its repository can load)
+        self.oip = self.oip or bool(tables.get("oip"))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
