@@ -314,3 +314,46 @@ def test_decorator_and_option_errors() -> None:
         fleet.multiplexed(max_model_memory_bytes=-1)
     with pytest.raises(TypeError, match="multiplexed_model_id must be a string"):
         fleet.DeploymentHandle("d", "a").options(multiplexed_model_id=3)  # type: ignore
+
+
+def test_fleet_status_command_shows_the_models_each_replica_holds(tmp_path: Any) -> None:
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TMPDIR=str(tmp_path))      # this instance's record, no other
+    cmd = [sys.executable, "-m", "fleet"]
+    proc = subprocess.Popen([*cmd, "run", "apps.multiplex_apps:app", "--app-dir", here,
+                             "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=here, env=env,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        port = None
+        for line in proc.stdout:
+            m = re.search(r"fleet: HTTP on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+                break
+        assert port, "fleet run exited before serving"
+        for mid in ("alpha", "beta"):
+            r = httpx.get(f"http://127.0.0.1:{port}/",
+                          headers={"serve-multiplexed-model-id": mid}, timeout=30)
+            assert r.text == mid.upper()
+
+        def shown() -> str:
+            out = subprocess.run([*cmd, "status"], capture_output=True, text=True, env=env,
+                                 cwd=here, timeout=60).stdout
+            return out if "model_id: beta" in out else ""
+        out = wait_for(shown)
+        assert "model_id: alpha" in out and "load_s:" in out and "loaded_at:" in out
+    finally:
+        family = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        _, alive = psutil.wait_procs(family, timeout=10)
+        assert not alive
