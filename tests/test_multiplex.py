@@ -153,6 +153,14 @@ def test_concurrent_requests_for_one_model_load_it_once(ports: Any) -> None:
     assert handle.state.remote().result(timeout_s=10)["loads"] == ["shared"]
 
 
+def test_a_burst_for_a_new_model_loads_it_on_one_replica(ports: Any) -> None:
+    handle = fleet.run(Pool.bind(), name="burst", route_prefix=None)
+    calls = [handle.options(multiplexed_model_id="hot").remote(i) for i in range(16)]
+    outs = [c.result(timeout_s=30) for c in calls]
+    assert len({o["pid"] for o in outs}) == 1
+    assert max(o["loads"] for o in outs) == 1
+
+
 def test_lru_evicts_and_runs_del_and_status_shows_models(ports: Any) -> None:
     handle = fleet.run(Pool.options(num_replicas=1).bind(), name="lru", route_prefix=None)
     for mid in ("a", "b", "a", "c"):     # "b" is the least recently used when "c" loads

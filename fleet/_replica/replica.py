@@ -219,10 +219,15 @@ class Replica:
         self.runtime.send_ctrl({"type": "models", "replica_id": self.spec.replica_id,
                                 "models": _multiplex.held(self.instance)})
 
-    def _model_call(self, conn: ServerConnection) -> None:
+    def _model_call(self, conn: ServerConnection, model: str) -> None:
         if conn not in self._model_conns:
             self._model_conns.add(conn)
-            conn.ctrl(self._models_msg())   # a new caller learns what is held already
+            # A new caller learns what is held already, and that this call's model is
+            # coming here (its load starts with the call), so its next calls follow.
+            msg = self._models_msg()
+            if model not in msg["models"]:
+                msg["models"].append(model)
+            conn.ctrl(msg)
 
     def _on_reconfigure(self, msg: dict[str, Any]) -> None:
         async def go() -> None:
@@ -292,7 +297,7 @@ class Replica:
                 from fleet._replica.grpc import adapter
                 adapter(self).accept(conn, call_id, meta)
             if "model" in meta:
-                self._model_call(conn)
+                self._model_call(conn, meta["model"])
         task = self.loop.create_task(self._serve(conn, call_id, method, args, kwargs, meta))
         key = (id(conn), call_id)
         self.tasks[key] = task
