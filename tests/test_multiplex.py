@@ -74,6 +74,28 @@ class Pool:
         return {"waiting": self.waiting, "loads": list(self.loads), "deleted": list(DELETED)}
 
 
+class AsyncModel:
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+
+    async def __del__(self) -> None:            # awaited by fleet when evicted
+        await asyncio.sleep(0)
+        DELETED.append(f"async {self.model_id}")
+
+
+@fleet.deployment
+class AsyncPool:
+    @fleet.multiplexed(max_num_models_per_replica=1)
+    async def get_model(self, model_id: str) -> AsyncModel:
+        return AsyncModel(model_id)
+
+    async def __call__(self, x: int) -> str:
+        return (await self.get_model(fleet.get_multiplexed_model_id())).model_id
+
+    async def deleted(self) -> list[str]:
+        return list(DELETED)
+
+
 @fleet.deployment(max_ongoing_requests=16)
 class Batched:
     @fleet.batch(max_batch_size=8, batch_wait_timeout_s=0.1)
@@ -172,6 +194,13 @@ def test_lru_evicts_and_runs_del_and_status_shows_models(ports: Any) -> None:
     assert [m["model_id"] for m in held] == ["a", "c"]
     assert all(m["load_s"] >= 0 and m["loaded_at"] and m["loader"].endswith("get_model")
                for m in held)
+
+
+def test_an_async_del_of_an_evicted_model_is_awaited(ports: Any) -> None:
+    handle = fleet.run(AsyncPool.bind(), name="asyncdel", route_prefix=None)
+    assert _call(handle, "x") == "x"
+    assert _call(handle, "y") == "y"          # evicts "x" (one model per replica)
+    assert wait_for(lambda: handle.deleted.remote().result(timeout_s=10)) == ["async x"]
 
 
 def test_a_failing_loader_fails_the_call_only_and_is_not_cached(ports: Any) -> None:

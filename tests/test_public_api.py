@@ -13,7 +13,7 @@ EXPECTED = {
     "MethodNotFoundError", "ReplicaDiedError", "ReplicaError", "RequestCancelledError",
     "RequestTimeoutError", "__version__", "delete", "deployment", "get_app_handle",
     "get_deployment_handle", "run", "shutdown", "start", "status",
-    "multiplexed", "get_multiplexed_model_id",
+    "multiplexed", "get_multiplexed_model_id", "oip",
 }
 
 
