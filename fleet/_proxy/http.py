@@ -160,7 +160,10 @@ class HTTPProxy:
         if self.oip and (path == "/v2" or path.startswith("/v2/")):
             # Open Inference Protocol models answer at the root, whatever the routes.
             from fleet._oip import rest
-            await rest.handle(self, scope, receive, send, path)
+            status = await rest.handle(self, scope, receive, send, path)
+            if self.access is not None:
+                self.access.add(scope["method"], path, status,
+                                (time.perf_counter() - started) * 1000, "oip", "-")
             return
         hit = self.routes.match(path)
         if hit is None:
