@@ -50,12 +50,25 @@ class ModelUnbatched:
         return models.run_model([request])[0]
 
 
+@fleet.deployment(max_ongoing_requests=MAX_ONGOING)
+class MlpUnbatched:
+    """The real network, one forward pass per request."""
+
+    def __init__(self) -> None:
+        self.net = models.DigitNet()
+
+    async def __call__(self, request: Any = None) -> str:
+        return self.net.predict([request])[0]
+
+
 noop = Noop.bind()
 cpu1 = Cpu1.bind()
 cpu2 = Cpu2.bind()
 model_unbatched = ModelUnbatched.bind()
 
 model_batched: Any = None
+mlp_batched: Any = None
+mlp_unbatched = MlpUnbatched.bind()
 BATCH_UNAVAILABLE = ""
 if hasattr(fleet, "batch"):
 
@@ -74,6 +87,25 @@ if hasattr(fleet, "batch"):
             return await self.predict(None)
 
     model_batched = ModelBatched.bind()
+
+    @fleet.deployment(max_ongoing_requests=MAX_ONGOING)
+    class MlpBatched:
+        """The real network, one forward pass per batch of requests."""
+
+        def __init__(self) -> None:
+            self.net = models.DigitNet()
+
+        @fleet.batch(
+            max_batch_size=models.MAX_BATCH_SIZE,
+            batch_wait_timeout_s=models.BATCH_WAIT_TIMEOUT_S,
+        )
+        async def predict(self, items: list[Any]) -> list[str]:
+            return self.net.predict(items)
+
+        async def __call__(self, request: Any = None) -> str:
+            return await self.predict(None)
+
+    mlp_batched = MlpBatched.bind()
 else:
     BATCH_UNAVAILABLE = "fleet.batch not available"
 

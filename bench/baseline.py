@@ -70,8 +70,9 @@ async def _model_unbatched() -> str:
 class _Batcher:
     """Collect calls into batches of up to MAX_BATCH_SIZE, waiting at most the timeout."""
 
-    def __init__(self) -> None:
+    def __init__(self, run: Callable[[list[Any]], list[str]] = models.run_model) -> None:
         self.queue: asyncio.Queue[asyncio.Future[str]] | None = None
+        self.run = run
 
     async def __call__(self) -> str:
         if self.queue is None:
@@ -94,7 +95,7 @@ class _Batcher:
                     batch.append(await asyncio.wait_for(self.queue.get(), left))
                 except asyncio.TimeoutError:
                     break
-            for fut, out in zip(batch, models.run_model(batch), strict=True):
+            for fut, out in zip(batch, self.run(batch), strict=True):
                 if not fut.done():
                     fut.set_result(out)
 
@@ -104,11 +105,36 @@ cpu = _app(_cpu)
 model_unbatched = _app(_model_unbatched)
 model_batched = _app(_Batcher())
 
+
+class _Mlp:
+    """The real network called in-process, built on first use (in the warm-up)."""
+
+    def __init__(self) -> None:
+        self.net: models.DigitNet | None = None
+
+    def predict(self, items: list[Any]) -> list[str]:
+        if self.net is None:
+            self.net = models.DigitNet()
+        return self.net.predict(items)
+
+
+_mlp = _Mlp()
+
+
+async def _mlp_unbatched() -> str:
+    return _mlp.predict([None])[0]
+
+
+mlp_unbatched = _app(_mlp_unbatched)
+mlp_batched = _app(_Batcher(_mlp.predict))
+
 APPS: dict[str, ASGIApp] = {
     "noop": noop,
     "cpu": cpu,
     "model_unbatched": model_unbatched,
     "model_batched": model_batched,
+    "mlp_unbatched": mlp_unbatched,
+    "mlp_batched": mlp_batched,
 }
 
 

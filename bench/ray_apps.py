@@ -65,6 +65,34 @@ class ModelBatched:
 
 
 @serve.deployment(max_ongoing_requests=MAX_ONGOING, ray_actor_options=_ACTOR)
+class MlpUnbatched:
+    """The real network, one forward pass per request."""
+
+    def __init__(self) -> None:
+        self.net = models.DigitNet()
+
+    async def __call__(self, request: Any = None) -> str:
+        return self.net.predict([request])[0]
+
+
+@serve.deployment(max_ongoing_requests=MAX_ONGOING, ray_actor_options=_ACTOR)
+class MlpBatched:
+    """The real network, one forward pass per ``@serve.batch`` batch."""
+
+    def __init__(self) -> None:
+        self.net = models.DigitNet()
+
+    @serve.batch(
+        max_batch_size=models.MAX_BATCH_SIZE, batch_wait_timeout_s=models.BATCH_WAIT_TIMEOUT_S
+    )
+    async def predict(self, items: list[Any]) -> list[str]:
+        return self.net.predict(items)
+
+    async def __call__(self, request: Any = None) -> str:
+        return await self.predict(None)
+
+
+@serve.deployment(max_ongoing_requests=MAX_ONGOING, ray_actor_options=_ACTOR)
 class OrangeStand:
     """Prices oranges."""
 
@@ -110,6 +138,8 @@ cpu1 = Cpu1.bind()
 cpu2 = Cpu2.bind()
 model_unbatched = ModelUnbatched.bind()
 model_batched = ModelBatched.bind()
+mlp_unbatched = MlpUnbatched.bind()
+mlp_batched = MlpBatched.bind()
 grpc_app = PredictIngress.bind(FruitMarket.bind(OrangeStand.bind(), AppleStand.bind()))
 
 #: Import path Ray's gRPC proxy loads to register the Predict service.

@@ -292,10 +292,19 @@ BATCH_METRICS = [
 
 def scenario_batch(ctx: Context, system: str) -> Measured:
     """5 ms + 0.1 ms/item model, with and without request batching."""
-    with start_server(ctx, system, "model_unbatched") as server:
+    return _batched_vs_unbatched(ctx, system, "model")
+
+
+def scenario_mlp(ctx: Context, system: str) -> Measured:
+    """A real network (scikit-learn MLP on the digits data), with and without batching."""
+    return _batched_vs_unbatched(ctx, system, "mlp")
+
+
+def _batched_vs_unbatched(ctx: Context, system: str, model: str) -> Measured:
+    with start_server(ctx, system, f"{model}_unbatched") as server:
         plain, _, err_plain = _http_runs(ctx, server, 64)
     try:
-        with start_server(ctx, system, "model_batched") as server:
+        with start_server(ctx, system, f"{model}_batched") as server:
             batched, cpu, err_batched = _http_runs(ctx, server, 64)
     except Unavailable as exc:
         return {
@@ -412,6 +421,7 @@ SCENARIOS: dict[str, tuple[list[Metric], ScenarioFn]] = {
     "protocols": (PROTOCOL_METRICS, scenario_protocols),
     "handle": (HANDLE_METRICS, scenario_handle),
     "batch": (BATCH_METRICS, scenario_batch),
+    "mlp": (BATCH_METRICS, scenario_mlp),
     "scaling": (SCALING_METRICS, scenario_scaling),
     "coldstart": (COLDSTART_METRICS, scenario_coldstart),
 }

@@ -4,6 +4,7 @@ Mark a class with :func:`deployment`, compose with ``.bind()``, start it with
 :func:`run`, and call it over HTTP, gRPC or a :class:`DeploymentHandle`.
 """
 
+from fleet import oip
 from fleet._api import (
     delete,
     get_app_handle,
@@ -25,6 +26,7 @@ from fleet._config import (
 from fleet._deployment import Application, Deployment, deployment
 from fleet._handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from fleet._ingress import ingress
+from fleet._multiplex import get_multiplexed_model_id, multiplexed
 from fleet._refs import get, wait
 from fleet._serve_request import ServeRequest
 from fleet.exceptions import (
@@ -68,7 +70,10 @@ __all__ = [
     "get",
     "get_app_handle",
     "get_deployment_handle",
+    "get_multiplexed_model_id",
     "ingress",
+    "multiplexed",
+    "oip",
     "run",
     "set_traffic",
     "shadow_traffic",

@@ -2,7 +2,9 @@
 
 Each replica keeps one queue per batched method and object. A batch runs as soon as it
 holds ``max_batch_size`` calls or its oldest call has waited ``batch_wait_timeout_s``;
-at most ``max_concurrent_batches`` batches of one method run at once. Batch sizes are
+at most ``max_concurrent_batches`` batches of one method run at once. A batch holds the
+calls of one multiplexed model id only (the oldest call's), and runs with that id as
+its :func:`fleet.get_multiplexed_model_id`. Batch sizes are
 counted per method (:func:`batch_stats`) and reported to the controller with every
 health check, so ``fleet.status()`` shows them.
 """
@@ -15,6 +17,8 @@ import inspect
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from fleet._multiplex import get_multiplexed_model_id, set_model_id
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,10 +37,11 @@ class _Failed:
 class _Entry:
     """One caller waiting in a batch queue."""
 
-    __slots__ = ("item", "arrived", "future", "chunks", "taken")
+    __slots__ = ("item", "arrived", "future", "chunks", "taken", "model")
 
     def __init__(self, item: Any, loop: asyncio.AbstractEventLoop, stream: bool) -> None:
         self.item = item
+        self.model = get_multiplexed_model_id()
         self.arrived = loop.time()
         self.future: asyncio.Future[Any] | None = None if stream else loop.create_future()
         self.chunks: asyncio.Queue[Any] | None = asyncio.Queue() if stream else None
@@ -99,10 +104,13 @@ class _BatchQueue:
         self.slots = asyncio.Semaphore(max_concurrent)
         self.stats = _stats.setdefault(name, _Stats())
         self.running: set[asyncio.Task[None]] = set()
+        self.multiplexed = False        # calls carried model ids: batches split by model
         self.task = self.loop.create_task(self._collect())
 
     def put(self, item: Any) -> _Entry:
         entry = _Entry(item, self.loop, self.stream)
+        if entry.model:
+            self.multiplexed = True
         self.waiting.append(entry)
         self.arrived.set()
         return entry
@@ -142,12 +150,7 @@ class _BatchQueue:
                         await self._wait_arrival(left)
                         if not waiting:
                             break
-                    entries: list[_Entry] = []
-                    while waiting and len(entries) < self.max_size:
-                        entry = waiting.popleft()
-                        if not entry.gone:
-                            entry.taken = True
-                            entries.append(entry)
+                    entries = self._take()
                     if entries:
                         break
             except BaseException:
@@ -156,6 +159,36 @@ class _BatchQueue:
             task = self.loop.create_task(self._run(entries))
             self.running.add(task)
             task.add_done_callback(self.running.discard)
+
+    def _take(self) -> list[_Entry]:
+        """Up to max_size waiting calls for the oldest call's model, oldest first; calls
+        for other models keep their place."""
+        waiting = self.waiting
+        while waiting and waiting[0].gone:
+            waiting.popleft()
+        if not waiting:
+            return []
+        model = waiting[0].model
+        entries: list[_Entry] = []
+        if not self.multiplexed:
+            while waiting and len(entries) < self.max_size:
+                entry = waiting.popleft()
+                if not entry.gone:
+                    entry.taken = True
+                    entries.append(entry)
+            return entries
+        rest: deque[_Entry] = deque()
+        for entry in waiting:
+            if entry.gone:
+                continue
+            if entry.model == model and len(entries) < self.max_size:
+                entry.taken = True
+                entries.append(entry)
+            else:
+                rest.append(entry)
+        waiting.clear()
+        waiting.extend(rest)
+        return entries
 
     def _call(self, items: list[Any]) -> Any:
         if self.owner is _NO_OWNER:
@@ -177,6 +210,8 @@ class _BatchQueue:
     async def _run(self, entries: list[_Entry]) -> None:
         n = len(entries)
         self.stats.record(n)
+        # This task's context only; it was copied from whichever call started the queue.
+        set_model_id(entries[0].model)
         try:
             if self.stream:
                 await self._run_stream(entries)
@@ -188,7 +223,14 @@ class _BatchQueue:
     async def _run_once(self, entries: list[_Entry]) -> None:
         n = len(entries)
         try:
-            results = self._check(await self._call([e.item for e in entries]), n)
+            items = [e.item for e in entries]
+            joiner = getattr(type(self.owner), "_fleet_batch_joiner", None)
+            if joiner is not None and self.fn.__name__ == "__call__":
+                # An Open Inference Protocol model: one call with the tensors joined.
+                joined, sizes = joiner.join(items)
+                results = joiner.split(await self._call(joined), sizes)
+            else:
+                results = self._check(await self._call(items), n)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - every caller must get an answer

@@ -128,6 +128,7 @@ class DeploymentPlan:
     code_version: str
     ingress: bool = False
     legacy_refs: bool = False
+    oip: dict[str, Any] | None = None   # fleet.oip.model's metadata, if it is one
 
     @property
     def version(self) -> str:
@@ -235,7 +236,8 @@ def build_plans(app: Application, app_name: str,
         if cfg.name != name:
             cfg = cfg.model_copy(update={"name": name})
         plans.append(DeploymentPlan(name=name, config=cfg, serialized_def=blob,
-                                    code_version=code, legacy_refs=legacy))
+                                    code_version=code, legacy_refs=legacy,
+                                    oip=getattr(target, "_fleet_oip", None)))
         return name
 
     root = visit(app)

@@ -27,6 +27,7 @@ class _CallOptions:
     # A handle to an application (fleet.get_app_handle, fleet.run) follows the traffic
     # policy of the route that application serves, as HTTP and gRPC calls do.
     follow_traffic: bool = False
+    multiplexed_model_id: str = ""
 
 
 def _runtime() -> Any:
@@ -53,8 +54,9 @@ class DeploymentHandle:
 
     def options(self, *, method_name: str = _UNSET, stream: bool = _UNSET,
                 timeout_s: float | None = _UNSET, http_headers: dict[str, str] = _UNSET,
-                ) -> DeploymentHandle:
-        """A copy of this handle with other call options."""
+                multiplexed_model_id: str = _UNSET) -> DeploymentHandle:
+        """A copy of this handle with other call options. ``multiplexed_model_id``
+        sends the calls to a replica holding that model (see :func:`fleet.multiplexed`)."""
         changes: dict[str, Any] = {}
         if method_name is not _UNSET:
             changes["method_name"] = method_name
@@ -66,6 +68,11 @@ class DeploymentHandle:
             changes["timeout_s"] = timeout_s
         if http_headers is not _UNSET:
             changes["http_headers"] = dict(http_headers)
+        if multiplexed_model_id is not _UNSET:
+            if not isinstance(multiplexed_model_id, str):
+                raise TypeError("multiplexed_model_id must be a string (the model id), got "
+                                f"{type(multiplexed_model_id).__name__}")
+            changes["multiplexed_model_id"] = multiplexed_model_id
         return DeploymentHandle(self.deployment_name, self.app_name,
                                 replace(self._opts, **changes))
 

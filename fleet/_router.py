@@ -1,6 +1,10 @@
 """The Router: one per caller and deployment. Picks replicas by power of two choices
 on its own in-flight counts, keeps at most ``max_ongoing_requests`` on each, queues the
 rest in arrival order and refuses past ``max_queued_requests``. No I/O on the choice.
+
+A call for a multiplexed model goes to the least loaded replica holding that model
+with room; failing that, to the replica with room holding the fewest models, which is
+then taken to hold it. Replicas correct that view by reporting what they hold.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from fleet.exceptions import BackPressureError, DeploymentFailedError, FleetErro
 class Slot:
     """One replica as this caller sees it."""
 
-    __slots__ = ("replica_id", "address", "inflight", "channel", "connecting", "gone")
+    __slots__ = ("replica_id", "address", "inflight", "channel", "connecting", "gone",
+                 "models")
 
     def __init__(self, replica_id: str, address: str) -> None:
+        self.models: set[str] = set()       # multiplexed model ids it holds (or will)
         self.replica_id = replica_id
         self.address = address
         self.inflight = 0
@@ -45,6 +51,7 @@ class Router:
         self.message = ""
         self.known = False
         self.queue: deque[asyncio.Future[Slot]] = deque()
+        self._wants: dict[asyncio.Future[Slot], str] = {}   # queued calls' model ids
         self.queued_total = 0
         self.closed = ""        # why calls are refused for good (the instance stopped)
 
@@ -70,6 +77,9 @@ class Router:
             known = self._by_id.get(r["replica_id"])
             slot = known if known is not None and not known.gone else \
                 Slot(r["replica_id"], r["address"])
+            if "models" in r and (slot.channel is None or slot.channel.closed):
+                # What the controller heard; a connected replica tells this caller itself.
+                slot.models = set(r["models"])
             new[slot.replica_id] = slot
         for rid, slot in self._by_id.items():
             if rid not in new:
@@ -80,6 +90,12 @@ class Router:
             self._fail_waiters(DeploymentFailedError(self.message or (
                 f"deployment {self.deployment!r} of application {self.app!r} failed")))
         self._wake()
+
+    def set_models(self, replica_id: str, models: list[str]) -> None:
+        """What a replica reports it holds, replacing this router's guess."""
+        slot = self._by_id.get(replica_id)
+        if slot is not None:
+            slot.models = set(models)
 
     def drop(self, slot: Slot) -> None:
         """Stop using a replica whose connection failed, before the table says so."""
@@ -106,10 +122,29 @@ class Router:
         free = [s for s in slots if s.inflight < limit]
         return min(free, key=lambda s: s.inflight) if free else None
 
-    async def acquire(self) -> Slot:
-        """A replica with room, waiting in order if none has; raises when refused."""
+    def _pick_model(self, model: str) -> Slot | None:
+        limit = self.max_ongoing
+        best: Slot | None = None
+        for s in self.slots:
+            if model in s.models and s.inflight < limit and (
+                    best is None or s.inflight < best.inflight):
+                best = s
+        if best is not None:
+            return best
+        # No holder with room: load it where it evicts least.
+        for s in self.slots:
+            if s.inflight < limit and (best is None or (len(s.models), s.inflight) <
+                                       (len(best.models), best.inflight)):
+                best = s
+        if best is not None:
+            best.models.add(model)
+        return best
+
+    async def acquire(self, model: str | None = None) -> Slot:
+        """A replica with room, waiting in order if none has; raises when refused.
+        With a multiplexed model id, one that holds the model if possible."""
         if not self.queue:
-            slot = self._pick()
+            slot = self._pick() if model is None else self._pick_model(model)
             if slot is not None:
                 slot.inflight += 1
                 return slot
@@ -124,6 +159,8 @@ class Router:
             raise FleetError(self.closed)
         fut: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
         self.queue.append(fut)
+        if model is not None:
+            self._wants[fut] = model
         self.queued_total += 1
         try:
             return await fut
@@ -132,6 +169,8 @@ class Router:
                 self.release(fut.result())
             raise
         finally:
+            if model is not None:
+                self._wants.pop(fut, None)
             try:
                 self.queue.remove(fut)
             except ValueError:
@@ -149,7 +188,8 @@ class Router:
             if fut.done():
                 queue.popleft()
                 continue
-            slot = self._pick()
+            model = self._wants.get(fut) if self._wants else None
+            slot = self._pick() if model is None else self._pick_model(model)
             if slot is None:
                 return
             queue.popleft()

@@ -166,7 +166,14 @@ class Runtime:
                         "inflight": stats["inflight"], "queued": stats["queued"]})
 
     async def _connect_replica(self, address: str, peer: str) -> Channel:
-        return await connect(address, self.secret, peer=peer)
+        return await connect(address, self.secret, peer=peer, on_ctrl=self._on_replica_ctrl)
+
+    def _on_replica_ctrl(self, msg: dict[str, Any]) -> None:
+        # A replica of a multiplexed deployment tells which models it now holds.
+        if msg.get("type") == "models":
+            router = self.routers.get(msg.get("key", ""))
+            if router is not None:
+                router.set_models(msg["replica_id"], msg["models"])
 
     def _check_known(self, router: Router) -> None:
         if not router.known and self.tables is not None:
@@ -187,8 +194,9 @@ class Runtime:
             # queued, so the controller starts one without waiting for the timer.
             self.loop.call_soon(self.report_load, router)
         last: BaseException | None = None
+        model = meta.get("model") if meta is not None else None
         for _ in range(MAX_ATTEMPTS):
-            slot = await router.acquire()
+            slot = await router.acquire(model)
             try:
                 ch = await router.channel(slot)
                 return slot, ch.call(method, args, kwargs, meta, stream)
@@ -305,8 +313,13 @@ class Stream:
 
 
 def _meta(opts: Any) -> dict[str, Any] | None:
-    if opts.http_headers:
-        return {"http_headers": opts.http_headers}
+    if opts.http_headers or opts.multiplexed_model_id:
+        meta: dict[str, Any] = {}
+        if opts.http_headers:
+            meta["http_headers"] = opts.http_headers
+        if opts.multiplexed_model_id:
+            meta["model"] = opts.multiplexed_model_id
+        return meta
     return None
 
 

@@ -56,11 +56,15 @@ class ReplicaSpec:
     cwd: str = ""
 
 
-class ReplicaInfo(TypedDict):
-    """A replica as callers see it in the published table."""
-
+class _ReplicaAddress(TypedDict):
     replica_id: str
     address: str
+
+
+class ReplicaInfo(_ReplicaAddress, total=False):
+    """A replica as callers see it in the published table."""
+
+    models: list[str]              # multiplexed model ids it holds, when any
 
 
 class DeploymentTable(TypedDict):
@@ -91,6 +95,7 @@ class Tables(TypedDict):
     deployments: dict[str, DeploymentTable]   # key: "app#deployment"
     routes: dict[str, RouteInfo]              # key: route prefix
     traffic: dict[str, Any]
+    oip: dict[str, Any]                       # Open Inference Protocol models by name
 
 
 def deployment_key(app: str, deployment: str) -> str:

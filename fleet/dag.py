@@ -266,6 +266,8 @@ def prepare_app(app: Any) -> tuple[Any, str, int | None]:
     from fleet import drivers
     protocol = drivers.driver_protocol(app.deployment.func_or_class)
     if protocol is None:
+        if getattr(app.deployment.func_or_class, "_fleet_oip", None) is not None:
+            drivers.ensure_grpc_proxy(None)     # where inference.GRPCInferenceService is
         return app, "http", None
     if protocol == "grpc-ingress":
         drivers.ensure_grpc_proxy(None)

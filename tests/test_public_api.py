@@ -14,6 +14,7 @@ EXPECTED = {
     "MethodNotFoundError", "ReplicaDiedError", "ReplicaError", "RequestCancelledError",
     "RequestTimeoutError", "__version__", "delete", "deployment", "get_app_handle",
     "get", "get_deployment_handle", "run", "shutdown", "start", "status", "wait",
+    "multiplexed", "get_multiplexed_model_id", "oip",
 }
 
 

@@ -56,6 +56,9 @@ class Controller:
         self._proxy_waiters: dict[str, asyncio.Future[Any]] = {}
         self.traffic: dict[str, Any] = {}
         self._closing = False
+        # Open Inference Protocol models unloaded through the repository extension:
+        # model -> the deploy call that brings it back.
+        self._unloaded: dict[str, tuple[str, str | None, list[DeploymentPlan], str]] = {}
 
     # -- loop -------------------------------------------------------------------
     def start(self) -> None:
@@ -266,7 +269,8 @@ class Controller:
 
     def _publish(self, force: bool = False) -> None:
         tables = self.tables()
-        content = (tables["deployments"], tables["routes"], tables["traffic"])
+        content = (tables["deployments"], tables["routes"], tables["traffic"],
+                   tables["oip"])
         if content == self._published and not force:
             return
         self._published = content
@@ -319,6 +323,9 @@ class Controller:
             if not msg["ok"] and rec.state == ReplicaState.RUNNING:
                 self._unhealthy(dep, rec, msg["error"])
                 self.kick()
+        elif kind == "models":         # a multiplexed loader loaded or evicted
+            rec.models = list(msg.get("models") or [])
+            self.kick()                 # callers learn it with the next tables
         elif kind == "reconfigure_result":
             rec.reconfiguring = False
             if not msg["ok"]:
@@ -446,6 +453,7 @@ class Controller:
                         and not other.deleting:
                     raise ValueError(f"route_prefix {route_prefix!r} is already used by "
                                      f"application {other.name!r}; pick another or delete it")
+        views.check_oip_names(self.apps, name, plans)
         app = self.apps.get(name)
         if app is None or app.deleting:
             app = AppState(name=name, route_prefix=route_prefix, ingress=plans[0].name)
@@ -587,6 +595,35 @@ class Controller:
             await self._changed.wait()
         self._publish()
         await self._proxies_caught_up()
+
+    # -- the Open Inference Protocol's repository extension ----------------------------
+    async def rpc_oip_index(self, conn: ServerConnection) -> list[dict[str, Any]]:
+        return views.oip_index(self.apps, self._unloaded)
+
+    async def rpc_oip_unload(self, conn: ServerConnection, model: str) -> None:
+        """Unload a model: delete the application serving it, remembering how to load it."""
+        entry = views.oip_models(self.apps).get(model)
+        if entry is None:
+            raise KeyError(f"no model {model!r} is loaded; loaded: "
+                           f"{sorted(views.oip_models(self.apps)) or 'none'}")
+        app = self.apps[entry["app"]]
+        plans = sorted((d.plan for d in app.deployments.values() if not d.deleting),
+                       key=lambda p: p.name != app.ingress)
+        self._unloaded[model] = (app.name, app.route_prefix, plans, app.protocol)
+        await self.rpc_delete(conn, app.name)
+
+    async def rpc_oip_load(self, conn: ServerConnection, model: str) -> None:
+        """Load a model unloaded before: deploy its application again, until ready."""
+        if model in views.oip_models(self.apps):
+            self._unloaded.pop(model, None)
+            return
+        saved = self._unloaded.get(model)
+        if saved is None:
+            raise KeyError(f"no model {model!r} to load: only models unloaded through "
+                           f"/v2/repository can be loaded again; deploy others with fleet.run")
+        await self.rpc_deploy(conn, *saved)
+        self._unloaded.pop(model, None)
+        await self.rpc_wait_ready(conn, saved[0])
 
     async def rpc_status(self, conn: ServerConnection) -> dict[str, Any]:
         return self.status()

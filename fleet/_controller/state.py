@@ -28,6 +28,7 @@ class ReplicaRecord:
     last_health: float = field(default_factory=time.monotonic)
     ongoing: int = 0
     batches: dict[str, Any] = field(default_factory=dict)
+    models: list[dict[str, Any]] = field(default_factory=list)   # multiplexed, held
     user_config: Any = None        # the user_config this replica was given last
     reconfiguring: bool = False    # a reconfigure was sent and not yet answered
     stopping: bool = False         # being drained (state STOPPING, or UNHEALTHY)

@@ -12,6 +12,7 @@ from fleet._types import (
     ApplicationStatus,
     DeploymentStatus,
     DeploymentTable,
+    ReplicaInfo,
     ReplicaState,
     Tables,
     deployment_key,
@@ -30,8 +31,7 @@ def tables(apps: dict[str, AppState], traffic: dict[str, Any], version: int) -> 
         for dep in app.deployments.values():
             cfg = dep.plan.config
             deployments[deployment_key(app.name, dep.name)] = {
-                "replicas": [{"replica_id": r.replica_id, "address": r.address}
-                             for r in dep.running()],
+                "replicas": [_replica_info(r) for r in dep.running()],
                 "max_ongoing_requests": cfg.max_ongoing_requests,
                 "max_queued_requests": cfg.max_queued_requests,
                 "status": dep.status.value,
@@ -40,7 +40,62 @@ def tables(apps: dict[str, AppState], traffic: dict[str, Any], version: int) -> 
                 "autoscaling": dep.autoscaler is not None,
             }
     return {"version": version, "deployments": deployments, "routes": routes,
-            "traffic": traffic_tables(traffic, apps)}
+            "traffic": traffic_tables(traffic, apps), "oip": oip_models(apps)}
+
+
+def oip_index(apps: dict[str, AppState], unloaded: dict[str, Any]) -> list[dict[str, Any]]:
+    """The repository index: loaded models READY (or UNAVAILABLE while they have no
+    running replica), unloaded ones UNAVAILABLE."""
+    out = []
+    loaded = oip_models(apps)
+    for name, entry in sorted(loaded.items()):
+        dep = apps[entry["app"]].deployments[entry["deployment"]]
+        ok = bool(dep.running())
+        out.append({"name": name, "version": entry["version"],
+                    "state": "READY" if ok else "UNAVAILABLE",
+                    "reason": "" if ok else dep.message or "no replica is running"})
+    for name, (_, _, plans, _) in sorted(unloaded.items()):
+        if name not in loaded:
+            spec = next(p.oip for p in plans if p.oip and p.oip["name"] == name)
+            out.append({"name": name, "version": spec["version"], "state": "UNAVAILABLE",
+                        "reason": "unloaded"})
+    return out
+
+
+def check_oip_names(apps: dict[str, AppState], app_name: str, plans: list[Any]) -> None:
+    """Refuse an Open Inference Protocol model name that another application serves."""
+    taken = {e["name"]: e["app"] for e in oip_models(apps).values() if e["app"] != app_name}
+    seen: set[str] = set()
+    for plan in plans:
+        if plan.oip is None:
+            continue
+        model = plan.oip["name"]
+        if model in taken or model in seen:
+            where = f"application {taken[model]!r}" if model in taken else "this application"
+            raise ValueError(f"deployment {plan.name!r} declares the Open Inference Protocol "
+                             f"model {model!r}, which {where} already serves; model names "
+                             "are unique across applications: rename it or delete the other")
+        seen.add(model)
+
+
+def oip_models(apps: dict[str, AppState]) -> dict[str, Any]:
+    """Open Inference Protocol models by name, across every application."""
+    out: dict[str, Any] = {}
+    for app in apps.values():
+        if app.deleting:
+            continue
+        for dep in app.deployments.values():
+            spec = dep.plan.oip
+            if spec is not None and spec["name"] not in out:
+                out[spec["name"]] = {**spec, "app": app.name, "deployment": dep.name}
+    return out
+
+
+def _replica_info(rec: ReplicaRecord) -> ReplicaInfo:
+    info: ReplicaInfo = {"replica_id": rec.replica_id, "address": rec.address}
+    if rec.models:      # multiplexed models it holds, for callers that never called it
+        info["models"] = [m["model_id"] for m in rec.models]
+    return info
 
 
 def status(apps: dict[str, AppState], proxies: dict[str, dict[str, Any]],
@@ -59,7 +114,8 @@ def status(apps: dict[str, AppState], proxies: dict[str, dict[str, Any]],
                               "pid": r.pid, "version": r.version,
                               "message": r.message or _doing(r),
                               "uptime_s": round(now - r.started_at, 1),
-                              "ongoing": r.ongoing, "batches": r.batches}
+                              "ongoing": r.ongoing, "batches": r.batches,
+                              **({"models": list(r.models)} if r.models else {})}
                              for r in dep.replicas.values()],
                 "scaling_log": list(dep.scaling_log[-10:]),
             }

@@ -224,9 +224,13 @@ class GRPCProxy(grpc.GenericRpcHandler):
         remaining = context.time_remaining()
         if self.timeout is not None and (remaining is None or remaining > self.timeout):
             remaining = self.timeout
-        return {"grpc": kind.full, "md": pairs, "fn": kind.fn,
+        meta = {"grpc": kind.full, "md": pairs, "fn": kind.fn,
                 "in": "data" if stream_in else "args", "out": stream_out,
                 "timeout": remaining}
+        for key, value in pairs:
+            if key == "multiplexed_model_id" and value:     # fleet.get_multiplexed_model_id
+                meta["model"] = value
+        return meta
 
     async def _start(self, kind: _Kind, request: bytes | None, context: Any,
                      stream_in: bool, stream_out: bool) -> tuple[Router, Any, Pending]:
@@ -492,6 +496,18 @@ def _replica_ids(tables: Tables, app: str, ingress: str) -> tuple[str, ...]:
     return tuple(sorted(r["replica_id"] for r in dep["replicas"]))
 
 
+def _add_oip(server: Any, runtime: Runtime, options: GRPCOptions, proxy: GRPCProxy) -> None:
+    """The Open Inference Protocol's service, ahead of the catch-all handler (it needs
+    NumPy; without it the service is absent)."""
+    try:
+        from fleet._oip.grpc import SERVICE, add_service
+    except ImportError as exc:
+        log.info("inference.GRPCInferenceService is not served: %s", exc)
+        return
+    add_service(server, runtime, options.request_timeout_s)
+    proxy.services.add(SERVICE)
+
+
 async def serve_grpc(runtime: Runtime, options: GRPCOptions, stop: asyncio.Event) -> int:
     """Run the gRPC proxy until stop is set; reports its address to the controller."""
     try:
@@ -505,6 +521,7 @@ async def serve_grpc(runtime: Runtime, options: GRPCOptions, stop: asyncio.Event
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     proxy.reflection = reflection.aio.ReflectionServicer(sorted(proxy.services))
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(proxy.reflection, server)
+    _add_oip(server, runtime, options, proxy)
     server.add_generic_rpc_handlers((proxy,))
     address = f"{options.host}:{options.port}"
     try:

@@ -34,6 +34,9 @@ _METHOD_HEADER = b"x-serve-call-method"
 _LENGTH_HEADER = b"content-length"
 _CHUNKED_HEADER = b"transfer-encoding"
 _HTTP_META = {"http": 1}
+# A multiplexed model id (fleet.get_multiplexed_model_id): Ray Serve's header name,
+# with underscores or dashes.
+_MODEL_HEADERS = frozenset((b"serve_multiplexed_model_id", b"serve-multiplexed-model-id"))
 _SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string",
                "headers", "client", "server")
 _JSON = [(b"content-type", b"application/json")]
@@ -97,6 +100,7 @@ class HTTPProxy:
         self.max_body = options.max_body_bytes
         self.root_path = options.root_path.rstrip("/")
         self.access = AccessLog(runtime.loop) if options.access_log else None
+        self.oip = False            # any Open Inference Protocol model is deployed
         runtime.table_listeners.append(self._on_tables)
         if runtime.tables is not None:
             self._on_tables(runtime.tables)
@@ -104,6 +108,8 @@ class HTTPProxy:
     def _on_tables(self, tables: Tables) -> None:
         self.routes.update({p: r for p, r in tables["routes"].items()
                             if r.get("protocol", "http") == "http"})
+        # once a model was served, /v2 stays the protocol's (its repository can load)
+        self.oip = self.oip or bool(tables.get("oip"))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -151,6 +157,14 @@ class HTTPProxy:
         if path.startswith("/-/"):
             await self._builtin(path, send)
             return
+        if self.oip and (path == "/v2" or path.startswith("/v2/")):
+            # Open Inference Protocol models answer at the root, whatever the routes.
+            from fleet._oip import rest
+            status = await rest.handle(self, scope, receive, send, path)
+            if self.access is not None:
+                self.access.add(scope["method"], path, status,
+                                (time.perf_counter() - started) * 1000, "oip", "-")
+            return
         hit = self.routes.match(path)
         if hit is None:
             await self._respond(send, *_json(404, {
@@ -160,6 +174,7 @@ class HTTPProxy:
         prefix, info = hit
         method = "__call__"
         has_body = False
+        meta = _HTTP_META
         for name, value in scope["headers"]:
             if name == _LENGTH_HEADER:
                 if value != b"0":
@@ -172,6 +187,8 @@ class HTTPProxy:
                 method = value.decode("latin-1")
             elif name == _CHUNKED_HEADER:
                 has_body = True
+            elif name in _MODEL_HEADERS and value:
+                meta = {"http": 1, "model": value.decode("latin-1")}
         body = b""
         if has_body:
             got = await self._read_body(receive, send)
@@ -181,7 +198,8 @@ class HTTPProxy:
         sub = self.sub_scope(scope, path, prefix)
         app, ingress = info["app"], info["ingress"]
         app, ingress = traffic.route_http(self.runtime, prefix, app, ingress, method, sub, body)
-        status, replica = await self._forward(app, ingress, method, sub, body, receive, send)
+        status, replica = await self._forward(app, ingress, method, sub, body, receive, send,
+                                              meta)
         if self.access is not None:
             self.access.add(scope["method"], path, status,
                             (time.perf_counter() - started) * 1000, app, replica)
@@ -209,13 +227,14 @@ class HTTPProxy:
             "error": f"the request body exceeds max_body_bytes={self.max_body}"}))
 
     async def _forward(self, app: str, ingress: str, method: str, sub: dict[str, Any],
-                       body: bytes, receive: Any, send: Any) -> tuple[int, str]:
+                       body: bytes, receive: Any, send: Any,
+                       meta: dict[str, Any] = _HTTP_META) -> tuple[int, str]:
         runtime = self.runtime
         router = runtime.router(app, ingress)
         loop = runtime.loop
         deadline = loop.time() + self.timeout if self.timeout else None
         try:
-            start = runtime.start_call(router, method, ((sub, body),), {}, _HTTP_META, True)
+            start = runtime.start_call(router, method, ((sub, body),), {}, meta, True)
             if deadline is None:
                 slot, pending = await start
             else:
@@ -269,7 +288,8 @@ class HTTPProxy:
                     continue
                 # an error from the replica
                 if not started and runtime.retry_elsewhere(router, slot, value):
-                    return await self._forward(app, ingress, method, sub, body, receive, send)
+                    return await self._forward(app, ingress, method, sub, body, receive, send,
+                                               meta)
                 if started:
                     raise value            # mid-stream: nothing sane to send; drop the connection
                 return await self._error(value, app, ingress, slot.replica_id, send)

@@ -14,10 +14,11 @@ from typing import Any
 
 import cloudpickle
 
+from fleet import _multiplex
 from fleet._batching import batch_stats
 from fleet._config import DeploymentConfig
 from fleet._runtime import ReplicaDrainingError, Runtime, set_current
-from fleet._types import ReplicaSpec
+from fleet._types import ReplicaSpec, deployment_key
 from fleet._wire.errors import error_info
 from fleet._wire.listener import ServerConnection, listen
 from fleet.exceptions import MethodNotFoundError
@@ -87,6 +88,8 @@ class Replica:
         self._grace = self.config.graceful_shutdown_timeout_s
         self.http: Any = None
         self.grpc: Any = None       # fleet/_replica/grpc.py, made on the first gRPC call
+        # Connections of callers that sent model calls: told when the held models change.
+        self._model_conns: set[ServerConnection] = set()
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self) -> int:
@@ -120,6 +123,7 @@ class Replica:
                 task.cancel()
         server.close()
         await self.http.shutdown(self._grace or 1.0)
+        _multiplex.unwatch(self.instance)
         await self._run_del()
         return 0
 
@@ -138,6 +142,7 @@ class Replica:
             self.is_function = True
             self.instance = functools.partial(target, *args, **kwargs) if (args or kwargs) \
                 else target
+        _multiplex.watch(self.instance, self._models_changed)
         self.http = HTTPAdapter(self)
         await self.http.startup()       # an ingress app's lifespan
         if self.config.user_config is not None:
@@ -197,6 +202,32 @@ class Replica:
         self.runtime.send_ctrl({"type": "health_result", "id": msg.get("id"), "ok": ok,
                                 "error": error, "replica_id": self.spec.replica_id,
                                 "ongoing": self.ongoing, "batches": batch_stats()})
+
+    # -- multiplexed models ----------------------------------------------------------
+    def _models_msg(self) -> dict[str, Any]:
+        return {"type": "models", "key": deployment_key(self.spec.app_name,
+                                                        self.spec.deployment_name),
+                "replica_id": self.spec.replica_id,
+                "models": _multiplex.held_ids(self.instance)}
+
+    def _models_changed(self) -> None:
+        """A loader loaded or evicted: tell the callers that route models here, and the
+        controller (for status). Sent before the reply of the call that loaded."""
+        msg = self._models_msg()
+        for conn in self._model_conns:
+            conn.ctrl(msg)
+        self.runtime.send_ctrl({"type": "models", "replica_id": self.spec.replica_id,
+                                "models": _multiplex.held(self.instance)})
+
+    def _model_call(self, conn: ServerConnection, model: str) -> None:
+        if conn not in self._model_conns:
+            self._model_conns.add(conn)
+            # A new caller learns what is held already, and that this call's model is
+            # coming here (its load starts with the call), so its next calls follow.
+            msg = self._models_msg()
+            if model not in msg["models"]:
+                msg["models"].append(model)
+            conn.ctrl(msg)
 
     def _on_reconfigure(self, msg: dict[str, Any]) -> None:
         async def go() -> None:
@@ -261,9 +292,12 @@ class Replica:
         if self.draining:
             conn.reply_error(call_id, ReplicaDrainingError(f"{self.where} is shutting down"))
             return
-        if meta is not None and "grpc" in meta:
-            from fleet._replica.grpc import adapter
-            adapter(self).accept(conn, call_id, meta)
+        if meta is not None:
+            if "grpc" in meta:
+                from fleet._replica.grpc import adapter
+                adapter(self).accept(conn, call_id, meta)
+            if "model" in meta:
+                self._model_call(conn, meta["model"])
         task = self.loop.create_task(self._serve(conn, call_id, method, args, kwargs, meta))
         key = (id(conn), call_id)
         self.tasks[key] = task
@@ -286,6 +320,8 @@ class Replica:
             # doing CPU work). Fast methods keep their replies coalesced into one write.
             conn._flush()
         started = time.perf_counter()
+        if meta is not None and "model" in meta:
+            _multiplex.set_model_id(meta["model"])     # this task's context only
         try:
             if meta is not None and "http" in meta:
                 await self.http.serve_http(conn, call_id, method, args[0], meta)
@@ -358,6 +394,7 @@ class Replica:
 
     def on_closed(self, conn: ServerConnection) -> None:
         # The caller is gone: its calls have no one to answer to.
+        self._model_conns.discard(conn)
         cid = id(conn)
         for (c, _), task in list(self.tasks.items()):
             if c == cid:
