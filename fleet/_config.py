@@ -101,6 +101,7 @@ class HTTPOptions(_Model):
     root_path: str = ""
     max_body_bytes: int = Field(100 * 1024 * 1024, gt=0)
     access_log: bool = True
+    call_method_header: bool = True
     enabled: bool = True
 
 

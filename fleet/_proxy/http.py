@@ -95,6 +95,8 @@ class HTTPProxy:
         self.routes = RouteTable()
         self.timeout = options.request_timeout_s
         self.max_body = options.max_body_bytes
+        # None switches the call-method header off: no header name equals it
+        self.method_header = _METHOD_HEADER if options.call_method_header else None
         self.root_path = options.root_path.rstrip("/")
         self.access = AccessLog(runtime.loop) if options.access_log else None
         runtime.table_listeners.append(self._on_tables)
@@ -160,6 +162,7 @@ class HTTPProxy:
         prefix, info = hit
         method = "__call__"
         has_body = False
+        method_header = self.method_header
         for name, value in scope["headers"]:
             if name == _LENGTH_HEADER:
                 if value != b"0":
@@ -168,7 +171,7 @@ class HTTPProxy:
                         # refused before reading a byte (no "100 Continue" is sent)
                         await self._too_large(send)
                         return
-            elif name == _METHOD_HEADER:
+            elif name == method_header:
                 method = value.decode("latin-1")
             elif name == _CHUNKED_HEADER:
                 has_body = True

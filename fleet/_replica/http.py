@@ -250,7 +250,9 @@ class HTTPAdapter:
 
         sender = _Sender(conn, call_id)
         try:
-            if self.asgi_app is not None and method == "__call__":
+            if self.asgi_app is not None:
+                # The app sees every request: its middleware, auth and validation are
+                # never bypassed, and the call-method header is an ordinary header to it.
                 await self.asgi_app(scope, receive, sender)
             else:
                 await self._call_method(scope, receive, sender, method, body)
@@ -267,10 +269,11 @@ class HTTPAdapter:
                            method: str, body: bytes) -> None:
         rep = self.replica
         try:
-            fn, kind = rep.method(method)
+            fn, kind = rep.http_method(method)
         except MethodNotFoundError as exc:
+            shown = method if len(method) <= 64 else method[:64] + "..."
             await JSONResponse({"error": str(exc), "deployment": rep.spec.deployment_name,
-                                "method": method}, status_code=404)(scope, receive, send)
+                                "method": shown}, status_code=404)(scope, receive, send)
             return
         request = Request(scope, receive)
         request._body = body  # the proxy read it all: sync methods can use it too
