@@ -161,8 +161,10 @@ def cli() -> None:
 @click.option("--host", default=None, help="HTTP host (default: 127.0.0.1).")
 @click.option("--port", default=None, type=int, help="HTTP port (default: 8000).")
 @click.option("--grpc-port", default=None, type=int, help="Also serve gRPC on this port.")
+@click.option("--dev", is_flag=True, help="Development: error responses include the "
+                                           "exception's type and message.")
 def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | None,
-        host: str | None, port: int | None, grpc_port: int | None) -> None:
+        host: str | None, port: int | None, grpc_port: int | None, dev: bool) -> None:
     """Run TARGET (MODULE:ATTR or CONFIG.yaml) in the foreground until Ctrl-C or SIGTERM."""
     import fleet
     from fleet._api import shutdown
@@ -192,6 +194,9 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
         config.grpc_options.enabled = True
     if config.grpc_options.grpc_servicer_functions:
         config.grpc_options.enabled = True
+    if dev:
+        config.http_options.expose_errors = True
+        config.grpc_options.expose_errors = True
     apps = []
     for app_cfg in config.applications:
         obj = import_attr(app_cfg.import_path)

@@ -91,6 +91,8 @@ class HTTPOptions(_Model):
 
     ``server`` picks the proxy's HTTP server: ``"uvicorn"`` (httptools, the default) or
     ``"granian"`` (Rust, embedded in the proxy process; needs ``pip install granian``).
+    ``expose_errors=True`` (for development) adds an exception's type and message to
+    error bodies, which otherwise say only what happened and the request's id.
     """
 
     server: Literal["uvicorn", "granian"] = "uvicorn"
@@ -102,16 +104,21 @@ class HTTPOptions(_Model):
     max_body_bytes: int = Field(100 * 1024 * 1024, gt=0)
     access_log: bool = True
     call_method_header: bool = True
+    expose_errors: bool = False
     enabled: bool = True
 
 
 class GRPCOptions(_Model):
-    """The gRPC proxy: its port and the servicer functions of user schemas."""
+    """The gRPC proxy: its port and the servicer functions of user schemas.
+
+    ``expose_errors=True`` (for development) adds an exception's type and message to
+    error details, which otherwise say only what happened."""
 
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_GRPC_PORT, ge=0, le=65535)
     grpc_servicer_functions: list[str] = Field(default_factory=list)
     request_timeout_s: float | None = Field(None, gt=0)
+    expose_errors: bool = False
     enabled: bool = False
 
 

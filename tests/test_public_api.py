@@ -10,9 +10,9 @@ EXPECTED = {
     "Application", "AutoscalingConfig", "BackPressureError", "Deployment", "DeploymentConfig",
     "DeploymentFailedError", "DeploymentHandle", "DeploymentResponse",
     "DeploymentResponseGenerator", "FleetError", "GRPCOptions", "HTTPOptions",
-    "MethodNotFoundError", "ReplicaDiedError", "ReplicaError", "RequestCancelledError",
-    "RequestTimeoutError", "__version__", "delete", "deployment", "get_app_handle",
-    "get_deployment_handle", "run", "shutdown", "start", "status",
+    "MethodNotFoundError", "ReplicaDiedError", "ReplicaDrainingError", "ReplicaError",
+    "RequestCancelledError", "RequestTimeoutError", "__version__", "delete", "deployment",
+    "get_app_handle", "get_deployment_handle", "run", "shutdown", "start", "status",
 }
 
 
@@ -31,7 +31,8 @@ def test_every_public_name_exists_and_has_a_docstring():
 
 def test_exception_tree():
     for name in ("BackPressureError", "DeploymentFailedError", "MethodNotFoundError",
-                 "ReplicaDiedError", "ReplicaError", "RequestCancelledError",
+                 "ReplicaDiedError", "ReplicaDrainingError", "ReplicaError",
+                 "RequestCancelledError",
                  "RequestTimeoutError"):
         assert issubclass(getattr(fleet, name), fleet.FleetError)
     assert issubclass(fleet.RequestTimeoutError, TimeoutError)

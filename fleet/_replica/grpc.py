@@ -370,10 +370,9 @@ class GRPCAdapter:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("%s of %s raised", full, where, exc_info=True)
-            ctx._code = grpc.StatusCode.INTERNAL
-            ctx._details = f"{type(exc).__name__}: {exc}"
-            conn.reply(call_id, ctx._status(None))
+            # not a status the servicer chose: the proxy answers INTERNAL with the
+            # call's id and logs the exception, whose text never reaches the client
+            conn.reply_error(call_id, exc, f"in {full} of {where}")
         finally:
             ctx._run_callbacks()
 

@@ -19,6 +19,7 @@ import logging
 import typing
 from typing import TYPE_CHECKING, Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
@@ -277,10 +278,15 @@ class HTTPAdapter:
             return
         request = Request(scope, receive)
         request._body = body  # the proxy read it all: sync methods can use it too
-        if kind in ("agen", "gen"):
-            result = fn(request)
-        else:
-            result = await rep.invoke(fn, (request,), {}, kind)
+        try:
+            if kind in ("agen", "gen"):
+                result = fn(request)
+            else:
+                result = await rep.invoke(fn, (request,), {}, kind)
+        except HTTPException as exc:
+            # an answer the method chose: it reaches the client as it is
+            result = JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
+                                  headers=exc.headers)
         await to_response(result)(scope, receive, send)
 
     async def startup(self) -> None:

@@ -16,11 +16,11 @@ import cloudpickle
 
 from fleet._batching import batch_stats
 from fleet._config import DeploymentConfig
-from fleet._runtime import ReplicaDrainingError, Runtime, set_current
+from fleet._runtime import Runtime, set_current
 from fleet._types import ReplicaSpec
 from fleet._wire.errors import error_info
 from fleet._wire.listener import ServerConnection, listen
-from fleet.exceptions import MethodNotFoundError
+from fleet.exceptions import MethodNotFoundError, ReplicaDrainingError
 
 log = logging.getLogger("fleet.replica")
 

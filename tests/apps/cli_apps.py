@@ -36,3 +36,12 @@ def make() -> fleet.Application:
 
 def failing_build(args: dict) -> fleet.Application:
     raise RuntimeError("no model configured")
+
+
+@fleet.deployment
+class Failing:
+    def __call__(self, request) -> str:
+        raise KeyError("row 42 of the secret table")
+
+
+failing = Failing.bind()
