@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import os
 import secrets
 import shutil
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import cloudpickle
 
+from fleet import _rundir
 from fleet._backends.local import LocalBackend
 from fleet._config import GRPCOptions, HTTPOptions, coerce_options
 from fleet._controller.controller import Controller
@@ -31,8 +32,9 @@ PROXY_START_TIMEOUT_S = 30.0
 
 
 def instance_file() -> str:
-    """Where a running instance writes its address, for ``fleet status`` and friends."""
-    return os.path.join(tempfile.gettempdir(), f"fleet-{os.getuid()}", "instance.json")
+    """Where this process's instance records its address, for ``fleet status`` and
+    friends (one file per instance, in fleet's private runtime directory)."""
+    return _rundir.instance_path()
 
 
 class Instance:
@@ -42,7 +44,8 @@ class Instance:
     def __init__(self, http_options: HTTPOptions, grpc_options: GRPCOptions) -> None:
         self.http_options = http_options
         self.grpc_options = grpc_options
-        self.dir = tempfile.mkdtemp(prefix="fleet-")
+        # sockets live in a private directory of their own inside the runtime directory
+        self.dir = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=_rundir.runtime_dir())
         self.secret = secrets.token_bytes(32)
         self.address = f"unix:{self.dir}/controller.sock"
         try:
@@ -103,13 +106,9 @@ class Instance:
                                      f"{proc.exit_code()} before serving; see its output above"}
 
     def _write_instance_file(self) -> None:
-        path = instance_file()
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        tmp = path + f".{os.getpid()}"
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump({"address": self.address, "secret": self.secret.hex(),
-                       "pid": os.getpid()}, f)
-        os.replace(tmp, path)
+        _rundir.live_instances()        # removes the files of instances that are gone
+        _rundir.write_instance({"address": self.address, "secret": self.secret.hex(),
+                                "pid": os.getpid(), "started": time.time()})
 
     def shutdown(self) -> None:
         if self.closed:
@@ -124,12 +123,7 @@ class Instance:
             self.thread.join(10)
         self.backend.kill_all()
         set_current(None)
-        try:
-            with open(instance_file()) as f:
-                if json.load(f).get("pid") == os.getpid():
-                    os.unlink(instance_file())
-        except (OSError, ValueError):
-            pass
+        _rundir.remove_instance()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     async def _shutdown(self) -> None:

@@ -263,14 +263,24 @@ def _print_serving(status: dict[str, Any]) -> None:
 
 
 def _connect_instance() -> tuple[str, bytes]:
-    from fleet._api import instance_file
+    from fleet import _rundir
+    from fleet.exceptions import FleetError
     try:
-        with open(instance_file()) as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        raise CLIError("no fleet instance is running on this machine (start one with "
-                       "`fleet run`)") from None
-    return info["address"], bytes.fromhex(info["secret"])
+        found = _rundir.live_instances()
+    except FleetError as exc:
+        raise CLIError(str(exc)) from None
+    if not found:
+        raise CLIError("no fleet instance is running on this machine for this user (start one "
+                       "with `fleet run`)")
+    path, info = found[0]
+    if len(found) > 1:
+        others = ", ".join(str(i["pid"]) for _, i in found[1:])
+        click.echo(f"fleet: {len(found)} instances are running; talking to the newest, "
+                   f"pid {info['pid']} ({path}); the others are pids {others}", err=True)
+    try:
+        return str(info["address"]), bytes.fromhex(info["secret"])
+    except (KeyError, ValueError, TypeError):
+        raise CLIError(f"the instance file {path} is malformed") from None
 
 
 async def _controller_call(method: str, *args: Any) -> Any:
@@ -279,8 +289,9 @@ async def _controller_call(method: str, *args: Any) -> Any:
     rt = Runtime(asyncio.get_running_loop(), address, secret)
     try:
         await rt.connect_controller(subscribe=False)
-    except OSError:
-        raise CLIError("the fleet instance recorded on this machine is not running") from None
+    except OSError as exc:
+        raise CLIError(f"cannot reach the fleet instance recorded on this machine: "
+                       f"{exc}") from None
     try:
         return await rt.call_controller(method, *args)
     finally:

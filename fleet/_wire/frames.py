@@ -1,8 +1,10 @@
 """Frame encoding and parsing. No I/O here.
 
 A frame is a 13-byte header, ``!IBQ`` (payload length, kind, call id), then the
-payload. Payloads are pickled (protocol 5) except AUTH's, which is the raw secret, so
-nothing is unpickled before the peer proved it knows the instance's secret.
+payload. Payloads are pickled (protocol 5) except AUTH's, which are raw bytes of the
+handshake (see :mod:`fleet._wire.auth`), so nothing is unpickled before the peer proved
+it knows the instance's secret. Until then a parser takes frames of at most
+``AUTH_MAX_FRAME`` bytes; after, up to ``MAX_FRAME``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 HEADER = struct.Struct("!IBQ")
 HEADER_SIZE = HEADER.size
 MAX_FRAME = 1 << 31
+AUTH_MAX_FRAME = 64     # the largest handshake message
 
 AUTH = 1      # client -> server, first frame: the secret
 CALL = 2      # (method, args, kwargs, meta)
@@ -34,14 +37,25 @@ _dumps = pickle.dumps
 _loads = pickle.loads
 
 
+class FrameTooLargeError(ValueError):
+    """A value pickles to more than one frame holds; only its own call fails."""
+
+
 def encode(kind: int, call_id: int, obj: Any) -> bytes:
-    """Pickle obj into one frame; raises TypeError naming the type that cannot be pickled."""
+    """Pickle obj into one frame; raises TypeError naming the type that cannot be pickled,
+    FrameTooLargeError when it does not fit in a frame."""
     try:
         payload = _dumps(obj, 5)
     except Exception as exc:
         raise TypeError(f"cannot serialize {describe(obj)}: {exc}. Values sent between "
                         "fleet processes must be picklable.") from exc
-    return _pack_header(len(payload), kind, call_id) + payload
+    size = len(payload)
+    if size > MAX_FRAME:
+        raise FrameTooLargeError(
+            f"{describe(obj)} is {size} bytes pickled, over the {MAX_FRAME}-byte limit of "
+            "one message between fleet processes; send it in parts (a generator with "
+            "stream=True) or pass a reference (a path, a URL) instead")
+    return _pack_header(size, kind, call_id) + payload
 
 
 def encode_raw(kind: int, call_id: int, payload: bytes) -> bytes:
@@ -70,13 +84,16 @@ def describe(obj: Any) -> str:
 
 
 class FrameParser:
-    """Accumulates bytes and yields complete frames to a callback."""
+    """Accumulates bytes and yields complete frames to a callback; a frame over
+    ``limit`` bytes raises ValueError (the connection is then closed)."""
 
-    __slots__ = ("_buf", "_on_frame")
+    __slots__ = ("_buf", "_on_frame", "limit")
 
-    def __init__(self, on_frame: Callable[[int, int, bytes], None]) -> None:
+    def __init__(self, on_frame: Callable[[int, int, bytes], None],
+                 limit: int = AUTH_MAX_FRAME) -> None:
         self._buf = bytearray()
         self._on_frame = on_frame
+        self.limit = limit
 
     def feed(self, data: bytes) -> None:
         buf = self._buf
@@ -86,8 +103,8 @@ class FrameParser:
         on_frame = self._on_frame
         while end - pos >= HEADER_SIZE:
             size, kind, call_id = _unpack_header(buf, pos)
-            if size > MAX_FRAME:
-                raise ValueError(f"frame of {size} bytes exceeds the limit")
+            if size > self.limit:
+                raise ValueError(f"frame of {size} bytes exceeds the limit of {self.limit}")
             stop = pos + HEADER_SIZE + size
             if stop > end:
                 break
