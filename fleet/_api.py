@@ -215,22 +215,47 @@ def run(app: Application, name: str = "default", route_prefix: str | None = "/",
     app, protocol = prepare_app(app)
     plans = build_plans(app, name)
     # Before deploying: the route is live before run() returns, and a SIGTERM from then
-    # on must shut down cleanly.
+    # on must shut down cleanly, start-up included.
     stop = _stop_on_sigterm() if blocking else None
-    _ctl("deploy", name, route_prefix, plans, protocol)
-    _ctl("wait_ready", name)
+    try:
+        _ctl("deploy", name, route_prefix, plans, protocol)
+        _ctl("wait_ready", name)
+    except KeyboardInterrupt:
+        if stop is not None:        # Ctrl-C or SIGTERM while starting: stop everything
+            stop.serving()          # (a second signal must not interrupt the shutdown)
+            shutdown()
+        raise
     handle = DeploymentHandle(plans[0].name, name)
     if plans[0].legacy_refs:
         handle = handle._with_legacy_refs()
     if stop is not None:
-        _block(stop)
+        stop.serving()
+        _block(stop.event)
     return handle
 
 
-def _stop_on_sigterm() -> threading.Event:
+class StopSignals:
+    """A handler for SIGTERM and SIGINT: while starting, interrupts the start (as
+    KeyboardInterrupt, which also ends a wait on the instance); once serving, sets
+    ``event`` for the main loop to stop."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._serving = False
+
+    def serving(self) -> None:
+        self._serving = True
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        self.event.set()
+        if not self._serving:
+            raise KeyboardInterrupt(f"signal {signum} while starting")
+
+
+def _stop_on_sigterm() -> StopSignals:
     import signal
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = StopSignals()
+    signal.signal(signal.SIGTERM, stop)
     return stop
 
 

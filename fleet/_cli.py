@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import sys
-import threading
 from typing import Any
 
 import click
@@ -211,9 +210,10 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
     if not apps:
         raise CLIError(f"{target!r} defines no applications")
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    from fleet._api import StopSignals
+    stop = StopSignals()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         fleet.start(http_options=config.http_options,
                     grpc_options=config.grpc_options if config.grpc_options.enabled else None)
@@ -225,10 +225,17 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
                 _apply_traffic(config.traffic)
             except (TypeError, ValueError) as exc:
                 raise CLIError(str(exc)) from None
+        stop.serving()
         _print_serving(fleet.status())
-        while not stop.wait(0.5):
+        while not stop.event.wait(0.5):
             pass
         click.echo("fleet: shutting down", err=True)
+    except KeyboardInterrupt:
+        # a signal while starting: whatever was starting is stopped, nothing is left
+        stop.serving()          # a second signal must not interrupt the shutdown
+        click.echo("fleet: interrupted while starting; shutting down", err=True)
+        shutdown()
+        sys.exit(1)
     except fleet.DeploymentFailedError as exc:
         click.echo(f"fleet: error: {exc}", err=True)
         shutdown()

@@ -49,7 +49,8 @@ class DeploymentConfig(_Model):
     :class:`AutoscalingConfig`. ``max_ongoing_requests=100`` calls at once per replica,
     ``max_queued_requests=-1`` (no limit) waiting in each caller. Health is checked every
     ``health_check_period_s=10`` with ``health_check_timeout_s=30``; a stopping replica
-    finishes its calls for up to ``graceful_shutdown_timeout_s=20``.
+    finishes its calls for up to ``graceful_shutdown_timeout_s=20``. A replica not ready
+    ``startup_timeout_s=300`` after it was started is killed and fails the deployment.
     """
 
     name: str = Field(min_length=1)
@@ -61,6 +62,7 @@ class DeploymentConfig(_Model):
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    startup_timeout_s: float = Field(300.0, gt=0)
     ray_actor_options: dict[str, Any] | None = None
     is_driver_deployment: bool = False
 
@@ -134,6 +136,7 @@ class DeploymentOverride(_Model):
     health_check_period_s: float | None = None
     health_check_timeout_s: float | None = None
     graceful_shutdown_timeout_s: float | None = None
+    startup_timeout_s: float | None = None
     ray_actor_options: dict[str, Any] | None = None
 
     def overrides(self) -> dict[str, Any]:

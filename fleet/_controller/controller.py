@@ -101,6 +101,10 @@ class Controller:
             if rec.proc is not None and not self.backend.alive(rec.proc):
                 self._replica_gone(dep, rec, "the replica process exited")
                 continue
+            if rec.state == ReplicaState.STARTING and not rec.stopping \
+                    and now - rec.started_at > cfg.startup_timeout_s:
+                self._start_timed_out(dep, rec)
+                continue
             if rec.state != ReplicaState.RUNNING or rec.conn is None:
                 continue
             if rec.health_sent is not None:
@@ -177,9 +181,13 @@ class Controller:
         rec.stopping = True
         routed = rec.state in (ReplicaState.RUNNING, ReplicaState.UNHEALTHY) \
             and rec.conn is not None
+        starting = rec.state == ReplicaState.STARTING
         if rec.state != ReplicaState.UNHEALTHY:
             rec.state = ReplicaState.STOPPING
         timeout = dep.plan.config.graceful_shutdown_timeout_s
+        if starting:
+            # no calls to finish: a constructor that ignores SIGTERM is killed after 1 s
+            timeout = min(timeout, 1.0)
         task = asyncio.get_running_loop().create_task(self._drain(dep, rec, routed, timeout))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
@@ -239,6 +247,23 @@ class Controller:
                                 "replica's output above")
         self._notify()
         self.kick()
+
+    def _start_timed_out(self, dep: DeploymentState, rec: ReplicaRecord) -> None:
+        """A replica not ready within startup_timeout_s fails the deployment as a raising
+        constructor does; it is killed, whatever it is doing (a hung constructor may
+        ignore SIGTERM)."""
+        timeout = dep.plan.config.startup_timeout_s
+        rec.state = ReplicaState.STOPPING
+        rec.message = f"not ready within startup_timeout_s={timeout:g}"
+        if rec.proc is not None:
+            self.backend.kill(rec.proc)
+        self._fail(dep, f"replica {rec.replica_id} of deployment {dep.name!r} (application "
+                        f"{dep.app!r}) was not ready within startup_timeout_s={timeout:g}: "
+                        "its constructor (or the app's lifespan startup) did not return; "
+                        "the replica was killed. Raise startup_timeout_s if it needs longer")
+        task = asyncio.get_running_loop().create_task(self._await_exit(dep, rec, 5))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     def _unhealthy(self, dep: DeploymentState, rec: ReplicaRecord, why: str) -> None:
         """Stop routing to the replica, start a replacement, and stop it (its calls get
