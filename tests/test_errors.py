@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from helpers import wait_for
 from protos import fleet_echo_pb2 as pb
 from protos import fleet_echo_pb2_grpc as pb_grpc
 from starlette.exceptions import HTTPException
@@ -114,6 +115,17 @@ def test_user_exception_is_a_500_without_its_text_and_handles_get_it_whole(ports
     assert r.status_code == 500
     assert r.json() == {"error": "internal error", "request_id": r.headers["x-request-id"]}
     assert "hunter2" not in r.text and "ValueError" not in r.text
+    rid = r.headers["x-request-id"]
+
+    def last_error() -> dict | None:
+        dep = fleet.status()["applications"]["api"]["deployments"]["Api"]
+        found = dep.get("last_error")
+        return found if found and found["request_id"] == rid else None
+
+    # fleet status keeps it: the message and the replica's traceback, under the id
+    found = wait_for(last_error)
+    assert found["error"] == "ValueError: password=hunter2 rejected"
+    assert "raise ValueError" in found["traceback"] and "in fail of" in found["traceback"]
     request = fleet._serve_request.ServeRequest(None)
     with pytest.raises(ValueError, match="password=hunter2 rejected"):
         fleet.get_app_handle("api").fail.remote(request).result()

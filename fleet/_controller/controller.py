@@ -26,6 +26,8 @@ log = logging.getLogger("fleet.controller")
 
 TICK_S = 0.2
 MAX_START_FAILURES = 3
+# How much of a request error's message and traceback status keeps.
+ERROR_TEXT_MAX = 8192
 # A replica leaves the routing tables before it is told to drain; subscribers get this
 # long to confirm they stopped routing to it.
 UNROUTE_WAIT_S = 1.0
@@ -328,6 +330,9 @@ class Controller:
         if kind == "load":
             self._on_load(msg)
             return
+        if kind == "request_error":
+            self._on_request_error(msg)
+            return
         found = self._find(msg.get("replica_id", ""))
         if found is None:
             return
@@ -361,6 +366,16 @@ class Controller:
         dep.autoscaler.record(str(msg.get("caller", "")), load, time.monotonic())
         if dep.target == 0 and load > 0:
             self.kick()     # a call waits on a deployment scaled to zero: start one now
+
+    def _on_request_error(self, msg: dict[str, Any]) -> None:
+        """What a proxy told its client only by id: kept for ``fleet status``."""
+        app = self.apps.get(str(msg.get("app")))
+        dep = app.deployments.get(str(msg.get("deployment"))) if app is not None else None
+        if dep is not None:
+            dep.last_error = {"request_id": str(msg.get("request_id", ""))[:128],
+                              "error": str(msg.get("error", ""))[:ERROR_TEXT_MAX],
+                              "traceback": str(msg.get("traceback", ""))[-ERROR_TEXT_MAX:]}
+            dep.last_error["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     def _send_reconfigure(self, rec: ReplicaRecord, user_config: Any) -> None:
         rec.user_config = user_config

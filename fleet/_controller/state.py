@@ -51,6 +51,7 @@ class DeploymentState:
     deleting: bool = False
     scaling_log: list[dict[str, Any]] = field(default_factory=list)
     autoscaler: Any = None
+    last_error: dict[str, Any] | None = None     # the last request error a proxy reported
 
     @property
     def name(self) -> str:

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from fleet._config import GRPCOptions
 from fleet._proxy import traffic
+from fleet._proxy.errors import ErrorReports
 from fleet._proxy.process import proxy_failed
 from fleet._replica.grpc import CODES, load_servicer_function, servicer_handlers
 from fleet._router import Router
@@ -32,7 +33,7 @@ from fleet._runtime import Runtime
 from fleet._types import Tables
 from fleet._wire import frames
 from fleet._wire.channel import Pending
-from fleet.exceptions import FleetError, client_error
+from fleet.exceptions import BackPressureError, FleetError, client_error
 
 log = logging.getLogger("fleet.proxy")
 
@@ -64,6 +65,7 @@ class GRPCProxy(grpc.GenericRpcHandler):
         self.options = options
         self.timeout = options.request_timeout_s
         self.expose_errors = options.expose_errors
+        self.errors = ErrorReports(runtime)
         self.apps: dict[str, str] = {}            # app name -> ingress deployment
         self.grpc_apps: list[str] = []            # apps whose ingress is a gRPC driver
         self.handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -318,9 +320,8 @@ class GRPCProxy(grpc.GenericRpcHandler):
         under the call's id, which the client gets as ``x-request-id``."""
         _status, code_name, message = client_error(exc)
         trailing = _id_metadata(context)
-        tb = getattr(exc, "remote_traceback", "")
-        log.error("call %s failed (app %s, deployment %s): %s: %s%s", trailing[0][1], app,
-                  deployment, type(exc).__name__, exc, f"\n{tb}" if tb else "")
+        if not isinstance(exc, BackPressureError):    # an overload must not flood the log
+            self.errors.failed("call", trailing[0][1], app, deployment, "-", exc)
         if self.expose_errors:
             etype = getattr(exc, "error_type", "") or type(exc).__name__
             message = f"{message}: {etype}: {exc}"

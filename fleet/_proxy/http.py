@@ -23,6 +23,7 @@ import uvicorn
 
 from fleet._config import HTTPOptions
 from fleet._proxy import traffic
+from fleet._proxy.errors import ErrorReports
 from fleet._proxy.routes import RouteTable
 from fleet._runtime import Runtime
 from fleet._types import Tables
@@ -128,6 +129,7 @@ class HTTPProxy:
         self.method_header = _METHOD_HEADER if options.call_method_header else None
         self.expose_errors = options.expose_errors
         self.new_id = RequestIds()
+        self.errors = ErrorReports(runtime)
         self.root_path = options.root_path.rstrip("/")
         self.access = AccessLog(runtime.loop) if options.access_log else None
         runtime.table_listeners.append(self._on_tables)
@@ -339,10 +341,7 @@ class HTTPProxy:
         """Answer with exc's row of the error table; the exception goes to the log."""
         status, _code, message = client_error(exc)
         if not isinstance(exc, BackPressureError):    # an overload must not flood the log
-            tb = getattr(exc, "remote_traceback", "")
-            log.error("request %s failed (app %s, deployment %s, replica %s): %s: %s%s",
-                      rid.decode(), app, ingress, replica, type(exc).__name__, exc,
-                      f"\n{tb}" if tb else "")
+            self.errors.failed("request", rid.decode(), app, ingress, replica, exc)
         payload = {"error": message, "request_id": rid.decode()}
         if self.expose_errors:
             payload["type"] = getattr(exc, "error_type", "") or type(exc).__name__
