@@ -42,7 +42,7 @@ _JSON = [(b"content-type", b"application/json")]
 _ID_HEADER = b"x-request-id"
 # A client's own request id is kept when it is 1-128 of these characters.
 _valid_id = re.compile(rb"[A-Za-z0-9._:-]{1,128}").fullmatch
-# Where an outer layer (see RequestIds) leaves the id it chose for the proxy app.
+# Where _RequestIdLayer (with user middlewares) leaves the id it chose for the proxy app.
 _SCOPE_ID = "fleet.request_id"
 _RETRY = [(b"retry-after", b"1")]
 # How long a request waits for its reply before the proxy starts watching for the
@@ -55,10 +55,11 @@ class _Timeout(Exception):
 
 
 class RequestIds:
-    """New request ids: 32 hex digits, a random per-process prefix and a counter.
+    """New request ids: 32 hex digits, a random 64-bit per-process prefix and a counter.
 
-    As unique as uuid4 hex across proxies and restarts for what an id is for (finding a
-    request in the logs), at a fraction of its cost on the request path."""
+    Unique within a proxy, and across proxies and restarts but for a 2**-64 chance per
+    pair of processes: enough for what an id is for (finding a request in the logs),
+    at a fraction of uuid4's cost on the request path."""
 
     __slots__ = ("prefix", "count")
 
