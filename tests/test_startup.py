@@ -171,3 +171,39 @@ def test_sigkill_of_the_driver_leaves_no_replica_or_proxy(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_the_lifeline_pipe_alone_kills_a_child_whose_parent_died(tmp_path):
+    """Where prctl is not available: the pipe's end of file kills the child, even one
+    that ignores SIGTERM and never returns to an event loop."""
+    pidfile = tmp_path / "child"
+    parent = tmp_path / "parent.py"
+    parent.write_text(textwrap.dedent(f"""
+        import subprocess, sys
+        from fleet._backends.lifeline import Lifeline
+        line = Lifeline()
+        child = '''
+        import os, signal, sys, time
+        from fleet._backends import lifeline
+        lifeline._PR_SET_PDEATHSIG = -1      # prctl fails: only the pipe is left
+        lifeline.hold(sys.argv)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        open({str(pidfile)!r}, "w").write(str(os.getpid()))
+        while True:
+            time.sleep(1)
+        '''
+        subprocess.Popen([sys.executable, "-c", child, *line.child_args()],
+                         pass_fds=(line.read_fd,))
+        sys.stdin.read()
+    """))
+    proc = subprocess.Popen([sys.executable, str(parent)], stdin=subprocess.PIPE)
+    try:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text(), 30)
+        child = int(pidfile.read_text())
+        proc.kill()
+        proc.wait(10)
+        assert _gone(child)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
