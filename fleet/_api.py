@@ -276,7 +276,8 @@ def delete(name: str) -> None:
 def status() -> dict[str, Any]:
     """The instance's state: ``{"applications": {app: {"status", "route_prefix",
     "deployments": {name: {"status", "message", "replicas": [{"replica_id", "state",
-    "pid", "message"}]}}}}, "proxies": {...}}``."""
+    "pid", "message"}]}}}}, "proxies": {...}}``. A deployment whose requests failed also
+    has ``"last_error"``: the latest one's ``request_id``, ``error``, ``traceback``, ``at``."""
     return dict(_ctl("status"))
 
 
