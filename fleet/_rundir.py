@@ -18,13 +18,9 @@ import stat
 import tempfile
 from typing import Any
 
-from fleet.exceptions import FleetError
+from fleet.exceptions import FleetError, UnsafeRuntimeDirError
 
 _PREFIX, _SUFFIX = "instance-", ".json"
-
-
-class UnsafeRuntimeDirError(FleetError):
-    """The runtime directory is not private to this user; fleet will not use it."""
 
 
 def runtime_dir() -> str:

@@ -11,6 +11,9 @@ The tree::
     +-- RequestTimeoutError         the call ran past its timeout and was cancelled
     +-- MethodNotFoundError         the deployment has no such method (also an AttributeError)
     +-- RequestCancelledError       the caller cancelled the call (``response.cancel()``)
+    +-- FrameTooLargeError          an argument or result pickles past one message's limit
+                                    (also a ValueError); only its own call fails
+    +-- UnsafeRuntimeDirError       fleet's runtime directory is not private to this user
 
 A user exception raised inside a replica reaches a Python caller (a handle) as an
 exception of the same type when it can be pickled, with the remote traceback attached
@@ -32,6 +35,8 @@ RequestTimeoutError    504   DEADLINE_EXCEEDED   the request timed out and was c
 RequestCancelledError  499   CANCELLED           the request was cancelled
 MethodNotFoundError    404   UNIMPLEMENTED       no such method
 ReplicaError           500   INTERNAL            internal error
+FrameTooLargeError     500   INTERNAL            internal error
+UnsafeRuntimeDirError  500   INTERNAL            internal error
 other FleetError       503   UNAVAILABLE         the deployment cannot serve requests now
 any other exception    500   INTERNAL            internal error
 =====================  ====  ==================  =========================================
@@ -109,6 +114,16 @@ class RequestCancelledError(FleetError):
     awaiting the response (or ``response.result()``) raises this."""
 
 
+class FrameTooLargeError(FleetError, ValueError):
+    """A value pickles to more than one message between fleet processes holds (2 GiB):
+    the call it belongs to fails, the connection and its other calls go on."""
+
+
+class UnsafeRuntimeDirError(FleetError):
+    """fleet's runtime directory is a symbolic link, another user's, or open to group or
+    others; fleet will not keep an instance's secret there or trust what it finds."""
+
+
 class RemoteTraceback(Exception):
     """Carries a replica's formatted traceback; attached as ``__cause__`` of remote errors."""
 
@@ -132,6 +147,8 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str, str]] = {
     RequestCancelledError: (499, "CANCELLED", "the request was cancelled"),
     MethodNotFoundError: (404, "UNIMPLEMENTED", "no such method"),
     ReplicaError: (500, "INTERNAL", "internal error"),      # a user exception, by name
+    FrameTooLargeError: (500, "INTERNAL", "internal error"),
+    UnsafeRuntimeDirError: (500, "INTERNAL", "internal error"),
     FleetError: (503, "UNAVAILABLE", "the deployment cannot serve requests now"),
 }
 INTERNAL_ERROR: tuple[int, str, str] = (500, "INTERNAL", "internal error")
@@ -149,6 +166,7 @@ def client_error(exc: BaseException) -> tuple[int, str, str]:
 
 __all__ = [
     "ERROR_TABLE", "BackPressureError", "DeploymentFailedError", "FleetError",
-    "MethodNotFoundError", "RemoteTraceback", "ReplicaDiedError", "ReplicaDrainingError",
-    "ReplicaError", "RequestCancelledError", "RequestTimeoutError", "client_error",
+    "FrameTooLargeError", "MethodNotFoundError", "RemoteTraceback", "ReplicaDiedError",
+    "ReplicaDrainingError", "ReplicaError", "RequestCancelledError", "RequestTimeoutError",
+    "UnsafeRuntimeDirError", "client_error",
 ]

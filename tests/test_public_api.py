@@ -9,7 +9,7 @@ import fleet
 EXPECTED = {
     "Application", "AutoscalingConfig", "BackPressureError", "Deployment", "DeploymentConfig",
     "DeploymentFailedError", "DeploymentHandle", "DeploymentResponse",
-    "DeploymentResponseGenerator", "FleetError", "GRPCOptions", "HTTPOptions",
+    "DeploymentResponseGenerator", "FleetError", "FrameTooLargeError", "GRPCOptions", "HTTPOptions",
     "MethodNotFoundError", "ReplicaDiedError", "ReplicaDrainingError", "ReplicaError",
     "RequestCancelledError", "RequestTimeoutError", "__version__", "delete", "deployment",
     "get_app_handle", "get_deployment_handle", "run", "shutdown", "start", "status",
@@ -30,7 +30,8 @@ def test_every_public_name_exists_and_has_a_docstring():
 
 
 def test_exception_tree():
-    for name in ("BackPressureError", "DeploymentFailedError", "MethodNotFoundError",
+    for name in ("BackPressureError", "DeploymentFailedError", "FrameTooLargeError",
+                 "MethodNotFoundError",
                  "ReplicaDiedError", "ReplicaDrainingError", "ReplicaError",
                  "RequestCancelledError",
                  "RequestTimeoutError"):

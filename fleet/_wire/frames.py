@@ -14,6 +14,8 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from fleet.exceptions import FrameTooLargeError
+
 HEADER = struct.Struct("!IBQ")
 HEADER_SIZE = HEADER.size
 MAX_FRAME = 1 << 31
@@ -31,14 +33,12 @@ DATA = 8      # caller -> replica: a message for a running call (websocket, body
 KIND_NAMES = {AUTH: "AUTH", CALL: "CALL", OK: "OK", ERR: "ERR", CHUNK: "CHUNK",
               CANCEL: "CANCEL", CTRL: "CTRL", DATA: "DATA"}
 
+__all__ = ["FrameTooLargeError", "FrameParser", "decode", "describe", "encode", "encode_raw"]
+
 _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
 _dumps = pickle.dumps
 _loads = pickle.loads
-
-
-class FrameTooLargeError(ValueError):
-    """A value pickles to more than one frame holds; only its own call fails."""
 
 
 def encode(kind: int, call_id: int, obj: Any) -> bytes:
