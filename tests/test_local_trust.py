@@ -274,6 +274,22 @@ def test_a_caller_without_the_secret_is_refused_before_anything_is_unpickled(tmp
     assert not marker.exists() and recorder.calls == []
 
 
+def test_a_caller_that_never_authenticates_is_disconnected(tmp_path, monkeypatch):
+    from fleet._wire import listener
+    monkeypatch.setattr(listener, "AUTH_TIMEOUT_S", 0.2)
+
+    async def go() -> bytes:
+        path = str(tmp_path / "s.sock")
+        server = await listen(_Recorder(), os.urandom(32), f"unix:{path}")
+        reader, writer = await asyncio.open_unix_connection(path)
+        got = await asyncio.wait_for(reader.read(), 10)    # EOF: the server closed it
+        writer.close()
+        server.close()
+        return got
+
+    assert asyncio.run(go()) == b""
+
+
 def test_the_caller_unpickles_nothing_from_a_server_that_has_not_proved_itself(
         rundir, tmp_path):
     """The attack from the issue: an instance file pointing at someone else's server,
