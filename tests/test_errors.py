@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from fastapi import FastAPI
 from helpers import wait_for
 from protos import fleet_echo_pb2 as pb
 from protos import fleet_echo_pb2_grpc as pb_grpc
@@ -46,6 +47,17 @@ class Api:
 
     async def hang(self) -> None:
         await asyncio.Event().wait()
+
+
+boom_app = FastAPI()
+
+
+@fleet.deployment
+@fleet.ingress(boom_app)
+class BoomApp:
+    @boom_app.get("/boom")
+    def boom(self) -> str:
+        raise RuntimeError("api_key=xyz leaked?")
 
 
 @fleet.deployment
@@ -129,6 +141,24 @@ def test_user_exception_is_a_500_without_its_text_and_handles_get_it_whole(ports
     request = fleet._serve_request.ServeRequest(None)
     with pytest.raises(ValueError, match="password=hunter2 rejected"):
         fleet.get_app_handle("api").fail.remote(request).result()
+
+
+def test_an_ingress_apps_own_500_passes_and_its_exception_is_logged(ports, capfd):
+    url, _ = ports
+    # deployed here, so that its replica's stderr is the one capfd captures
+    fleet.run(BoomApp.bind(), name="boomapp", route_prefix="/boomapp")
+    r = httpx.get(f"{url}/boomapp/boom")
+    assert r.status_code == 500 and "api_key" not in r.text     # Starlette's own answer
+    assert HEX32.fullmatch(r.headers["x-request-id"])
+    seen = ""
+
+    def logged() -> bool:
+        nonlocal seen
+        seen += capfd.readouterr().err
+        return "GET /boomapp/boom raised after answering" in seen
+
+    wait_for(logged)
+    assert "RuntimeError: api_key=xyz leaked?" in seen
 
 
 def test_answers_the_users_code_chose_pass_as_they_are(ports):

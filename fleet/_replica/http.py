@@ -257,6 +257,13 @@ class HTTPAdapter:
                 await self.asgi_app(scope, receive, sender)
             else:
                 await self._call_method(scope, receive, sender, method, body)
+        except Exception:
+            if not sender.finished:
+                raise           # the caller gets it: the proxy answers 500 and logs it
+            # the app answered (Starlette's error middleware sends its own 500) and then
+            # raised: the caller has its answer, so the exception is logged here
+            log.exception("%s %s raised after answering in %s", scope.get("method", ""),
+                          scope.get("path", ""), self.replica.where)
         finally:
             done.set()
         if not sender.finished:
