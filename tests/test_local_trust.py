@@ -144,7 +144,7 @@ def test_private_files_are_written_exclusively_and_never_through_symlinks(rundir
     assert _rundir.read_private(os.path.join(directory, "other.json")) is None
 
 
-def _fleet_run(tmp_path: Path, port_file: Path) -> subprocess.Popen[str]:
+def _fleet_run(tmp_path: Path) -> subprocess.Popen[str]:
     here = os.path.dirname(__file__)
     return subprocess.Popen(
         [sys.executable, "-m", "fleet", "run", "apps.cli_apps:app", "--app-dir", here,
@@ -166,7 +166,7 @@ def test_two_instances_keep_their_own_files_and_status_says_which_it_uses(rundir
     stale.write_text(json.dumps({"address": "unix:/gone.sock", "secret": "00", "pid":
                                  999999999, "started": 0}))
     os.chmod(stale, 0o600)
-    procs = [_fleet_run(tmp_path, tmp_path / "a"), _fleet_run(tmp_path, tmp_path / "b")]
+    procs = [_fleet_run(tmp_path), _fleet_run(tmp_path)]
     try:
         for proc in procs:
             _wait_serving(proc)
