@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import os
 import secrets
 import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import cloudpickle
 
+from fleet import _rundir
 from fleet._backends.local import LocalBackend
 from fleet._config import GRPCOptions, HTTPOptions, coerce_options
 from fleet._controller.controller import Controller
@@ -32,8 +33,9 @@ PROXY_START_TIMEOUT_S = 30.0
 
 
 def instance_file() -> str:
-    """Where a running instance writes its address, for ``fleet status`` and friends."""
-    return os.path.join(tempfile.gettempdir(), f"fleet-{os.getuid()}", "instance.json")
+    """Where this process's instance records its address, for ``fleet status`` and
+    friends (one file per instance, in fleet's private runtime directory)."""
+    return _rundir.instance_path()
 
 
 class Instance:
@@ -44,7 +46,8 @@ class Instance:
                  backend: Backend | None = None, register: bool = True) -> None:
         self.http_options = http_options
         self.grpc_options = grpc_options
-        self.dir = tempfile.mkdtemp(prefix="fleet-")
+        # sockets live in a private directory of their own inside the runtime directory
+        self.dir = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=_rundir.runtime_dir())
         self.secret = secrets.token_bytes(32)
         self.address = f"unix:{self.dir}/controller.sock"
         try:
@@ -60,6 +63,8 @@ class Instance:
         self.runtime: Runtime | None = None
         self._server: asyncio.AbstractServer | None = None
         self.closed = False
+        self.stopped = threading.Event()     # set once shut down, however that came about
+        self.owned = True
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run coro on the instance's loop and wait for it from this thread."""
@@ -77,6 +82,7 @@ class Instance:
         self.controller = Controller(self.backend, self.secret, self.address,
                                      sys_path=list(sys.path), cwd=os.getcwd())
         self._server = await listen(self.controller, self.secret, self.address)
+        self.controller.on_shutdown_request = self._shutdown_requested
         self.controller.start()
         self.runtime = Runtime(self.loop, self.address, self.secret)
         await self.runtime.connect_controller(subscribe=True)
@@ -107,13 +113,16 @@ class Instance:
                                      f"{proc.exit_code()} before serving; see its output above"}
 
     def _write_instance_file(self) -> None:
-        path = instance_file()
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        tmp = path + f".{os.getpid()}"
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump({"address": self.address, "secret": self.secret.hex(),
-                       "pid": os.getpid()}, f)
-        os.replace(tmp, path)
+        _rundir.live_instances()        # removes the files of instances that are gone
+        _rundir.write_instance({"address": self.address, "secret": self.secret.hex(),
+                                "pid": os.getpid(), "started": time.time(),
+                                "options": {"http": _comparable(self.http_options),
+                                            "grpc": _comparable(self.grpc_options)}})
+
+    def _shutdown_requested(self) -> None:
+        # Called on the loop; shutting down joins the loop's thread, so not from it.
+        threading.Thread(target=_shutdown_owned, args=(self,), name="fleet-shutdown",
+                         daemon=True).start()
 
     def shutdown(self) -> None:
         if self.closed:
@@ -128,13 +137,9 @@ class Instance:
             self.thread.join(10)
         self.backend.kill_all()
         set_current(None)
-        try:
-            with open(instance_file()) as f:
-                if json.load(f).get("pid") == os.getpid():
-                    os.unlink(instance_file())
-        except (OSError, ValueError):
-            pass
+        _rundir.remove_instance()
         shutil.rmtree(self.dir, ignore_errors=True)
+        self.stopped.set()
 
     async def _shutdown(self) -> None:
         if self.runtime is not None:
@@ -156,16 +161,154 @@ class Instance:
         await self.backend.shutdown()
 
 
-_instance: Instance | None = None
+class AttachedInstance:
+    """A running instance of another process on this machine, reached from this one:
+    its controller over its socket, and this process's own runtime (tables, routers,
+    connections to replicas), so handles here are as direct as the owner's."""
+
+    owned = False
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.address = str(info["address"])
+        self.secret = bytes.fromhex(info["secret"])
+        self.pid = int(info["pid"])
+        options = info.get("options") or {}
+        self.options: dict[str, dict[str, Any]] = {"http": options.get("http") or {},
+                                                   "grpc": options.get("grpc") or {}}
+        try:
+            import uvloop
+            self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover
+            self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fleet-attached",
+                                       daemon=True)
+        self.runtime: Runtime | None = None
+        self.closed = False
+        self.grpc_options = GRPCOptions(enabled=bool(self.options["grpc"].get("enabled")))
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run coro on this process's loop for the instance and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def attach(self) -> None:
+        self.thread.start()
+        try:
+            self.call(self._connect(), timeout=30)
+        except BaseException:
+            self.detach()
+            raise
+
+    async def _connect(self) -> None:
+        self.runtime = Runtime(self.loop, self.address, self.secret)
+        self.runtime.on_controller_lost = self._lost
+        await self.runtime.connect_controller(subscribe=True)
+        status = await self.runtime.call_controller("status")
+        for kind in ("http", "grpc"):       # where it actually listens (port 0 picks one)
+            proxy = status.get("proxies", {}).get(kind)
+            if proxy:
+                self.options[kind].update(host=proxy["host"], port=proxy["port"])
+        set_current(self.runtime)
+
+    def _lost(self) -> None:
+        self.closed = True              # the owner stopped: the next call looks again
+
+    def detach(self) -> None:
+        """Leave the instance running; close this process's connections to it."""
+        if self.closed and not self.thread.is_alive():
+            return
+        self.closed = True
+        if self.thread.is_alive():
+            async def close() -> None:
+                if self.runtime is not None:
+                    self.runtime.close("this process detached from the fleet instance")
+                    if self.runtime.controller is not None:
+                        self.runtime.controller.close()
+            try:
+                self.call(close(), timeout=10)
+            except Exception:
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+        if _runtime_is(self.runtime):
+            set_current(None)
+
+    def shutdown(self) -> None:
+        """Stop the instance itself (its owner shuts it down), then detach."""
+        if not self.closed and self.runtime is not None:
+            try:
+                self.call(self.runtime.call_controller("shutdown_instance"), timeout=30)
+            except Exception:
+                pass
+            _wait_gone(self.pid, 60)
+        self.detach()
+
+
+def _runtime_is(rt: Runtime | None) -> bool:
+    from fleet import _runtime
+    return rt is not None and _runtime._current is rt
+
+
+def _wait_gone(pid: int, timeout_s: float) -> None:
+    """Wait until the owner of an instance removed its instance file (or died)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(int(info["pid"]) != pid for _, info in _rundir.live_instances()):
+            return
+        time.sleep(0.05)
+
+
+def _comparable(options: Any) -> dict[str, Any]:
+    """The options another process can compare with its own: plain values only."""
+    return {k: v for k, v in options.model_dump().items()
+            if isinstance(v, (str, int, float, bool, type(None)))}
+
+
+_instance: Instance | AttachedInstance | None = None
 _lock = threading.RLock()
 
 
-def _current_instance() -> Instance:
+def _running_elsewhere() -> AttachedInstance | None:
+    """The newest live instance of another process of this user, attached; or None."""
+    for _path, info in _rundir.live_instances():
+        if int(info.get("pid", 0)) == os.getpid():
+            continue
+        inst = AttachedInstance(info)
+        try:
+            inst.attach()
+        except Exception:
+            continue                     # gone meanwhile, or not answering: try the next
+        return inst
+    return None
+
+
+def _current_instance(create: bool = True) -> Instance | AttachedInstance:
+    """This process's instance, else one running on this machine (attached), else a new
+    one when create is true."""
+    global _instance
     with _lock:
         if _instance is None or _instance.closed:
+            _instance = _running_elsewhere()
+        if _instance is None:
+            if not create:
+                raise FleetError("no fleet instance is running on this machine for this user; "
+                                 "start one with fleet.start() or `fleet run`")
             start()
         assert _instance is not None
         return _instance
+
+
+def _differences(given: Any, running: dict[str, Any], section: str) -> list[str]:
+    """The options a caller set explicitly that differ from the running instance's."""
+    out = []
+    for key in sorted(given.model_fields_set):
+        value = getattr(given, key)
+        if key not in running or not isinstance(value, (str, int, float, bool, type(None))):
+            continue
+        if key == "port" and value == 0:        # "any free port" is whatever it has
+            continue
+        if running[key] != value:
+            out.append(f"{section}.{key}={running[key]!r} (asked for {value!r})")
+    return out
 
 
 def start(http_options: dict[str, Any] | HTTPOptions | None = None,
@@ -174,8 +317,10 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
     HTTP proxy (``http_options``: host, port, middlewares, request_timeout_s, root_path,
     max_body_bytes, access_log) and, when ``grpc_options`` is given, the gRPC proxy.
 
-    Calling it again while an instance runs does nothing. ``fleet.run`` calls it with
-    defaults (HTTP on 127.0.0.1:8000) when needed.
+    When an instance already runs on this machine (this process's, or another's, such as
+    a ``fleet run``), this process uses it instead, and options that differ from the
+    running instance's raise a :class:`fleet.FleetError` naming the difference.
+    ``fleet.run`` calls it with defaults (HTTP on 127.0.0.1:8000) when needed.
     """
     global _instance
     http = coerce_options(HTTPOptions, http_options, "http_options")
@@ -184,15 +329,49 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
     if grpc_given and (not isinstance(grpc_options, dict) or "enabled" not in grpc_options):
         grpc.enabled = True
     with _lock:
-        if _instance is not None and not _instance.closed:
+        if _instance is None or _instance.closed:
+            _instance = _running_elsewhere()
+        if _instance is not None:
+            if isinstance(_instance, AttachedInstance):
+                diff = (_differences(http, _instance.options["http"], "http_options")
+                        + _differences(grpc, _instance.options["grpc"], "grpc_options"))
+                if diff:
+                    raise FleetError(
+                        f"a fleet instance already runs on this machine (pid {_instance.pid}) "
+                        f"with other options: {', '.join(diff)}; use it as it is, or stop "
+                        "it first (fleet.shutdown() or `fleet shutdown`)")
             return
+        start_owned(http, grpc)
+
+
+def start_owned(http: HTTPOptions, grpc: GRPCOptions) -> Instance:
+    """Start an instance owned by this process, whatever else runs (``fleet run``)."""
+    global _instance
+    with _lock:
+        if isinstance(_instance, Instance) and not _instance.closed:
+            return _instance
+        if isinstance(_instance, AttachedInstance):
+            _instance.detach()
         inst = Instance(http, grpc)
         inst.start()
         _instance = inst
+        return inst
+
+
+def _shutdown_owned(inst: Instance) -> None:
+    global _instance
+    with _lock:
+        if _instance is inst:
+            _instance = None
+    inst.shutdown()
 
 
 def shutdown() -> None:
-    """Stop every application and replica and the proxies; nothing is left running."""
+    """Stop every application and replica and the proxies; nothing is left running.
+
+    In a process that attached to an instance another process started (a ``fleet run``),
+    this stops that instance too, as ``serve.shutdown()`` does.
+    """
     global _instance
     with _lock:
         inst, _instance = _instance, None
@@ -200,11 +379,22 @@ def shutdown() -> None:
         inst.shutdown()
 
 
-atexit.register(shutdown)
+def _at_exit() -> None:
+    """At interpreter exit: stop this process's own instance; leave others running."""
+    global _instance
+    with _lock:
+        inst, _instance = _instance, None
+    if isinstance(inst, AttachedInstance):
+        inst.detach()
+    elif inst is not None:
+        inst.shutdown()
 
 
-def _ctl(method: str, *args: Any) -> Any:
-    inst = _current_instance()
+atexit.register(_at_exit)
+
+
+def _ctl(method: str, *args: Any, create: bool = True) -> Any:
+    inst = _current_instance(create)
     assert inst.runtime is not None
     return inst.call(inst.runtime.call_controller(method, *args))
 
@@ -222,17 +412,26 @@ def run(app: Application, name: str = "default", route_prefix: str | None = "/",
     constructor fails.
     """
     # Before deploying: the route is live before run() returns, and a SIGTERM from then
-    # on must shut down cleanly.
+    # on must shut down cleanly, start-up included.
     stop = _stop_on_sigterm() if blocking else None
-    handle = deploy(app, name, route_prefix, progress=blocking)
+    try:
+        handle = deploy(app, name, route_prefix, progress=blocking,
+                        on_ready=stop.serving if stop is not None else None)
+    except KeyboardInterrupt:
+        if stop is not None:        # Ctrl-C or SIGTERM while starting: stop everything
+            stop.serving()          # (a second signal must not interrupt the shutdown)
+            shutdown()
+        raise
     if stop is not None:
+        stop.serving()
         _print_addresses(status(), name)
-        _block(stop)
+        _block(stop.event)
     return handle
 
 
 def deploy(app: Application, name: str, route_prefix: str | None,
-           progress: bool = False) -> DeploymentHandle:
+           progress: bool = False, on_ready: Callable[[], None] | None = None
+           ) -> DeploymentHandle:
     """:func:`run` without blocking; with progress, report start-up on stderr."""
     if not isinstance(app, Application):
         raise TypeError(f"fleet.run expects an Application (Deployment.bind(...)), got "
@@ -244,7 +443,7 @@ def deploy(app: Application, name: str, route_prefix: str | None,
     from fleet.dag import prepare_app  # graph drivers turn into plain applications
     app, protocol, grpc_port = prepare_app(app)
     plans = build_plans(app, name)
-    _deploy(name, route_prefix, plans, protocol, grpc_port, progress=progress)
+    _deploy(name, route_prefix, plans, protocol, grpc_port, progress, on_ready)
     handle = DeploymentHandle(plans[0].name, name)._following_traffic()
     if plans[0].legacy_refs:
         handle = handle._with_legacy_refs()
@@ -252,11 +451,16 @@ def deploy(app: Application, name: str, route_prefix: str | None,
 
 
 def _deploy(name: str, route_prefix: str | None, plans: list[Any], protocol: str,
-            grpc_port: int | None, progress: bool) -> None:
-    """Deploy and wait until ready; with progress, say on stderr what is starting."""
-    _ctl("deploy", name, route_prefix, plans, protocol, grpc_port)
+            grpc_port: int | None, progress: bool,
+            on_ready: Callable[[], None] | None = None) -> None:
+    """Deploy and wait until ready (then call on_ready at once: the route is live); with
+    progress, say on stderr what is starting."""
+    _ctl("deploy", name, route_prefix, plans, protocol, grpc_port,
+         {"sys_path": list(sys.path), "cwd": os.getcwd()})
     if not progress:
         _ctl("wait_ready", name)
+        if on_ready is not None:
+            on_ready()
         return
     _say(f"deploying application {name!r}: "
          + ", ".join(f"{p.name} x{p.config.target_replicas()}" for p in plans))
@@ -267,6 +471,8 @@ def _deploy(name: str, route_prefix: str | None, plans: list[Any], protocol: str
     thread.start()
     try:
         _ctl("wait_ready", name)
+        if on_ready is not None:
+            on_ready()
     finally:
         done.set()
         thread.join(5)
@@ -337,32 +543,55 @@ def _print_addresses(st: dict[str, Any], only: str | None = None) -> None:
         _say(f"application {name!r} RUNNING{where} ({deps})")
 
 
-def _stop_on_sigterm() -> threading.Event:
+class StopSignals:
+    """A handler for SIGTERM and SIGINT: while starting, interrupts the start (as
+    KeyboardInterrupt, which also ends a wait on the instance); once serving, sets
+    ``event`` for the main loop to stop."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._serving = False
+
+    def serving(self) -> None:
+        self._serving = True
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        self.event.set()
+        if not self._serving:
+            raise KeyboardInterrupt(f"signal {signum} while starting")
+
+
+def _stop_on_sigterm() -> StopSignals:
     import signal
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = StopSignals()
+    signal.signal(signal.SIGTERM, stop)
     return stop
 
 
 def _block(stop: threading.Event) -> None:
+    """Serve until a signal or until the instance is stopped (from another process, say);
+    then stop this process's own instance, or leave an attached one running."""
+    inst = _instance
     try:
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(0.5):
+            if inst is None or inst.closed:
+                break
     except KeyboardInterrupt:
         pass
-    shutdown()
+    _at_exit()
 
 
 def delete(name: str) -> None:
     """Delete an application: its replicas stop and its route goes away."""
-    _ctl("delete", name)
+    _ctl("delete", name, create=False)
 
 
 def status() -> dict[str, Any]:
     """The instance's state: ``{"applications": {app: {"status", "route_prefix",
     "deployments": {name: {"status", "message", "replicas": [{"replica_id", "state",
-    "pid", "message"}]}}}}, "proxies": {...}}``."""
-    return dict(_ctl("status"))
+    "pid", "message"}]}}}}, "proxies": {...}}``. A deployment whose requests failed also
+    has ``"last_error"``: the latest one's ``request_id``, ``error``, ``traceback``, ``at``."""
+    return dict(_ctl("status", create=False))
 
 
 def get_app_handle(name: str) -> DeploymentHandle:

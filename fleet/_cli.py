@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import sys
-import threading
 from typing import Any
 
 import click
@@ -39,6 +38,8 @@ def import_attr(import_path: str, app_dir: str | None = None) -> Any:
         module_name, _, attr = import_path.partition(":")
     else:
         module_name, _, attr = import_path.rpartition(".")
+    if os.sep in file_part and os.path.isfile(file_part + ".py"):
+        raise CLIError(f"bad import path {import_path!r}: did you mean {file_part}.py?")
     if not module_name or not attr:
         raise CLIError(f"bad import path {import_path!r}: expected MODULE:ATTRIBUTE, "
                        "e.g. my_app:app")
@@ -263,13 +264,16 @@ def cli() -> None:
 @click.option("--host", default=None, help="HTTP host (default: 127.0.0.1).")
 @click.option("--port", default=None, type=int, help="HTTP port (default: 8000).")
 @click.option("--grpc-port", default=None, type=int, help="Also serve gRPC on this port.")
+@click.option("--dev", is_flag=True, help="Development: error responses include the "
+                                           "exception's type and message.")
 @click.option("--reload", is_flag=True, help="Redeploy what changed when the application's "
               "files change.")
 def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | None,
-        host: str | None, port: int | None, grpc_port: int | None, reload: bool) -> None:
+        host: str | None, port: int | None, grpc_port: int | None, dev: bool,
+        reload: bool) -> None:
     """Run TARGET (MODULE:ATTR or CONFIG.yaml) in the foreground until Ctrl-C or SIGTERM."""
     import fleet
-    from fleet._api import deploy, shutdown
+    from fleet._api import deploy, shutdown, start_owned
     if app_dir is None:
         app_dir = "."
     sys.path.insert(0, os.path.abspath(app_dir))
@@ -300,6 +304,9 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
         config.grpc_options.enabled = True
     if config.grpc_options.grpc_servicer_functions:
         config.grpc_options.enabled = True
+    if dev:
+        config.http_options.expose_errors = True
+        config.grpc_options.expose_errors = True
     apps = _load_apps(config)
     if not apps:
         raise CLIError(f"{target!r} defines no applications")
@@ -317,12 +324,13 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
                 roots.add(os.path.dirname(os.path.abspath(file_part)))
         watcher = Watcher(roots, extra)
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    from fleet._api import StopSignals
+    stop = StopSignals()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
-        fleet.start(http_options=config.http_options,
-                    grpc_options=config.grpc_options if config.grpc_options.enabled else None)
+        # `fleet run` always serves an instance of its own, whatever else runs
+        inst = start_owned(config.http_options, config.grpc_options)
         for app_cfg, app in apps:
             try:
                 deploy(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix,
@@ -335,13 +343,22 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
                 _apply_traffic(config.traffic)
             except (TypeError, ValueError) as exc:
                 raise CLIError(str(exc)) from None
+        stop.serving()
         _print_serving(fleet.status())
-        while not stop.wait(0.5):
+        while not stop.event.wait(0.5):
+            if inst.closed:             # stopped from another process (fleet.shutdown())
+                break
             if watcher is not None:
                 changed = watcher.changed()
                 if changed:
                     _reload(watcher, changed, target, config)
         click.echo("fleet: shutting down", err=True)
+    except KeyboardInterrupt:
+        # a signal while starting: whatever was starting is stopped, nothing is left
+        stop.serving()          # a second signal must not interrupt the shutdown
+        click.echo("fleet: interrupted while starting; shutting down", err=True)
+        shutdown()
+        sys.exit(1)
     except fleet.DeploymentFailedError as exc:
         click.echo(f"fleet: error: {exc}", err=True)
         shutdown()
@@ -419,14 +436,24 @@ def _print_serving(status: dict[str, Any]) -> None:
 
 
 def _connect_instance() -> tuple[str, bytes]:
-    from fleet._api import instance_file
+    from fleet import _rundir
+    from fleet.exceptions import FleetError
     try:
-        with open(instance_file()) as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        raise CLIError("no fleet instance is running on this machine (start one with "
-                       "`fleet run`)") from None
-    return info["address"], bytes.fromhex(info["secret"])
+        found = _rundir.live_instances()
+    except FleetError as exc:
+        raise CLIError(str(exc)) from None
+    if not found:
+        raise CLIError("no fleet instance is running on this machine for this user (start one "
+                       "with `fleet run`)")
+    path, info = found[0]
+    if len(found) > 1:
+        others = ", ".join(str(i["pid"]) for _, i in found[1:])
+        click.echo(f"fleet: {len(found)} instances are running; talking to the newest, "
+                   f"pid {info['pid']} ({path}); the others are pids {others}", err=True)
+    try:
+        return str(info["address"]), bytes.fromhex(info["secret"])
+    except (KeyError, ValueError, TypeError):
+        raise CLIError(f"the instance file {path} is malformed") from None
 
 
 async def _controller_call(method: str, *args: Any) -> Any:
@@ -435,8 +462,9 @@ async def _controller_call(method: str, *args: Any) -> Any:
     rt = Runtime(asyncio.get_running_loop(), address, secret)
     try:
         await rt.connect_controller(subscribe=False)
-    except OSError:
-        raise CLIError("the fleet instance recorded on this machine is not running") from None
+    except OSError as exc:
+        raise CLIError(f"cannot reach the fleet instance recorded on this machine: "
+                       f"{exc}") from None
     try:
         return await rt.call_controller(method, *args)
     finally:

@@ -60,7 +60,8 @@ class DeploymentConfig(_Model):
     :class:`AutoscalingConfig`. ``max_ongoing_requests=100`` calls at once per replica,
     ``max_queued_requests=-1`` (no limit) waiting in each caller. Health is checked every
     ``health_check_period_s=10`` with ``health_check_timeout_s=30``; a stopping replica
-    finishes its calls for up to ``graceful_shutdown_timeout_s=20``.
+    finishes its calls for up to ``graceful_shutdown_timeout_s=20``. A replica not ready
+    ``startup_timeout_s=300`` after it was started is killed and fails the deployment.
     """
 
     name: str = Field(min_length=1)
@@ -72,6 +73,7 @@ class DeploymentConfig(_Model):
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    startup_timeout_s: float = Field(300.0, gt=0)
     ray_actor_options: dict[str, Any] | None = None
     is_driver_deployment: bool = False
 
@@ -108,6 +110,8 @@ class HTTPOptions(_Model):
 
     ``server`` picks the proxy's HTTP server: ``"uvicorn"`` (httptools, the default) or
     ``"granian"`` (Rust, embedded in the proxy process; needs ``pip install granian``).
+    ``expose_errors=True`` (for development) adds an exception's type and message to
+    error bodies, which otherwise say only what happened and the request's id.
     """
 
     server: Literal["uvicorn", "granian"] = "uvicorn"
@@ -118,16 +122,22 @@ class HTTPOptions(_Model):
     root_path: str = ""
     max_body_bytes: int = Field(100 * 1024 * 1024, gt=0)
     access_log: bool = True
+    call_method_header: bool = True
+    expose_errors: bool = False
     enabled: bool = True
 
 
 class GRPCOptions(_Model):
-    """The gRPC proxy: its port and the servicer functions of user schemas."""
+    """The gRPC proxy: its port and the servicer functions of user schemas.
+
+    ``expose_errors=True`` (for development) adds an exception's type and message to
+    error details, which otherwise say only what happened."""
 
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_GRPC_PORT, ge=0, le=65535)
     grpc_servicer_functions: list[str] = Field(default_factory=list)
     request_timeout_s: float | None = Field(None, gt=0)
+    expose_errors: bool = False
     enabled: bool = False
 
 

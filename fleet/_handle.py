@@ -136,14 +136,29 @@ class DeploymentResponse:
         return self._wait().__await__()
 
     async def _wait(self) -> Any:
-        if self._task is not None:
-            if _on_loop(self._loop):
-                return await self._task
-            # awaited from another loop than the one running the call
-            return await asyncio.wrap_future(
-                asyncio.run_coroutine_threadsafe(_await_task(self._task), self._loop))
-        assert self._cfut is not None
-        return await asyncio.wrap_future(self._cfut)
+        try:
+            if self._task is not None:
+                if _on_loop(self._loop):
+                    return await self._task
+                # awaited from another loop than the one running the call
+                return await asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(_await_task(self._task), self._loop))
+            assert self._cfut is not None
+            return await asyncio.wrap_future(self._cfut)
+        except asyncio.CancelledError:
+            if self._cancelled():       # the call was cancelled, not the one awaiting it
+                raise self._cancelled_error() from None
+            raise
+
+    def _cancelled(self) -> bool:
+        fut = self._task if self._task is not None else self._cfut
+        return fut is not None and fut.cancelled()
+
+    def _cancelled_error(self) -> Exception:
+        from fleet.exceptions import RequestCancelledError
+        app, deployment, opts = self._call
+        return RequestCancelledError(f"the call to {deployment}.{opts.method_name} "
+                                     f"(application {app!r}) was cancelled by its caller")
 
     def result(self, timeout_s: float | None = None) -> Any:
         """Block until the call finishes; raises its error. Not for use in async code."""
@@ -157,6 +172,10 @@ class DeploymentResponse:
             self._cfut = fut
         try:
             return fut.result(timeout_s)
+        except concurrent.futures.CancelledError:
+            if self._cancelled():
+                raise self._cancelled_error() from None
+            raise
         except concurrent.futures.TimeoutError:
             if fut.done():      # the call's own error: a TimeoutError since Python 3.11
                 raise

@@ -43,8 +43,9 @@ def ingress(app: Any) -> Callable[[type[T]], type[T]]:
                 self.count += by
                 return {"count": self.count}
 
-    Methods of the class remain callable from handles, and over HTTP with the
-    ``X-SERVE-CALL-METHOD`` header.
+    Methods of the class remain callable from handles. Every HTTP request goes to the
+    app, whose middleware, dependencies and validation always run: the
+    ``X-SERVE-CALL-METHOD`` header is an ordinary header to it.
     """
     if not callable(app):
         raise TypeError(f"fleet.ingress expects an ASGI app (FastAPI, Starlette, ...), got "

@@ -22,6 +22,7 @@ from fleet.exceptions import (
     DeploymentFailedError,
     FleetError,
     ReplicaDiedError,
+    ReplicaDrainingError,
     RequestCancelledError,
     RequestTimeoutError,
 )
@@ -239,7 +240,7 @@ class Runtime:
             except asyncio.CancelledError:
                 pending.cancel()
                 raise
-            except _Retry:
+            except ReplicaDrainingError:
                 router.drop(slot)
                 if attempt == MAX_ATTEMPTS - 1:
                     raise ReplicaDiedError(f"deployment {router.deployment!r}: every replica "
@@ -251,7 +252,7 @@ class Runtime:
     def retry_elsewhere(self, router: Router, slot: Slot, exc: BaseException) -> bool:
         """Whether a call the replica refused (it was draining) should be sent again;
         the replica is not chosen again by this router until the tables list it anew."""
-        if isinstance(exc, _Retry):
+        if isinstance(exc, ReplicaDrainingError):
             router.drop(slot)
             return True
         return False
@@ -267,14 +268,6 @@ class Runtime:
         router = self.router(app, deployment)
         slot, pending = await self.start_call(router, opts.method_name, args, kwargs, meta, True)
         return Stream(router, slot, pending)
-
-
-class _Retry(Exception):
-    """Marker base for errors a router retries elsewhere (the replica refused the call)."""
-
-
-class ReplicaDrainingError(_Retry, FleetError):
-    """The replica was shutting down and did not start the call."""
 
 
 class Stream:

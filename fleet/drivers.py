@@ -136,6 +136,10 @@ def ensure_grpc_proxy(port: int | None) -> None:
             return
     if inst.grpc_options.enabled:
         return
+    if not isinstance(inst, _api.Instance):
+        raise FleetError(f"the fleet instance this process uses (pid {inst.pid}) runs no gRPC "
+                         "proxy; start it with `fleet run --grpc-port PORT` or "
+                         "fleet.start(grpc_options={...})")
     update: dict[str, Any] = {"enabled": True}
     if port is not None:
         update["port"] = port

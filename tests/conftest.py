@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,22 @@ import fleet
 
 # Test modules define deployments at module level; replicas import them by name.
 sys.path.insert(0, os.path.dirname(__file__))
+
+# This process's instances record themselves in the temporary directory it has now
+# (tempfile caches it); every test below hands the processes it starts another one.
+tempfile.gettempdir()
+os.environ.pop("XDG_RUNTIME_DIR", None)
+
+
+@pytest.fixture(autouse=True)
+def own_runtime_location(tmp_path_factory: pytest.TempPathFactory,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes a test starts (a `fleet run`, a script) find the instances of that
+    test's other processes and never this process's: a script's fleet.start() would
+    otherwise attach to the instance of the running test, and its fleet.shutdown() stop
+    it."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path_factory.mktemp("run")))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
 
 
 @dataclass

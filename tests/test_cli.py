@@ -28,6 +28,7 @@ def private_tmpdir(tmp_path_factory, monkeypatch):
     finds this test's instance and no other on the machine."""
     tmp = tmp_path_factory.mktemp("fleet-tmp")
     monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     return tmp
 
 

@@ -133,10 +133,8 @@ def test_override_of_a_deployment_that_does_not_exist_names_the_real_ones(tmp_pa
     (("apps.cli_apps:app", "--port", "0", "--route-prefix", "greet"),
      "fleet: error: application 'default': route_prefix must start with '/' (or be None for "
      "no HTTP route), got 'greet'"),
-    (("apps.cli_apps", "--port", "0"),
-     "fleet: error: module 'apps' has no attribute 'cli_apps'; did you mean "
-     "apps.cli_apps:app or apps.cli_apps:broken or apps.cli_apps:broken_twice or "
-     "apps.cli_apps:gated?"),
+    (("apps/files/single", "--port", "0"),
+     "fleet: error: bad import path 'apps/files/single': did you mean apps/files/single.py?"),
     (("apps.cli_apps:ap", "--port", "0"),
      "fleet: error: module 'apps.cli_apps' has no attribute 'ap'; did you mean "
      "apps.cli_apps:app?"),
@@ -148,6 +146,13 @@ def test_override_of_a_deployment_that_does_not_exist_names_the_real_ones(tmp_pa
 ])
 def test_cli_mistakes_are_one_line(args, message):
     assert one_error_line(run_to_end("run", *args, "--app-dir", HERE)) == message
+
+
+def test_a_module_named_as_an_attribute_gets_the_applications_it_defines():
+    line = one_error_line(run_to_end("run", "apps.cli_apps", "--app-dir", HERE, "--port", "0"))
+    assert line.startswith("fleet: error: module 'apps' has no attribute 'cli_apps'; did you "
+                           "mean apps.cli_apps:app or apps.cli_apps:broken or ")
+    assert "apps.cli_apps:gated" in line and line.endswith("?")
 
 
 def start_serving(*args: str, env: dict[str, str] | None = None

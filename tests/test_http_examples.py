@@ -23,11 +23,14 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def outputs() -> dict[str, subprocess.CompletedProcess[str]]:
+def outputs(tmp_path_factory: pytest.TempPathFactory
+            ) -> dict[str, subprocess.CompletedProcess[str]]:
     # All at once: each is a separate instance on its own free port.
+    # (each with a runtime location of its own, or they would share the first one's)
     procs = {name: subprocess.Popen([sys.executable, os.path.join("examples", f"{name}.py")],
                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
+                                    text=True, env=dict(os.environ,
+                                                        TMPDIR=str(tmp_path_factory.mktemp(name))))
              for name in EXPECTED}
     done = {}
     for name, proc in procs.items():

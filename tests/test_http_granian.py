@@ -58,7 +58,8 @@ def test_granian_proxy_serves_requests_streams_and_errors(granian_url):
         r = c.get("/echo", headers={"X-SERVE-CALL-METHOD": "chunks"})
         assert r.text == "chunk0\nchunk1\nchunk2\n"
         r = c.get("/echo", headers={"X-SERVE-CALL-METHOD": "boom"})
-        assert r.status_code == 500 and r.json()["type"] == "ValueError"
+        assert r.status_code == 500 and r.json()["error"] == "internal error"
+        assert r.json()["request_id"] == r.headers["x-request-id"]
         assert c.get("/echo", headers={"X-SERVE-CALL-METHOD": "slow"}).status_code == 504
         assert c.get("/nowhere").status_code == 404
         pre = c.options("/echo", headers={"Origin": "http://x.example",

@@ -9,12 +9,12 @@ import fleet
 EXPECTED = {
     "Application", "AutoscalingConfig", "BackPressureError", "Deployment", "DeploymentConfig",
     "DeploymentFailedError", "DeploymentHandle", "DeploymentResponse",
-    "DeploymentResponseGenerator", "FleetError", "GRPCOptions", "GetTimeoutError",
-    "HTTPOptions",
-    "MethodNotFoundError", "ReplicaDiedError", "ReplicaError", "RequestCancelledError",
-    "RequestTimeoutError", "__version__", "delete", "deployment", "get_app_handle",
-    "get", "get_deployment_handle", "run", "shutdown", "start", "status", "wait",
-    "multiplexed", "get_multiplexed_model_id", "oip",
+    "DeploymentResponseGenerator", "FleetError", "FrameTooLargeError", "GRPCOptions",
+    "GetTimeoutError", "HTTPOptions",
+    "MethodNotFoundError", "ReplicaDiedError", "ReplicaDrainingError", "ReplicaError",
+    "RequestCancelledError", "RequestTimeoutError", "__version__", "delete", "deployment",
+    "get_app_handle", "get", "get_deployment_handle", "run", "shutdown", "start", "status",
+    "wait", "multiplexed", "get_multiplexed_model_id", "oip",
 }
 
 
@@ -32,8 +32,10 @@ def test_every_public_name_exists_and_has_a_docstring():
 
 
 def test_exception_tree():
-    for name in ("BackPressureError", "DeploymentFailedError", "MethodNotFoundError",
-                 "ReplicaDiedError", "ReplicaError", "RequestCancelledError",
+    for name in ("BackPressureError", "DeploymentFailedError", "FrameTooLargeError",
+                 "MethodNotFoundError",
+                 "ReplicaDiedError", "ReplicaDrainingError", "ReplicaError",
+                 "RequestCancelledError",
                  "RequestTimeoutError"):
         assert issubclass(getattr(fleet, name), fleet.FleetError)
     assert issubclass(fleet.RequestTimeoutError, TimeoutError)

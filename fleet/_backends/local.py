@@ -10,6 +10,7 @@ import subprocess
 import sys
 from typing import Any
 
+from fleet._backends.lifeline import Lifeline
 from fleet._types import ReplicaSpec
 
 
@@ -38,13 +39,15 @@ class LocalBackend:
 
     def __init__(self) -> None:
         self.procs: dict[str, LocalProcess] = {}
+        self.lifeline = Lifeline()      # children die with this process
 
     def spawn(self, key: str, module: str, payload: Any) -> LocalProcess:
         """Start ``python -m module``, handing it payload pickled on stdin."""
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
-        popen = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
-                                 env=env, close_fds=True)
+        popen = subprocess.Popen([sys.executable, "-m", module, *self.lifeline.child_args()],
+                                 stdin=subprocess.PIPE, env=env, close_fds=True,
+                                 pass_fds=(self.lifeline.read_fd,))
         assert popen.stdin is not None
         popen.stdin.write(pickle.dumps(payload, 5))
         popen.stdin.close()
@@ -110,3 +113,4 @@ class LocalBackend:
                 proc.popen.wait(2)
             except Exception:
                 pass
+        self.lifeline.close()

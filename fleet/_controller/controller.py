@@ -12,6 +12,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fleet._controller import traffic, views
@@ -26,6 +27,8 @@ log = logging.getLogger("fleet.controller")
 
 TICK_S = 0.2
 MAX_START_FAILURES = 3
+# How much of a request error's message and traceback status keeps.
+ERROR_TEXT_MAX = 8192
 # A replica leaves the routing tables before it is told to drain; subscribers get this
 # long to confirm they stopped routing to it.
 UNROUTE_WAIT_S = 1.0
@@ -50,6 +53,7 @@ class Controller:
         self._kick = asyncio.Event()
         self._changed = asyncio.Event()
         self._deploying: dict[str, int] = {}    # app -> calls waiting for it to be ready
+        self.on_shutdown_request: Callable[[], None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[Any]] = set()
         self.proxies: dict[str, dict[str, Any]] = {}
@@ -104,6 +108,10 @@ class Controller:
                 continue
             if rec.proc is not None and not self.backend.alive(rec.proc):
                 self._replica_gone(dep, rec, "the replica process exited")
+                continue
+            if rec.state == ReplicaState.STARTING and not rec.stopping \
+                    and now - rec.started_at > cfg.startup_timeout_s:
+                self._start_timed_out(dep, rec)
                 continue
             if rec.state != ReplicaState.RUNNING or rec.conn is None:
                 continue
@@ -164,7 +172,7 @@ class Controller:
                            version=dep.plan.version, serialized_def=dep.plan.serialized_def,
                            config=dep.plan.config.model_dump(),
                            controller_address=self.address, secret=self.secret,
-                           sys_path=self.sys_path, cwd=self.cwd)
+                           sys_path=self._app_sys_path(dep.app), cwd=self._app_cwd(dep.app))
         try:
             rec.proc = await self.backend.start_replica(spec)
         except Exception as exc:
@@ -181,9 +189,13 @@ class Controller:
         rec.stopping = True
         routed = rec.state in (ReplicaState.RUNNING, ReplicaState.UNHEALTHY) \
             and rec.conn is not None
+        starting = rec.state == ReplicaState.STARTING
         if rec.state != ReplicaState.UNHEALTHY:
             rec.state = ReplicaState.STOPPING
         timeout = dep.plan.config.graceful_shutdown_timeout_s
+        if starting:
+            # no calls to finish: a constructor that ignores SIGTERM is killed after 1 s
+            timeout = min(timeout, 1.0)
         task = asyncio.get_running_loop().create_task(self._drain(dep, rec, routed, timeout))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
@@ -242,6 +254,23 @@ class Controller:
                                 "replica's output above")
         self._notify()
         self.kick()
+
+    def _start_timed_out(self, dep: DeploymentState, rec: ReplicaRecord) -> None:
+        """A replica not ready within startup_timeout_s fails the deployment as a raising
+        constructor does; it is killed, whatever it is doing (a hung constructor may
+        ignore SIGTERM)."""
+        timeout = dep.plan.config.startup_timeout_s
+        rec.state = ReplicaState.STOPPING
+        rec.message = f"not ready within startup_timeout_s={timeout:g}"
+        if rec.proc is not None:
+            self.backend.kill(rec.proc)
+        self._fail(dep, f"replica {rec.replica_id} of deployment {dep.name!r} (application "
+                        f"{dep.app!r}) was not ready within startup_timeout_s={timeout:g}: "
+                        "its constructor (or the app's lifespan startup) did not return; "
+                        "the replica was killed. Raise startup_timeout_s if it needs longer")
+        task = asyncio.get_running_loop().create_task(self._await_exit(dep, rec, 5))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     def _unhealthy(self, dep: DeploymentState, rec: ReplicaRecord, why: str) -> None:
         """Stop routing to the replica, start a replacement, and stop it (its calls get
@@ -311,6 +340,9 @@ class Controller:
         if kind == "load":
             self._on_load(msg)
             return
+        if kind == "request_error":
+            self._on_request_error(msg)
+            return
         found = self._find(msg.get("replica_id", ""))
         if found is None:
             return
@@ -347,6 +379,16 @@ class Controller:
         dep.autoscaler.record(str(msg.get("caller", "")), load, time.monotonic())
         if dep.target == 0 and load > 0:
             self.kick()     # a call waits on a deployment scaled to zero: start one now
+
+    def _on_request_error(self, msg: dict[str, Any]) -> None:
+        """What a proxy told its client only by id: kept for ``fleet status``."""
+        app = self.apps.get(str(msg.get("app")))
+        dep = app.deployments.get(str(msg.get("deployment"))) if app is not None else None
+        if dep is not None:
+            dep.last_error = {"request_id": str(msg.get("request_id", ""))[:128],
+                              "error": str(msg.get("error", ""))[:ERROR_TEXT_MAX],
+                              "traceback": str(msg.get("traceback", ""))[-ERROR_TEXT_MAX:]}
+            dep.last_error["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     def _send_reconfigure(self, rec: ReplicaRecord, user_config: Any) -> None:
         rec.user_config = user_config
@@ -440,9 +482,21 @@ class Controller:
         return fut
 
     # -- calls from the driver and the CLI -------------------------------------------
+    def _app_sys_path(self, name: str) -> list[str]:
+        """The deployer's import path first (another process may have deployed it),
+        then the instance's."""
+        app = self.apps.get(name)
+        extra = app.sys_path if app is not None else []
+        return [*extra, *(p for p in self.sys_path if p not in extra)]
+
+    def _app_cwd(self, name: str) -> str:
+        app = self.apps.get(name)
+        return app.cwd if app is not None and app.cwd else self.cwd
+
     async def rpc_deploy(self, conn: ServerConnection, name: str, route_prefix: str | None,
                          plans: list[DeploymentPlan], protocol: str = "http",
-                         grpc_port: int | None = None) -> None:
+                         grpc_port: int | None = None,
+                         origin: dict[str, Any] | None = None) -> None:
         if route_prefix is not None:
             if not route_prefix.startswith("/"):
                 raise ValueError(f"route_prefix must start with '/', got {route_prefix!r}")
@@ -462,6 +516,9 @@ class Controller:
         app.ingress = plans[0].name
         app.protocol = protocol
         app.grpc_port = grpc_port
+        if origin is not None:
+            app.sys_path = list(origin.get("sys_path", []))
+            app.cwd = str(origin.get("cwd", ""))
         wanted = {p.name for p in plans}
         for dname, dep in app.deployments.items():
             if dname not in wanted:
@@ -627,6 +684,13 @@ class Controller:
 
     async def rpc_status(self, conn: ServerConnection) -> dict[str, Any]:
         return self.status()
+
+    async def rpc_shutdown_instance(self, conn: ServerConnection) -> None:
+        """Another process asked the instance to stop (``fleet.shutdown()`` there): its
+        owner does it, off this loop, since stopping ends the loop."""
+        if self.on_shutdown_request is None:
+            raise FleetError("this instance cannot be stopped from another process")
+        self.on_shutdown_request()
 
     async def rpc_report_load(self, conn: ServerConnection, key: str, caller: str,
                               inflight: int, queued: int) -> None:

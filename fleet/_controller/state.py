@@ -55,6 +55,7 @@ class DeploymentState:
     deleting: bool = False
     scaling_log: list[dict[str, Any]] = field(default_factory=list)
     autoscaler: Any = None
+    last_error: dict[str, Any] | None = None     # the last request error a proxy reported
 
     @property
     def name(self) -> str:
@@ -79,4 +80,6 @@ class AppState:
     deleting: bool = False
     protocol: str = "http"
     grpc_port: int | None = None       # the port a gRPC driver asked to be served on
+    sys_path: list[str] = field(default_factory=list)   # the deployer's import path
+    cwd: str = ""                                       # and working directory
     deployed_at: float = field(default_factory=time.time)

@@ -119,6 +119,8 @@ def status(apps: dict[str, AppState], proxies: dict[str, dict[str, Any]],
                              for r in dep.replicas.values()],
                 "scaling_log": list(dep.scaling_log[-10:]),
             }
+            if dep.last_error is not None:
+                deps[dep.name]["last_error"] = dict(dep.last_error)
             if dep.autoscaler is not None:
                 deps[dep.name]["autoscaling"] = dep.autoscaler.describe(time.monotonic())
         out[app.name] = {"status": app_status(app).value, "route_prefix": app.route_prefix,

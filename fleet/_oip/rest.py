@@ -58,19 +58,20 @@ def _route(path: str) -> tuple[str, str, str]:
 
 
 async def handle(proxy: Any, scope: dict[str, Any], receive: Any, send: Any,
-                 path: str) -> int:
-    """Answer one /v2 request; returns the status for the access log."""
+                 path: str, rid: bytes) -> int:
+    """Answer one /v2 request (its id in X-Request-ID); returns the status for the
+    access log."""
     try:
-        status, headers, body = await _answer(proxy, scope, receive, send, path)
+        status, headers, body = await _answer(proxy, scope, receive, send, path, rid)
     except OIPError as exc:
         status, headers, body = _reply(exc.status, {"error": str(exc)})
     if status:
-        await proxy._respond(send, status, headers, body)
+        await proxy._respond(send, status, headers, body, rid)
     return status
 
 
-async def _answer(proxy: Any, scope: dict[str, Any], receive: Any, send: Any, path: str
-                  ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+async def _answer(proxy: Any, scope: dict[str, Any], receive: Any, send: Any, path: str,
+                  rid: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     runtime = proxy.runtime
     what, name, version = _route(path)
     method = scope["method"]
@@ -95,7 +96,7 @@ async def _answer(proxy: Any, scope: dict[str, Any], receive: Any, send: Any, pa
     if what == "model_ready":
         ok = core.ready(runtime, entry)
         return _reply(200 if ok else 400, {"name": name, "ready": ok})
-    body = await proxy._read_body(receive, send)
+    body = await proxy._read_body(receive, send, rid)
     if body is None:                     # too large (answered) or the client left
         return 0, [], b""
     return await _infer(proxy, scope, entry, body)

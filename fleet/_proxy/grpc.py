@@ -14,6 +14,7 @@ import asyncio
 import importlib
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,14 +25,15 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from fleet._config import GRPCOptions
 from fleet._proxy import traffic
+from fleet._proxy.errors import ErrorReports
 from fleet._proxy.process import proxy_failed
 from fleet._replica.grpc import CODES, load_servicer_function, servicer_handlers
 from fleet._router import Router
-from fleet._runtime import ReplicaDrainingError, Runtime
+from fleet._runtime import Runtime
 from fleet._types import Tables
 from fleet._wire import frames
 from fleet._wire.channel import Pending
-from fleet.exceptions import BackPressureError, FleetError, ReplicaDiedError
+from fleet.exceptions import BackPressureError, FleetError, client_error
 
 log = logging.getLogger("fleet.proxy")
 
@@ -71,6 +73,8 @@ class GRPCProxy(grpc.GenericRpcHandler):
         self.runtime = runtime
         self.options = options
         self.timeout = options.request_timeout_s
+        self.expose_errors = options.expose_errors
+        self.errors = ErrorReports(runtime)
         self.apps: dict[str, str] = {}            # app name -> ingress deployment
         self.grpc_apps: list[str] = []            # apps whose ingress is a gRPC driver
         self.port_apps: dict[int, list[str]] = {}  # port -> apps whose driver asked for it
@@ -243,13 +247,10 @@ class GRPCProxy(grpc.GenericRpcHandler):
             slot, pending = await self.runtime.start_call(router, kind.rpc, (request,), {},
                                                           meta, stream_out)
         except _Status as st:
-            await context.abort(st.code, st.details)
+            await context.abort(st.code, st.details, _id_metadata(context))
             raise AssertionError("unreachable") from None
-        except BackPressureError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            raise AssertionError("unreachable") from None
-        except (FleetError, ReplicaDiedError) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except FleetError as exc:
+            await self._error(exc, context, "-", "-")
             raise AssertionError("unreachable") from None
         return router, slot, pending
 
@@ -265,7 +266,7 @@ class GRPCProxy(grpc.GenericRpcHandler):
         except asyncio.TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"the call took longer than request_timeout_s={timeout} "
-                                "and was cancelled")
+                                "and was cancelled", _id_metadata(context))
 
     async def _unary(self, kind: _Kind, request: bytes, context: Any) -> bytes:
         return await self._bounded(self._unary_call(kind, request, context), context)
@@ -281,7 +282,7 @@ class GRPCProxy(grpc.GenericRpcHandler):
             except BaseException as exc:
                 if self.runtime.retry_elsewhere(router, slot, exc):
                     continue            # that replica was stopping and never started it
-                await self._error(exc, router, context)
+                await self._error(exc, context, router.app, router.deployment)
                 raise AssertionError("unreachable") from None
             finally:
                 router.release(slot)
@@ -316,7 +317,7 @@ class GRPCProxy(grpc.GenericRpcHandler):
         except grpc.aio.AbortError:
             raise
         except BaseException as exc:
-            await self._error(exc, router, context)
+            await self._error(exc, context, router.app, router.deployment)
         finally:
             if pump is not None:
                 pump.cancel()
@@ -352,16 +353,38 @@ class GRPCProxy(grpc.GenericRpcHandler):
             if details:
                 context.set_details(details)
             return message
-        await context.abort(code, details, tuple(trailing))
+        # the user's code chose this status and details: they pass as they are
+        await context.abort(code, details, (*trailing, *_id_metadata(context)))
         return None
 
-    async def _error(self, exc: BaseException, router: Router, context: Any) -> None:
-        if isinstance(exc, ReplicaDiedError | ReplicaDrainingError):
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"application {router.app!r}, deployment "
-                                f"{router.deployment!r}: {exc}")
-        etype = getattr(exc, "error_type", "") or type(exc).__name__
-        await context.abort(grpc.StatusCode.INTERNAL, f"{etype}: {exc}")
+    async def _error(self, exc: BaseException, context: Any, app: str, deployment: str
+                     ) -> None:
+        """End the call with exc's row of the error table; the exception goes to the log
+        under the call's id, which the client gets as ``x-request-id``."""
+        _status, code_name, message = client_error(exc)
+        trailing = _id_metadata(context)
+        if not isinstance(exc, BackPressureError):    # an overload must not flood the log
+            self.errors.failed("call", trailing[0][1], app, deployment, "-", exc)
+        if self.expose_errors:
+            etype = getattr(exc, "error_type", "") or type(exc).__name__
+            message = f"{message}: {etype}: {exc}"
+        await context.abort(grpc.StatusCode[code_name], message, trailing)
+
+
+def _id_metadata(context: Any) -> tuple[tuple[str, str], ...]:
+    """The call's id as trailing metadata: the client's own ``x-request-id`` when it is
+    a valid id, else a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and _valid_id(value):
+            return (("x-request-id", value),)
+    return (("x-request-id", _new_id()),)
+
+
+_valid_id = re.compile(r"[A-Za-z0-9._:-]{1,128}").fullmatch
+
+
+def _new_id() -> str:
+    return os.urandom(16).hex()
 
 
 class _Status(Exception):

@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import itertools
 import json
 import logging
 import os
+import re
 import sys
 import time
-import uuid
 from typing import Any
 
 import uvicorn
 
 from fleet._config import HTTPOptions
 from fleet._proxy import traffic
+from fleet._proxy.errors import ErrorReports
 from fleet._proxy.routes import RouteTable
 from fleet._runtime import Runtime
 from fleet._types import Tables
 from fleet._wire import frames
-from fleet.exceptions import BackPressureError, FleetError, ReplicaDiedError
+from fleet.exceptions import BackPressureError, FleetError, client_error
 
 log = logging.getLogger("fleet.proxy")
 
@@ -40,6 +42,11 @@ _MODEL_HEADERS = frozenset((b"serve_multiplexed_model_id", b"serve-multiplexed-m
 _SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "query_string",
                "headers", "client", "server")
 _JSON = [(b"content-type", b"application/json")]
+_ID_HEADER = b"x-request-id"
+# A client's own request id is kept when it is 1-128 of these characters.
+_valid_id = re.compile(rb"[A-Za-z0-9._:-]{1,128}").fullmatch
+# Where _RequestIdLayer (with user middlewares) leaves the id it chose for the proxy app.
+_SCOPE_ID = "fleet.request_id"
 _RETRY = [(b"retry-after", b"1")]
 # How long a request waits for its reply before the proxy starts watching for the
 # client going away (a task per request otherwise: the price of cancel-on-disconnect).
@@ -50,10 +57,34 @@ class _Timeout(Exception):
     pass
 
 
+class RequestIds:
+    """New request ids: 32 hex digits, a random 64-bit per-process prefix and a counter.
+
+    Unique within a proxy, and across proxies and restarts but for a 2**-64 chance per
+    pair of processes: enough for what an id is for (finding a request in the logs),
+    at a fraction of uuid4's cost on the request path."""
+
+    __slots__ = ("prefix", "count")
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(8).hex().encode()
+        self.count = itertools.count(1)
+
+    def __call__(self) -> bytes:
+        return b"%s%016x" % (self.prefix, next(self.count))
+
+
+def _with_id(headers: Any, rid: bytes) -> list[tuple[bytes, bytes]]:
+    if type(headers) is list:
+        headers.append((_ID_HEADER, rid))
+        return headers
+    return [*headers, (_ID_HEADER, rid)]
+
+
 def _json(status: int, payload: dict[str, Any], extra: list[tuple[bytes, bytes]] | None = None
           ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     body = json.dumps(payload).encode()
-    return status, _JSON + (extra or []), body
+    return status, _JSON + (extra or []), body    # a new list: _with_id may append
 
 
 class AccessLog:
@@ -98,6 +129,11 @@ class HTTPProxy:
         self.routes = RouteTable()
         self.timeout = options.request_timeout_s
         self.max_body = options.max_body_bytes
+        # None switches the call-method header off: no header name equals it
+        self.method_header = _METHOD_HEADER if options.call_method_header else None
+        self.expose_errors = options.expose_errors
+        self.new_id = RequestIds()
+        self.errors = ErrorReports(runtime)
         self.root_path = options.root_path.rstrip("/")
         self.access = AccessLog(runtime.loop) if options.access_log else None
         self.oip = False            # any Open Inference Protocol model is deployed
@@ -128,8 +164,9 @@ class HTTPProxy:
                     return
 
     async def _respond(self, send: Any, status: int, headers: list[tuple[bytes, bytes]],
-                       body: bytes) -> None:
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+                       body: bytes, rid: bytes) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": _with_id(headers, rid)})
         await send({"type": "http.response.body", "body": body})
 
     def local_path(self, scope: dict[str, Any]) -> str:
@@ -153,14 +190,40 @@ class HTTPProxy:
 
     async def http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         started = time.perf_counter()
+        method = "__call__"
+        has_body = False
+        too_large = False
+        rid = None
+        method_header = self.method_header
+        meta = _HTTP_META
+        for name, value in scope["headers"]:
+            if name == _LENGTH_HEADER:
+                if value != b"0":
+                    has_body = True
+                    if value.isdigit() and int(value) > self.max_body:
+                        too_large = True
+            elif name == method_header:
+                method = value.decode("latin-1")
+            elif name == _CHUNKED_HEADER:
+                has_body = True
+            elif name in _MODEL_HEADERS and value:
+                meta = {"http": 1, "model": value.decode("latin-1")}
+            elif name == _ID_HEADER and _valid_id(value):
+                rid = value
+        if rid is None:
+            rid = scope.get(_SCOPE_ID) or self.new_id()
         path = self.local_path(scope)
         if path.startswith("/-/"):
-            await self._builtin(path, send)
+            await self._builtin(path, send, rid)
+            return
+        if too_large:
+            # refused before reading a byte (no "100 Continue" is sent)
+            await self._too_large(send, rid)
             return
         if self.oip and (path == "/v2" or path.startswith("/v2/")):
             # Open Inference Protocol models answer at the root, whatever the routes.
             from fleet._oip import rest
-            status = await rest.handle(self, scope, receive, send, path)
+            status = await rest.handle(self, scope, receive, send, path, rid)
             if self.access is not None:
                 self.access.add(scope["method"], path, status,
                                 (time.perf_counter() - started) * 1000, "oip", "-")
@@ -168,30 +231,13 @@ class HTTPProxy:
         hit = self.routes.match(path)
         if hit is None:
             await self._respond(send, *_json(404, {
-                "error": f"no application serves path {path!r}",
-                "routes": sorted(self.routes.routes)}))
+                "error": f"no application serves path {path!r}", "request_id": rid.decode(),
+                "routes": sorted(self.routes.routes)}), rid)
             return
         prefix, info = hit
-        method = "__call__"
-        has_body = False
-        meta = _HTTP_META
-        for name, value in scope["headers"]:
-            if name == _LENGTH_HEADER:
-                if value != b"0":
-                    has_body = True
-                    if value.isdigit() and int(value) > self.max_body:
-                        # refused before reading a byte (no "100 Continue" is sent)
-                        await self._too_large(send)
-                        return
-            elif name == _METHOD_HEADER:
-                method = value.decode("latin-1")
-            elif name == _CHUNKED_HEADER:
-                has_body = True
-            elif name in _MODEL_HEADERS and value:
-                meta = {"http": 1, "model": value.decode("latin-1")}
         body = b""
         if has_body:
-            got = await self._read_body(receive, send)
+            got = await self._read_body(receive, send, rid)
             if got is None:
                 return
             body = got
@@ -199,12 +245,12 @@ class HTTPProxy:
         app, ingress = info["app"], info["ingress"]
         app, ingress = traffic.route_http(self.runtime, prefix, app, ingress, method, sub, body)
         status, replica = await self._forward(app, ingress, method, sub, body, receive, send,
-                                              meta)
+                                              rid, meta)
         if self.access is not None:
             self.access.add(scope["method"], path, status,
                             (time.perf_counter() - started) * 1000, app, replica)
 
-    async def _read_body(self, receive: Any, send: Any) -> bytes | None:
+    async def _read_body(self, receive: Any, send: Any, rid: bytes) -> bytes | None:
         parts: list[bytes] = []
         size = 0
         more = True
@@ -216,18 +262,19 @@ class HTTPProxy:
             if chunk:
                 size += len(chunk)
                 if size > self.max_body:
-                    await self._too_large(send)
+                    await self._too_large(send, rid)
                     return None
                 parts.append(chunk)
             more = msg.get("more_body", False)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _too_large(self, send: Any) -> None:
+    async def _too_large(self, send: Any, rid: bytes) -> None:
         await self._respond(send, *_json(413, {
-            "error": f"the request body exceeds max_body_bytes={self.max_body}"}))
+            "error": f"the request body exceeds max_body_bytes={self.max_body}",
+            "request_id": rid.decode()}), rid)
 
     async def _forward(self, app: str, ingress: str, method: str, sub: dict[str, Any],
-                       body: bytes, receive: Any, send: Any,
+                       body: bytes, receive: Any, send: Any, rid: bytes,
                        meta: dict[str, Any] = _HTTP_META) -> tuple[int, str]:
         runtime = self.runtime
         router = runtime.router(app, ingress)
@@ -240,11 +287,9 @@ class HTTPProxy:
             else:
                 slot, pending = await asyncio.wait_for(start, self.timeout)
         except asyncio.TimeoutError:
-            return await self._timed_out(send, app, ingress, "-")
-        except (BackPressureError, FleetError) as exc:
-            await self._respond(send, *_json(503, {"error": str(exc), "app": app,
-                                                   "deployment": ingress}, _RETRY))
-            return 503, "-"
+            return await self._timed_out(send, app, ingress, "-", rid)
+        except FleetError as exc:
+            return await self._error(exc, app, ingress, "-", send, rid)
         watch: _DisconnectWatch | None = None
         status = 500
         started = False                 # a streamed response's head went out
@@ -270,7 +315,7 @@ class HTTPProxy:
                 if kind == frames.OK:
                     if not started:             # a whole response in one frame
                         status, headers, data = value
-                        await self._respond(send, status, headers, data)
+                        await self._respond(send, status, headers, data, rid)
                     else:                       # the end of a streamed one
                         await send({"type": "http.response.body", "body": value})
                     return status, slot.replica_id
@@ -279,7 +324,7 @@ class HTTPProxy:
                         started = True
                         status, headers, data = value
                         await send({"type": "http.response.start", "status": status,
-                                    "headers": headers})
+                                    "headers": _with_id(headers, rid)})
                         await send({"type": "http.response.body", "body": data,
                                     "more_body": True})
                     else:
@@ -289,52 +334,51 @@ class HTTPProxy:
                 # an error from the replica
                 if not started and runtime.retry_elsewhere(router, slot, value):
                     return await self._forward(app, ingress, method, sub, body, receive, send,
-                                               meta)
+                                               rid, meta)
                 if started:
                     raise value            # mid-stream: nothing sane to send; drop the connection
-                return await self._error(value, app, ingress, slot.replica_id, send)
+                return await self._error(value, app, ingress, slot.replica_id, send, rid)
         except _Timeout:
             pending.cancel()
             if started:
                 raise                      # mid-stream: end the connection
-            return await self._timed_out(send, app, ingress, slot.replica_id)
+            return await self._timed_out(send, app, ingress, slot.replica_id, rid)
         finally:
             if watch is not None:
                 watch.close()
             router.release(slot)
 
-    async def _timed_out(self, send: Any, app: str, ingress: str, replica: str
+    async def _timed_out(self, send: Any, app: str, ingress: str, replica: str, rid: bytes
                          ) -> tuple[int, str]:
         await self._respond(send, *_json(504, {
             "error": f"the request took longer than request_timeout_s={self.timeout} and "
-                     "was cancelled", "app": app, "deployment": ingress}))
+                     "was cancelled", "request_id": rid.decode()}), rid)
         return 504, replica
 
     async def _error(self, exc: BaseException, app: str, ingress: str, replica: str,
-                     send: Any) -> tuple[int, str]:
-        if isinstance(exc, ReplicaDiedError | BackPressureError):
-            await self._respond(send, *_json(503, {"error": str(exc), "app": app,
-                                                   "deployment": ingress}, _RETRY))
-            return 503, replica
-        error_id = uuid.uuid4().hex[:12]
-        tb = getattr(exc, "remote_traceback", "")
-        log.error("error %s in app %s, deployment %s, replica %s: %s: %s\n%s", error_id, app,
-                  ingress, replica, type(exc).__name__, exc, tb)
-        etype = getattr(exc, "error_type", "") or type(exc).__name__
-        await self._respond(send, *_json(500, {
-            "error": "the deployment raised an exception", "error_id": error_id,
-            "type": etype, "message": str(exc), "app": app, "deployment": ingress,
-            "replica": replica}))
-        return 500, replica
+                     send: Any, rid: bytes) -> tuple[int, str]:
+        """Answer with exc's row of the error table; the exception goes to the log."""
+        status, _code, message = client_error(exc)
+        if not isinstance(exc, BackPressureError):    # an overload must not flood the log
+            self.errors.failed("request", rid.decode(), app, ingress, replica, exc)
+        payload = {"error": message, "request_id": rid.decode()}
+        if self.expose_errors:
+            payload["type"] = getattr(exc, "error_type", "") or type(exc).__name__
+            payload["message"] = str(exc)
+        await self._respond(send, *_json(status, payload, _RETRY if status == 503 else None),
+                            rid)
+        return status, replica
 
-    async def _builtin(self, path: str, send: Any) -> None:
+    async def _builtin(self, path: str, send: Any, rid: bytes) -> None:
         if path == "/-/healthz":
-            await self._respond(send, 200, [(b"content-type", b"text/plain")], b"success")
+            await self._respond(send, 200, [(b"content-type", b"text/plain")], b"success", rid)
         elif path == "/-/routes":
             await self._respond(send, *_json(200, {p: r["app"]
-                                                   for p, r in self.routes.routes.items()}))
+                                                   for p, r in self.routes.routes.items()}),
+                                rid)
         else:
-            await self._respond(send, *_json(404, {"error": f"unknown fleet endpoint {path!r}"}))
+            await self._respond(send, *_json(404, {"error": f"unknown fleet endpoint {path!r}",
+                                                   "request_id": rid.decode()}), rid)
 
 
 class _DisconnectWatch:
@@ -438,12 +482,42 @@ def middleware_spec(entry: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     return cls, tuple(args), dict(kwargs)
 
 
+class _RequestIdLayer:
+    """Outside the user's middlewares: answers they make themselves (a CORS preflight)
+    carry the request's id too, the same id the proxy app uses and logs."""
+
+    def __init__(self, app: Any, new_id: RequestIds) -> None:
+        self.app = app
+        self.new_id = new_id
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = next((v for n, v in scope["headers"] if n == _ID_HEADER and _valid_id(v)),
+                   None) or self.new_id()
+        scope[_SCOPE_ID] = rid
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                if not any(n.lower() == _ID_HEADER for n, _ in headers):
+                    headers.append((_ID_HEADER, rid))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 def build_app(runtime: Runtime, options: HTTPOptions) -> Any:
     """The proxy app wrapped in the configured middlewares (the first is outermost)."""
-    app: Any = HTTPProxy(runtime, options)
+    proxy = HTTPProxy(runtime, options)
+    app: Any = proxy
     for middleware in reversed(options.middlewares):
         cls, args, kwargs = middleware_spec(middleware)
         app = cls(app, *args, **kwargs)
+    if options.middlewares:
+        app = _RequestIdLayer(app, proxy.new_id)
     return app
 
 

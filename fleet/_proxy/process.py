@@ -13,10 +13,12 @@ from typing import Any
 
 import cloudpickle
 
+from fleet._backends import lifeline
 from fleet._runtime import Runtime, set_current
 
 
 def main() -> None:
+    lifeline.hold(sys.argv)
     boot: dict[str, Any] = pickle.loads(sys.stdin.buffer.read())
     sys.stdin.close()
     for p in reversed(boot.get("sys_path", [])):

@@ -370,14 +370,16 @@ class GRPCAdapter:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("%s of %s raised", full, where, exc_info=True)
-            # As in grpcio, a code the method set before raising is kept, with its
-            # details (the generated servicer base sets UNIMPLEMENTED, then raises).
-            if ctx._code == OK:
-                ctx._code, ctx._details = grpc.StatusCode.INTERNAL, ""
-            if not ctx._details:
-                ctx._details = f"{type(exc).__name__}: {exc}"
-            conn.reply(call_id, ctx._status(None))
+            if ctx._code != OK:
+                # As in grpcio, a code the method set before raising is kept, with its
+                # details (the generated servicer base sets UNIMPLEMENTED, then raises).
+                log.info("%s of %s raised after setting %s", full, where, ctx._code,
+                         exc_info=True)
+                conn.reply(call_id, ctx._status(None))
+            else:
+                # not a status the servicer chose: the proxy answers INTERNAL with the
+                # call's id and logs the exception, whose text never reaches the client
+                conn.reply_error(call_id, exc, f"in {full} of {where}")
         finally:
             ctx._run_callbacks()
 

@@ -19,6 +19,7 @@ import logging
 import typing
 from typing import TYPE_CHECKING, Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
@@ -250,10 +251,19 @@ class HTTPAdapter:
 
         sender = _Sender(conn, call_id)
         try:
-            if self.asgi_app is not None and method == "__call__":
+            if self.asgi_app is not None:
+                # The app sees every request: its middleware, auth and validation are
+                # never bypassed, and the call-method header is an ordinary header to it.
                 await self.asgi_app(scope, receive, sender)
             else:
                 await self._call_method(scope, receive, sender, method, body)
+        except Exception:
+            if not sender.finished:
+                raise           # the caller gets it: the proxy answers 500 and logs it
+            # the app answered (Starlette's error middleware sends its own 500) and then
+            # raised: the caller has its answer, so the exception is logged here
+            log.exception("%s %s raised after answering in %s", scope.get("method", ""),
+                          scope.get("path", ""), self.replica.where)
         finally:
             done.set()
         if not sender.finished:
@@ -267,17 +277,23 @@ class HTTPAdapter:
                            method: str, body: bytes) -> None:
         rep = self.replica
         try:
-            fn, kind = rep.method(method)
+            fn, kind = rep.http_method(method)
         except MethodNotFoundError as exc:
+            shown = method if len(method) <= 64 else method[:64] + "..."
             await JSONResponse({"error": str(exc), "deployment": rep.spec.deployment_name,
-                                "method": method}, status_code=404)(scope, receive, send)
+                                "method": shown}, status_code=404)(scope, receive, send)
             return
         request = Request(scope, receive)
         request._body = body  # the proxy read it all: sync methods can use it too
-        if kind in ("agen", "gen"):
-            result = fn(request)
-        else:
-            result = await rep.invoke(fn, (request,), {}, kind)
+        try:
+            if kind in ("agen", "gen"):
+                result = fn(request)
+            else:
+                result = await rep.invoke(fn, (request,), {}, kind)
+        except HTTPException as exc:
+            # an answer the method chose: it reaches the client as it is
+            result = JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
+                                  headers=exc.headers)
         await to_response(result)(scope, receive, send)
 
     async def startup(self) -> None:

@@ -9,6 +9,7 @@ import pickle
 import signal
 import sys
 
+from fleet._backends import lifeline
 from fleet._types import ReplicaSpec
 
 
@@ -21,6 +22,7 @@ def _setup_loop() -> asyncio.AbstractEventLoop:
 
 
 def main() -> None:
+    lifeline.hold(sys.argv)
     spec: ReplicaSpec = pickle.loads(sys.stdin.buffer.read())
     sys.stdin.close()
     for p in reversed(spec.sys_path):

@@ -17,11 +17,11 @@ import cloudpickle
 from fleet import _multiplex
 from fleet._batching import batch_stats
 from fleet._config import DeploymentConfig
-from fleet._runtime import ReplicaDrainingError, Runtime, set_current
+from fleet._runtime import Runtime, set_current
 from fleet._types import ReplicaSpec, deployment_key
 from fleet._wire.errors import error_info
 from fleet._wire.listener import ServerConnection, listen
-from fleet.exceptions import MethodNotFoundError
+from fleet.exceptions import MethodNotFoundError, ReplicaDrainingError
 
 log = logging.getLogger("fleet.replica")
 
@@ -29,6 +29,9 @@ ASYNC, SYNC, AGEN, GEN = "async", "sync", "agen", "gen"
 
 # A call this long makes one more write per reply negligible (see Replica._serve).
 SLOW_CALL_S = 0.001
+
+# Methods fleet itself calls on the user's object: never reachable over HTTP.
+LIFECYCLE_METHODS = frozenset({"reconfigure", "check_health"})
 
 
 def _kind(fn: Any) -> str:
@@ -55,6 +58,15 @@ def _call_sync(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     except StopIteration as exc:
         raise RuntimeError(f"{getattr(fn, '__qualname__', fn)} raised StopIteration") \
             from exc
+
+
+def _defined_by_class(cls: type, name: str) -> bool:
+    """Whether a class of cls's MRO (object aside) defines name as a method."""
+    for klass in cls.__mro__[:-1]:
+        value = vars(klass).get(name)
+        if value is not None:
+            return callable(value) or isinstance(value, staticmethod | classmethod)
+    return False
 
 
 class Replica:
@@ -269,6 +281,20 @@ class Replica:
         self._methods[name] = found
         return found
 
+    def http_method(self, name: str) -> tuple[Any, str]:
+        """The method an HTTP request's call-method header names: ``__call__`` or a
+        public method the deployment's class defines itself, never a lifecycle hook
+        (``reconfigure``, ``check_health``), an attribute or a name starting with ``_``.
+        Anything else is MethodNotFoundError, and nothing about the name is kept."""
+        if name != "__call__" and (
+                self.is_function or name.startswith("_") or name in LIFECYCLE_METHODS
+                or not _defined_by_class(type(self.instance), name)):
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            raise MethodNotFoundError(
+                f"deployment {self.spec.deployment_name!r} has no method {shown!r} that "
+                "HTTP requests may call")
+        return self.method(name)
+
     async def invoke(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                      kind: str | None = None) -> Any:
         """Run fn: async methods on the loop, sync ones in the thread pool."""
@@ -341,10 +367,10 @@ class Replica:
         except BaseException as exc:  # noqa: BLE001 - goes back to the caller
             conn.reply_error(call_id, exc, f"in {method} of {self.where}")
         finally:
-            if time.perf_counter() - started > SLOW_CALL_S:
-                self._slow.add(method)
-            else:
+            if time.perf_counter() - started <= SLOW_CALL_S:
                 self._slow.discard(method)
+            elif method in self._methods or method == "__call__":
+                self._slow.add(method)      # names of real methods only: bounded
 
     async def _stream(self, conn: ServerConnection, call_id: int, fn: Any, kind: str,
                       args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -8,22 +8,27 @@ side hands frames to a :class:`Handler` (see :mod:`fleet._wire.listener`).
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from fleet._wire import frames
+from fleet._wire import auth, frames
 from fleet._wire.errors import ErrorInfo, rebuild
 from fleet.exceptions import FleetError, ReplicaDiedError
 
+# How long a new connection may take to prove itself (both sides).
+AUTH_TIMEOUT_S = 10.0
+
 
 class Connection(asyncio.Protocol):
-    """Framing and coalesced writes over one transport."""
+    """Framing and coalesced writes over one transport. Frames queued before the
+    handshake completed wait; only AUTH frames go out before (see fleet._wire.auth)."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.authed = False
+        self.refused = ""               # why the peer was refused, for error messages
         self._parser = frames.FrameParser(self.on_frame)
         self._wbuf: list[bytes] = []
         self._flush_scheduled = False
@@ -37,8 +42,8 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self._parser.feed(data)
-        except Exception:
-            self.close()
+        except Exception as exc:
+            self._refuse(f"it sent a malformed frame ({exc})")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -59,11 +64,13 @@ class Connection(asyncio.Protocol):
     def send_now(self, frame: bytes) -> None:
         """Write at once (used for the last frames before closing)."""
         self._flush()
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and self.authed:
             self.transport.write(frame)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if not self.authed:
+            return                  # kept until the handshake completes
         buf = self._wbuf
         if not buf or self.transport is None or self.closed:
             buf.clear()
@@ -76,6 +83,28 @@ class Connection(asyncio.Protocol):
         self._flush()
         if self.transport is not None:
             self.transport.close()
+
+    # -- the handshake -------------------------------------------------------------
+    def _write_auth(self, payload: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(frames.encode_raw(frames.AUTH, 0, payload))
+
+    def _authenticated(self) -> None:
+        self.authed = True
+        self._parser.limit = frames.MAX_FRAME
+        self._flush()
+
+    def _refuse(self, why: str) -> None:
+        self.refused = why
+        if self.transport is not None:
+            self.transport.close()
+
+    def _check_peer(self, transport: asyncio.BaseTransport) -> bool:
+        why = auth.foreign_peer(transport)
+        if why is not None:
+            self._refuse(f"the peer was refused: {why}")
+            return False
+        return True
 
     # -- to override -------------------------------------------------------------
     def on_frame(self, kind: int, call_id: int, payload: bytes) -> None:
@@ -162,10 +191,14 @@ class Channel(Connection):
         self._next_id = 0
         self._on_ctrl = on_ctrl
         self._on_closed = on_closed
+        self._nonce = b""
+        self.ready: asyncio.Future[None] = self._loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.send(frames.encode_raw(frames.AUTH, 0, self.secret))
+        if self._check_peer(transport):
+            self._nonce, hello = auth.hello()
+            self._write_auth(hello)
 
     def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
              meta: dict[str, Any] | None, stream: bool = False) -> Pending:
@@ -185,6 +218,17 @@ class Channel(Connection):
             self.send(frames.encode_raw(frames.CANCEL, call_id, b""))
 
     def on_frame(self, kind: int, call_id: int, payload: bytes) -> None:
+        if not self.authed:
+            proof = auth.caller_proof(self.secret, self._nonce, payload) \
+                if kind == frames.AUTH else None
+            if proof is None:
+                self._refuse("it did not prove that it holds this fleet instance's secret")
+                return
+            self._write_auth(proof)
+            self._authenticated()
+            if not self.ready.done():
+                self.ready.set_result(None)
+            return
         if kind == frames.CTRL:
             if self._on_ctrl is not None:
                 self._on_ctrl(frames.decode(payload))
@@ -212,6 +256,11 @@ class Channel(Connection):
             pending.deliver(kind, value)
 
     def on_lost(self) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(
+                f"{self.peer} closed the connection before fleet's authentication completed"
+                + (f": {self.refused}" if self.refused else "")))
+            self.ready.exception()
         pending, self.pending = self.pending, {}
         for p in pending.values():
             p.deliver(frames.ERR, ReplicaDiedError(
@@ -237,9 +286,10 @@ async def connect(address: str, secret: bytes, peer: str = "", **kwargs: Any) ->
         _, proto = await loop.create_connection(factory, host, int(port))
     else:
         raise ValueError(f"bad data-plane address {address!r}")
+    try:
+        await asyncio.wait_for(asyncio.shield(proto.ready), AUTH_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        proto.close()
+        raise ConnectionError(f"{peer} did not complete fleet's authentication within "
+                              f"{AUTH_TIMEOUT_S:g}s") from None
     return proto
-
-
-def check_secret(expected: bytes, got: bytes) -> bool:
-    """Constant-time secret comparison."""
-    return hmac.compare_digest(expected, got)

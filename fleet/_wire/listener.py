@@ -6,8 +6,8 @@ import asyncio
 import os
 from typing import Any, Protocol
 
-from fleet._wire import frames
-from fleet._wire.channel import Connection, check_secret
+from fleet._wire import auth, frames
+from fleet._wire.channel import AUTH_TIMEOUT_S, Connection
 from fleet._wire.errors import error_info
 
 
@@ -28,21 +28,42 @@ class Handler(Protocol):
 
 
 class ServerConnection(Connection):
-    """One accepted connection; nothing is unpickled until AUTH matched."""
+    """One accepted connection; nothing is unpickled until the caller proved it holds
+    the secret, and a caller that has not within AUTH_TIMEOUT_S is disconnected."""
 
     def __init__(self, handler: Handler, secret: bytes) -> None:
         super().__init__()
         self.handler = handler
         self.secret = secret
-        self.authed = False
         self.tag: Any = None          # what the handler knows this peer as
+        self._nonces: tuple[bytes, bytes] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._check_peer(transport):
+            self._loop.call_later(AUTH_TIMEOUT_S, self._auth_deadline)
+
+    def _auth_deadline(self) -> None:
+        if not self.authed and not self.closed:
+            self._refuse("it did not authenticate in time")
 
     def on_frame(self, kind: int, call_id: int, payload: bytes) -> None:
         if not self.authed:
-            if kind == frames.AUTH and check_secret(self.secret, payload):
-                self.authed = True
+            if kind != frames.AUTH:
+                self._refuse(f"it sent a {frames.KIND_NAMES.get(kind, kind)} frame before "
+                             "authenticating")
+            elif self._nonces is None:
+                got = auth.server_reply(self.secret, payload)
+                if got is None:
+                    self._refuse("its AUTH frame was malformed")
+                    return
+                caller_nonce, server_nonce, reply = got
+                self._nonces = (caller_nonce, server_nonce)
+                self._write_auth(reply)
+            elif auth.check_caller(self.secret, *self._nonces, payload):
+                self._authenticated()
             else:
-                self.close()
+                self._refuse("its proof of the secret did not match")
             return
         if kind == frames.CALL:
             try:
@@ -67,12 +88,14 @@ class ServerConnection(Connection):
         """Send a call's final value (or an error if it cannot be pickled)."""
         try:
             frame = frames.encode(frames.OK, call_id, value)
-        except TypeError as exc:
-            self.reply_error(call_id, TypeError(f"the result could not be sent back: {exc}"))
+        except (TypeError, ValueError) as exc:      # unpicklable, or over a frame
+            self.reply_error(call_id, type(exc)(f"the result could not be sent back: {exc}"))
             return
         self.send(frame)
 
     def chunk(self, call_id: int, value: Any) -> None:
+        """Send one streamed item; raises (for the call alone to fail) when it cannot be
+        pickled or does not fit in a frame."""
         self.send(frames.encode(frames.CHUNK, call_id, value))
 
     def reply_error(self, call_id: int, exc: BaseException, where: str = "",

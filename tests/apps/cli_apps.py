@@ -64,3 +64,35 @@ class Gated:
 
 
 gated = Gated.bind()
+
+
+@fleet.deployment
+class Failing:
+    def __call__(self, request) -> str:
+        raise KeyError("row 42 of the secret table")
+
+
+failing = Failing.bind()
+
+
+@fleet.deployment
+class Hanging:
+    """A constructor that never returns and ignores SIGTERM; it writes its pid to the
+    file named by FLEET_TEST_PIDFILE first, so tests know when it hangs."""
+
+    def __init__(self) -> None:
+        import os
+        import signal
+        import time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        path = os.environ.get("FLEET_TEST_PIDFILE")
+        if path:
+            with open(path + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.rename(path + ".tmp", path)
+        while True:
+            time.sleep(1)
+
+
+hanging = Hanging.options(startup_timeout_s=1).bind()
+hanging_long = Hanging.bind()
