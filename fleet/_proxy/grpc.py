@@ -334,7 +334,7 @@ async def _pump(requests: AsyncIterator[bytes], pending: Pending) -> None:
         async for message in requests:
             if pending.done:
                 return
-            pending.send_data(message)
+            await pending.send(message)     # waits while the replica is a window behind
     except Exception:   # the client went away: the handler's cancellation ends the call
         return
     if not pending.done:

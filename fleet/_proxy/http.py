@@ -247,7 +247,7 @@ class HTTPProxy:
                     if not chunks:
                         pending.cancel()        # the client went away
                         return 499, slot.replica_id
-                kind, value = chunks.popleft()
+                kind, value = pending.pop()      # credits the replica's window
                 if kind == frames.OK:
                     if not started:             # a whole response in one frame
                         status, headers, data = value

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from fleet._wire import frames
 from fleet._wire.channel import Connection, check_secret
 from fleet._wire.errors import error_info
+from fleet._wire.flow import Inbox, Window
 
 
 class Handler(Protocol):
@@ -20,7 +21,7 @@ class Handler(Protocol):
 
     def on_cancel(self, conn: ServerConnection, call_id: int) -> None: ...
 
-    def on_data(self, conn: ServerConnection, call_id: int, obj: Any) -> None: ...
+    def on_data(self, conn: ServerConnection, call_id: int, obj: Any, size: int) -> None: ...
 
     def on_ctrl(self, conn: ServerConnection, msg: Any) -> None: ...
 
@@ -36,6 +37,7 @@ class ServerConnection(Connection):
         self.secret = secret
         self.authed = False
         self.tag: Any = None          # what the handler knows this peer as
+        self.windows: dict[int, Window] = {}    # streamed calls' reply windows
 
     def on_frame(self, kind: int, call_id: int, payload: bytes) -> None:
         if not self.authed:
@@ -55,7 +57,11 @@ class ServerConnection(Connection):
         elif kind == frames.CANCEL:
             self.handler.on_cancel(self, call_id)
         elif kind == frames.DATA:
-            self.handler.on_data(self, call_id, frames.decode(payload))
+            self.handler.on_data(self, call_id, frames.decode(payload), len(payload))
+        elif kind == frames.CREDIT:
+            window = self.windows.get(call_id)
+            if window is not None:
+                window.grant(*frames.CREDIT_PAYLOAD.unpack(payload))
         elif kind == frames.CTRL:
             self.handler.on_ctrl(self, frames.decode(payload))
 
@@ -73,7 +79,35 @@ class ServerConnection(Connection):
         self.send(frame)
 
     def chunk(self, call_id: int, value: Any) -> None:
+        """Send one streamed item without waiting (see :meth:`stream`)."""
         self.send(frames.encode(frames.CHUNK, call_id, value))
+
+    async def stream(self, call_id: int, value: Any) -> None:
+        """Send one streamed item, then wait while the caller is a window behind or
+        the connection's buffer is full. Otherwise it still yields to the loop once:
+        a generator that never awaits lets other calls, health checks and cancels run
+        between its items. The caller ends the call with :meth:`end_stream`."""
+        frame = frames.encode(frames.CHUNK, call_id, value)
+        self.send(frame)
+        window = self.windows.get(call_id)
+        if window is None:
+            window = self.windows[call_id] = Window()
+        if window.sent(len(frame) - frames.HEADER_SIZE):
+            await window.wait(self._loop)
+        if self.write_paused:
+            await self.drain()
+        else:
+            await asyncio.sleep(0)
+
+    def end_stream(self, call_id: int) -> None:
+        """Forget a finished call's reply window."""
+        self.windows.pop(call_id, None)
+
+    def inbox(self, call_id: int) -> Inbox:
+        """A queue for the messages the caller sends into call_id, crediting it as
+        they are read."""
+        return Inbox(self._loop, lambda chunks, nbytes: self.send_credit(call_id, chunks,
+                                                                          nbytes))
 
     def reply_error(self, call_id: int, exc: BaseException, where: str = "",
                     **flags: Any) -> None:
