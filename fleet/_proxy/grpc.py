@@ -277,6 +277,9 @@ class GRPCProxy(grpc.GenericRpcHandler):
         finally:
             if pump is not None:
                 pump.cancel()
+            # A client that cancels makes context.write raise (not CancelledError):
+            # whatever ended the relay, the replica's call ends too.
+            pending.cancel()
             router.release(slot)
 
     async def _relay(self, pending: Pending, context: Any, fallback: bool) -> None:

@@ -258,6 +258,12 @@ class HTTPProxy:
                 if kind == frames.CHUNK:
                     if not started:
                         started = True
+                        # uvicorn drops writes to a gone client silently: watch for it
+                        # from the start of a stream, or a fast producer would stream
+                        # to no one for good
+                        if watch is None:
+                            watch = _DisconnectWatch(loop, receive)
+                        watch.start_now()
                         status, headers, data = value
                         await send({"type": "http.response.start", "status": status,
                                     "headers": headers})
@@ -266,6 +272,9 @@ class HTTPProxy:
                     else:
                         await send({"type": "http.response.body", "body": value,
                                     "more_body": True})
+                    if watch is not None and watch.gone():
+                        pending.cancel()
+                        return 499, slot.replica_id
                     continue
                 # an error from the replica
                 if not started and runtime.retry_elsewhere(router, slot, value):
@@ -356,6 +365,17 @@ class _DisconnectWatch:
         self.timer = None
         self.task = self.loop.create_task(self._until_disconnect())
         self.task.add_done_callback(self._gone)
+
+    def start_now(self) -> None:
+        """Watch from now on (a streamed response)."""
+        if self.task is None:
+            if self.timer is not None:
+                self.timer.cancel()
+            self._start()
+
+    def gone(self) -> bool:
+        """Whether the client has disconnected."""
+        return self.task is not None and self.task.done()
 
     async def _until_disconnect(self) -> None:
         # a request whose (empty) body was never read gets it here first

@@ -91,7 +91,9 @@ async def _pump(receive: Any, pending: Pending) -> None:
         if message["type"] == "websocket.disconnect":
             pending.send_data(message)
             break
-        # waits while the app is a window behind: uvicorn then stops reading the socket
+        # Waits while the app is a window behind; uvicorn then stops reading the
+        # socket. Like an app under uvicorn itself, one that never reads again does not
+        # see the client leave until the connection's keepalive pings fail.
         await pending.send(message)
     await asyncio.sleep(DISCONNECT_GRACE_S)   # cancelled if the call ends in time
     pending.cancel()

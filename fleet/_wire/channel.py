@@ -205,16 +205,26 @@ class Pending:
         """Send a message into the running call (websocket messages, gRPC request
         streams); waits while the replica is a window behind or the connection's
         buffer is full."""
+        if self.push(obj):
+            await self.room()
+
+    def push(self, obj: Any) -> bool:
+        """Send a message into the running call; True when the sender must now wait
+        for :meth:`room` before it sends another."""
         frame = frames.encode(frames.DATA, self.call_id, obj)
         channel = self.channel
         channel.send(frame)
         out = self.out
         if out is None:
             out = self.out = Window()
-        if out.sent(len(frame) - frames.HEADER_SIZE):
-            await out.wait(self.loop)
-        if channel.write_paused:
-            await channel.drain()
+        return out.sent(len(frame) - frames.HEADER_SIZE) or channel.write_paused
+
+    async def room(self) -> None:
+        """Until the replica has read enough for one more message."""
+        if self.out is not None:
+            await self.out.wait(self.loop)
+        if self.channel.write_paused:
+            await self.channel.drain()
 
     def send_data(self, obj: Any) -> None:
         """Send a message into the running call without waiting (a last marker)."""
