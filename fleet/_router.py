@@ -106,8 +106,13 @@ class Router:
         free = [s for s in slots if s.inflight < limit]
         return min(free, key=lambda s: s.inflight) if free else None
 
-    async def acquire(self) -> Slot:
-        """A replica with room, waiting in order if none has; raises when refused."""
+    async def acquire(self, on_queue: Callable[[asyncio.Future[Slot]], None] | None = None
+                      ) -> Slot:
+        """A replica with room, waiting in order if none has; raises when refused.
+
+        A call that must wait calls on_queue with its place in the queue: cancelling
+        that future (the caller went away) drops the call from the queue, and acquire
+        raises CancelledError."""
         if not self.queue:
             slot = self._pick()
             if slot is not None:
@@ -125,6 +130,8 @@ class Router:
         fut: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
         self.queue.append(fut)
         self.queued_total += 1
+        if on_queue is not None:
+            on_queue(fut)
         try:
             return await fut
         except asyncio.CancelledError:

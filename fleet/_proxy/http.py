@@ -214,19 +214,32 @@ class HTTPProxy:
         router = runtime.router(app, ingress)
         loop = runtime.loop
         deadline = loop.time() + self.timeout if self.timeout else None
+        watch: _DisconnectWatch | None = None
+
+        def queued(place: asyncio.Future[Any]) -> None:
+            # No replica has room: a client that leaves while its call waits takes it
+            # out of the queue, so it never runs.
+            nonlocal watch
+            watch = _DisconnectWatch(loop, receive)
+            watch.drop_when_gone(place)
+
         try:
-            start = runtime.start_call(router, method, ((sub, body),), {}, _HTTP_META, True)
+            start = runtime.start_call(router, method, ((sub, body),), {}, _HTTP_META, True,
+                                       queued)
             if deadline is None:
                 slot, pending = await start
             else:
                 slot, pending = await asyncio.wait_for(start, self.timeout)
         except asyncio.TimeoutError:
             return await self._timed_out(send, app, ingress, "-")
+        except asyncio.CancelledError:
+            if watch is not None and watch.gone():
+                return 499, "-"             # left while queued
+            raise
         except (BackPressureError, FleetError) as exc:
             await self._respond(send, *_json(503, {"error": str(exc), "app": app,
                                                    "deployment": ingress}, _RETRY))
             return 503, "-"
-        watch: _DisconnectWatch | None = None
         status = 500
         started = False                 # a streamed response's head went out
         try:
@@ -376,6 +389,16 @@ class _DisconnectWatch:
     def gone(self) -> bool:
         """Whether the client has disconnected."""
         return self.task is not None and self.task.done()
+
+    def drop_when_gone(self, place: asyncio.Future[Any]) -> None:
+        """Cancel a queued call's place in the Router's queue if the client leaves."""
+        self.start_now()
+        assert self.task is not None
+
+        def drop(_task: asyncio.Task[Any]) -> None:
+            if not place.done():
+                place.cancel()
+        self.task.add_done_callback(drop)
 
     async def _until_disconnect(self) -> None:
         # a request whose (empty) body was never read gets it here first
