@@ -9,6 +9,7 @@ disconnect watching) happens only on the requests that need it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import json
 import logging
@@ -38,6 +39,9 @@ _SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "
                "headers", "client", "server")
 _JSON = [(b"content-type", b"application/json")]
 _RETRY = [(b"retry-after", b"1")]
+_CLOSE = [(b"connection", b"close")]
+# Access-log lines show at most this much of a path.
+LOG_PATH_CHARS = 1000
 # How long a request waits for its reply before the proxy starts watching for the
 # client going away (a task per request otherwise: the price of cancel-on-disconnect).
 DISCONNECT_WATCH_S = 0.05
@@ -86,6 +90,16 @@ class AccessLog:
             pass
 
 
+def _log_path(path: str) -> str:
+    """A path safe for a log line: control and other unprintable characters escaped,
+    at most LOG_PATH_CHARS characters."""
+    escaped = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                      for c in path[:LOG_PATH_CHARS])
+    if len(escaped) > LOG_PATH_CHARS or len(path) > LOG_PATH_CHARS:
+        escaped = escaped[:LOG_PATH_CHARS] + "..."
+    return escaped
+
+
 class HTTPProxy:
     """The proxy's ASGI app (before user middlewares wrap it)."""
 
@@ -95,6 +109,8 @@ class HTTPProxy:
         self.routes = RouteTable()
         self.timeout = options.request_timeout_s
         self.max_body = options.max_body_bytes
+        self.max_buffered = options.max_buffered_body_bytes
+        self.buffered = 0               # bytes of request bodies held right now
         self.root_path = options.root_path.rstrip("/")
         self.access = AccessLog(runtime.loop) if options.access_log else None
         runtime.table_listeners.append(self._on_tables)
@@ -160,33 +176,54 @@ class HTTPProxy:
         prefix, info = hit
         method = "__call__"
         has_body = False
+        declared = 0
         for name, value in scope["headers"]:
             if name == _LENGTH_HEADER:
                 if value != b"0":
                     has_body = True
-                    if value.isdigit() and int(value) > self.max_body:
-                        # refused before reading a byte (no "100 Continue" is sent)
-                        await self._too_large(send)
-                        return
+                    if value.isdigit():
+                        declared = int(value)
+                        if declared > self.max_body:
+                            # refused before reading a byte (no "100 Continue" is sent)
+                            await self._too_large(send)
+                            return
             elif name == _METHOD_HEADER:
                 method = value.decode("latin-1")
             elif name == _CHUNKED_HEADER:
                 has_body = True
         body = b""
-        if has_body:
-            got = await self._read_body(receive, send)
-            if got is None:
-                return
-            body = got
         sub = self.sub_scope(scope, path, prefix)
         app, ingress = info["app"], info["ingress"]
-        app, ingress = traffic.route_http(self.runtime, prefix, app, ingress, method, sub, body)
-        status, replica = await self._forward(app, ingress, method, sub, body, receive, send)
+        if has_body:
+            if self.buffered + declared > self.max_buffered:
+                await self._no_room(send)       # refused before reading a byte
+                return
+            held = [0]                  # bytes of this body counted in self.buffered
+            try:
+                got = await self._read_body(receive, send, held)
+                if got is None:
+                    return
+                body = got
+                app, ingress = traffic.route_http(self.runtime, prefix, app, ingress, method,
+                                                  sub, body)
+                status, replica = await self._forward(app, ingress, method, sub, body,
+                                                      receive, send)
+            finally:
+                self.buffered -= held[0]
+        else:
+            app, ingress = traffic.route_http(self.runtime, prefix, app, ingress, method,
+                                              sub, body)
+            status, replica = await self._forward(app, ingress, method, sub, body, receive,
+                                                  send)
         if self.access is not None:
+            if len(path) > LOG_PATH_CHARS or not path.isprintable():
+                path = _log_path(path)
             self.access.add(scope["method"], path, status,
                             (time.perf_counter() - started) * 1000, app, replica)
 
-    async def _read_body(self, receive: Any, send: Any) -> bytes | None:
+    async def _read_body(self, receive: Any, send: Any, held: list[int]) -> bytes | None:
+        """The whole body, counted in self.buffered (and in held[0], which the caller
+        gives back); None when refused or the client left."""
         parts: list[bytes] = []
         size = 0
         more = True
@@ -200,13 +237,25 @@ class HTTPProxy:
                 if size > self.max_body:
                     await self._too_large(send)
                     return None
+                if self.buffered + len(chunk) > self.max_buffered:
+                    await self._no_room(send)
+                    return None
+                self.buffered += len(chunk)
+                held[0] += len(chunk)
                 parts.append(chunk)
             more = msg.get("more_body", False)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _too_large(self, send: Any) -> None:
+        # the rest of the body is not read: the connection cannot carry another request
         await self._respond(send, *_json(413, {
-            "error": f"the request body exceeds max_body_bytes={self.max_body}"}))
+            "error": f"the request body exceeds max_body_bytes={self.max_body}"}, _CLOSE))
+
+    async def _no_room(self, send: Any) -> None:
+        await self._respond(send, *_json(503, {
+            "error": "the proxy holds max_buffered_body_bytes="
+                     f"{self.max_buffered} of request bodies already; retry later"},
+            _RETRY + _CLOSE))
 
     async def _forward(self, app: str, ingress: str, method: str, sub: dict[str, Any],
                        body: bytes, receive: Any, send: Any) -> tuple[int, str]:
@@ -486,20 +535,31 @@ async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event
         return await proxy_failed(runtime, "http", f"the HTTP proxy cannot listen on "
                                                    f"{options.host}:{options.port}: {exc}")
     port = sock.getsockname()[1]
-    from fleet._proxy.uvicorn_protocol import CoalescingHttpToolsProtocol
-    config = uvicorn.Config(app, loop="none", http=CoalescingHttpToolsProtocol,
+    from fleet._proxy.uvicorn_protocol import HeadLimits, LimitedHttpToolsProtocol
+    loop = asyncio.get_running_loop()
+    limits = HeadLimits(options, loop)
+    # uvicorn's limit_concurrency counts the connection asking too: one more lets
+    # max_connections connections in, and answers a request on the next with 503 and
+    # closes it
+    config = uvicorn.Config(app, loop="none",
+                            http=functools.partial(  # type: ignore[arg-type]
+                                LimitedHttpToolsProtocol, limits=limits),
                             ws="websockets-sansio", lifespan="off", access_log=False,
-                            log_level="warning", timeout_keep_alive=30, server_header=False,
-                            date_header=False)
+                            log_level="warning",
+                            timeout_keep_alive=options.keep_alive_timeout_s,  # type: ignore[arg-type]
+                            limit_concurrency=options.max_connections + 1,
+                            server_header=False, date_header=False)
     server = _Server(config)
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    task = loop.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
             return 1
         await asyncio.sleep(0.005)
+    limits.start(server.server_state.connections)
     await runtime.call_controller("proxy_ready", "http", {"host": options.host, "port": port,
                                                           "pid": os.getpid()})
     await stop.wait()
+    limits.stop()
     server.should_exit = True
     try:
         await asyncio.wait_for(task, 10)
