@@ -156,7 +156,11 @@ async def open_loop(port: int, path: str, rate: float, duration_s: float,
     begun = time.perf_counter()
 
     async def one() -> None:
-        conn = idle.pop() if idle else None
+        conn = None
+        while idle and conn is None:
+            conn = idle.pop()
+            if not conn.alive:      # the server closed it while it was idle
+                conn = None
         if conn is None:
             _, conn = await loop.create_connection(_Conn, "127.0.0.1", port)
         sent = time.perf_counter()      # uvloop's clock counts whole milliseconds
@@ -278,10 +282,10 @@ async def _hostile_one(port: int, payload: bytes, timeout_s: float) -> str:
             pass
         try:
             line = await asyncio.wait_for(reader.readline(), timeout_s)
+        except asyncio.TimeoutError:    # before OSError: a subclass of it since 3.11
+            return "hang"
         except (ConnectionError, OSError):
             return "closed"
-        except asyncio.TimeoutError:
-            return "hang"
         if not line:
             return "closed"
         status = line.split(b" ")[1].decode() if line.startswith(b"HTTP/1.1 ") else "?"

@@ -124,6 +124,12 @@ def test_head_trickled_byte_by_byte_gets_408_at_the_header_timeout(setup):
     assert reply.startswith(b"HTTP/1.1 408")
 
 
+def test_body_that_stops_arriving_gets_408_and_is_closed(setup):
+    with _connect(setup["port"]) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nshort")
+        assert b"body stopped arriving" in _refused(sock, b"408")
+
+
 def test_connection_that_sends_nothing_gets_408_and_is_closed(setup):
     with _connect(setup["port"]) as sock:
         _refused(sock, b"408")
@@ -227,3 +233,45 @@ def test_access_log_path_is_escaped_and_cut():
     long = "/" + "x" * 5000
     cut = _log_path(long)
     assert cut.startswith("/xxx") and len(cut) == LOG_PATH_CHARS + 3 and cut.endswith("...")
+
+
+def test_readme_lists_every_limit_with_its_default():
+    import os
+    import re
+
+    from fleet._config import HTTPOptions
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("\n## Reliability\n"):]
+    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]+)` \|", section, re.M))
+    defaults = HTTPOptions()
+    for option in ("max_header_bytes", "max_headers", "max_request_line_bytes",
+                   "header_timeout_s", "keep_alive_timeout_s", "max_connections",
+                   "max_body_bytes", "max_buffered_body_bytes"):
+        assert option in rows, f"the README's limits table has no row for {option}"
+        assert float(rows[option]) == getattr(defaults, option), option
+
+
+def test_granian_server_bounds_heads_too():
+    pytest.importorskip("granian")
+    fleet.shutdown()
+    fleet.start(http_options={"port": 0, "server": "granian", "max_header_bytes": 8192,
+                              "header_timeout_s": 1.0, "access_log": False})
+    try:
+        fleet.run(Echo.bind(), name="echo", route_prefix="/")
+        port = fleet.status()["proxies"]["http"]["port"]
+        with _connect(port) as sock:
+            try:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20))
+                reply = _read_all(sock)
+            except ConnectionResetError:
+                reply = b""
+        # Granian answers 431 or just closes; either way the head is not buffered
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 431")
+        with _connect(port) as sock:        # half a head is cut off at the head timeout
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            reply = _read_all(sock)
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 408")
+    finally:
+        fleet.shutdown()

@@ -104,10 +104,20 @@ class HeadLimits:
         now = self.now = self.loop.time()
         timeout = self.timeout
         for conn in list(self.connections):
-            since = getattr(conn, "head_since", None)
-            if since is not None and now - since > timeout:
-                conn.refuse(408, "the request head did not arrive within "
-                                 f"header_timeout_s={timeout}")
+            if not isinstance(conn, LimitedHttpToolsProtocol):
+                continue
+            since = conn.head_since
+            if since is not None:
+                if now - since > timeout:
+                    conn.refuse(408, "the request head did not arrive within "
+                                     f"header_timeout_s={timeout}")
+                continue
+            cycle = conn.cycle
+            if cycle is not None and cycle.more_body and not cycle.response_complete \
+                    and not conn.flow.read_paused and now - conn.last_data > timeout:
+                # a body that stopped arriving (and not because we stopped reading)
+                conn.refuse(408, f"the request body stopped arriving for header_timeout_s="
+                                 f"{timeout}")
         self._timer = self.loop.call_later(self.tick, self._sweep)
 
 
@@ -124,9 +134,11 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self.in_head = True             # reading a request head
         self.head_bytes = 0             # bytes received while reading it
         self.head_since: float | None = limits.now
+        self.last_data = limits.now
         self._refusal: tuple[int, str] | None = None
 
     def data_received(self, data: bytes) -> None:
+        self.last_data = self.limits.now
         if self.in_head:
             self.head_bytes += len(data)
         super().data_received(data)
