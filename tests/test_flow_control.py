@@ -23,6 +23,7 @@ from starlette.responses import StreamingResponse
 from websockets.sync.client import connect as ws_connect
 
 import fleet
+from fleet._batching import STREAM_AHEAD
 from fleet._wire.flow import WINDOW_CHUNKS
 
 SERVICER_FN = "protos.fleet_echo_pb2_grpc.add_EchoServiceServicer_to_server"
@@ -47,6 +48,15 @@ class Producer:
             n += 1
             self.produced[key] = n
             yield n
+
+    @fleet.batch(max_batch_size=2, batch_wait_timeout_s=0)
+    async def batched_numbers(self, keys: list[str]) -> Any:
+        n = 0
+        while True:             # never awaits: the slowest reader's queue stops it
+            n += 1
+            for key in keys:
+                self.produced[key] = n
+            yield [n] * len(keys)
 
     def sync_numbers(self, key: str) -> Any:
         n = 0
@@ -167,6 +177,21 @@ def test_handle_stream_producer_stops_exactly_one_window_ahead(apps, method):
     wait_for(lambda: count.remote(key).result() >= WINDOW_CHUNKS + 32)
     assert count.remote(key).result() == WINDOW_CHUNKS + 32
     gen.cancel()
+
+
+def test_batched_stream_stops_a_bounded_way_ahead_of_its_reader(apps):
+    producer = apps["producer"]
+    gen = producer.batched_numbers.options(stream=True).remote("batched")
+    it = iter(gen)
+    assert [next(it) for _ in range(10)] == list(range(1, 11))
+    produced = _stable(lambda: producer.count.remote("batched").result())
+    # the reader's queue in the replica (STREAM_AHEAD), the replica's window and the
+    # one item in hand: bounded, where the batch ran without end before
+    assert produced <= 10 + STREAM_AHEAD + WINDOW_CHUNKS + 2
+    gen.cancel()
+    # with its only reader gone the batch's generator stops: the replica stays free
+    _stable(lambda: producer.count.remote("batched").result())
+    assert producer.count.remote("nothing").result(timeout_s=10) == 0
 
 
 def test_generator_that_never_awaits_leaves_the_replica_free(apps):
