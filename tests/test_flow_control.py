@@ -106,6 +106,7 @@ class Sink:
         self.read = 0
         self.open = 0
         self.go = asyncio.Event()
+        self.pushed = 0
 
     @ws_api.websocket("/ws")
     async def ws(self, websocket: WebSocket) -> None:
@@ -123,8 +124,19 @@ class Sink:
         finally:
             self.open -= 1
 
+    @ws_api.websocket("/push")
+    async def push(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        message = b"p" * HTTP_CHUNK
+        while True:                 # only the window stops it
+            await websocket.send_bytes(message)
+            self.pushed += 1
+
     async def release(self) -> None:
         self.go.set()
+
+    async def push_count(self) -> int:
+        return self.pushed
 
     async def reads(self) -> int:
         return self.read
@@ -306,3 +318,13 @@ def test_websocket_flood_waits_for_the_app_and_resumes_when_it_reads(apps):
         wait_for(lambda: sink.reads.remote().result() == total)
         sender.join(10)
     wait_for(lambda: sink.connections.remote().result() == 0)
+
+
+def test_websocket_client_that_reads_nothing_holds_the_app_to_a_bounded_lead(apps):
+    sink = apps["sink"]
+    with ws_connect(f"ws://127.0.0.1:{apps['http']}/sink/push", max_size=None,
+                    compression=None, max_queue=1, close_timeout=0.2) as ws:
+        ws.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        assert len(ws.recv()) == HTTP_CHUNK
+        pushed = _stable(lambda: sink.push_count.remote().result())
+        assert 0 < pushed * HTTP_CHUNK < 48 * 1024 * 1024
