@@ -81,3 +81,49 @@ def test_inbox_credits_the_sender_as_the_call_reads():
         return credits
 
     assert asyncio.run(run()) == [(WINDOW_CHUNKS // 2, WINDOW_CHUNKS * 5)] * 2
+
+
+def test_stream_waits_while_its_connection_cannot_write_and_resumes_when_it_drains():
+    # a real socket pair whose far end reads nothing until told: the producer must stop
+    # on the transport's pause_writing long before its window (16 chunks of 64 KiB)
+    import socket
+
+    from fleet._wire.listener import ServerConnection
+
+    async def run() -> tuple[int, int, bool]:
+        loop = asyncio.get_running_loop()
+        near, far = socket.socketpair()
+        near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        far.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        far.setblocking(False)
+        _, conn = await loop.connect_accepted_socket(
+            lambda: ServerConnection(None, b""), near)  # type: ignore[arg-type]
+        assert isinstance(conn, ServerConnection)
+        sent = 0
+
+        async def produce() -> None:
+            nonlocal sent
+            while True:
+                await conn.stream(1, b"x" * 65536)
+                sent += 1
+
+        task = loop.create_task(produce())
+        for _ in range(500):                # loop iterations, not time
+            await asyncio.sleep(0)
+        paused, blocked_at = conn.write_paused, sent
+        window_credit = (blocked_at, blocked_at * 65536)
+        conn.windows[1].grant(*window_credit)   # no window holds it back now
+        while sent == blocked_at:           # read the far end until the producer moves
+            try:
+                far.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            await asyncio.sleep(0)
+        task.cancel()
+        conn.close()
+        far.close()
+        return blocked_at, sent, paused
+
+    blocked_at, sent, paused = asyncio.run(run())
+    assert paused and blocked_at < WINDOW_BYTES // 65536
+    assert sent > blocked_at
