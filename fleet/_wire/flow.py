@@ -34,12 +34,13 @@ _CREDIT_BYTES = WINDOW_BYTES // 2
 class Window:
     """The producer's side of one stream: how far it is ahead of its consumer."""
 
-    __slots__ = ("chunks", "nbytes", "waiter")
+    __slots__ = ("chunks", "nbytes", "waiter", "sent_total")
 
     def __init__(self) -> None:
         self.chunks = 0
         self.nbytes = 0
         self.waiter: asyncio.Future[None] | None = None
+        self.sent_total = 0
 
     @property
     def full(self) -> bool:
@@ -49,6 +50,7 @@ class Window:
         """Count one chunk of size bytes; True when the producer must now wait."""
         self.chunks += 1
         self.nbytes += size
+        self.sent_total += 1
         return self.chunks >= WINDOW_CHUNKS or self.nbytes >= WINDOW_BYTES
 
     def grant(self, chunks: int, nbytes: int) -> None:

@@ -11,6 +11,9 @@ from fleet._wire.channel import Connection, check_secret
 from fleet._wire.errors import error_info
 from fleet._wire.flow import Inbox, Window
 
+# A stream that never has to wait still yields to the loop after this many items.
+YIELD_EVERY = 16
+
 
 class Handler(Protocol):
     """What a server (replica, controller) does with a connection's frames."""
@@ -84,9 +87,10 @@ class ServerConnection(Connection):
 
     async def stream(self, call_id: int, value: Any) -> None:
         """Send one streamed item, then wait while the caller is a window behind or
-        the connection's buffer is full. Otherwise it still yields to the loop once:
-        a generator that never awaits lets other calls, health checks and cancels run
-        between its items. The caller ends the call with :meth:`end_stream`."""
+        the connection's buffer is full. Otherwise it still yields to the loop every
+        YIELD_EVERY items: a generator that never awaits lets other calls, health
+        checks and cancels run, while the items of one loop iteration still leave in
+        one write. The caller ends the call with :meth:`end_stream`."""
         frame = frames.encode(frames.CHUNK, call_id, value)
         self.send(frame)
         window = self.windows.get(call_id)
@@ -96,7 +100,7 @@ class ServerConnection(Connection):
             await window.wait(self._loop)
         if self.write_paused:
             await self.drain()
-        else:
+        elif window.sent_total % YIELD_EVERY == 0:
             await asyncio.sleep(0)
 
     def end_stream(self, call_id: int) -> None:
