@@ -406,15 +406,26 @@ def scenario_hostile(quick: bool) -> dict[str, Any]:
             "rss_after_http_mb": rss_after_http, "rss_after_mb": rss_after}
 
 
-def _memory_case(name: str, pids: list[int], run: Any, hold_s: float) -> dict[str, Any]:
+def _p50_ms(port: int) -> float:
+    """Median latency of other clients' requests (20 req/s for 2 s)."""
+    results: Any = run_async(open_loop(port, "/hostile", 20, 2.0))
+    return percentile([r[1] for r in results if r[2] == 200], 50) * 1000
+
+
+def _memory_case(name: str, pids: list[int], run: Any, hold_s: float,
+                 port: int) -> dict[str, Any]:
     before = _rss_mb(pids)
+    idle_ms = _p50_ms(port)
     peak = _Peak(pids)
     stop = run()
-    time.sleep(hold_s)
+    started = time.monotonic()
+    during_ms = _p50_ms(port)
+    time.sleep(max(0.0, hold_s - (time.monotonic() - started)))
     top = peak.stop()
     stop()
     return {"case": name, "rss_before_mb": before, "rss_peak_mb": top,
-            "growth_mb": top - before}
+            "growth_mb": top - before, "others_p50_ms_before": idle_ms,
+            "others_p50_ms_during": during_ms}
 
 
 def scenario_memory(quick: bool) -> dict[str, Any]:
@@ -432,7 +443,7 @@ def scenario_memory(quick: bool) -> dict[str, Any]:
         sock.sendall(b"GET /hostile/endless HTTP/1.1\r\nHost: bench\r\n\r\n")
         return sock.close
     cases.append(_memory_case("HTTP client reading nothing of an endless stream that "
-                              "never awaits", pids, slow_reader, hold))
+                              "never awaits", pids, slow_reader, hold, http_port))
 
     def handle_reader() -> Any:
         gen = fleet.get_deployment_handle("Hostile", "hostile").numbers.options(
@@ -441,7 +452,7 @@ def scenario_memory(quick: bool) -> dict[str, Any]:
         next(it)
         return gen.cancel
     cases.append(_memory_case("handle stream read once, generator never awaits",
-                              pids + [os.getpid()], handle_reader, hold))
+                              pids + [os.getpid()], handle_reader, hold, http_port))
 
     def grpc_flood() -> Any:
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
@@ -454,7 +465,7 @@ def scenario_memory(quick: bool) -> dict[str, Any]:
             channel.close()
         return stop
     cases.append(_memory_case("gRPC request stream flood, 300 x 3 MiB, handler reads one",
-                              pids, grpc_flood, hold))
+                              pids, grpc_flood, hold, http_port))
 
     def ws_flood() -> Any:
         from websockets.sync.client import connect
@@ -475,7 +486,8 @@ def scenario_memory(quick: bool) -> dict[str, Any]:
             done.set()
             ws.close_socket()
         return stop
-    cases.append(_memory_case("websocket flood, app reads one message", pids, ws_flood, hold))
+    cases.append(_memory_case("websocket flood, app reads one message", pids, ws_flood,
+                              hold, http_port))
     fleet.delete("hostile")
     fleet.delete("ws")
     return {"cases": cases}
