@@ -34,18 +34,26 @@ class _Failed:
         self.exc = exc
 
 
+# How many streamed items a batch runs ahead of each of its readers.
+STREAM_AHEAD = 64
+
+
 class _Entry:
     """One caller waiting in a batch queue."""
 
-    __slots__ = ("item", "arrived", "future", "chunks", "taken", "model")
+    __slots__ = ("item", "arrived", "future", "chunks", "taken", "model", "left")
 
     def __init__(self, item: Any, loop: asyncio.AbstractEventLoop, stream: bool) -> None:
         self.item = item
         self.model = get_multiplexed_model_id()
         self.arrived = loop.time()
         self.future: asyncio.Future[Any] | None = None if stream else loop.create_future()
-        self.chunks: asyncio.Queue[Any] | None = asyncio.Queue() if stream else None
+        # A streamed batch waits while any reader is this far behind (flow control
+        # inside the replica, like the window between processes).
+        self.chunks: asyncio.Queue[Any] | None = \
+            asyncio.Queue(STREAM_AHEAD) if stream else None
         self.taken = False          # in a batch that started: cancelling no longer helps
+        self.left = False           # a streaming caller stopped reading for good
 
     @property
     def gone(self) -> bool:
@@ -117,6 +125,11 @@ class _BatchQueue:
 
     def withdraw(self, entry: _Entry) -> None:
         """A caller gave up; if its batch has not started, it is not part of one."""
+        chunks = entry.chunks
+        if chunks is not None:
+            entry.left = True       # its batch no longer waits for it to read
+            while not chunks.empty():
+                chunks.get_nowait()
         if not entry.taken:
             try:
                 self.waiting.remove(entry)
@@ -247,21 +260,29 @@ class _BatchQueue:
         gen = self._call([e.item for e in entries])
         try:
             async for out in gen:
+                # the batch goes at the pace of its slowest reader
                 for e, value in zip(entries, self._check(out, n), strict=True):
-                    assert e.chunks is not None
-                    e.chunks.put_nowait(value)
+                    await _put(e, value)
+                if all(e.left for e in entries):
+                    return              # no one reads any more: stop the generator
+                await asyncio.sleep(0)  # a generator that never awaits lets others run
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - every caller must get an answer
             for e in entries:
-                assert e.chunks is not None
-                e.chunks.put_nowait(_Failed(exc))
+                await _put(e, _Failed(exc))
             return
         finally:
             await gen.aclose()
         for e in entries:
-            assert e.chunks is not None
-            e.chunks.put_nowait(_END)
+            await _put(e, _END)
+
+
+async def _put(entry: _Entry, value: Any) -> None:
+    chunks = entry.chunks
+    assert chunks is not None
+    if not entry.left:
+        await chunks.put(value)
 
 
 _NO_OWNER = object()

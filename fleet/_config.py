@@ -125,6 +125,14 @@ class HTTPOptions(_Model):
     call_method_header: bool = True
     expose_errors: bool = False
     enabled: bool = True
+    # Limits against slow, greedy or malicious clients (see the README's HTTP limits).
+    max_header_bytes: int = Field(65536, gt=0)
+    max_headers: int = Field(100, gt=0)
+    max_request_line_bytes: int = Field(8192, gt=0)
+    header_timeout_s: float = Field(10.0, gt=0)
+    keep_alive_timeout_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(10000, gt=0)
+    max_buffered_body_bytes: int = Field(256 * 1024 * 1024, gt=0)
 
 
 class GRPCOptions(_Model):

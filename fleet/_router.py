@@ -140,9 +140,15 @@ class Router:
             best.models.add(model)
         return best
 
-    async def acquire(self, model: str | None = None) -> Slot:
+    async def acquire(self, model: str | None = None,
+                      on_queue: Callable[[asyncio.Future[Slot]], None] | None = None
+                      ) -> Slot:
         """A replica with room, waiting in order if none has; raises when refused.
-        With a multiplexed model id, one that holds the model if possible."""
+        With a multiplexed model id, one that holds the model if possible.
+
+        A call that must wait calls on_queue with its place in the queue: cancelling
+        that future (the caller went away) drops the call from the queue, and acquire
+        raises CancelledError."""
         if not self.queue:
             slot = self._pick() if model is None else self._pick_model(model)
             if slot is not None:
@@ -162,6 +168,8 @@ class Router:
         if model is not None:
             self._wants[fut] = model
         self.queued_total += 1
+        if on_queue is not None:
+            on_queue(fut)
         try:
             return await fut
         except asyncio.CancelledError:

@@ -187,8 +187,11 @@ class Runtime:
 
     async def start_call(self, router: Router, method: str, args: tuple[Any, ...],
                          kwargs: dict[str, Any], meta: dict[str, Any] | None,
-                         stream: bool) -> tuple[Slot, Pending]:
-        """Pick a replica and send the call; retries calls that never reached one."""
+                         stream: bool,
+                         on_queue: Callable[[asyncio.Future[Slot]], None] | None = None
+                         ) -> tuple[Slot, Pending]:
+        """Pick a replica and send the call; retries calls that never reached one.
+        on_queue: see :meth:`Router.acquire`."""
         self._check_known(router)
         if not router.slots and router.key in self._autoscaled:
             # No replica to take the call (scaled to zero): report once the call is
@@ -197,7 +200,7 @@ class Runtime:
         last: BaseException | None = None
         model = meta.get("model") if meta is not None else None
         for _ in range(MAX_ATTEMPTS):
-            slot = await router.acquire(model)
+            slot = await router.acquire(model, on_queue)
             try:
                 ch = await router.channel(slot)
                 return slot, ch.call(method, args, kwargs, meta, stream)

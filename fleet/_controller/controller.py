@@ -328,7 +328,7 @@ class Controller:
     def on_cancel(self, conn: ServerConnection, call_id: int) -> None:
         pass
 
-    def on_data(self, conn: ServerConnection, call_id: int, obj: Any) -> None:
+    def on_data(self, conn: ServerConnection, call_id: int, obj: Any, size: int) -> None:
         pass
 
     def on_ctrl(self, conn: ServerConnection, msg: Any) -> None:

@@ -96,10 +96,14 @@ async def _answer(proxy: Any, scope: dict[str, Any], receive: Any, send: Any, pa
     if what == "model_ready":
         ok = core.ready(runtime, entry)
         return _reply(200 if ok else 400, {"name": name, "ready": ok})
-    body = await proxy._read_body(receive, send, rid)
-    if body is None:                     # too large (answered) or the client left
-        return 0, [], b""
-    return await _infer(proxy, scope, entry, body)
+    held = [0]                           # bytes of the body the proxy counts as held
+    try:
+        body = await proxy._read_body(receive, send, rid, held)
+        if body is None:                 # refused (answered) or the client left
+            return 0, [], b""
+        return await _infer(proxy, scope, entry, body)
+    finally:
+        proxy.buffered -= held[0]
 
 
 async def _repository(proxy: Any, what: str, name: str

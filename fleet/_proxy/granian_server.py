@@ -46,6 +46,7 @@ async def serve_granian(runtime: Runtime, options: HTTPOptions, app: Any,
     """Serve app until stop is set; reports the bound port to the controller."""
     try:
         from granian.constants import Interfaces
+        from granian.http import HTTP1Settings
         from granian.server.embed import Server
     except ImportError:
         return await proxy_failed(runtime, "http", "http_options server='granian' needs "
@@ -62,9 +63,15 @@ async def serve_granian(runtime: Runtime, options: HTTPOptions, app: Any,
                                   f"the HTTP proxy cannot listen on {options.host}:{port}: {exc}")
     logging.getLogger("granian").setLevel(logging.ERROR)
     logging.getLogger("_granian").setLevel(logging.ERROR)
+    # Granian's own limits stand in for the uvicorn protocol's (see the README's
+    # Reliability section for what differs): its head buffer for max_header_bytes,
+    # its head timeout (which also bounds an idle keep-alive) for header_timeout_s,
+    # and its cap on requests in flight for max_connections.
+    http1 = HTTP1Settings(header_read_timeout=int(options.header_timeout_s * 1000),
+                          max_buffer_size=max(8192, options.max_header_bytes))
     server = Server(_coroutine_receive(app), address=options.host, port=port,
                     interface=Interfaces.ASGINL, runtime_threads=1, log_enabled=False,
-                    backlog=2048)
+                    backlog=2048, http1_settings=http1, backpressure=options.max_connections)
     task = asyncio.get_running_loop().create_task(server.serve())
     if not await _wait_listening(options.host, port, task):
         return await proxy_failed(runtime, "http",

@@ -321,6 +321,9 @@ class GRPCProxy(grpc.GenericRpcHandler):
         finally:
             if pump is not None:
                 pump.cancel()
+            # A client that cancels makes context.write raise (not CancelledError):
+            # whatever ended the relay, the replica's call ends too.
+            pending.cancel()
             router.release(slot)
 
     async def _relay(self, pending: Pending, context: Any, fallback: bool) -> None:
@@ -400,7 +403,7 @@ async def _pump(requests: AsyncIterator[bytes], pending: Pending) -> None:
         async for message in requests:
             if pending.done:
                 return
-            pending.send_data(message)
+            await pending.send(message)     # waits while the replica is a window behind
     except Exception:   # the client went away: the handler's cancellation ends the call
         return
     if not pending.done:

@@ -9,6 +9,7 @@ disconnect watching) happens only on the requests that need it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import itertools
 import json
@@ -48,6 +49,9 @@ _valid_id = re.compile(rb"[A-Za-z0-9._:-]{1,128}").fullmatch
 # Where _RequestIdLayer (with user middlewares) leaves the id it chose for the proxy app.
 _SCOPE_ID = "fleet.request_id"
 _RETRY = [(b"retry-after", b"1")]
+_CLOSE = [(b"connection", b"close")]
+# Access-log lines show at most this much of a path.
+LOG_PATH_CHARS = 1000
 # How long a request waits for its reply before the proxy starts watching for the
 # client going away (a task per request otherwise: the price of cancel-on-disconnect).
 DISCONNECT_WATCH_S = 0.05
@@ -120,6 +124,16 @@ class AccessLog:
             pass
 
 
+def _log_path(path: str) -> str:
+    """A path safe for a log line: control and other unprintable characters escaped,
+    at most LOG_PATH_CHARS characters."""
+    escaped = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                      for c in path[:LOG_PATH_CHARS])
+    if len(escaped) > LOG_PATH_CHARS or len(path) > LOG_PATH_CHARS:
+        escaped = escaped[:LOG_PATH_CHARS] + "..."
+    return escaped
+
+
 class HTTPProxy:
     """The proxy's ASGI app (before user middlewares wrap it)."""
 
@@ -134,6 +148,8 @@ class HTTPProxy:
         self.expose_errors = options.expose_errors
         self.new_id = RequestIds()
         self.errors = ErrorReports(runtime)
+        self.max_buffered = options.max_buffered_body_bytes
+        self.buffered = 0               # bytes of request bodies held right now
         self.root_path = options.root_path.rstrip("/")
         self.access = AccessLog(runtime.loop) if options.access_log else None
         self.oip = False            # any Open Inference Protocol model is deployed
@@ -196,12 +212,15 @@ class HTTPProxy:
         rid = None
         method_header = self.method_header
         meta = _HTTP_META
+        declared = 0
         for name, value in scope["headers"]:
             if name == _LENGTH_HEADER:
                 if value != b"0":
                     has_body = True
-                    if value.isdigit() and int(value) > self.max_body:
-                        too_large = True
+                    if value.isdigit():
+                        declared = int(value)
+                        if declared > self.max_body:
+                            too_large = True
             elif name == method_header:
                 method = value.decode("latin-1")
             elif name == _CHUNKED_HEADER:
@@ -236,21 +255,39 @@ class HTTPProxy:
             return
         prefix, info = hit
         body = b""
-        if has_body:
-            got = await self._read_body(receive, send, rid)
-            if got is None:
-                return
-            body = got
         sub = self.sub_scope(scope, path, prefix)
         app, ingress = info["app"], info["ingress"]
-        app, ingress = traffic.route_http(self.runtime, prefix, app, ingress, method, sub, body)
-        status, replica = await self._forward(app, ingress, method, sub, body, receive, send,
-                                              rid, meta)
+        if has_body:
+            if self.buffered + declared > self.max_buffered:
+                await self._no_room(send, rid)       # refused before reading a byte
+                return
+            held = [0]                  # bytes of this body counted in self.buffered
+            try:
+                got = await self._read_body(receive, send, rid, held)
+                if got is None:
+                    return
+                body = got
+                app, ingress = traffic.route_http(self.runtime, prefix, app, ingress, method,
+                                                  sub, body)
+                status, replica = await self._forward(app, ingress, method, sub, body,
+                                                      receive, send, rid, meta)
+            finally:
+                self.buffered -= held[0]
+        else:
+            app, ingress = traffic.route_http(self.runtime, prefix, app, ingress, method,
+                                              sub, body)
+            status, replica = await self._forward(app, ingress, method, sub, body, receive,
+                                                  send, rid, meta)
         if self.access is not None:
+            if len(path) > LOG_PATH_CHARS or not path.isprintable():
+                path = _log_path(path)
             self.access.add(scope["method"], path, status,
                             (time.perf_counter() - started) * 1000, app, replica)
 
-    async def _read_body(self, receive: Any, send: Any, rid: bytes) -> bytes | None:
+    async def _read_body(self, receive: Any, send: Any, rid: bytes, held: list[int]
+                         ) -> bytes | None:
+        """The whole body, counted in self.buffered (and in held[0], which the caller
+        gives back); None when refused or the client left."""
         parts: list[bytes] = []
         size = 0
         more = True
@@ -264,14 +301,26 @@ class HTTPProxy:
                 if size > self.max_body:
                     await self._too_large(send, rid)
                     return None
+                if self.buffered + len(chunk) > self.max_buffered:
+                    await self._no_room(send, rid)
+                    return None
+                self.buffered += len(chunk)
+                held[0] += len(chunk)
                 parts.append(chunk)
             more = msg.get("more_body", False)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _too_large(self, send: Any, rid: bytes) -> None:
+        # the rest of the body is not read: the connection cannot carry another request
         await self._respond(send, *_json(413, {
             "error": f"the request body exceeds max_body_bytes={self.max_body}",
-            "request_id": rid.decode()}), rid)
+            "request_id": rid.decode()}, _CLOSE), rid)
+
+    async def _no_room(self, send: Any, rid: bytes) -> None:
+        await self._respond(send, *_json(503, {
+            "error": "the proxy holds max_buffered_body_bytes="
+                     f"{self.max_buffered} of request bodies already; retry later",
+            "request_id": rid.decode()}, _RETRY + _CLOSE), rid)
 
     async def _forward(self, app: str, ingress: str, method: str, sub: dict[str, Any],
                        body: bytes, receive: Any, send: Any, rid: bytes,
@@ -280,17 +329,30 @@ class HTTPProxy:
         router = runtime.router(app, ingress)
         loop = runtime.loop
         deadline = loop.time() + self.timeout if self.timeout else None
+        watch: _DisconnectWatch | None = None
+
+        def queued(place: asyncio.Future[Any]) -> None:
+            # No replica has room: a client that leaves while its call waits takes it
+            # out of the queue, so it never runs.
+            nonlocal watch
+            watch = _DisconnectWatch(loop, receive)
+            watch.drop_when_gone(place)
+
         try:
-            start = runtime.start_call(router, method, ((sub, body),), {}, meta, True)
+            start = runtime.start_call(router, method, ((sub, body),), {}, meta, True,
+                                       queued)
             if deadline is None:
                 slot, pending = await start
             else:
                 slot, pending = await asyncio.wait_for(start, self.timeout)
         except asyncio.TimeoutError:
             return await self._timed_out(send, app, ingress, "-", rid)
+        except asyncio.CancelledError:
+            if watch is not None and watch.gone():
+                return 499, "-"             # left while queued
+            raise
         except FleetError as exc:
             return await self._error(exc, app, ingress, "-", send, rid)
-        watch: _DisconnectWatch | None = None
         status = 500
         started = False                 # a streamed response's head went out
         try:
@@ -311,7 +373,7 @@ class HTTPProxy:
                     if not chunks:
                         pending.cancel()        # the client went away
                         return 499, slot.replica_id
-                kind, value = chunks.popleft()
+                kind, value = pending.pop()      # credits the replica's window
                 if kind == frames.OK:
                     if not started:             # a whole response in one frame
                         status, headers, data = value
@@ -322,6 +384,12 @@ class HTTPProxy:
                 if kind == frames.CHUNK:
                     if not started:
                         started = True
+                        # uvicorn drops writes to a gone client silently: watch for it
+                        # from the start of a stream, or a fast producer would stream
+                        # to no one for good
+                        if watch is None:
+                            watch = _DisconnectWatch(loop, receive)
+                        watch.start_now()
                         status, headers, data = value
                         await send({"type": "http.response.start", "status": status,
                                     "headers": _with_id(headers, rid)})
@@ -330,6 +398,9 @@ class HTTPProxy:
                     else:
                         await send({"type": "http.response.body", "body": value,
                                     "more_body": True})
+                    if watch is not None and watch.gone():
+                        pending.cancel()
+                        return 499, slot.replica_id
                     continue
                 # an error from the replica
                 if not started and runtime.retry_elsewhere(router, slot, value):
@@ -420,6 +491,27 @@ class _DisconnectWatch:
         self.timer = None
         self.task = self.loop.create_task(self._until_disconnect())
         self.task.add_done_callback(self._gone)
+
+    def start_now(self) -> None:
+        """Watch from now on (a streamed response)."""
+        if self.task is None:
+            if self.timer is not None:
+                self.timer.cancel()
+            self._start()
+
+    def gone(self) -> bool:
+        """Whether the client has disconnected."""
+        return self.task is not None and self.task.done()
+
+    def drop_when_gone(self, place: asyncio.Future[Any]) -> None:
+        """Cancel a queued call's place in the Router's queue if the client leaves."""
+        self.start_now()
+        assert self.task is not None
+
+        def drop(_task: asyncio.Task[Any]) -> None:
+            if not place.done():
+                place.cancel()
+        self.task.add_done_callback(drop)
 
     async def _until_disconnect(self) -> None:
         # a request whose (empty) body was never read gets it here first
@@ -537,20 +629,31 @@ async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event
         return await proxy_failed(runtime, "http", f"the HTTP proxy cannot listen on "
                                                    f"{options.host}:{options.port}: {exc}")
     port = sock.getsockname()[1]
-    from fleet._proxy.uvicorn_protocol import CoalescingHttpToolsProtocol
-    config = uvicorn.Config(app, loop="none", http=CoalescingHttpToolsProtocol,
+    from fleet._proxy.uvicorn_protocol import HeadLimits, LimitedHttpToolsProtocol
+    loop = asyncio.get_running_loop()
+    limits = HeadLimits(options, loop)
+    # uvicorn's limit_concurrency counts the connection asking too: one more lets
+    # max_connections connections in, and answers a request on the next with 503 and
+    # closes it
+    config = uvicorn.Config(app, loop="none",
+                            http=functools.partial(  # type: ignore[arg-type]
+                                LimitedHttpToolsProtocol, limits=limits),
                             ws="websockets-sansio", lifespan="off", access_log=False,
-                            log_level="warning", timeout_keep_alive=30, server_header=False,
-                            date_header=False)
+                            log_level="warning",
+                            timeout_keep_alive=options.keep_alive_timeout_s,  # type: ignore[arg-type]
+                            limit_concurrency=options.max_connections + 1,
+                            server_header=False, date_header=False)
     server = _Server(config)
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    task = loop.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
             return 1
         await asyncio.sleep(0.005)
+    limits.start(server.server_state.connections)
     await runtime.call_controller("proxy_ready", "http", {"host": options.host, "port": port,
                                                           "pid": os.getpid()})
     await stop.wait()
+    limits.stop()
     server.should_exit = True
     try:
         await asyncio.wait_for(task, 10)

@@ -1,9 +1,15 @@
-"""uvicorn's httptools protocol with coalesced writes.
+"""uvicorn's httptools protocol with coalesced writes and limits on request heads.
 
 uvicorn writes a response's head and its body with one ``transport.write`` each; for
 the small responses a proxy mostly carries, those syscalls are a large share of the
 proxy's CPU (see bench/README.md). Here every write of one event-loop iteration goes
 out in a single ``write``: head and body together, and pipelined responses too.
+
+The limits of ``http_options`` on request heads are enforced here, where the bytes
+arrive, at a cost of a few attribute operations per request: bytes are counted per
+``data_received`` call (not per header) while a head is incomplete, the exact head
+size is computed only when that count passed the limit, and one timer per server
+(:class:`HeadLimits`) closes connections whose head did not arrive in time.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from fleet._config import HTTPOptions
 
 
 class _CoalescingTransport:
@@ -57,3 +65,140 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing a request over a limit."""
+
+
+class HeadLimits:
+    """The head limits of one HTTP server, and the sweep that times out slow heads.
+
+    Why one sweep, not a timer per connection: a timer armed and cancelled for every
+    request is a measurable share of a no-op request; a sweep costs nothing per
+    request and closes a late head within a tick (a quarter of the timeout, at most
+    a second) of its deadline."""
+
+    def __init__(self, options: HTTPOptions, loop: asyncio.AbstractEventLoop) -> None:
+        self.max_head = options.max_header_bytes
+        self.max_headers = options.max_headers
+        self.max_line = options.max_request_line_bytes
+        self.timeout = options.header_timeout_s
+        self.loop = loop
+        self.now = loop.time()      # refreshed every tick; what heads are timed from
+        self.tick = min(1.0, self.timeout / 4)
+        self.connections: set[Any] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, connections: set[Any]) -> None:
+        """Sweep uvicorn's set of open connections until stop()."""
+        self.connections = connections
+        self._timer = self.loop.call_later(self.tick, self._sweep)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _sweep(self) -> None:
+        now = self.now = self.loop.time()
+        timeout = self.timeout
+        for conn in list(self.connections):
+            if not isinstance(conn, LimitedHttpToolsProtocol):
+                continue
+            since = conn.head_since
+            if since is not None:
+                if now - since > timeout:
+                    conn.refuse(408, "the request head did not arrive within "
+                                     f"header_timeout_s={timeout}")
+                continue
+            cycle = conn.cycle
+            if cycle is not None and cycle.more_body and not cycle.response_complete \
+                    and not conn.flow.read_paused and now - conn.last_data > timeout:
+                # a body that stopped arriving (and not because we stopped reading)
+                conn.refuse(408, f"the request body stopped arriving for header_timeout_s="
+                                 f"{timeout}")
+        self._timer = self.loop.call_later(self.tick, self._sweep)
+
+
+class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
+    """Coalesced writes, plus ``http_options``' limits on request heads: 431 for a
+    head over ``max_header_bytes`` or with over ``max_headers`` headers, 414 for a
+    request line over ``max_request_line_bytes``, 408 for a head not complete within
+    ``header_timeout_s`` of the connection's opening or its previous response; each
+    closes the connection."""
+
+    def __init__(self, *args: Any, limits: HeadLimits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.in_head = True             # reading a request head
+        self.head_bytes = 0             # bytes received while reading it
+        self.head_since: float | None = limits.now
+        self.last_data = limits.now
+        self._refusal: tuple[int, str] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.last_data = self.limits.now
+        if self.in_head:
+            self.head_bytes += len(data)
+        super().data_received(data)
+        if self.in_head and self.head_bytes > self.limits.max_head and \
+                not self.transport.is_closing():
+            # still no whole head, and already more bytes than one may have
+            url = getattr(self, "url", b"")
+            if not self.headers and len(url) > self.limits.max_line:
+                self.refuse(414, f"the request line exceeds max_request_line_bytes="
+                                 f"{self.limits.max_line}")
+            else:
+                self.refuse(431, f"the request head exceeds max_header_bytes="
+                                 f"{self.limits.max_head}")
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_since = None
+        limits = self.limits
+        if len(self.url) > limits.max_line:
+            self._refuse_in_parser(414, "the request line exceeds max_request_line_bytes="
+                                        f"{limits.max_line}")
+        if len(self.headers) > limits.max_headers:
+            self._refuse_in_parser(431, f"the request has more than max_headers="
+                                        f"{limits.max_headers} headers")
+        if self.head_bytes > limits.max_head:
+            # the count included body bytes read with the head: measure the head itself
+            size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+            if size > limits.max_head:
+                self._refuse_in_parser(431, "the request head exceeds max_header_bytes="
+                                            f"{limits.max_head}")
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.pipeline:           # the next head starts now (none is parsed yet)
+            self.in_head = True
+            self.head_bytes = 0
+            self.head_since = self.limits.now
+
+    def _refuse_in_parser(self, status: int, message: str) -> None:
+        # uvicorn answers a parser error with send_400_response: say which status
+        self._refusal = (status, message)
+        raise _Refused(message)
+
+    def send_400_response(self, msg: str) -> None:
+        refusal, self._refusal = self._refusal, None
+        if refusal is None:
+            super().send_400_response(msg)
+        else:
+            self.refuse(*refusal)
+
+    def refuse(self, status: int, message: str) -> None:
+        """Answer status with message and close the connection."""
+        self.head_since = None
+        self.in_head = False
+        if self.transport.is_closing():
+            return
+        body = message.encode("latin-1", "replace")
+        self.transport.write(b"".join([
+            STATUS_LINE[status], b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: ", str(len(body)).encode(), b"\r\nconnection: close\r\n\r\n",
+            body]))
+        self.transport.close()

@@ -88,9 +88,13 @@ async def _pump(receive: Any, pending: Pending) -> None:
     the app is still running after the grace, cancel its call and end the connection."""
     while True:
         message = await receive()
-        pending.send_data(message)
         if message["type"] == "websocket.disconnect":
+            pending.send_data(message)
             break
+        # Waits while the app is a window behind; uvicorn then stops reading the
+        # socket. Like an app under uvicorn itself, one that never reads again does not
+        # see the client leave until the connection's keepalive pings fail.
+        await pending.send(message)
     await asyncio.sleep(DISCONNECT_GRACE_S)   # cancelled if the call ends in time
     pending.cancel()
     pending.deliver(frames.OK, None)           # wakes proxy_websocket: it is over

@@ -21,11 +21,12 @@ import importlib
 import logging
 import time
 from collections import namedtuple
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from fleet._wire.flow import Inbox
 from fleet.exceptions import MethodNotFoundError
 
 if TYPE_CHECKING:
@@ -139,7 +140,8 @@ class ServicerContext:
     """What a servicer method gets as ``context``: grpcio's calls that matter for a
     handler, recorded here and sent back to the client with the reply."""
 
-    def __init__(self, meta: dict[str, Any], write: Callable[[Any], None] | None = None,
+    def __init__(self, meta: dict[str, Any],
+                 write: Callable[[Any], Awaitable[None]] | None = None,
                  read: Callable[[], Any] | None = None) -> None:
         self._md = tuple(Metadatum(k, v) for k, v in meta.get("md", ()))
         timeout = meta.get("timeout")
@@ -225,7 +227,7 @@ class ServicerContext:
         """Send one reply message of a response stream (grpc.aio style)."""
         if self._write is None:
             raise RuntimeError("context.write() is only for methods that stream replies")
-        self._write(message)
+        await self._write(message)
 
     async def read(self) -> Any:
         """The next request message of a request stream, or ``grpc.aio.EOF``."""
@@ -255,7 +257,7 @@ class GRPCAdapter:
         self.loop = replica.loop
         self.methods: dict[str, MethodSchema] = {}
         self.modules: list[str] = []
-        self.inboxes: dict[tuple[int, int], asyncio.Queue[Any]] = {}
+        self.inboxes: dict[tuple[int, int], Inbox] = {}
         self._loaded_fns: set[str] = set()
         if not replica.is_function:
             try:
@@ -287,13 +289,13 @@ class GRPCAdapter:
     def accept(self, conn: ServerConnection, call_id: int, meta: dict[str, Any]) -> None:
         """A call arrived: open its inbox now, before its DATA frames are handled."""
         if meta.get("in") == "data":
-            self.inboxes[(id(conn), call_id)] = asyncio.Queue()
+            self.inboxes[(id(conn), call_id)] = conn.inbox(call_id)
 
-    def on_data(self, conn: ServerConnection, call_id: int, obj: Any) -> bool:
+    def on_data(self, conn: ServerConnection, call_id: int, obj: Any, size: int) -> bool:
         inbox = self.inboxes.get((id(conn), call_id))
         if inbox is None:
             return False
-        inbox.put_nowait(obj)
+        inbox.put(obj, size)
         return True
 
     async def serve(self, conn: ServerConnection, call_id: int, rpc: str,
@@ -336,8 +338,8 @@ class GRPCAdapter:
                               f"{full} streams replies in {where}'s schema but the proxy's "
                               "schema says it does not; use the same generated code")
 
-        def write(message: Any) -> None:
-            conn.chunk(call_id, ser(message))
+        async def write(message: Any) -> None:
+            await conn.stream(call_id, ser(message))
 
         ctx = ServicerContext(meta, write if stream_out else None,
                               self._reader(inbox, schema) if inbox is not None else None)
@@ -388,7 +390,7 @@ class GRPCAdapter:
         conn.reply(call_id, (None, code.value[0], details, (), ()))
 
     # -- request streams -------------------------------------------------------------
-    def _reader(self, inbox: asyncio.Queue[Any], schema: MethodSchema) -> Callable[[], Any]:
+    def _reader(self, inbox: Inbox, schema: MethodSchema) -> Callable[[], Any]:
         async def read() -> Any:
             data = await inbox.get()
             if data is None:
@@ -397,19 +399,19 @@ class GRPCAdapter:
             return _parse(schema, data)
         return read
 
-    def _requests(self, inbox: asyncio.Queue[Any], schema: MethodSchema, kind: str) -> Any:
+    def _requests(self, inbox: Inbox, schema: MethodSchema, kind: str) -> Any:
         if kind == "sync" or kind == "gen":
             return _SyncRequests(inbox, schema, self.loop)
         return _async_requests(inbox, schema)
 
     async def _stream(self, fn: Any, kind: str, request: Any, ctx: ServicerContext,
-                      write: Callable[[Any], None]) -> None:
+                      write: Callable[[Any], Awaitable[None]]) -> None:
         rep = self.replica
         if kind == "agen":
             agen = fn(request, ctx)
             try:
                 async for item in agen:
-                    write(item)
+                    await write(item)
             finally:
                 await agen.aclose()
             return
@@ -421,7 +423,7 @@ class GRPCAdapter:
                     item = await self.loop.run_in_executor(rep.pool, next, gen, end)
                     if item is end:
                         return
-                    write(item)
+                    await write(item)
             finally:
                 gen.close()
         result = await rep.invoke(fn, (request, ctx), {}, kind)
@@ -429,10 +431,10 @@ class GRPCAdapter:
             return
         if hasattr(result, "__aiter__"):
             async for item in result:
-                write(item)
+                await write(item)
         else:
             for item in result:
-                write(item)
+                await write(item)
 
 
 def _parse(schema: MethodSchema, data: bytes) -> Any:
@@ -443,7 +445,7 @@ def _parse(schema: MethodSchema, data: bytes) -> Any:
                     f"a request message could not be parsed: {exc}") from None
 
 
-async def _async_requests(inbox: asyncio.Queue[Any], schema: MethodSchema
+async def _async_requests(inbox: Inbox, schema: MethodSchema
                           ) -> AsyncIterator[Any]:
     while True:
         data = await inbox.get()
@@ -455,7 +457,7 @@ async def _async_requests(inbox: asyncio.Queue[Any], schema: MethodSchema
 class _SyncRequests(Iterator[Any]):
     """A request stream for a sync method running in the thread pool."""
 
-    def __init__(self, inbox: asyncio.Queue[Any], schema: MethodSchema,
+    def __init__(self, inbox: Inbox, schema: MethodSchema,
                  loop: asyncio.AbstractEventLoop) -> None:
         self._inbox = inbox
         self._schema = schema

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 
 from fleet._ingress import INSTANCE_KEY
 from fleet._serve_request import BODY_KEY, ServeRequest
+from fleet._wire.flow import Inbox
 from fleet.exceptions import MethodNotFoundError
 
 log = logging.getLogger("fleet.replica")
@@ -109,11 +110,11 @@ class _Sender:
                     self.conn.reply(self.call_id, (self.status, self.headers, body))
                     return
                 self.streaming = True
-                self.conn.chunk(self.call_id, (self.status, self.headers, body))
+                await self.conn.stream(self.call_id, (self.status, self.headers, body))
                 return
             if more:
                 if body:
-                    self.conn.chunk(self.call_id, body)
+                    await self.conn.stream(self.call_id, body)
             else:
                 self.finished = True
                 self.conn.reply(self.call_id, body)
@@ -129,7 +130,7 @@ class _WebSocketSender:
         self.call_id = call_id
 
     async def __call__(self, message: dict[str, Any]) -> None:
-        self.conn.chunk(self.call_id, message)
+        await self.conn.stream(self.call_id, message)
 
 
 def _request_param(fn: Any) -> str | None:
@@ -222,7 +223,7 @@ class HTTPAdapter:
         self.lifespan = Lifespan(self.asgi_app) if self.asgi_app is not None else None
         # what each method's first parameter wants: a request param's name, or None
         self._takes: dict[str, tuple[str | None, frozenset[str]]] = {}
-        self._inboxes: dict[tuple[int, int], asyncio.Queue[dict[str, Any]]] = {}
+        self._inboxes: dict[tuple[int, int], Inbox] = {}
 
     async def serve_http(self, conn: ServerConnection, call_id: int, method: str,
                          message: tuple[dict[str, Any], bytes], meta: dict[str, Any]) -> None:
@@ -316,7 +317,7 @@ class HTTPAdapter:
             conn.reply(call_id, None)
             return
         key = (id(conn), call_id)
-        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        inbox = conn.inbox(call_id)
         inbox.put_nowait({"type": "websocket.connect"})
         self._inboxes[key] = inbox
         try:
@@ -325,11 +326,11 @@ class HTTPAdapter:
             del self._inboxes[key]
         conn.reply(call_id, None)
 
-    def on_data(self, conn: ServerConnection, call_id: int, obj: Any) -> None:
+    def on_data(self, conn: ServerConnection, call_id: int, obj: Any, size: int) -> None:
         """A client message for a running websocket call (late ones are dropped)."""
         inbox = self._inboxes.get((id(conn), call_id))
         if inbox is not None:
-            inbox.put_nowait(obj)
+            inbox.put(obj, size)
 
     # -- handle calls ----------------------------------------------------------------
     def takes_request(self, method: str, fn: Any) -> bool:

@@ -367,6 +367,8 @@ class Replica:
         except BaseException as exc:  # noqa: BLE001 - goes back to the caller
             conn.reply_error(call_id, exc, f"in {method} of {self.where}")
         finally:
+            if conn.windows:
+                conn.end_stream(call_id)
             if time.perf_counter() - started <= SLOW_CALL_S:
                 self._slow.discard(method)
             elif method in self._methods or method == "__call__":
@@ -378,7 +380,7 @@ class Replica:
             agen = fn(*args, **kwargs)
             try:
                 async for item in agen:
-                    conn.chunk(call_id, item)
+                    await conn.stream(call_id, item)
             finally:
                 await agen.aclose()
         elif kind == GEN:
@@ -389,19 +391,19 @@ class Replica:
                     item = await self.loop.run_in_executor(self.pool, next, gen, end)
                     if item is end:
                         break
-                    conn.chunk(call_id, item)
+                    await conn.stream(call_id, item)
             finally:
                 gen.close()
         else:
             result = await self.invoke(fn, args, kwargs, kind)
             if inspect.isasyncgen(result):
                 async for item in result:
-                    conn.chunk(call_id, item)
+                    await conn.stream(call_id, item)
             elif inspect.isgenerator(result) or isinstance(result, list | tuple):
                 for item in result:
-                    conn.chunk(call_id, item)
+                    await conn.stream(call_id, item)
             else:
-                conn.chunk(call_id, result)
+                await conn.stream(call_id, result)
         conn.reply(call_id, None)
 
     def on_cancel(self, conn: ServerConnection, call_id: int) -> None:
@@ -409,11 +411,11 @@ class Replica:
         if task is not None:
             task.cancel()
 
-    def on_data(self, conn: ServerConnection, call_id: int, obj: Any) -> None:
-        if self.grpc is not None and self.grpc.on_data(conn, call_id, obj):
+    def on_data(self, conn: ServerConnection, call_id: int, obj: Any, size: int) -> None:
+        if self.grpc is not None and self.grpc.on_data(conn, call_id, obj, size):
             return
         if self.http is not None:
-            self.http.on_data(conn, call_id, obj)
+            self.http.on_data(conn, call_id, obj, size)
 
     def on_ctrl(self, conn: ServerConnection, msg: Any) -> None:
         pass

@@ -14,6 +14,7 @@ from typing import Any
 
 from fleet._wire import auth, frames
 from fleet._wire.errors import ErrorInfo, rebuild
+from fleet._wire.flow import Credits, Window
 from fleet.exceptions import FleetError, ReplicaDiedError
 
 # How long a new connection may take to prove itself (both sides).
@@ -34,6 +35,8 @@ class Connection(asyncio.Protocol):
         self._flush_scheduled = False
         self._loop = asyncio.get_event_loop()
         self.lost = self._loop.create_future()
+        self.write_paused = False
+        self._drained: asyncio.Future[None] | None = None
 
     # -- transport callbacks (thin) ------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -49,7 +52,32 @@ class Connection(asyncio.Protocol):
         self.closed = True
         if not self.lost.done():
             self.lost.set_result(None)
+        self.resume_writing()
         self.on_lost()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        d = self._drained
+        if d is not None:
+            self._drained = None
+            if not d.done():
+                d.set_result(None)
+
+    async def drain(self) -> None:
+        """Until the transport's write buffer is below its high-water mark again
+        (streams wait here; single replies never do)."""
+        if self.write_paused and not self.closed:
+            if self._drained is None:
+                self._drained = self._loop.create_future()
+            await asyncio.shield(self._drained)
+
+    def send_credit(self, call_id: int, chunks: int, nbytes: int) -> None:
+        """Tell the peer that call_id's stream was read this far."""
+        self.send(frames.encode_raw(frames.CREDIT, call_id,
+                                    frames.CREDIT_PAYLOAD.pack(chunks, nbytes)))
 
     # -- writing ---------------------------------------------------------------
     def send(self, frame: bytes) -> None:
@@ -115,26 +143,33 @@ class Connection(asyncio.Protocol):
 
 
 class Pending:
-    """One call awaiting its answer: a future, plus a chunk buffer when streaming."""
+    """One call awaiting its answer: a future, plus a chunk buffer when streaming.
 
-    __slots__ = ("future", "chunks", "waiter", "done", "channel", "call_id", "loop")
+    A streamed call's chunks are read with :meth:`next` or :meth:`pop`, which return
+    credit to the replica (see :mod:`fleet._wire.flow`); :meth:`send` puts messages into
+    the running call under the window the replica opens as it reads them."""
+
+    __slots__ = ("future", "chunks", "waiter", "done", "channel", "call_id", "loop",
+                 "credits", "out")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, stream: bool,
                  channel: Channel, call_id: int) -> None:
         self.loop = loop
         self.future: asyncio.Future[Any] | None = None if stream else loop.create_future()
-        self.chunks: deque[tuple[int, Any]] | None = deque() if stream else None
+        self.chunks: deque[tuple[int, Any, int]] | None = deque() if stream else None
         self.waiter: asyncio.Future[None] | None = None
         self.done = False
         self.channel = channel
         self.call_id = call_id
+        self.credits: Credits | None = Credits() if stream else None
+        self.out: Window | None = None
 
     def _wake(self) -> None:
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
 
-    def deliver(self, kind: int, value: Any) -> None:
+    def deliver(self, kind: int, value: Any, size: int = 0) -> None:
         if self.chunks is None:
             fut = self.future
             assert fut is not None
@@ -146,10 +181,17 @@ class Pending:
                 fut.set_exception(value)
             self.done = True
             return
-        self.chunks.append((kind, value))
+        self.chunks.append((kind, value, size))
         if kind != frames.CHUNK:
             self.done = True
+            self._end_out()
         self._wake()
+
+    def _end_out(self) -> None:
+        # the call is over: a sender waiting for credit that will never come goes on
+        out = self.out
+        if out is not None:
+            out.grant(out.chunks, out.nbytes)
 
     async def next(self) -> tuple[int, Any]:
         """The next streamed item: (CHUNK, item), (OK, final) or raises the error."""
@@ -159,9 +201,22 @@ class Pending:
             self.waiter = self.loop.create_future()
             await self.waiter
             self.waiter = None
-        kind, value = chunks.popleft()
+        kind, value = self.pop()
         if kind == frames.ERR:
             raise value
+        return kind, value
+
+    def pop(self) -> tuple[int, Any]:
+        """Take the oldest streamed item (there must be one), crediting the replica."""
+        chunks = self.chunks
+        assert chunks is not None
+        kind, value, size = chunks.popleft()
+        if kind == frames.CHUNK and not self.done:
+            credits = self.credits
+            assert credits is not None
+            credit = credits.read(size)
+            if credit is not None:
+                self.channel.send_credit(self.call_id, *credit)
         return kind, value
 
     async def result(self) -> Any:
@@ -172,10 +227,36 @@ class Pending:
         """Tell the replica to stop the call; late answers are dropped."""
         if not self.done:
             self.done = True
+            self._end_out()
             self.channel.cancel(self.call_id)
 
+    async def send(self, obj: Any) -> None:
+        """Send a message into the running call (websocket messages, gRPC request
+        streams); waits while the replica is a window behind or the connection's
+        buffer is full."""
+        if self.push(obj):
+            await self.room()
+
+    def push(self, obj: Any) -> bool:
+        """Send a message into the running call; True when the sender must now wait
+        for :meth:`room` before it sends another."""
+        frame = frames.encode(frames.DATA, self.call_id, obj)
+        channel = self.channel
+        channel.send(frame)
+        out = self.out
+        if out is None:
+            out = self.out = Window()
+        return out.sent(len(frame) - frames.HEADER_SIZE) or channel.write_paused
+
+    async def room(self) -> None:
+        """Until the replica has read enough for one more message."""
+        if self.out is not None:
+            await self.out.wait(self.loop)
+        if self.channel.write_paused:
+            await self.channel.drain()
+
     def send_data(self, obj: Any) -> None:
-        """Send a message into the running call (websocket frames)."""
+        """Send a message into the running call without waiting (a last marker)."""
         self.channel.send(frames.encode(frames.DATA, self.call_id, obj))
 
 
@@ -235,6 +316,11 @@ class Channel(Connection):
             return
         if kind == frames.CHUNK:
             pending = self.pending.get(call_id)
+        elif kind == frames.CREDIT:
+            pending = self.pending.get(call_id)
+            if pending is not None and pending.out is not None:
+                pending.out.grant(*frames.CREDIT_PAYLOAD.unpack(payload))
+            return
         else:
             pending = self.pending.pop(call_id, None)
         if pending is None:
@@ -253,7 +339,7 @@ class Channel(Connection):
             info: ErrorInfo = value
             pending.deliver(kind, rebuild(info))
         else:
-            pending.deliver(kind, value)
+            pending.deliver(kind, value, len(payload))
 
     def on_lost(self) -> None:
         if not self.ready.done():

@@ -29,9 +29,11 @@ CHUNK = 5     # one streamed item of a call
 CANCEL = 6    # caller gave up on the call
 CTRL = 7      # control message (dict), both ways
 DATA = 8      # caller -> replica: a message for a running call (websocket, body chunk)
+CREDIT = 9    # a stream's consumer read this many (chunks, bytes): see fleet._wire.flow
 
 KIND_NAMES = {AUTH: "AUTH", CALL: "CALL", OK: "OK", ERR: "ERR", CHUNK: "CHUNK",
-              CANCEL: "CANCEL", CTRL: "CTRL", DATA: "DATA"}
+              CANCEL: "CANCEL", CTRL: "CTRL", DATA: "DATA", CREDIT: "CREDIT"}
+CREDIT_PAYLOAD = struct.Struct("!II")
 
 __all__ = ["FrameTooLargeError", "FrameParser", "decode", "describe", "encode", "encode_raw"]
 

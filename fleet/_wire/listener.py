@@ -9,6 +9,10 @@ from typing import Any, Protocol
 from fleet._wire import auth, frames
 from fleet._wire.channel import AUTH_TIMEOUT_S, Connection
 from fleet._wire.errors import error_info
+from fleet._wire.flow import Inbox, Window
+
+# A stream that never has to wait still yields to the loop after this many items.
+YIELD_EVERY = 16
 
 
 class Handler(Protocol):
@@ -20,7 +24,7 @@ class Handler(Protocol):
 
     def on_cancel(self, conn: ServerConnection, call_id: int) -> None: ...
 
-    def on_data(self, conn: ServerConnection, call_id: int, obj: Any) -> None: ...
+    def on_data(self, conn: ServerConnection, call_id: int, obj: Any, size: int) -> None: ...
 
     def on_ctrl(self, conn: ServerConnection, msg: Any) -> None: ...
 
@@ -37,6 +41,7 @@ class ServerConnection(Connection):
         self.secret = secret
         self.tag: Any = None          # what the handler knows this peer as
         self._nonces: tuple[bytes, bytes] | None = None
+        self.windows: dict[int, Window] = {}    # streamed calls' reply windows
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -76,7 +81,11 @@ class ServerConnection(Connection):
         elif kind == frames.CANCEL:
             self.handler.on_cancel(self, call_id)
         elif kind == frames.DATA:
-            self.handler.on_data(self, call_id, frames.decode(payload))
+            self.handler.on_data(self, call_id, frames.decode(payload), len(payload))
+        elif kind == frames.CREDIT:
+            window = self.windows.get(call_id)
+            if window is not None:
+                window.grant(*frames.CREDIT_PAYLOAD.unpack(payload))
         elif kind == frames.CTRL:
             self.handler.on_ctrl(self, frames.decode(payload))
 
@@ -94,9 +103,37 @@ class ServerConnection(Connection):
         self.send(frame)
 
     def chunk(self, call_id: int, value: Any) -> None:
-        """Send one streamed item; raises (for the call alone to fail) when it cannot be
-        pickled or does not fit in a frame."""
+        """Send one streamed item without waiting (see :meth:`stream`); raises (for the
+        call alone to fail) when it cannot be pickled or does not fit in a frame."""
         self.send(frames.encode(frames.CHUNK, call_id, value))
+
+    async def stream(self, call_id: int, value: Any) -> None:
+        """Send one streamed item, then wait while the caller is a window behind or
+        the connection's buffer is full. Otherwise it still yields to the loop every
+        YIELD_EVERY items: a generator that never awaits lets other calls, health
+        checks and cancels run, while the items of one loop iteration still leave in
+        one write. The caller ends the call with :meth:`end_stream`."""
+        frame = frames.encode(frames.CHUNK, call_id, value)
+        self.send(frame)
+        window = self.windows.get(call_id)
+        if window is None:
+            window = self.windows[call_id] = Window()
+        if window.sent(len(frame) - frames.HEADER_SIZE):
+            await window.wait(self._loop)
+        if self.write_paused:
+            await self.drain()
+        elif window.sent_total % YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+
+    def end_stream(self, call_id: int) -> None:
+        """Forget a finished call's reply window."""
+        self.windows.pop(call_id, None)
+
+    def inbox(self, call_id: int) -> Inbox:
+        """A queue for the messages the caller sends into call_id, crediting it as
+        they are read."""
+        return Inbox(self._loop, lambda chunks, nbytes: self.send_credit(call_id, chunks,
+                                                                          nbytes))
 
     def reply_error(self, call_id: int, exc: BaseException, where: str = "",
                     **flags: Any) -> None:
