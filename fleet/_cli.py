@@ -324,7 +324,12 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
                 roots.add(os.path.dirname(os.path.abspath(file_part)))
         watcher = Watcher(roots, extra)
 
+    import logging
+
     from fleet._api import StopSignals
+    from fleet._logformat import DATEFMT, log_format
+    # the driver's own warnings (a replica replaced, say) in the format of every other line
+    logging.basicConfig(level=logging.WARNING, datefmt=DATEFMT, format=log_format("driver"))
     stop = StopSignals()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -199,6 +200,33 @@ def test_access_log_line_per_request(proxy):
     assert "app=svc" in line and "replica=Service-" in line
     ms = line.split("GET /svc/logged 200 ")[1].split("ms")[0]
     assert float(ms) >= 0
+
+
+def test_every_response_is_in_the_access_log_with_its_request_id(proxy):
+    url, log = proxy
+    answers = [
+        httpx.get(f"{url}/svc/logged?x=2"),                         # the app's 200
+        httpx.get(f"{url}/nowhere"),                                # the proxy's 404
+        httpx.post(f"{url}/svc", content=b"x" * 2000),              # 413: max_body_bytes
+        httpx.get(f"{url}/-/healthz"),                              # the proxy's own
+        httpx.get(f"{url}/svc", headers={"x-big": "y" * 70_000}),   # 431: the head's limit
+    ]
+    assert [r.status_code for r in answers] == [200, 404, 413, 200, 431]
+    for r in answers:
+        rid = r.headers["x-request-id"]
+        wait_for(lambda rid=rid: f"id={rid}" in log.read_text(), f"the line of {rid}")
+        line = next(ln for ln in log.read_text().splitlines() if f"id={rid}" in ln)
+        assert f" {r.status_code} " in line and "fleet.access" in line
+
+
+def test_log_lines_share_one_timestamp_format(proxy):
+    url, log = proxy
+    httpx.get(f"{url}/svc", headers={"X-SERVE-CALL-METHOD": "fail"})   # an error report too
+    wait_for(lambda: "failed" in log.read_text(), "an error line")
+    stamped = [ln for ln in log.read_text().splitlines() if ln[:2] == "20"]
+    assert stamped
+    for line in stamped:
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} [A-Z]+ ", line), line
 
 
 def test_user_exception_is_500_with_request_id_and_logged_traceback(proxy):

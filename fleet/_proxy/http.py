@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 
 from fleet._config import HTTPOptions
+from fleet._logformat import stamp
 from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
 from fleet._proxy.routes import RouteTable
@@ -102,18 +103,15 @@ class AccessLog:
         self.stream = stream or sys.stderr
         self.lines: list[str] = []
         self.stamp = ""
-        self.stamp_at = 0.0
 
     def add(self, method: str, path: str, status: int, ms: float, app: str,
-            replica: str) -> None:
+            replica: str, rid: bytes) -> None:
         if not self.lines:
+            # one timestamp per loop iteration's lines: they were all answered within it
             self.loop.call_soon(self.flush)
-            now = time.time()
-            if now - self.stamp_at >= 1.0:
-                self.stamp_at = int(now)
-                self.stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+            self.stamp = stamp(time.time())
         self.lines.append(f"{self.stamp} INFO proxy fleet.access: {method} {path} {status} "
-                          f"{ms:.2f}ms app={app} replica={replica}\n")
+                          f"{ms:.2f}ms app={app} replica={replica} id={rid.decode()}\n")
 
     def flush(self) -> None:
         lines, self.lines = self.lines, []
@@ -233,25 +231,26 @@ class HTTPProxy:
             rid = scope.get(_SCOPE_ID) or self.new_id()
         path = self.local_path(scope)
         if path.startswith("/-/"):
-            await self._builtin(path, send, rid)
+            status = await self._builtin(path, send, rid)
+            self._log(scope, path, status, started, "-", "-", rid)
             return
         if too_large:
             # refused before reading a byte (no "100 Continue" is sent)
             await self._too_large(send, rid)
+            self._log(scope, path, 413, started, "-", "-", rid)
             return
         if self.oip and (path == "/v2" or path.startswith("/v2/")):
             # Open Inference Protocol models answer at the root, whatever the routes.
             from fleet._oip import rest
             status = await rest.handle(self, scope, receive, send, path, rid)
-            if self.access is not None:
-                self.access.add(scope["method"], path, status,
-                                (time.perf_counter() - started) * 1000, "oip", "-")
+            self._log(scope, path, status, started, "oip", "-", rid)
             return
         hit = self.routes.match(path)
         if hit is None:
             await self._respond(send, *_json(404, {
                 "error": f"no application serves path {path!r}", "request_id": rid.decode(),
                 "routes": sorted(self.routes.routes)}), rid)
+            self._log(scope, path, 404, started, "-", "-", rid)
             return
         prefix, info = hit
         body = b""
@@ -260,11 +259,14 @@ class HTTPProxy:
         if has_body:
             if self.buffered + declared > self.max_buffered:
                 await self._no_room(send, rid)       # refused before reading a byte
+                self._log(scope, path, 503, started, app, "-", rid)
                 return
             held = [0]                  # bytes of this body counted in self.buffered
             try:
                 got = await self._read_body(receive, send, rid, held)
-                if got is None:
+                if got is None:         # refused (413, 503) or the client left (499)
+                    self._log(scope, path, held[1] if len(held) > 1 else 499, started,
+                              app, "-", rid)
                     return
                 body = got
                 app, ingress = traffic.route_http(self.runtime, prefix, app, ingress, method,
@@ -278,16 +280,31 @@ class HTTPProxy:
                                               sub, body)
             status, replica = await self._forward(app, ingress, method, sub, body, receive,
                                                   send, rid, meta)
+        self._log(scope, path, status, started, app, replica, rid)
+
+    def _log(self, scope: dict[str, Any], path: str, status: int, started: float, app: str,
+             replica: str, rid: bytes) -> None:
+        """The access log's line for one response, whatever answered it."""
         if self.access is not None:
             if len(path) > LOG_PATH_CHARS or not path.isprintable():
                 path = _log_path(path)
             self.access.add(scope["method"], path, status,
-                            (time.perf_counter() - started) * 1000, app, replica)
+                            (time.perf_counter() - started) * 1000, app, replica, rid)
+
+    def log_refusal(self, status: int, method: str, target: str) -> bytes:
+        """A response the HTTP protocol layer gave before any app saw the request (a
+        head over its limits, a malformed request): its id and its access-log line."""
+        rid = self.new_id()
+        if self.access is not None:
+            self.access.add(method or "-", _log_path(target or "-"), status, 0.0, "-", "-",
+                            rid)
+        return rid
 
     async def _read_body(self, receive: Any, send: Any, rid: bytes, held: list[int]
                          ) -> bytes | None:
         """The whole body, counted in self.buffered (and in held[0], which the caller
-        gives back); None when refused or the client left."""
+        gives back); None when the client left, or when refused, the status it was
+        answered with then appended to held."""
         parts: list[bytes] = []
         size = 0
         more = True
@@ -300,9 +317,11 @@ class HTTPProxy:
                 size += len(chunk)
                 if size > self.max_body:
                     await self._too_large(send, rid)
+                    held.append(413)
                     return None
                 if self.buffered + len(chunk) > self.max_buffered:
                     await self._no_room(send, rid)
+                    held.append(503)
                     return None
                 self.buffered += len(chunk)
                 held[0] += len(chunk)
@@ -440,16 +459,18 @@ class HTTPProxy:
                             rid)
         return status, replica
 
-    async def _builtin(self, path: str, send: Any, rid: bytes) -> None:
+    async def _builtin(self, path: str, send: Any, rid: bytes) -> int:
         if path == "/-/healthz":
             await self._respond(send, 200, [(b"content-type", b"text/plain")], b"success", rid)
-        elif path == "/-/routes":
+            return 200
+        if path == "/-/routes":
             await self._respond(send, *_json(200, {p: r["app"]
                                                    for p, r in self.routes.routes.items()}),
                                 rid)
-        else:
-            await self._respond(send, *_json(404, {"error": f"unknown fleet endpoint {path!r}",
-                                                   "request_id": rid.decode()}), rid)
+            return 200
+        await self._respond(send, *_json(404, {"error": f"unknown fleet endpoint {path!r}",
+                                               "request_id": rid.decode()}), rid)
+        return 404
 
 
 class _DisconnectWatch:
@@ -603,7 +624,11 @@ class _RequestIdLayer:
 
 def build_app(runtime: Runtime, options: HTTPOptions) -> Any:
     """The proxy app wrapped in the configured middlewares (the first is outermost)."""
-    proxy = HTTPProxy(runtime, options)
+    return wrap(HTTPProxy(runtime, options), options)
+
+
+def wrap(proxy: HTTPProxy, options: HTTPOptions) -> Any:
+    """proxy wrapped in options' middlewares (the first is outermost)."""
     app: Any = proxy
     for middleware in reversed(options.middlewares):
         cls, args, kwargs = middleware_spec(middleware)
@@ -616,7 +641,8 @@ def build_app(runtime: Runtime, options: HTTPOptions) -> Any:
 async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event) -> int:
     from fleet._proxy.process import bind_socket, proxy_failed
     try:
-        app = build_app(runtime, options)
+        proxy = HTTPProxy(runtime, options)
+        app = wrap(proxy, options)
     except Exception as exc:
         return await proxy_failed(runtime, "http",
                                   f"http_options middlewares: {type(exc).__name__}: {exc}")
@@ -631,7 +657,7 @@ async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event
     port = sock.getsockname()[1]
     from fleet._proxy.uvicorn_protocol import HeadLimits, LimitedHttpToolsProtocol
     loop = asyncio.get_running_loop()
-    limits = HeadLimits(options, loop)
+    limits = HeadLimits(options, loop, report=proxy.log_refusal)
     # uvicorn's limit_concurrency counts the connection asking too: one more lets
     # max_connections connections in, and answers a request on the next with 503 and
     # closes it

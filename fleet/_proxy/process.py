@@ -14,6 +14,7 @@ from typing import Any
 import cloudpickle
 
 from fleet._backends import lifeline
+from fleet._logformat import DATEFMT, log_format
 from fleet._runtime import Runtime, set_current
 
 
@@ -24,8 +25,7 @@ def main() -> None:
     for p in reversed(boot.get("sys_path", [])):
         if p not in sys.path:
             sys.path.insert(0, p)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s proxy "
-                                                   "%(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, datefmt=DATEFMT, format=log_format("proxy"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     kind = boot["kind"]
     try:

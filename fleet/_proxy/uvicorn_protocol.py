@@ -15,6 +15,7 @@ size is computed only when that count passed the limit, and one timer per server
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -79,7 +80,10 @@ class HeadLimits:
     request and closes a late head within a tick (a quarter of the timeout, at most
     a second) of its deadline."""
 
-    def __init__(self, options: HTTPOptions, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, options: HTTPOptions, loop: asyncio.AbstractEventLoop,
+                 report: Callable[[int, str, str], bytes] | None = None) -> None:
+        # report(status, method, target) logs a refusal and returns its request id
+        self.report = report
         self.max_head = options.max_header_bytes
         self.max_headers = options.max_headers
         self.max_line = options.max_request_line_bytes
@@ -186,7 +190,7 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         refusal, self._refusal = self._refusal, None
         if refusal is None:
-            super().send_400_response(msg)
+            self.refuse(400, msg)       # a malformed request: answered, logged, closed
         else:
             self.refuse(*refusal)
 
@@ -197,8 +201,18 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         if self.transport.is_closing():
             return
         body = message.encode("latin-1", "replace")
+        rid = b""
+        if self.limits.report is not None:
+            url = getattr(self, "url", b"") or b""
+            method = ""
+            try:
+                method = self.parser.get_method().decode("latin-1")
+            except Exception:           # the parser never got as far as the method
+                pass
+            rid = self.limits.report(status, method, url[:2000].decode("latin-1"))
         self.transport.write(b"".join([
             STATUS_LINE[status], b"content-type: text/plain; charset=utf-8\r\n",
+            b"x-request-id: " + rid + b"\r\n" if rid else b"",
             b"content-length: ", str(len(body)).encode(), b"\r\nconnection: close\r\n\r\n",
             body]))
         self.transport.close()

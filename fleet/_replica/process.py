@@ -10,6 +10,7 @@ import signal
 import sys
 
 from fleet._backends import lifeline
+from fleet._logformat import DATEFMT, log_format
 from fleet._types import ReplicaSpec
 
 
@@ -33,9 +34,8 @@ def main() -> None:
             os.chdir(spec.cwd)
         except OSError:
             pass
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s %(levelname)s {spec.deployment_name} "
-                               f"{spec.replica_id} %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, datefmt=DATEFMT,
+                        format=log_format(f"{spec.deployment_name} {spec.replica_id}"))
     # The controller decides when replicas stop; Ctrl-C in a terminal reaches the
     # whole process group, and the driver shuts replicas down in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
