@@ -38,6 +38,21 @@ def instance_file() -> str:
     return _rundir.instance_path()
 
 
+# A Unix socket's path must fit in 108 bytes (sun_path). The longest fleet makes is the
+# directory plus "/controller.sock" or "/r-<8 hex>.sock".
+_MAX_SOCKET_DIR = 90
+
+
+def _socket_dir() -> str:
+    """A new private (0700) directory for an instance's sockets: in the runtime directory,
+    or, when that path is too long for a socket (a deep TMPDIR), in /tmp."""
+    path = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=_rundir.runtime_dir())
+    if len(path.encode()) <= _MAX_SOCKET_DIR:
+        return path
+    os.rmdir(path)
+    return tempfile.mkdtemp(prefix=f"fleet-{os.getuid()}-{os.getpid()}-", dir="/tmp")
+
+
 class Instance:
     """One fleet instance owned by this process: controller, backend and proxies,
     all on a background event loop thread."""
@@ -47,7 +62,7 @@ class Instance:
         self.http_options = http_options
         self.grpc_options = grpc_options
         # sockets live in a private directory of their own inside the runtime directory
-        self.dir = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=_rundir.runtime_dir())
+        self.dir = _socket_dir()
         self.secret = secrets.token_bytes(32)
         self.address = f"unix:{self.dir}/controller.sock"
         try:

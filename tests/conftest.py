@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -11,15 +13,21 @@ from typing import Any
 
 import pytest
 
-import fleet
+# This test session keeps its instances' records in a temporary directory of its own, so
+# another session on the machine (a second suite, a developer's `fleet run`) never
+# attaches to them, nor they to it. Set before fleet is imported, and removed last.
+_SESSION_TMP = tempfile.mkdtemp(prefix="fleet-tests-")
+tempfile.tempdir = _SESSION_TMP
+os.environ["TMPDIR"] = _SESSION_TMP
+os.environ.pop("XDG_RUNTIME_DIR", None)
+atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
+
+import fleet  # noqa: E402
 
 # Test modules define deployments at module level; replicas import them by name.
 sys.path.insert(0, os.path.dirname(__file__))
 
-# This process's instances record themselves in the temporary directory it has now
-# (tempfile caches it); every test below hands the processes it starts another one.
-tempfile.gettempdir()
-os.environ.pop("XDG_RUNTIME_DIR", None)
+# Every test below hands the processes it starts a temporary directory of their own.
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ import functools
 import inspect
 import logging
 import os
+import secrets
 import time
 from typing import Any
 
@@ -112,7 +113,8 @@ class Replica:
         rt.ctrl_hooks["reconfigure"] = self._on_reconfigure
         await rt.connect_controller(subscribe=True)
         sock_dir = os.path.dirname(self.spec.controller_address[5:])
-        address = f"unix:{sock_dir}/{self.spec.replica_id}.sock"
+        # a short name whatever the deployment's: a Unix socket's path has ~107 bytes
+        address = f"unix:{sock_dir}/r-{secrets.token_hex(4)}.sock"
         server = await listen(self, self.spec.secret, address)
         try:
             await rt.call_controller("replica_starting", self.spec.replica_id,
