@@ -7,18 +7,16 @@ import importlib
 import inspect
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 import cloudpickle
 
 from fleet._config import DeploymentConfig, make_deployment_config
 from fleet._handle import DeploymentHandle
+from fleet._plan import DeploymentPlan
 
 T = TypeVar("T")
 
-# Options whose change does not need new replicas.
-_LIVE_OPTIONS = {"num_replicas", "user_config", "autoscaling_config"}
 
 
 class Deployment:
@@ -117,27 +115,6 @@ def deployment(_func_or_class: Any = None, **options: Any) -> Any:
 
 
 # -- flattening an application into deployment plans -------------------------------
-
-@dataclass
-class DeploymentPlan:
-    """One deployment of an application, ready for the controller."""
-
-    name: str
-    config: DeploymentConfig
-    serialized_def: bytes
-    code_version: str
-    ingress: bool = False
-    legacy_refs: bool = False
-    oip: dict[str, Any] | None = None   # fleet.oip.model's metadata, if it is one
-
-    @property
-    def version(self) -> str:
-        """Changes when replicas must be replaced (code, arguments or restart options)."""
-        opts = self.config.model_dump(exclude=_LIVE_OPTIONS)
-        h = hashlib.sha1(self.code_version.encode())
-        h.update(repr(sorted(opts.items())).encode())
-        return h.hexdigest()[:12]
-
 
 class ClassRef:
     """An importable deployment target, pickled by name instead of by value."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from fleet._controller import traffic, views
 from fleet._controller.state import AppState, DeploymentState, ReplicaRecord
-from fleet._deployment import DeploymentPlan
+from fleet._plan import DeploymentPlan
 from fleet._types import DeploymentStatus, ReplicaSpec, ReplicaState, Tables
 from fleet._wire.errors import ErrorInfo
 from fleet._wire.listener import ServerConnection

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet._deployment import DeploymentPlan
+from fleet._plan import DeploymentPlan
 from fleet._types import DeploymentStatus, ReplicaState
 
 
