@@ -13,6 +13,7 @@ import cloudpickle
 
 from fleet._config import DeploymentConfig, make_deployment_config
 from fleet._handle import DeploymentHandle
+from fleet._nodes import MethodBinder
 from fleet._plan import DeploymentPlan
 
 T = TypeVar("T")
@@ -77,8 +78,7 @@ class Application:
         # `app.method.bind(...)` in deployment graphs (fleet.dag)
         if name.startswith("_") and name != "__call__":
             raise AttributeError(name)
-        from fleet.dag import bind_method
-        return bind_method(self, name)
+        return MethodBinder(self, name)
 
 
 @overload

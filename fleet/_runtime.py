@@ -35,13 +35,26 @@ MAX_ATTEMPTS = 4
 LOAD_REPORT_S = 0.5
 
 
+# How a driver starts an instance when a handle is used before fleet.start(): the
+# public layer registers it (this module sits below it and never imports it).
+_starter: Callable[[], object] | None = None
+
+
+def set_starter(start: Callable[[], object]) -> None:
+    """Register what :func:`current` calls when no runtime runs in this process."""
+    global _starter
+    _starter = start
+
+
 def current() -> Runtime:
     """This process's runtime; in a driver, starts an instance if none runs."""
     rt = _current
     if rt is not None:
         return rt
-    from fleet import _api
-    _api.start()
+    if _starter is None:
+        raise FleetError("no fleet runtime runs in this process: import fleet and call "
+                         "fleet.start() (or fleet.run(app)) before using a handle")
+    _starter()
     assert _current is not None
     return _current
 
@@ -217,8 +230,7 @@ class Runtime:
 
     async def call(self, app: str, deployment: str, opts: Any, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> Any:
-        """One handle call, start to finish."""
-        args, kwargs = await _resolve(args, kwargs)
+        """One handle call, start to finish (arguments already resolved)."""
         meta = _meta(opts)
         if opts.follow_traffic and self.tables is not None and self.tables["traffic"]:
             app, deployment = _traffic.route_handle(self, app, deployment, opts.method_name,
@@ -262,7 +274,6 @@ class Runtime:
 
     async def open_stream(self, app: str, deployment: str, opts: Any, args: tuple[Any, ...],
                           kwargs: dict[str, Any]) -> Stream:
-        args, kwargs = await _resolve(args, kwargs)
         meta = _meta(opts) or {}
         meta["stream"] = True
         if opts.follow_traffic and self.tables is not None and self.tables["traffic"]:
@@ -317,19 +328,6 @@ def _meta(opts: Any) -> dict[str, Any] | None:
             meta["model"] = opts.multiplexed_model_id
         return meta
     return None
-
-
-async def _resolve(args: tuple[Any, ...], kwargs: dict[str, Any]
-                   ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Await DeploymentResponses passed as arguments, so their values are delivered."""
-    from fleet._handle import DeploymentResponse
-    if any(isinstance(a, DeploymentResponse) for a in args):
-        args = tuple([await a._to_value() if isinstance(a, DeploymentResponse) else a
-                      for a in args])
-    if kwargs and any(isinstance(v, DeploymentResponse) for v in kwargs.values()):
-        kwargs = {k: (await v._to_value() if isinstance(v, DeploymentResponse) else v)
-                  for k, v in kwargs.items()}
-    return args, kwargs
 
 
 __all__ = ["DeploymentFailedError", "RequestCancelledError", "Runtime", "current"]

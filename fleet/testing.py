@@ -35,6 +35,7 @@ from fleet._backends.memory import MemoryBackend
 from fleet._config import GRPCOptions, HTTPOptions, coerce_options
 from fleet._deployment import Application, build_plans
 from fleet._handle import DeploymentHandle
+from fleet.drivers import prepare_app
 
 __all__ = ["AsyncTestClient", "TestClient"]
 
@@ -68,8 +69,8 @@ class _Session:
         return self.instance.loop
 
     def start(self) -> None:
-        from fleet.dag import prepare_app
-        app, protocol, grpc_port = prepare_app(self.app)
+        # the client drives the HTTP proxy only: a driver's gRPC proxy is not started
+        app, protocol, grpc_port, _ = prepare_app(self.app)
         plans = build_plans(app, self.name)
         self.ingress, self.legacy_refs = plans[0].name, plans[0].legacy_refs
         self._previous = _runtime._current
