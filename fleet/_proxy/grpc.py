@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from fleet._config import GRPCOptions
 from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
-from fleet._proxy.process import proxy_failed
+from fleet._proxy.startup import proxy_failed
 from fleet._replica.grpc import CODES, load_servicer_function, servicer_handlers
 from fleet._router import Router
 from fleet._runtime import Runtime

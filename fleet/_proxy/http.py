@@ -26,6 +26,7 @@ from fleet._config import HTTPOptions
 from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
 from fleet._proxy.routes import RouteTable
+from fleet._proxy.startup import bind_socket, proxy_failed
 from fleet._runtime import Runtime
 from fleet._types import Tables
 from fleet._wire import frames
@@ -614,7 +615,6 @@ def build_app(runtime: Runtime, options: HTTPOptions) -> Any:
 
 
 async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event) -> int:
-    from fleet._proxy.process import bind_socket, proxy_failed
     try:
         app = build_app(runtime, options)
     except Exception as exc:
