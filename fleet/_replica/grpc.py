@@ -69,11 +69,15 @@ class _Capture:
             self.handlers[f"/{service}/{name}"] = handler
 
     def add_generic_rpc_handlers(self, generic: Any) -> None:
-        # Older generated code registers only a generic handler; read its table.
+        # Older generated code registers only a generic handler; read its table. grpcio
+        # keys it by method name in some versions and by full name ("/svc/Method") in
+        # others; newer generated code registers both ways, and a full name must not be
+        # prefixed again (that made names like "/svc//svc/Method", and "svc//svc" services).
         for g in generic:
             service = getattr(g, "_name", None)
             for name, handler in (getattr(g, "_method_handlers", None) or {}).items():
-                self.handlers.setdefault(f"/{service}/{name}", handler)
+                full = name if name.startswith("/") else f"/{service}/{name}"
+                self.handlers.setdefault(full, handler)
 
 
 def servicer_handlers(add_fn: Callable[[Any, Any], None]) -> dict[str, Any]:
