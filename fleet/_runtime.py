@@ -85,6 +85,8 @@ class Runtime:
         self.caller_id = f"{os.getpid()}-{id(self):x}"
         self._autoscaled: set[str] = set()
         self._report_timer: asyncio.TimerHandle | None = None
+        # shadow copies of traffic in flight from this runtime (bounded by _traffic)
+        self.shadows: set[asyncio.Task[None]] = set()
 
     # -- controller --------------------------------------------------------------
     async def connect_controller(self, subscribe: bool = True) -> None:

@@ -23,12 +23,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fleet.traffic")
 
-# Shadow copies in flight per process; past it, copies are skipped so a slow shadow
-# application can never pile up memory in the caller.
+# Shadow copies in flight per runtime (runtime.shadows); past it, copies are skipped so
+# a slow shadow application can never pile up memory in the caller.
 MAX_SHADOW_INFLIGHT = 256
 SHADOW_TIMEOUT_S = 60.0
-
-_shadows: set[asyncio.Task[None]] = set()
 
 
 def choose(runtime: Runtime, prefix: str, app: str, ingress: str,
@@ -43,11 +41,12 @@ def choose(runtime: Runtime, prefix: str, app: str, ingress: str,
     if policy is None:
         return app, ingress
     if shadow is not None:
+        shadows = runtime.shadows
         for s_app, s_ingress, fraction in policy["shadow"]:
-            if random.random() < fraction and len(_shadows) < MAX_SHADOW_INFLIGHT:
+            if random.random() < fraction and len(shadows) < MAX_SHADOW_INFLIGHT:
                 task = runtime.loop.create_task(_quiet(shadow(s_app, s_ingress), s_app))
-                _shadows.add(task)
-                task.add_done_callback(_shadows.discard)
+                shadows.add(task)
+                task.add_done_callback(shadows.discard)
     split = policy["split"]
     if split:
         i = bisect.bisect_right([c for _, _, c in split], random.random())
@@ -84,9 +83,9 @@ async def copy(runtime: Runtime, app: str, ingress: str, method: str, args: tupl
         router.release(slot)
 
 
-def shadows_in_flight() -> int:
-    """Shadow copies still running in this process."""
-    return len(_shadows)
+def shadows_in_flight(runtime: Runtime) -> int:
+    """Shadow copies this runtime still runs."""
+    return len(runtime.shadows)
 
 
 def route_app(runtime: Runtime, app: str, ingress: str,
