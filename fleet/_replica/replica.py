@@ -213,7 +213,7 @@ class Replica:
                 ok, error = False, f"check_health raised {type(exc).__name__}: {exc}"
         self.runtime.send_ctrl({"type": "health_result", "id": msg.get("id"), "ok": ok,
                                 "error": error, "replica_id": self.spec.replica_id,
-                                "ongoing": self.ongoing, "batches": batch_stats()})
+                                "ongoing": self.ongoing, "batches": batch_stats(self.instance)})
 
     # -- multiplexed models ----------------------------------------------------------
     def _models_msg(self) -> dict[str, Any]:
