@@ -361,15 +361,14 @@ class HTTPProxy:
             assert chunks is not None
             while True:
                 if not chunks:
-                    waiter = loop.create_future()
-                    pending.waiter = waiter
+                    waiter = pending.arm()
                     if watch is None:
                         watch = _DisconnectWatch(loop, receive)
                     watch.arm(waiter, deadline)
                     try:
                         await waiter
                     finally:
-                        pending.waiter = None
+                        pending.disarm()
                         watch.disarm()
                     if not chunks:
                         pending.cancel()        # the client went away

@@ -340,11 +340,11 @@ class Replica:
     async def _serve(self, conn: ServerConnection, call_id: int, method: str,
                      args: tuple[Any, ...], kwargs: dict[str, Any],
                      meta: dict[str, Any] | None) -> None:
-        if conn._wbuf and method in self._slow:
+        if method in self._slow:
             # Replies of calls that finished in this loop iteration leave now: this
             # method took milliseconds last time and may block the loop (an async method
             # doing CPU work). Fast methods keep their replies coalesced into one write.
-            conn._flush()
+            conn.flush()
         started = time.perf_counter()
         if meta is not None and "model" in meta:
             _multiplex.set_model_id(meta["model"])     # this task's context only
