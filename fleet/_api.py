@@ -146,13 +146,7 @@ class Instance:
         if self.runtime is not None:
             self.runtime.close("fleet was shut down before this call reached a replica")
         if self.controller is not None:
-            await self.controller.shutdown()
-            task = self.controller._task
-            if task is not None:
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+            await self.controller.close()
         if self.runtime is not None and self.runtime.controller is not None:
             self.runtime.controller.close()
         if self._server is not None:

@@ -728,3 +728,13 @@ class Controller:
         if self._task is not None:
             self._task.cancel()
 
+    async def close(self) -> None:
+        """Shut down (see :meth:`shutdown`) and wait until the controller's loop ended."""
+        await self.shutdown()
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
