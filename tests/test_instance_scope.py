@@ -81,7 +81,7 @@ def test_a_second_instance_reflects_its_own_grpc_services_only() -> None:
 def test_every_reflected_service_name_is_well_formed() -> None:
     """Generated code registers each service twice (a generic handler keyed by full
     method names, and registered handlers); each service is one name."""
-    from fleet._replica.grpc import load_servicer_function, servicer_handlers
+    from fleet._grpc_schema import load_servicer_function, servicer_handlers
     methods = servicer_handlers(load_servicer_function(ECHO_FN))
     assert sorted(methods) == ["/fleettest.EchoService/Chat", "/fleettest.EchoService/Join",
                                "/fleettest.EchoService/Repeat", "/fleettest.EchoService/Say"]

@@ -26,6 +26,9 @@ RULES = [
     (r"fleet\._controller(\..*)?$",
      r"fleet\.(_api|_deployment|_handle|_refs|dag|drivers|testing|_cli|_proxy|_replica"
      r"|_runtime)(\..*)?$"),
+    # proxies and replicas share only lower modules (gRPC schemas: fleet._grpc_schema)
+    (r"fleet\._proxy(\..*)?$", r"fleet\._replica(\..*)?$"),
+    (r"fleet\._replica(\..*)?$", r"fleet\._proxy(\..*)?$"),
     # a proxy's servers sit below its process entry
     (r"fleet\._proxy\.(?!process$|__main__$).*", r"fleet\._proxy\.(process|__main__)$"),
     # a replica's adapters sit below the replica (annotations aside)

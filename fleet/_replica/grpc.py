@@ -17,7 +17,6 @@ before that.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import time
 from collections import namedtuple
@@ -26,6 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from fleet._grpc_schema import (
+    GrpcStatus,
+    MethodSchema,
+    class_servicers,
+    load_servicer_function,
+    servicer_handlers,
+)
 from fleet._wire.flow import Inbox
 from fleet.exceptions import MethodNotFoundError
 
@@ -36,86 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("fleet.replica")
 
 OK = grpc.StatusCode.OK
-CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 #: One metadata entry, as ``context.invocation_metadata()`` gives them.
 Metadatum = namedtuple("Metadatum", ("key", "value"))
-
-
-class MethodSchema:
-    """What one RPC needs on either side: its kind and (de)serializers."""
-
-    __slots__ = ("request_streaming", "response_streaming", "deserialize", "serialize")
-
-    def __init__(self, handler: Any) -> None:
-        self.request_streaming = bool(handler.request_streaming)
-        self.response_streaming = bool(handler.response_streaming)
-        self.deserialize: Callable[[bytes], Any] = handler.request_deserializer or _same
-        self.serialize: Callable[[Any], bytes] = handler.response_serializer or _same
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-class _Capture:
-    """A stand-in server that records what a generated ``add_XServicer_to_server`` adds."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, Any] = {}
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        for name, handler in handlers.items():
-            self.handlers[f"/{service}/{name}"] = handler
-
-    def add_generic_rpc_handlers(self, generic: Any) -> None:
-        # Older generated code registers only a generic handler; read its table. grpcio
-        # keys it by method name in some versions and by full name ("/svc/Method") in
-        # others; newer generated code registers both ways, and a full name must not be
-        # prefixed again (that made names like "/svc//svc/Method", and "svc//svc" services).
-        for g in generic:
-            service = getattr(g, "_name", None)
-            for name, handler in (getattr(g, "_method_handlers", None) or {}).items():
-                full = name if name.startswith("/") else f"/{service}/{name}"
-                self.handlers.setdefault(full, handler)
-
-
-def servicer_handlers(add_fn: Callable[[Any, Any], None]) -> dict[str, Any]:
-    """The method handlers (by full method name) a servicer function registers."""
-    capture = _Capture()
-    add_fn(_NullServicer(), capture)
-    return capture.handlers
-
-
-class _NullServicer:
-    def __getattr__(self, name: str) -> Any:
-        return None
-
-
-def load_servicer_function(path: str) -> Callable[[Any, Any], None]:
-    """Import ``"pkg.x_pb2_grpc.add_XServicer_to_server"``."""
-    module, _, name = path.rpartition(".")
-    if not module:
-        raise ValueError(f"grpc_servicer_functions: {path!r} is not an import path like "
-                         "'pkg.x_pb2_grpc.add_XServicer_to_server'")
-    fn = getattr(importlib.import_module(module), name, None)
-    if not callable(fn):
-        raise ValueError(f"grpc_servicer_functions: {module} has no function {name!r}")
-    return fn  # type: ignore[no-any-return]
-
-
-def class_servicers(cls: type) -> list[tuple[str, Callable[[Any, Any], None]]]:
-    """The generated servicer registration functions of the ``XServicer`` bases of cls."""
-    found = []
-    for base in cls.__mro__:
-        try:
-            module = importlib.import_module(base.__module__)
-        except Exception:
-            continue
-        fn = getattr(module, f"add_{base.__name__}_to_server", None)
-        if callable(fn):
-            found.append((base.__module__, fn))
-    return found
 
 
 class _Done:
@@ -129,15 +58,6 @@ class _Done:
 
 
 _DONE = _Done()
-
-
-class Abort(Exception):
-    """Raised by ``context.abort``: ends the RPC with this status."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
 
 
 class ServicerContext:
@@ -197,7 +117,7 @@ class ServicerContext:
             raise ValueError("abort needs a status code other than OK")
         if trailing_metadata is not None:
             self.set_trailing_metadata(trailing_metadata)
-        raise Abort(code, details)
+        raise GrpcStatus(code, details)
 
     def abort_with_status(self, status: Any) -> Any:
         self.abort(status.code, status.details, getattr(status, "trailing_metadata", None))
@@ -350,7 +270,7 @@ class GRPCAdapter:
         try:
             if schema.request_streaming:
                 if inbox is None:
-                    raise Abort(grpc.StatusCode.INTERNAL, "a request stream arrived as one "
+                    raise GrpcStatus(grpc.StatusCode.INTERNAL, "a request stream arrived as one "
                                                           "message; the proxy's schema differs")
                 request: Any = self._requests(inbox, schema, kind)
             else:
@@ -358,7 +278,7 @@ class GRPCAdapter:
                 try:
                     request = schema.deserialize(data)
                 except Exception as exc:
-                    raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    raise GrpcStatus(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the request is not a valid message for {full}: {exc}"
                                 ) from None
             if stream_out:
@@ -367,10 +287,10 @@ class GRPCAdapter:
             else:
                 result = await rep.invoke(fn, (request, ctx), {}, kind)
                 if result is None and ctx._code == OK:
-                    raise Abort(grpc.StatusCode.INTERNAL, f"{rpc} of {where} returned None "
+                    raise GrpcStatus(grpc.StatusCode.INTERNAL, f"{rpc} of {where} returned None "
                                                           "instead of a reply message")
                 conn.reply(call_id, ctx._status(None if result is None else ser(result)))
-        except Abort as exc:
+        except GrpcStatus as exc:
             ctx._code, ctx._details = exc.code, exc.details
             conn.reply(call_id, ctx._status(None))
         except asyncio.CancelledError:
@@ -445,7 +365,7 @@ def _parse(schema: MethodSchema, data: bytes) -> Any:
     try:
         return schema.deserialize(data)
     except Exception as exc:
-        raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+        raise GrpcStatus(grpc.StatusCode.INVALID_ARGUMENT,
                     f"a request message could not be parsed: {exc}") from None
 
 
