@@ -181,9 +181,7 @@ def apply_overrides(app: Any, overrides: dict[str, dict[str, Any]]) -> Any:
             if dep.name in overrides:
                 dep = dep.options(**overrides[dep.name])
             new = Application(dep, walk(value.args), walk(value.kwargs))
-            for attr in ("_legacy_refs",):
-                if hasattr(value, attr):
-                    setattr(new, attr, getattr(value, attr))
+            new._legacy_refs = value._legacy_refs
             seen[id(value)] = new
             return new
         if isinstance(value, list):

@@ -70,6 +70,8 @@ class Application:
         self.deployment = deployment
         self.args = args
         self.kwargs = kwargs
+        # part of a deployment graph (fleet.dag): its handles give references first
+        self._legacy_refs = False
 
     def __repr__(self) -> str:
         return f"Application(ingress={self.deployment.name!r})"
@@ -183,7 +185,7 @@ def build_plans(app: Application, app_name: str,
         name = unique(node.deployment.name)
         taken.add(name)
         names[id(node)] = name
-        legacy = getattr(node, "_legacy_refs", False)
+        legacy = node._legacy_refs
 
         def replace(value: Any) -> Any:
             if transform is not None:

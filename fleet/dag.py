@@ -56,9 +56,9 @@ def encode(node: Any, ids: dict[int, int] | None = None) -> Any:
 
 
 def _mark_graph(app: Application) -> None:
-    if app.__dict__.get("_legacy_refs"):
+    if app._legacy_refs:
         return
-    app._legacy_refs = True  # type: ignore[attr-defined]
+    app._legacy_refs = True
     for value in (*app.args, *app.kwargs.values()):
         for inner in _applications(value):
             _mark_graph(inner)

@@ -220,7 +220,7 @@ class Controller:
         deadline = time.monotonic() + UNROUTE_WAIT_S
         while time.monotonic() < deadline:
             lagging = [c for c in self.subscribers
-                       if getattr(c, "acked", version) < version]
+                       if c.acked is not None and c.acked < version]
             if not lagging:
                 return
             try:
@@ -334,7 +334,7 @@ class Controller:
     def on_ctrl(self, conn: ServerConnection, msg: Any) -> None:
         kind = msg.get("type")
         if kind == "tables_ack":
-            conn.acked = msg["version"]  # type: ignore[attr-defined]
+            conn.acked = int(msg["version"])
             self._notify()
             return
         if kind == "load":
@@ -632,7 +632,7 @@ class Controller:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             lagging = [c for c in self.subscribers if isinstance(c.tag, tuple)
-                       and c.tag[0] == "proxy" and getattr(c, "acked", 0) < self.version]
+                       and c.tag[0] == "proxy" and (c.acked or 0) < self.version]
             if not lagging:
                 return
             try:

@@ -40,6 +40,8 @@ class ServerConnection(Connection):
         self.handler = handler
         self.secret = secret
         self.tag: Any = None          # what the handler knows this peer as
+        # the version of the controller's tables this peer said it applied, if it acks
+        self.acked: int | None = None
         self._nonces: tuple[bytes, bytes] | None = None
         self.windows: dict[int, Window] = {}    # streamed calls' reply windows
 
