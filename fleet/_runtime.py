@@ -15,7 +15,7 @@ from typing import Any
 
 from fleet import _traffic
 from fleet._router import Router, Slot
-from fleet._types import Tables, deployment_key
+from fleet._types import CallMeta, ControlMessage, Tables, deployment_key
 from fleet._wire import frames
 from fleet._wire.channel import Channel, Pending, connect
 from fleet.exceptions import (
@@ -107,7 +107,7 @@ class Runtime:
                              "down or its driver exited")
         return await ch.call(method, args, kwargs, None).result()
 
-    def send_ctrl(self, msg: dict[str, Any]) -> None:
+    def send_ctrl(self, msg: ControlMessage) -> None:
         if self.controller is not None:
             self.controller.send(frames.encode(frames.CTRL, 0, msg))
 
@@ -201,7 +201,7 @@ class Runtime:
                              f"{router.deployment!r}")
 
     async def start_call(self, router: Router, method: str, args: tuple[Any, ...],
-                         kwargs: dict[str, Any], meta: dict[str, Any] | None,
+                         kwargs: dict[str, Any], meta: CallMeta | None,
                          stream: bool,
                          on_queue: Callable[[asyncio.Future[Slot]], None] | None = None
                          ) -> tuple[Slot, Pending]:
@@ -249,7 +249,7 @@ class Runtime:
                 f"finish within timeout_s={opts.timeout_s}; it was cancelled") from None
 
     async def _call_once(self, router: Router, method: str, args: tuple[Any, ...],
-                         kwargs: dict[str, Any], meta: dict[str, Any] | None) -> Any:
+                         kwargs: dict[str, Any], meta: CallMeta | None) -> Any:
         for attempt in range(MAX_ATTEMPTS):
             slot, pending = await self.start_call(router, method, args, kwargs, meta, False)
             try:
@@ -321,9 +321,9 @@ class Stream:
             self._finish()
 
 
-def _meta(opts: Any) -> dict[str, Any] | None:
+def _meta(opts: Any) -> CallMeta | None:
     if opts.http_headers or opts.multiplexed_model_id:
-        meta: dict[str, Any] = {}
+        meta: CallMeta = {}
         if opts.http_headers:
             meta["http_headers"] = opts.http_headers
         if opts.multiplexed_model_id:

@@ -16,6 +16,7 @@ import random
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from fleet._types import CallMeta
 from fleet._wire import frames
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ async def _quiet(coro: Coroutine[Any, Any, None], app: str) -> None:
 
 
 async def copy(runtime: Runtime, app: str, ingress: str, method: str, args: tuple[Any, ...],
-               meta: dict[str, Any] | None, stream: bool,
+               meta: CallMeta | None, stream: bool,
                kwargs: dict[str, Any] | None = None) -> None:
     """One shadow call, its answer read to the end and dropped."""
     router = runtime.router(app, ingress)
@@ -104,7 +105,7 @@ def route_app(runtime: Runtime, app: str, ingress: str,
 
 def route_handle(runtime: Runtime, app: str, ingress: str, method: str,
                  args: tuple[Any, ...], kwargs: dict[str, Any],
-                 meta: dict[str, Any] | None, stream: bool) -> tuple[str, str]:
+                 meta: CallMeta | None, stream: bool) -> tuple[str, str]:
     """:func:`route_app` for a handle call; shadows get the same arguments."""
     async def shadow(s_app: str, s_ingress: str) -> None:
         await copy(runtime, s_app, s_ingress, method, args, meta, stream, kwargs)

@@ -30,7 +30,7 @@ from fleet._proxy.errors import ErrorReports
 from fleet._proxy.startup import proxy_failed
 from fleet._router import Router
 from fleet._runtime import Runtime
-from fleet._types import Tables
+from fleet._types import CallMeta, GrpcReply, Tables
 from fleet._wire import frames
 from fleet._wire.channel import Pending
 from fleet.exceptions import BackPressureError, FleetError, client_error
@@ -224,11 +224,11 @@ class GRPCProxy(grpc.GenericRpcHandler):
 
     # -- serving -----------------------------------------------------------------------
     def _meta(self, kind: _Kind, pairs: Any, context: Any, stream_in: bool,
-              stream_out: bool) -> dict[str, Any]:
+              stream_out: bool) -> CallMeta:
         remaining = context.time_remaining()
         if self.timeout is not None and (remaining is None or remaining > self.timeout):
             remaining = self.timeout
-        meta = {"grpc": kind.full, "md": pairs, "fn": kind.fn,
+        meta: CallMeta = {"grpc": kind.full, "md": pairs, "fn": kind.fn,
                 "in": "data" if stream_in else "args", "out": stream_out,
                 "timeout": remaining}
         for key, value in pairs:
@@ -335,17 +335,16 @@ class GRPCProxy(grpc.GenericRpcHandler):
             if type(value) is bytes:
                 await context.write(value)
                 return
-            message = value[0]
-            if message is not None and fallback:
-                initial = value[4]
-                if initial:
-                    await context.send_initial_metadata(initial)
-                await context.write(message)
-                value = (None, *value[1:4], ())
-            await self._finish(value, context)
+            reply: GrpcReply = value
+            if reply.message is not None and fallback:
+                if reply.initial:
+                    await context.send_initial_metadata(reply.initial)
+                await context.write(reply.message)
+                reply = reply._replace(message=None, initial=())
+            await self._finish(reply, context)
             return
 
-    async def _finish(self, value: Any, context: Any) -> Any:
+    async def _finish(self, value: GrpcReply, context: Any) -> Any:
         message, code_value, details, trailing, initial = value
         if initial:
             await context.send_initial_metadata(initial)

@@ -28,7 +28,7 @@ from fleet._proxy.errors import ErrorReports
 from fleet._proxy.routes import RouteTable
 from fleet._proxy.startup import bind_socket, proxy_failed
 from fleet._runtime import Runtime
-from fleet._types import Tables
+from fleet._types import CallMeta, Tables
 from fleet._wire import frames
 from fleet.exceptions import BackPressureError, FleetError, client_error
 
@@ -37,7 +37,7 @@ log = logging.getLogger("fleet.proxy")
 _METHOD_HEADER = b"x-serve-call-method"
 _LENGTH_HEADER = b"content-length"
 _CHUNKED_HEADER = b"transfer-encoding"
-_HTTP_META = {"http": 1}
+_HTTP_META: CallMeta = {"http": 1}
 # A multiplexed model id (fleet.get_multiplexed_model_id): Ray Serve's header name,
 # with underscores or dashes.
 _MODEL_HEADERS = frozenset((b"serve_multiplexed_model_id", b"serve-multiplexed-model-id"))
@@ -325,7 +325,7 @@ class HTTPProxy:
 
     async def _forward(self, app: str, ingress: str, method: str, sub: dict[str, Any],
                        body: bytes, receive: Any, send: Any, rid: bytes,
-                       meta: dict[str, Any] = _HTTP_META) -> tuple[int, str]:
+                       meta: CallMeta = _HTTP_META) -> tuple[int, str]:
         runtime = self.runtime
         router = runtime.router(app, ingress)
         loop = runtime.loop

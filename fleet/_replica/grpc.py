@@ -32,6 +32,7 @@ from fleet._grpc_schema import (
     load_servicer_function,
     servicer_handlers,
 )
+from fleet._types import CallMeta, GrpcReply
 from fleet._wire.flow import Inbox
 from fleet.exceptions import MethodNotFoundError
 
@@ -64,7 +65,7 @@ class ServicerContext:
     """What a servicer method gets as ``context``: grpcio's calls that matter for a
     handler, recorded here and sent back to the client with the reply."""
 
-    def __init__(self, meta: dict[str, Any],
+    def __init__(self, meta: CallMeta,
                  write: Callable[[Any], Awaitable[None]] | None = None,
                  read: Callable[[], Any] | None = None) -> None:
         self._md = tuple(Metadatum(k, v) for k, v in meta.get("md", ()))
@@ -163,7 +164,8 @@ class ServicerContext:
         if self._code == OK and not self._trailing and not self._initial \
                 and message is not None:
             return message
-        return (message, self._code.value[0], self._details, self._trailing, self._initial)
+        return GrpcReply(message, self._code.value[0], self._details, self._trailing,
+                         self._initial)
 
     def _run_callbacks(self) -> None:
         for cb in self._callbacks:
@@ -210,7 +212,7 @@ class GRPCAdapter:
                 "modules": list(self.modules)}
 
     # -- called by the replica -----------------------------------------------------
-    def accept(self, conn: ServerConnection, call_id: int, meta: dict[str, Any]) -> None:
+    def accept(self, conn: ServerConnection, call_id: int, meta: CallMeta) -> None:
         """A call arrived: open its inbox now, before its DATA frames are handled."""
         if meta.get("in") == "data":
             self.inboxes[(id(conn), call_id)] = conn.inbox(call_id)
@@ -223,7 +225,7 @@ class GRPCAdapter:
         return True
 
     async def serve(self, conn: ServerConnection, call_id: int, rpc: str,
-                    args: tuple[Any, ...], meta: dict[str, Any]) -> None:
+                    args: tuple[Any, ...], meta: CallMeta) -> None:
         key = (id(conn), call_id)
         try:
             if meta.get("describe"):
@@ -234,7 +236,7 @@ class GRPCAdapter:
             self.inboxes.pop(key, None)
 
     async def _serve(self, conn: ServerConnection, call_id: int, rpc: str,
-                     args: tuple[Any, ...], meta: dict[str, Any], key: tuple[int, int]
+                     args: tuple[Any, ...], meta: CallMeta, key: tuple[int, int]
                      ) -> None:
         full: str = meta["grpc"]
         rep = self.replica
@@ -311,7 +313,7 @@ class GRPCAdapter:
 
     def _fail(self, conn: ServerConnection, call_id: int, code: grpc.StatusCode,
               details: str) -> None:
-        conn.reply(call_id, (None, code.value[0], details, (), ()))
+        conn.reply(call_id, GrpcReply(None, code.value[0], details, (), ()))
 
     # -- request streams -------------------------------------------------------------
     def _reader(self, inbox: Inbox, schema: MethodSchema) -> Callable[[], Any]:

@@ -12,8 +12,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from fleet._types import CallMeta, ErrorInfo
 from fleet._wire import auth, frames
-from fleet._wire.errors import ErrorInfo, rebuild
+from fleet._wire.errors import rebuild
 from fleet._wire.flow import Credits, Window
 from fleet.exceptions import FleetError, ReplicaDiedError
 
@@ -320,7 +321,7 @@ class Channel(Connection):
             self._write_auth(hello)
 
     def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-             meta: dict[str, Any] | None, stream: bool = False) -> Pending:
+             meta: CallMeta | None, stream: bool = False) -> Pending:
         """Start a call; raises TypeError if an argument cannot be pickled."""
         if self.closed:
             raise ReplicaDiedError(f"connection to {self.peer} is closed")
