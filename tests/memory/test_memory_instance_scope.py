@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 import fleet
 import fleet.testing
 from fleet import dag
@@ -75,3 +77,22 @@ def test_graph_nodes_are_numbered_per_graph() -> None:
     ids = [item["id"] for item in first["items"]]
     assert ids == [1, 2] and first["items"][1]["args"][0]["id"] == 1   # shared: one id
     assert [item["id"] for item in second["items"]] == [1, 2]          # not 3, 4
+
+
+def test_the_runtime_starts_an_instance_only_through_the_registered_starter(
+        monkeypatch) -> None:
+    from fleet import _api, _runtime
+    assert _runtime._starter is _api.start          # fleet's public layer registered it
+    monkeypatch.setattr(_runtime, "_current", None)
+    monkeypatch.setattr(_runtime, "_starter", None)
+    with pytest.raises(fleet.FleetError, match="call fleet.start"):
+        _runtime.current()
+    started: list[bool] = []
+
+    def start() -> None:
+        started.append(True)
+        _runtime._current = sentinel                 # what a real start would set
+
+    sentinel: Any = object()
+    _runtime.set_starter(start)
+    assert _runtime.current() is sentinel and started == [True]
