@@ -268,6 +268,11 @@ class ReplicaProcess(Protocol):
 
     replica_id: str
 
+    @property
+    def pid(self) -> int | None:
+        """Its process id (this process's own for the memory backend), if it has one."""
+        ...
+
     def alive(self) -> bool: ...
 
     def exit_code(self) -> int | None:

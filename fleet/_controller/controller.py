@@ -19,6 +19,7 @@ from fleet._controller import traffic, views
 from fleet._controller.state import AppState, DeploymentState, ReplicaRecord
 from fleet._plan import DeploymentPlan
 from fleet._types import (
+    Backend,
     ControlMessage,
     DeploymentStatus,
     ErrorInfo,
@@ -50,7 +51,7 @@ ROLLING_SURGE = 0.25
 class Controller:
     """Desired state, reconcile loop and table publisher (a listener Handler)."""
 
-    def __init__(self, backend: Any, secret: bytes, address: str, sys_path: list[str],
+    def __init__(self, backend: Backend, secret: bytes, address: str, sys_path: list[str],
                  cwd: str) -> None:
         self.backend = backend
         self.secret = secret
@@ -190,7 +191,7 @@ class Controller:
             del dep.replicas[rid]
             self._fail(dep, f"could not start a replica: {exc}")
             return
-        rec.pid = getattr(rec.proc, "pid", None)
+        rec.pid = rec.proc.pid
         log.info("starting replica %s of %s/%s", rid, dep.app, dep.name)
 
     def _stop(self, dep: DeploymentState, rec: ReplicaRecord) -> None:
@@ -216,7 +217,9 @@ class Controller:
                      timeout: float) -> None:
         if routed:
             await self._unroute()
-            rec.conn.ctrl({"type": "stop", "timeout_s": timeout})
+        conn = rec.conn
+        if routed and conn is not None:
+            conn.ctrl({"type": "stop", "timeout_s": timeout})
         elif rec.proc is not None:
             self.backend.terminate(rec.proc)
         await self._await_exit(dep, rec, timeout + 2)
@@ -412,6 +415,8 @@ class Controller:
             dep.last_error["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     def _send_reconfigure(self, rec: ReplicaRecord, user_config: Any) -> None:
+        if rec.conn is None:
+            return                  # not connected yet: it starts with the plan's config
         rec.user_config = user_config
         rec.reconfiguring = True
         rec.conn.ctrl({"type": "reconfigure", "user_config": user_config})
