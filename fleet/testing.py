@@ -35,6 +35,7 @@ from fleet._backends.memory import MemoryBackend
 from fleet._config import GRPCOptions, HTTPOptions, coerce_options
 from fleet._deployment import Application, build_plans
 from fleet._handle import DeploymentHandle
+from fleet._types import ASGIApp
 from fleet.drivers import prepare_app
 
 __all__ = ["AsyncTestClient", "TestClient"]
@@ -57,7 +58,7 @@ class _Session:
         self.http_options: HTTPOptions = coerce_options(HTTPOptions, http_options,
                                                         "http_options")
         self.instance: Instance | None = None
-        self.asgi: Any = None
+        self.asgi: ASGIApp | None = None
         self.ingress = ""
         self.legacy_refs = False
         self._previous: Any = None
@@ -109,6 +110,7 @@ class _Session:
 
     async def send(self, request: httpx.Request, body: bytes) -> tuple[int, Any, bytes]:
         """Runs on the instance's loop: one request through the proxy's ASGI app."""
+        assert self.asgi is not None, "use the client in a `with` block"
         transport = httpx.ASGITransport(app=self.asgi)
         inner = httpx.Request(request.method, request.url, headers=request.headers,
                               content=body)

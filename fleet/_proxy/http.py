@@ -28,7 +28,7 @@ from fleet._proxy.errors import ErrorReports
 from fleet._proxy.routes import RouteTable
 from fleet._proxy.startup import bind_socket, proxy_failed
 from fleet._runtime import Runtime
-from fleet._types import CallMeta, Tables
+from fleet._types import ASGIApp, CallMeta, Tables
 from fleet._wire import frames
 from fleet.exceptions import BackPressureError, FleetError, client_error
 
@@ -601,7 +601,7 @@ class _RequestIdLayer:
         await self.app(scope, receive, send_with_id)
 
 
-def build_app(runtime: Runtime, options: HTTPOptions) -> Any:
+def build_app(runtime: Runtime, options: HTTPOptions) -> ASGIApp:
     """The proxy app wrapped in the configured middlewares (the first is outermost)."""
     proxy = HTTPProxy(runtime, options)
     app: Any = proxy
