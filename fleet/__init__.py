@@ -29,6 +29,7 @@ from fleet._ingress import ingress
 from fleet._multiplex import get_multiplexed_model_id, multiplexed
 from fleet._refs import get, wait
 from fleet._serve_request import ServeRequest
+from fleet._version import __version__
 from fleet.exceptions import (
     BackPressureError,
     DeploymentFailedError,
@@ -42,8 +43,6 @@ from fleet.exceptions import (
     RequestCancelledError,
     RequestTimeoutError,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Application",

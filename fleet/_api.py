@@ -22,9 +22,10 @@ from fleet._config import GRPCOptions, HTTPOptions, coerce_options
 from fleet._controller.controller import Controller
 from fleet._deployment import Application, build_plans
 from fleet._handle import DeploymentHandle
-from fleet._runtime import Runtime, set_current
+from fleet._runtime import Runtime, set_current, set_starter
 from fleet._types import Backend
 from fleet._wire.listener import listen
+from fleet.drivers import prepare_app
 from fleet.exceptions import FleetError
 
 T = TypeVar("T")
@@ -160,13 +161,7 @@ class Instance:
         if self.runtime is not None:
             self.runtime.close("fleet was shut down before this call reached a replica")
         if self.controller is not None:
-            await self.controller.shutdown()
-            task = self.controller._task
-            if task is not None:
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+            await self.controller.close()
         if self.runtime is not None and self.runtime.controller is not None:
             self.runtime.controller.close()
         if self._server is not None:
@@ -405,7 +400,34 @@ def _at_exit() -> None:
         inst.shutdown()
 
 
+def ensure_grpc_proxy(port: int | None) -> None:
+    """Make sure the instance runs its gRPC proxy (on port, when given and no gRPC
+    proxy runs yet; a running proxy also listens on a driver's port once it is
+    deployed)."""
+    with _lock:
+        inst = _instance
+        if inst is None or inst.closed:
+            start(grpc_options={} if port is None else {"port": port})
+            return
+    if inst.grpc_options.enabled:
+        return
+    if not isinstance(inst, Instance):
+        raise FleetError(f"the fleet instance this process uses (pid {inst.pid}) runs no gRPC "
+                         "proxy; start it with `fleet run --grpc-port PORT` or "
+                         "fleet.start(grpc_options={...})")
+    update: dict[str, Any] = {"enabled": True}
+    if port is not None:
+        update["port"] = port
+    options = inst.grpc_options.model_copy(update=update)
+    info = inst.call(inst._start_proxy("grpc", options))
+    if "error" in info:
+        raise FleetError(info["error"])
+    inst.grpc_options = options
+
+
 atexit.register(_at_exit)
+# A handle used before fleet.start() starts an instance with defaults.
+set_starter(start)
 
 
 def _ctl(method: str, *args: Any, create: bool = True) -> Any:
@@ -455,8 +477,9 @@ def deploy(app: Application, name: str, route_prefix: str | None,
                                      or not route_prefix.startswith("/")):
         raise ValueError(f"application {name!r}: route_prefix must start with '/' (or be None "
                          f"for no HTTP route), got {route_prefix!r}")
-    from fleet.dag import prepare_app  # graph drivers turn into plain applications
-    app, protocol, grpc_port = prepare_app(app)
+    app, protocol, grpc_port, needs_grpc = prepare_app(app)  # drivers become plain apps
+    if needs_grpc:
+        ensure_grpc_proxy(grpc_port)
     plans = build_plans(app, name)
     _deploy(name, route_prefix, plans, protocol, grpc_port, progress, on_ready)
     handle = DeploymentHandle(plans[0].name, name)._following_traffic()

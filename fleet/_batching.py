@@ -86,12 +86,15 @@ class _Stats:
                 "batch_sizes": dict(sorted(self.sizes.items()))}
 
 
-_stats: dict[str, _Stats] = {}
-
-
-def batch_stats() -> dict[str, dict[str, Any]]:
-    """Batch sizes of every batched method that ran in this process, by method name."""
-    return {name: s.as_dict() for name, s in _stats.items()}
+def batch_stats(instance: Any) -> dict[str, dict[str, Any]]:
+    """Batch sizes of every batched method of a replica's instance (its object, or its
+    function) that ran on this loop, by method name. A method's queue, and with it its
+    counts, lives on the object it batches for and dies with it."""
+    target = instance.func if isinstance(instance, functools.partial) else instance
+    loop = asyncio.get_running_loop()
+    found = getattr(target, "__dict__", {})
+    return {q.name: q.stats.as_dict() for q in list(found.values())
+            if isinstance(q, _BatchQueue) and q.loop is loop}
 
 
 class _BatchQueue:
@@ -110,7 +113,7 @@ class _BatchQueue:
         self.waiting: deque[_Entry] = deque()
         self.arrived = asyncio.Event()
         self.slots = asyncio.Semaphore(max_concurrent)
-        self.stats = _stats.setdefault(name, _Stats())
+        self.stats = _Stats()
         self.running: set[asyncio.Task[None]] = set()
         self.multiplexed = False        # calls carried model ids: batches split by model
         self.task = self.loop.create_task(self._collect())
@@ -337,20 +340,17 @@ def batch(_fn: F | None = None, *, max_batch_size: int = 10,
         is_method = len(params) >= 2 or (bool(params) and params[0] == "self")
         name = fn.__qualname__
         attr = f"_fleet_batch_{fn.__name__}_{id(fn)}"
-        free_queues: dict[int, _BatchQueue] = {}
+        # A method's queue lives on the object it batches for; a function's on the
+        # function fleet calls (the wrapper): batch_stats finds them there.
+        holder: list[Any] = []
 
         def queue_for(owner: Any) -> _BatchQueue:
-            if owner is _NO_OWNER:
-                q = free_queues.get(0)
-            else:
-                q = owner.__dict__.get(attr)
+            place = holder[0].__dict__ if owner is _NO_OWNER else owner.__dict__
+            q = place.get(attr)
             if q is None or q.loop is not asyncio.get_running_loop():
                 q = _BatchQueue(fn, owner, name, max_batch_size, batch_wait_timeout_s,
                                 max_concurrent_batches, stream)
-                if owner is _NO_OWNER:
-                    free_queues[0] = q
-                else:
-                    owner.__dict__[attr] = q
+                place[attr] = q
             return q
 
         if stream:
@@ -372,6 +372,7 @@ def batch(_fn: F | None = None, *, max_batch_size: int = 10,
                 finally:
                     q.withdraw(entry)
 
+            holder.append(stream_wrapper)
             return stream_wrapper  # type: ignore[return-value]
 
         @functools.wraps(fn)
@@ -386,6 +387,7 @@ def batch(_fn: F | None = None, *, max_batch_size: int = 10,
                 q.withdraw(entry)
                 raise
 
+        holder.append(wrapper)
         return wrapper  # type: ignore[return-value]
 
     if _fn is not None:

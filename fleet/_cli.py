@@ -181,9 +181,7 @@ def apply_overrides(app: Any, overrides: dict[str, dict[str, Any]]) -> Any:
             if dep.name in overrides:
                 dep = dep.options(**overrides[dep.name])
             new = Application(dep, walk(value.args), walk(value.kwargs))
-            for attr in ("_legacy_refs",):
-                if hasattr(value, attr):
-                    setattr(new, attr, getattr(value, attr))
+            new._legacy_refs = value._legacy_refs
             seen[id(value)] = new
             return new
         if isinstance(value, list):
@@ -272,8 +270,9 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
         host: str | None, port: int | None, grpc_port: int | None, dev: bool,
         reload: bool) -> None:
     """Run TARGET (MODULE:ATTR or CONFIG.yaml) in the foreground until Ctrl-C or SIGTERM."""
-    import fleet
     from fleet._api import deploy, shutdown, start_owned
+    from fleet._api import status as instance_status
+    from fleet.exceptions import DeploymentFailedError, FleetError
     if app_dir is None:
         app_dir = "."
     sys.path.insert(0, os.path.abspath(app_dir))
@@ -349,7 +348,7 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
             except (TypeError, ValueError) as exc:
                 raise CLIError(str(exc)) from None
         stop.serving()
-        _print_serving(fleet.status())
+        _print_serving(instance_status())
         while not stop.event.wait(0.5):
             if inst.closed:             # stopped from another process (fleet.shutdown())
                 break
@@ -364,11 +363,11 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
         click.echo("fleet: interrupted while starting; shutting down", err=True)
         shutdown()
         sys.exit(1)
-    except fleet.DeploymentFailedError as exc:
+    except DeploymentFailedError as exc:
         click.echo(f"fleet: error: {exc}", err=True)
         shutdown()
         sys.exit(1)
-    except fleet.FleetError as exc:
+    except FleetError as exc:
         click.echo(f"fleet: error: {exc}", err=True)
         shutdown()
         sys.exit(1)
@@ -401,11 +400,12 @@ def _versions(status: dict[str, Any]) -> dict[str, set[str]]:
 def _reload(watcher: Any, changed: list[str], target: str, config: FleetConfig) -> None:
     """Import the changed application afresh and redeploy it: deployments whose code and
     options did not change keep their replicas; a failure keeps the previous version."""
-    import fleet
     from fleet._api import deploy
+    from fleet._api import status as instance_status
+    from fleet.exceptions import FleetError
     names = ", ".join(os.path.relpath(p) for p in changed)
     click.echo(f"fleet: {names} changed; reloading", err=True)
-    before = _versions(fleet.status())
+    before = _versions(instance_status())
     watcher.forget_modules()
     try:
         if target.endswith((".yaml", ".yml")):
@@ -414,12 +414,12 @@ def _reload(watcher: Any, changed: list[str], target: str, config: FleetConfig) 
         apps = _load_apps(config)
         for app_cfg, app in apps:
             deploy(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix, progress=True)
-    except (CLIError, fleet.FleetError, TypeError, ValueError) as exc:
+    except (CLIError, FleetError, TypeError, ValueError) as exc:
         text = exc.message if isinstance(exc, CLIError) else str(exc)
         click.echo(f"fleet: error: {text}", err=True)
         click.echo("fleet: reload failed; the previous version keeps serving", err=True)
     else:
-        after = _versions(fleet.status())
+        after = _versions(instance_status())
         rolled = sorted(d for d in after if after[d] != before.get(d))
         kept = sorted(d for d in after if after[d] == before.get(d))
         click.echo(f"fleet: reloaded: rolled {', '.join(rolled) or 'nothing'}; kept "

@@ -7,18 +7,17 @@ import importlib
 import inspect
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 import cloudpickle
 
 from fleet._config import DeploymentConfig, make_deployment_config
 from fleet._handle import DeploymentHandle
+from fleet._nodes import MethodBinder
+from fleet._plan import DeploymentPlan
 
 T = TypeVar("T")
 
-# Options whose change does not need new replicas.
-_LIVE_OPTIONS = {"num_replicas", "user_config", "autoscaling_config"}
 
 
 class Deployment:
@@ -71,6 +70,8 @@ class Application:
         self.deployment = deployment
         self.args = args
         self.kwargs = kwargs
+        # part of a deployment graph (fleet.dag): its handles give references first
+        self._legacy_refs = False
 
     def __repr__(self) -> str:
         return f"Application(ingress={self.deployment.name!r})"
@@ -79,8 +80,7 @@ class Application:
         # `app.method.bind(...)` in deployment graphs (fleet.dag)
         if name.startswith("_") and name != "__call__":
             raise AttributeError(name)
-        from fleet.dag import bind_method
-        return bind_method(self, name)
+        return MethodBinder(self, name)
 
 
 @overload
@@ -117,27 +117,6 @@ def deployment(_func_or_class: Any = None, **options: Any) -> Any:
 
 
 # -- flattening an application into deployment plans -------------------------------
-
-@dataclass
-class DeploymentPlan:
-    """One deployment of an application, ready for the controller."""
-
-    name: str
-    config: DeploymentConfig
-    serialized_def: bytes
-    code_version: str
-    ingress: bool = False
-    legacy_refs: bool = False
-    oip: dict[str, Any] | None = None   # fleet.oip.model's metadata, if it is one
-
-    @property
-    def version(self) -> str:
-        """Changes when replicas must be replaced (code, arguments or restart options)."""
-        opts = self.config.model_dump(exclude=_LIVE_OPTIONS)
-        h = hashlib.sha1(self.code_version.encode())
-        h.update(repr(sorted(opts.items())).encode())
-        return h.hexdigest()[:12]
-
 
 class ClassRef:
     """An importable deployment target, pickled by name instead of by value."""
@@ -206,7 +185,7 @@ def build_plans(app: Application, app_name: str,
         name = unique(node.deployment.name)
         taken.add(name)
         names[id(node)] = name
-        legacy = getattr(node, "_legacy_refs", False)
+        legacy = node._legacy_refs
 
         def replace(value: Any) -> Any:
             if transform is not None:

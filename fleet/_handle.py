@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fleet import _runtime as _runtime_mod
+
 _UNSET: Any = object()
 
 
@@ -31,8 +33,7 @@ class _CallOptions:
 
 
 def _runtime() -> Any:
-    from fleet import _runtime
-    return _runtime.current()
+    return _runtime_mod.current()
 
 
 class DeploymentHandle:
@@ -122,7 +123,10 @@ class DeploymentResponse:
         self._loop: asyncio.AbstractEventLoop = rt.loop
         self._legacy = call[2].legacy_refs
         self._call = call[:3]
-        coro = rt.call(*call)
+        if _has_responses(call[3], call[4]):
+            coro = _call_resolved(rt, call)
+        else:
+            coro = rt.call(*call)
         self._task: asyncio.Future[Any] | None = None
         self._cfut: concurrent.futures.Future[Any] | None = None
         if _on_loop(self._loop):
@@ -198,6 +202,29 @@ class DeploymentResponse:
         return await self._wait()
 
 
+def _has_responses(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call passes DeploymentResponses, whose values must be awaited first."""
+    return (any(isinstance(a, DeploymentResponse) for a in args)
+            or (bool(kwargs) and any(isinstance(v, DeploymentResponse)
+                                     for v in kwargs.values())))
+
+
+async def _resolve(args: tuple[Any, ...], kwargs: dict[str, Any]
+                   ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Await DeploymentResponses passed as arguments, so their values are delivered."""
+    args = tuple([await a._to_value() if isinstance(a, DeploymentResponse) else a
+                  for a in args])
+    kwargs = {k: (await v._to_value() if isinstance(v, DeploymentResponse) else v)
+              for k, v in kwargs.items()}
+    return args, kwargs
+
+
+async def _call_resolved(rt: Any, call: tuple[Any, ...]) -> Any:
+    app, deployment, opts, args, kwargs = call
+    args, kwargs = await _resolve(args, kwargs)
+    return await rt.call(app, deployment, opts, args, kwargs)
+
+
 async def _await_task(task: asyncio.Future[Any]) -> Any:
     return await task
 
@@ -232,7 +259,10 @@ class DeploymentResponseGenerator:
 
     async def _open(self) -> Any:
         if self._stream is None:
-            self._stream = await self._rt.open_stream(*self._call)
+            app, deployment, opts, args, kwargs = self._call
+            if _has_responses(args, kwargs):
+                args, kwargs = await _resolve(args, kwargs)
+            self._stream = await self._rt.open_stream(app, deployment, opts, args, kwargs)
         return self._stream
 
     async def _next(self) -> Any:

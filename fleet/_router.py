@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fleet._types import DeploymentTable
+from fleet._types import DeploymentStatus, DeploymentTable
 from fleet._wire.channel import Channel
 from fleet.exceptions import BackPressureError, DeploymentFailedError, FleetError
 
@@ -47,7 +47,8 @@ class Router:
         self._by_id: dict[str, Slot] = {}
         self.max_ongoing = 100
         self.max_queued = -1
-        self.status = "UPDATING"
+        # None: not in the tables (not yet, or deleted: see known)
+        self.status: DeploymentStatus | None = DeploymentStatus.UPDATING
         self.message = ""
         self.known = False
         self.queue: deque[asyncio.Future[Slot]] = deque()
@@ -59,7 +60,7 @@ class Router:
     def update(self, table: DeploymentTable | None) -> None:
         if table is None:
             self.known = False
-            self.status = "DELETED"
+            self.status = None
             self.slots = []
             for slot in self._by_id.values():
                 slot.gone = True
@@ -70,7 +71,7 @@ class Router:
         self.known = True
         self.max_ongoing = table["max_ongoing_requests"]
         self.max_queued = table["max_queued_requests"]
-        self.status = table["status"]
+        self.status = DeploymentStatus(table["status"])
         self.message = table["message"]
         new: dict[str, Slot] = {}
         for r in table["replicas"]:
@@ -86,7 +87,7 @@ class Router:
                 slot.gone = True
         self._by_id = new
         self.slots = list(new.values())
-        if self.status == "DEPLOY_FAILED" and not self.slots:
+        if self.status is DeploymentStatus.DEPLOY_FAILED and not self.slots:
             self._fail_waiters(DeploymentFailedError(self.message or (
                 f"deployment {self.deployment!r} of application {self.app!r} failed")))
         self._wake()
@@ -159,7 +160,7 @@ class Router:
                 f"deployment {self.deployment!r} of application {self.app!r} already has "
                 f"{len(self.queue)} queued calls (max_queued_requests={self.max_queued}); "
                 "retry later or raise the limit")
-        if self.status == "DEPLOY_FAILED" and not self.slots:
+        if self.status is DeploymentStatus.DEPLOY_FAILED and not self.slots:
             raise DeploymentFailedError(self.message or f"deployment {self.deployment!r} failed")
         if self.closed:
             raise FleetError(self.closed)

@@ -15,7 +15,7 @@ from typing import Any
 
 from fleet import _traffic
 from fleet._router import Router, Slot
-from fleet._types import Tables, deployment_key
+from fleet._types import CallMeta, ControlMessage, Tables, deployment_key
 from fleet._wire import frames
 from fleet._wire.channel import Channel, Pending, connect
 from fleet.exceptions import (
@@ -35,13 +35,26 @@ MAX_ATTEMPTS = 4
 LOAD_REPORT_S = 0.5
 
 
+# How a driver starts an instance when a handle is used before fleet.start(): the
+# public layer registers it (this module sits below it and never imports it).
+_starter: Callable[[], object] | None = None
+
+
+def set_starter(start: Callable[[], object]) -> None:
+    """Register what :func:`current` calls when no runtime runs in this process."""
+    global _starter
+    _starter = start
+
+
 def current() -> Runtime:
     """This process's runtime; in a driver, starts an instance if none runs."""
     rt = _current
     if rt is not None:
         return rt
-    from fleet import _api
-    _api.start()
+    if _starter is None:
+        raise FleetError("no fleet runtime runs in this process: import fleet and call "
+                         "fleet.start() (or fleet.run(app)) before using a handle")
+    _starter()
     assert _current is not None
     return _current
 
@@ -72,6 +85,8 @@ class Runtime:
         self.caller_id = f"{os.getpid()}-{id(self):x}"
         self._autoscaled: set[str] = set()
         self._report_timer: asyncio.TimerHandle | None = None
+        # shadow copies of traffic in flight from this runtime (bounded by _traffic)
+        self.shadows: set[asyncio.Task[None]] = set()
 
     # -- controller --------------------------------------------------------------
     async def connect_controller(self, subscribe: bool = True) -> None:
@@ -92,7 +107,7 @@ class Runtime:
                              "down or its driver exited")
         return await ch.call(method, args, kwargs, None).result()
 
-    def send_ctrl(self, msg: dict[str, Any]) -> None:
+    def send_ctrl(self, msg: ControlMessage) -> None:
         if self.controller is not None:
             self.controller.send(frames.encode(frames.CTRL, 0, msg))
 
@@ -186,7 +201,7 @@ class Runtime:
                              f"{router.deployment!r}")
 
     async def start_call(self, router: Router, method: str, args: tuple[Any, ...],
-                         kwargs: dict[str, Any], meta: dict[str, Any] | None,
+                         kwargs: dict[str, Any], meta: CallMeta | None,
                          stream: bool,
                          on_queue: Callable[[asyncio.Future[Slot]], None] | None = None
                          ) -> tuple[Slot, Pending]:
@@ -217,8 +232,7 @@ class Runtime:
 
     async def call(self, app: str, deployment: str, opts: Any, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> Any:
-        """One handle call, start to finish."""
-        args, kwargs = await _resolve(args, kwargs)
+        """One handle call, start to finish (arguments already resolved)."""
         meta = _meta(opts)
         if opts.follow_traffic and self.tables is not None and self.tables["traffic"]:
             app, deployment = _traffic.route_handle(self, app, deployment, opts.method_name,
@@ -235,7 +249,7 @@ class Runtime:
                 f"finish within timeout_s={opts.timeout_s}; it was cancelled") from None
 
     async def _call_once(self, router: Router, method: str, args: tuple[Any, ...],
-                         kwargs: dict[str, Any], meta: dict[str, Any] | None) -> Any:
+                         kwargs: dict[str, Any], meta: CallMeta | None) -> Any:
         for attempt in range(MAX_ATTEMPTS):
             slot, pending = await self.start_call(router, method, args, kwargs, meta, False)
             try:
@@ -262,7 +276,6 @@ class Runtime:
 
     async def open_stream(self, app: str, deployment: str, opts: Any, args: tuple[Any, ...],
                           kwargs: dict[str, Any]) -> Stream:
-        args, kwargs = await _resolve(args, kwargs)
         meta = _meta(opts) or {}
         meta["stream"] = True
         if opts.follow_traffic and self.tables is not None and self.tables["traffic"]:
@@ -308,28 +321,15 @@ class Stream:
             self._finish()
 
 
-def _meta(opts: Any) -> dict[str, Any] | None:
+def _meta(opts: Any) -> CallMeta | None:
     if opts.http_headers or opts.multiplexed_model_id:
-        meta: dict[str, Any] = {}
+        meta: CallMeta = {}
         if opts.http_headers:
             meta["http_headers"] = opts.http_headers
         if opts.multiplexed_model_id:
             meta["model"] = opts.multiplexed_model_id
         return meta
     return None
-
-
-async def _resolve(args: tuple[Any, ...], kwargs: dict[str, Any]
-                   ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Await DeploymentResponses passed as arguments, so their values are delivered."""
-    from fleet._handle import DeploymentResponse
-    if any(isinstance(a, DeploymentResponse) for a in args):
-        args = tuple([await a._to_value() if isinstance(a, DeploymentResponse) else a
-                      for a in args])
-    if kwargs and any(isinstance(v, DeploymentResponse) for v in kwargs.values()):
-        kwargs = {k: (await v._to_value() if isinstance(v, DeploymentResponse) else v)
-                  for k, v in kwargs.items()}
-    return args, kwargs
 
 
 __all__ = ["DeploymentFailedError", "RequestCancelledError", "Runtime", "current"]

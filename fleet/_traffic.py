@@ -16,6 +16,7 @@ import random
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from fleet._types import CallMeta
 from fleet._wire import frames
 
 if TYPE_CHECKING:
@@ -23,12 +24,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fleet.traffic")
 
-# Shadow copies in flight per process; past it, copies are skipped so a slow shadow
-# application can never pile up memory in the caller.
+# Shadow copies in flight per runtime (runtime.shadows); past it, copies are skipped so
+# a slow shadow application can never pile up memory in the caller.
 MAX_SHADOW_INFLIGHT = 256
 SHADOW_TIMEOUT_S = 60.0
-
-_shadows: set[asyncio.Task[None]] = set()
 
 
 def choose(runtime: Runtime, prefix: str, app: str, ingress: str,
@@ -43,11 +42,12 @@ def choose(runtime: Runtime, prefix: str, app: str, ingress: str,
     if policy is None:
         return app, ingress
     if shadow is not None:
+        shadows = runtime.shadows
         for s_app, s_ingress, fraction in policy["shadow"]:
-            if random.random() < fraction and len(_shadows) < MAX_SHADOW_INFLIGHT:
+            if random.random() < fraction and len(shadows) < MAX_SHADOW_INFLIGHT:
                 task = runtime.loop.create_task(_quiet(shadow(s_app, s_ingress), s_app))
-                _shadows.add(task)
-                task.add_done_callback(_shadows.discard)
+                shadows.add(task)
+                task.add_done_callback(shadows.discard)
     split = policy["split"]
     if split:
         i = bisect.bisect_right([c for _, _, c in split], random.random())
@@ -64,7 +64,7 @@ async def _quiet(coro: Coroutine[Any, Any, None], app: str) -> None:
 
 
 async def copy(runtime: Runtime, app: str, ingress: str, method: str, args: tuple[Any, ...],
-               meta: dict[str, Any] | None, stream: bool,
+               meta: CallMeta | None, stream: bool,
                kwargs: dict[str, Any] | None = None) -> None:
     """One shadow call, its answer read to the end and dropped."""
     router = runtime.router(app, ingress)
@@ -84,9 +84,9 @@ async def copy(runtime: Runtime, app: str, ingress: str, method: str, args: tupl
         router.release(slot)
 
 
-def shadows_in_flight() -> int:
-    """Shadow copies still running in this process."""
-    return len(_shadows)
+def shadows_in_flight(runtime: Runtime) -> int:
+    """Shadow copies this runtime still runs."""
+    return len(runtime.shadows)
 
 
 def route_app(runtime: Runtime, app: str, ingress: str,
@@ -105,7 +105,7 @@ def route_app(runtime: Runtime, app: str, ingress: str,
 
 def route_handle(runtime: Runtime, app: str, ingress: str, method: str,
                  args: tuple[Any, ...], kwargs: dict[str, Any],
-                 meta: dict[str, Any] | None, stream: bool) -> tuple[str, str]:
+                 meta: CallMeta | None, stream: bool) -> tuple[str, str]:
     """:func:`route_app` for a handle call; shadows get the same arguments."""
     async def shadow(s_app: str, s_ingress: str) -> None:
         await copy(runtime, s_app, s_ingress, method, args, meta, stream, kwargs)

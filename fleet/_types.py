@@ -6,8 +6,16 @@ Imports nothing of fleet, so every layer can depend on it.
 from __future__ import annotations
 
 import enum
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypedDict
+from typing import Any, Literal, NamedTuple, Protocol, TypedDict
+
+# -- ASGI, as the HTTP proxy and ingress replicas speak it ------------------------------
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class ReplicaState(str, enum.Enum):
@@ -73,7 +81,7 @@ class DeploymentTable(TypedDict):
     replicas: list[ReplicaInfo]
     max_ongoing_requests: int
     max_queued_requests: int
-    status: str
+    status: str                    # a DeploymentStatus value (plain str on the wire)
     message: str
     legacy_refs: bool
     autoscaling: bool              # callers report their load to the controller
@@ -88,14 +96,166 @@ class RouteInfo(TypedDict):
     grpc_port: int | None          # the port a gRPC driver asked to be served on
 
 
+class TrafficPolicy(TypedDict):
+    """How a route's requests are shared out: ``split`` lists (app, ingress, cumulative
+    share up to 1.0) to draw from; ``shadow`` (app, ingress, fraction) each get a copy
+    of that fraction of requests, their answers dropped."""
+
+    split: list[tuple[str, str, float]]
+    shadow: list[tuple[str, str, float]]
+
+
 class Tables(TypedDict):
     """The versioned snapshot the controller publishes to every subscriber."""
 
     version: int
     deployments: dict[str, DeploymentTable]   # key: "app#deployment"
     routes: dict[str, RouteInfo]              # key: route prefix
-    traffic: dict[str, Any]
+    traffic: dict[str, TrafficPolicy]         # key: route prefix
     oip: dict[str, Any]                       # Open Inference Protocol models by name
+
+
+# -- what crosses processes on the data plane ----------------------------------------------
+
+# A call's metadata (the fourth element of a CALL frame), all keys optional:
+#   http_headers: headers a handle call carries (handle.options(http_headers=...))
+#   model: the multiplexed model id it is for
+#   stream: the caller reads a stream (CHUNK frames, then OK)
+#   http: an HTTP request from the proxy (args: ((scope, body),)); ws: a websocket
+#   grpc: "/pkg.Service/Method" of a gRPC call from the proxy, with
+#     md: its invocation metadata; fn: the servicer function path or None;
+#     in: "args" (one request message) or "data" (DATA frames, None ending them);
+#     out: the reply streams; timeout: seconds left or None; describe: list the RPCs
+CallMeta = TypedDict("CallMeta", {
+    "http_headers": dict[str, str],
+    "model": str,
+    "stream": bool,
+    "http": int,
+    "ws": int,
+    "grpc": str,
+    "md": tuple[tuple[str, Any], ...],
+    "fn": str | None,
+    "in": Literal["args", "data"],
+    "out": bool,
+    "timeout": float | None,
+    "describe": int,
+}, total=False)
+
+
+class GrpcReply(NamedTuple):
+    """A gRPC call's answer from its replica when it is not a plain OK message (that is
+    sent as its bytes alone)."""
+
+    message: bytes | None
+    code: int                         # grpc.StatusCode's number
+    details: str
+    trailing: Sequence[tuple[str, Any]]
+    initial: Sequence[tuple[str, Any]]
+
+
+class ErrorInfo(NamedTuple):
+    """An exception as an ERR frame carries it (see ``fleet._wire.errors``)."""
+
+    blob: bytes | None                # the pickled exception, when it pickles back
+    name: str                         # its qualified class name
+    message: str
+    traceback: str                    # the remote traceback, as text
+    flags: dict[str, Any]             # e.g. user_error: raised by the user's code
+
+
+# -- control messages (CTRL frames) ---------------------------------------------------------
+
+class TablesMsg(TypedDict):
+    """controller -> subscriber: new routing tables."""
+
+    type: Literal["tables"]
+    tables: Tables
+
+
+class TablesAckMsg(TypedDict):
+    """subscriber -> controller: it applied this version of the tables."""
+
+    type: Literal["tables_ack"]
+    version: int
+
+
+class LoadMsg(TypedDict):
+    """caller -> controller: its calls to one autoscaled deployment."""
+
+    type: Literal["load"]
+    key: str
+    caller: str
+    inflight: int
+    queued: int
+
+
+class HealthMsg(TypedDict):
+    """controller -> replica: run the health check."""
+
+    type: Literal["health"]
+    id: int
+    timeout_s: float
+
+
+class HealthResultMsg(TypedDict):
+    """replica -> controller: the health check's outcome and the replica's load."""
+
+    type: Literal["health_result"]
+    id: int | None
+    ok: bool
+    error: str
+    replica_id: str
+    ongoing: int
+    batches: dict[str, dict[str, Any]]
+
+
+class StopMsg(TypedDict):
+    """controller -> replica: drain (up to timeout_s), then exit."""
+
+    type: Literal["stop"]
+    timeout_s: float
+
+
+class ReconfigureMsg(TypedDict):
+    """controller -> replica: call reconfigure(user_config)."""
+
+    type: Literal["reconfigure"]
+    user_config: Any
+
+
+class ReconfigureResultMsg(TypedDict):
+    """replica -> controller: how reconfigure went."""
+
+    type: Literal["reconfigure_result"]
+    id: int | None
+    ok: bool
+    error: str
+    replica_id: str
+
+
+class ModelsMsg(TypedDict, total=False):
+    """replica -> controller (models: what each loader holds, described) and replica
+    -> caller (key, models: the ids it holds or loads)."""
+
+    type: Literal["models"]
+    replica_id: str
+    key: str
+    models: list[Any]
+
+
+class RequestErrorMsg(TypedDict):
+    """proxy -> controller: a request failed in a replica (for the logs)."""
+
+    type: Literal["request_error"]
+    app: str
+    deployment: str
+    request_id: str
+    error: str
+    traceback: str
+
+
+ControlMessage = (TablesMsg | TablesAckMsg | LoadMsg | HealthMsg | HealthResultMsg | StopMsg
+                  | ReconfigureMsg | ReconfigureResultMsg | ModelsMsg | RequestErrorMsg)
 
 
 def deployment_key(app: str, deployment: str) -> str:
@@ -107,6 +267,11 @@ class ReplicaProcess(Protocol):
     """A started replica as its backend tracks it."""
 
     replica_id: str
+
+    @property
+    def pid(self) -> int | None:
+        """Its process id (this process's own for the memory backend), if it has one."""
+        ...
 
     def alive(self) -> bool: ...
 

@@ -18,110 +18,47 @@ Deployments in a graph receive handles that follow the graph API's two-step prot
 from __future__ import annotations
 
 import asyncio
-import itertools
 from typing import Any
 
 from fleet._deployment import Application
+from fleet._nodes import DAGNode, InputAttributeNode, InputNode, MethodBinder, MethodNode
 
 _MARK = "__fleet_dag__"
-_ids = itertools.count(1)
-
-
-class DAGNode:
-    """A value each request computes: the input, a part of it, or a method's result."""
-
-    def __getitem__(self, key: Any) -> InputAttributeNode:
-        return InputAttributeNode(self, key)
-
-
-class InputNode(DAGNode):
-    """The request's input. Use as a context manager: ``with InputNode() as inp:``."""
-
-    def __enter__(self) -> InputNode:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def __repr__(self) -> str:
-        return "InputNode()"
-
-
-class InputAttributeNode(DAGNode):
-    """``node[key]``: one item of the input (or of another node's result)."""
-
-    def __init__(self, parent: DAGNode, key: Any) -> None:
-        self.parent = parent
-        self.key = key
-
-    def __repr__(self) -> str:
-        return f"{self.parent!r}[{self.key!r}]"
-
-
-class MethodNode(DAGNode):
-    """``app.method.bind(*args)``: call method of app's deployment with these arguments."""
-
-    def __init__(self, app: Application, method: str, args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> None:
-        self.app = app
-        self.method = method
-        self.args = args
-        self.kwargs = kwargs
-        self.id = next(_ids)
-
-    def __repr__(self) -> str:
-        return f"{self.app.deployment.name}.{self.method}.bind(...)"
-
-
-class MethodBinder:
-    """``app.method``: ``.bind(...)`` makes a :class:`MethodNode`."""
-
-    def __init__(self, app: Application, method: str) -> None:
-        self.app = app
-        self.method = method
-
-    def bind(self, *args: Any, **kwargs: Any) -> MethodNode:
-        """Call this method with args (nodes among them are computed per request)."""
-        return MethodNode(self.app, self.method, args, kwargs)
-
-    def __repr__(self) -> str:
-        return f"{self.app.deployment.name}.{self.method}"
-
-
-def bind_method(app: Application, name: str) -> MethodBinder:
-    """What ``Application.__getattr__`` gives: a method of app's deployment to bind."""
-    return MethodBinder(app, name)
 
 
 # -- graphs as plain values, for the driver replica ---------------------------------
 
-def encode(node: Any) -> Any:
+def encode(node: Any, ids: dict[int, int] | None = None) -> Any:
     """The graph as dicts, lists and Applications (which ``build_plans`` turns into
-    handles); each Application met is marked to get two-step handles."""
+    handles); each Application met is marked to get two-step handles. Method nodes are
+    numbered within this graph (ids), so a node bound twice runs once per request."""
+    if ids is None:
+        ids = {}
     if isinstance(node, InputNode):
         return {_MARK: "input"}
     if isinstance(node, InputAttributeNode):
-        return {_MARK: "item", "of": encode(node.parent), "key": node.key}
+        return {_MARK: "item", "of": encode(node.parent, ids), "key": node.key}
     if isinstance(node, MethodNode):
         _mark_graph(node.app)
-        return {_MARK: "call", "id": node.id, "target": node.app, "method": node.method,
-                "args": [encode(a) for a in node.args],
-                "kwargs": {k: encode(v) for k, v in node.kwargs.items()}}
+        return {_MARK: "call", "id": ids.setdefault(id(node), len(ids) + 1),
+                "target": node.app, "method": node.method,
+                "args": [encode(a, ids) for a in node.args],
+                "kwargs": {k: encode(v, ids) for k, v in node.kwargs.items()}}
     if isinstance(node, Application):
         _mark_graph(node)
         return node
     if isinstance(node, list | tuple):
         return {_MARK: "list", "tuple": isinstance(node, tuple),
-                "items": [encode(v) for v in node]}
+                "items": [encode(v, ids) for v in node]}
     if isinstance(node, dict):
-        return {_MARK: "dict", "items": {k: encode(v) for k, v in node.items()}}
+        return {_MARK: "dict", "items": {k: encode(v, ids) for k, v in node.items()}}
     return node
 
 
 def _mark_graph(app: Application) -> None:
-    if app.__dict__.get("_legacy_refs"):
+    if app._legacy_refs:
         return
-    app._legacy_refs = True  # type: ignore[attr-defined]
+    app._legacy_refs = True
     for value in (*app.args, *app.kwargs.values()):
         for inner in _applications(value):
             _mark_graph(inner)
@@ -254,32 +191,5 @@ class Graph:
         return await root.run(value, {})
 
 
-# -- fleet.run's hook ---------------------------------------------------------------
-
-def prepare_app(app: Any) -> tuple[Any, str, int | None]:
-    """Turn a graph driver into a plain application; returns (app, protocol, the gRPC
-    port its driver asked for or None).
-
-    A driver's bound node becomes its constructor's argument (Applications in it become
-    handles); a gRPC driver also makes sure the instance runs the gRPC proxy.
-    """
-    from fleet import drivers
-    protocol = drivers.driver_protocol(app.deployment.func_or_class)
-    if protocol is None:
-        if getattr(app.deployment.func_or_class, "_fleet_oip", None) is not None:
-            drivers.ensure_grpc_proxy(None)     # where inference.GRPCInferenceService is
-        return app, "http", None
-    if protocol == "grpc-ingress":
-        drivers.ensure_grpc_proxy(None)
-        return app, "grpc", None
-    args, kwargs = list(app.args), dict(app.kwargs)
-    port = kwargs.pop("port", None) if protocol == "grpc" else None
-    name = app.deployment.name
-    if not args:
-        raise TypeError(f"{name}.bind() needs the graph node to serve, as in "
-                        f"{name}.bind(model.method.bind(inp))")
-    plan = encode(args.pop(0))
-    app = Application(app.deployment, (plan, *args), kwargs)
-    if protocol == "grpc":
-        drivers.ensure_grpc_proxy(port)
-    return app, protocol, port
+__all__ = ["DAGNode", "Graph", "InputAttributeNode", "InputNode", "MethodBinder", "MethodNode",
+           "compile_graph", "encode"]

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import inspect
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
-from fleet._deployment import deployment
-from fleet.dag import Graph
-from fleet.exceptions import FleetError
+from fleet._deployment import Application, deployment
+from fleet.dag import Graph, encode
 from fleet.generated import ray_serve_pb2, ray_serve_pb2_grpc, serve_pb2, serve_pb2_grpc
 
 
@@ -124,30 +123,38 @@ def driver_protocol(target: Any) -> str | None:
     return None
 
 
-def ensure_grpc_proxy(port: int | None) -> None:
-    """Make sure the instance runs its gRPC proxy (on port, when given and no gRPC
-    proxy runs yet; a running proxy also listens on a driver's port once it is
-    deployed)."""
-    from fleet import _api
-    with _api._lock:
-        inst = _api._instance
-        if inst is None or inst.closed:
-            _api.start(grpc_options={} if port is None else {"port": port})
-            return
-    if inst.grpc_options.enabled:
-        return
-    if not isinstance(inst, _api.Instance):
-        raise FleetError(f"the fleet instance this process uses (pid {inst.pid}) runs no gRPC "
-                         "proxy; start it with `fleet run --grpc-port PORT` or "
-                         "fleet.start(grpc_options={...})")
-    update: dict[str, Any] = {"enabled": True}
-    if port is not None:
-        update["port"] = port
-    options = inst.grpc_options.model_copy(update=update)
-    info = inst.call(inst._start_proxy("grpc", options))
-    if "error" in info:
-        raise FleetError(info["error"])
-    inst.grpc_options = options
+class Prepared(NamedTuple):
+    """An application as fleet.run deploys it (see :func:`prepare_app`)."""
+
+    app: Application
+    protocol: str            # "http", "grpc" (a graph driver) or "grpc-ingress"
+    grpc_port: int | None    # the port a gRPC driver asked for
+    needs_grpc: bool         # the instance must run its gRPC proxy
+
+
+def prepare_app(app: Application) -> Prepared:
+    """Turn a graph driver into a plain application.
+
+    A driver's bound node becomes its constructor's argument (Applications in it become
+    handles). Whether the instance must run the gRPC proxy (for a gRPC driver, an
+    ingress or an OIP model) is returned; the caller makes sure it does.
+    """
+    protocol = driver_protocol(app.deployment.func_or_class)
+    if protocol is None:
+        # an OIP model answers inference.GRPCInferenceService too
+        oip = getattr(app.deployment.func_or_class, "_fleet_oip", None) is not None
+        return Prepared(app, "http", None, oip)
+    if protocol == "grpc-ingress":
+        return Prepared(app, "grpc", None, True)
+    args, kwargs = list(app.args), dict(app.kwargs)
+    port = kwargs.pop("port", None) if protocol == "grpc" else None
+    name = app.deployment.name
+    if not args:
+        raise TypeError(f"{name}.bind() needs the graph node to serve, as in "
+                        f"{name}.bind(model.method.bind(inp))")
+    plan = encode(args.pop(0))
+    app = Application(app.deployment, (plan, *args), kwargs)
+    return Prepared(app, protocol, port, protocol == "grpc")
 
 
 __all__ = ["DAGDriver", "DefaultgRPCDriver", "gRPCIngress", "json_request"]

@@ -35,6 +35,8 @@ from fleet._backends.memory import MemoryBackend
 from fleet._config import GRPCOptions, HTTPOptions, coerce_options
 from fleet._deployment import Application, build_plans
 from fleet._handle import DeploymentHandle
+from fleet._types import ASGIApp
+from fleet.drivers import prepare_app
 
 __all__ = ["AsyncTestClient", "TestClient"]
 
@@ -56,7 +58,7 @@ class _Session:
         self.http_options: HTTPOptions = coerce_options(HTTPOptions, http_options,
                                                         "http_options")
         self.instance: Instance | None = None
-        self.asgi: Any = None
+        self.asgi: ASGIApp | None = None
         self.ingress = ""
         self.legacy_refs = False
         self._previous: Any = None
@@ -68,8 +70,8 @@ class _Session:
         return self.instance.loop
 
     def start(self) -> None:
-        from fleet.dag import prepare_app
-        app, protocol, grpc_port = prepare_app(self.app)
+        # the client drives the HTTP proxy only: a driver's gRPC proxy is not started
+        app, protocol, grpc_port, _ = prepare_app(self.app)
         plans = build_plans(app, self.name)
         self.ingress, self.legacy_refs = plans[0].name, plans[0].legacy_refs
         self._previous = _runtime._current
@@ -108,6 +110,7 @@ class _Session:
 
     async def send(self, request: httpx.Request, body: bytes) -> tuple[int, Any, bytes]:
         """Runs on the instance's loop: one request through the proxy's ASGI app."""
+        assert self.asgi is not None, "use the client in a `with` block"
         transport = httpx.ASGITransport(app=self.asgi)
         inner = httpx.Request(request.method, request.url, headers=request.headers,
                               content=body)

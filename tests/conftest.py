@@ -30,6 +30,20 @@ sys.path.insert(0, os.path.dirname(__file__))
 # Every test below hands the processes it starts a temporary directory of their own.
 
 
+# The in-memory layer (`python -m pytest -m memory`, seconds): everything under
+# tests/memory, and these modules, which start no process and open no socket.
+MEMORY_DIR = os.path.join(os.path.dirname(__file__), "memory")
+MEMORY_MODULES = {"test_layers.py", "test_proxy_traffic.py", "test_router.py",
+                  "test_testing.py", "test_config.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = str(item.path)
+        if path.startswith(MEMORY_DIR + os.sep) or item.path.name in MEMORY_MODULES:
+            item.add_marker(pytest.mark.memory)
+
+
 @pytest.fixture(autouse=True)
 def own_runtime_location(tmp_path_factory: pytest.TempPathFactory,
                          monkeypatch: pytest.MonkeyPatch) -> None:

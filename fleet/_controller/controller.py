@@ -17,9 +17,21 @@ from typing import Any
 
 from fleet._controller import traffic, views
 from fleet._controller.state import AppState, DeploymentState, ReplicaRecord
-from fleet._deployment import DeploymentPlan
-from fleet._types import DeploymentStatus, ReplicaSpec, ReplicaState, Tables
-from fleet._wire.errors import ErrorInfo
+from fleet._plan import DeploymentPlan
+from fleet._types import (
+    Backend,
+    ControlMessage,
+    DeploymentStatus,
+    ErrorInfo,
+    HealthResultMsg,
+    LoadMsg,
+    ReconfigureResultMsg,
+    ReplicaSpec,
+    ReplicaState,
+    RequestErrorMsg,
+    Tables,
+    TablesMsg,
+)
 from fleet._wire.listener import ServerConnection
 from fleet.exceptions import DeploymentFailedError, FleetError
 
@@ -39,7 +51,7 @@ ROLLING_SURGE = 0.25
 class Controller:
     """Desired state, reconcile loop and table publisher (a listener Handler)."""
 
-    def __init__(self, backend: Any, secret: bytes, address: str, sys_path: list[str],
+    def __init__(self, backend: Backend, secret: bytes, address: str, sys_path: list[str],
                  cwd: str) -> None:
         self.backend = backend
         self.secret = secret
@@ -179,7 +191,7 @@ class Controller:
             del dep.replicas[rid]
             self._fail(dep, f"could not start a replica: {exc}")
             return
-        rec.pid = getattr(rec.proc, "pid", None)
+        rec.pid = rec.proc.pid
         log.info("starting replica %s of %s/%s", rid, dep.app, dep.name)
 
     def _stop(self, dep: DeploymentState, rec: ReplicaRecord) -> None:
@@ -205,7 +217,9 @@ class Controller:
                      timeout: float) -> None:
         if routed:
             await self._unroute()
-            rec.conn.ctrl({"type": "stop", "timeout_s": timeout})
+        conn = rec.conn
+        if routed and conn is not None:
+            conn.ctrl({"type": "stop", "timeout_s": timeout})
         elif rec.proc is not None:
             self.backend.terminate(rec.proc)
         await self._await_exit(dep, rec, timeout + 2)
@@ -220,7 +234,7 @@ class Controller:
         deadline = time.monotonic() + UNROUTE_WAIT_S
         while time.monotonic() < deadline:
             lagging = [c for c in self.subscribers
-                       if getattr(c, "acked", version) < version]
+                       if c.acked is not None and c.acked < version]
             if not lagging:
                 return
             try:
@@ -305,7 +319,7 @@ class Controller:
         self._published = content
         self.version += 1
         tables["version"] = self.version
-        msg = {"type": "tables", "tables": tables}
+        msg: TablesMsg = {"type": "tables", "tables": tables}
         for conn in list(self.subscribers):
             conn.ctrl(msg)
 
@@ -331,45 +345,55 @@ class Controller:
     def on_data(self, conn: ServerConnection, call_id: int, obj: Any, size: int) -> None:
         pass
 
-    def on_ctrl(self, conn: ServerConnection, msg: Any) -> None:
-        kind = msg.get("type")
-        if kind == "tables_ack":
-            conn.acked = msg["version"]  # type: ignore[attr-defined]
+    def on_ctrl(self, conn: ServerConnection, msg: ControlMessage) -> None:
+        if msg["type"] == "tables_ack":
+            conn.acked = int(msg["version"])
             self._notify()
-            return
-        if kind == "load":
+        elif msg["type"] == "load":
             self._on_load(msg)
-            return
-        if kind == "request_error":
+        elif msg["type"] == "request_error":
             self._on_request_error(msg)
-            return
+        elif msg["type"] == "health_result":
+            self._on_health_result(msg)
+        elif msg["type"] == "models":       # a multiplexed loader loaded or evicted
+            found = self._find(msg.get("replica_id", ""))
+            if found is not None:
+                found[1].models = list(msg.get("models") or [])
+                self.kick()                 # callers learn it with the next tables
+        elif msg["type"] == "reconfigure_result":
+            self._on_reconfigure_result(msg)
+
+    def _on_health_result(self, msg: HealthResultMsg) -> None:
         found = self._find(msg.get("replica_id", ""))
         if found is None:
             return
         dep, rec = found
-        if kind == "health_result" and msg.get("id") == rec.health_id:
-            rec.health_sent = None
-            rec.last_health = time.monotonic()
-            rec.ongoing = int(msg.get("ongoing", 0))
-            rec.batches = msg.get("batches") or {}
-            if not msg["ok"] and rec.state == ReplicaState.RUNNING:
-                self._unhealthy(dep, rec, msg["error"])
-                self.kick()
-        elif kind == "models":         # a multiplexed loader loaded or evicted
-            rec.models = list(msg.get("models") or [])
-            self.kick()                 # callers learn it with the next tables
-        elif kind == "reconfigure_result":
-            rec.reconfiguring = False
-            if not msg["ok"]:
-                rec.message = msg["error"]
-                self._fail(dep, f"replica {rec.replica_id} of deployment {dep.name!r} "
-                                f"(application {dep.app!r}): {msg['error']}; it goes on "
-                                "serving with its previous user_config. Fix reconfigure() "
-                                "or the user_config and deploy again")
-            self._notify()
+        if msg.get("id") != rec.health_id:
+            return                          # the answer to an older check
+        rec.health_sent = None
+        rec.last_health = time.monotonic()
+        rec.ongoing = int(msg.get("ongoing", 0))
+        rec.batches = msg.get("batches") or {}
+        if not msg["ok"] and rec.state == ReplicaState.RUNNING:
+            self._unhealthy(dep, rec, msg["error"])
             self.kick()
 
-    def _on_load(self, msg: dict[str, Any]) -> None:
+    def _on_reconfigure_result(self, msg: ReconfigureResultMsg) -> None:
+        found = self._find(msg.get("replica_id", ""))
+        if found is None:
+            return
+        dep, rec = found
+        rec.reconfiguring = False
+        if not msg["ok"]:
+            rec.message = msg["error"]
+            self._fail(dep, f"replica {rec.replica_id} of deployment {dep.name!r} "
+                            f"(application {dep.app!r}): {msg['error']}; it goes on "
+                            "serving with its previous user_config. Fix reconfigure() "
+                            "or the user_config and deploy again")
+        self._notify()
+        self.kick()
+
+    def _on_load(self, msg: LoadMsg) -> None:
         """A caller's in-flight and queued calls to an autoscaling deployment."""
         app, _, dname = str(msg.get("key", "")).partition("#")
         dep = self.apps[app].deployments.get(dname) if app in self.apps else None
@@ -380,7 +404,7 @@ class Controller:
         if dep.target == 0 and load > 0:
             self.kick()     # a call waits on a deployment scaled to zero: start one now
 
-    def _on_request_error(self, msg: dict[str, Any]) -> None:
+    def _on_request_error(self, msg: RequestErrorMsg) -> None:
         """What a proxy told its client only by id: kept for ``fleet status``."""
         app = self.apps.get(str(msg.get("app")))
         dep = app.deployments.get(str(msg.get("deployment"))) if app is not None else None
@@ -391,6 +415,8 @@ class Controller:
             dep.last_error["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     def _send_reconfigure(self, rec: ReplicaRecord, user_config: Any) -> None:
+        if rec.conn is None:
+            return                  # not connected yet: it starts with the plan's config
         rec.user_config = user_config
         rec.reconfiguring = True
         rec.conn.ctrl({"type": "reconfigure", "user_config": user_config})
@@ -632,7 +658,7 @@ class Controller:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             lagging = [c for c in self.subscribers if isinstance(c.tag, tuple)
-                       and c.tag[0] == "proxy" and getattr(c, "acked", 0) < self.version]
+                       and c.tag[0] == "proxy" and (c.acked or 0) < self.version]
             if not lagging:
                 return
             try:
@@ -694,7 +720,8 @@ class Controller:
 
     async def rpc_report_load(self, conn: ServerConnection, key: str, caller: str,
                               inflight: int, queued: int) -> None:
-        self._on_load({"key": key, "caller": caller, "inflight": inflight, "queued": queued})
+        self._on_load({"type": "load", "key": key, "caller": caller, "inflight": inflight,
+                       "queued": queued})
 
     def status(self) -> dict[str, Any]:
         return views.status(self.apps, self.proxies, self.traffic)
@@ -727,4 +754,14 @@ class Controller:
             await asyncio.wait(list(self._stopping), timeout=30)
         if self._task is not None:
             self._task.cancel()
+
+    async def close(self) -> None:
+        """Shut down (see :meth:`shutdown`) and wait until the controller's loop ended."""
+        await self.shutdown()
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
 

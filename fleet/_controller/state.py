@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fleet._deployment import DeploymentPlan
-from fleet._types import DeploymentStatus, ReplicaState
+from fleet._plan import DeploymentPlan
+from fleet._types import DeploymentStatus, ReplicaProcess, ReplicaState
+
+if TYPE_CHECKING:
+    from fleet._wire.listener import ServerConnection
 
 
 @dataclass
@@ -17,8 +20,8 @@ class ReplicaRecord:
     replica_id: str
     version: str
     state: ReplicaState = ReplicaState.STARTING
-    proc: Any = None
-    conn: Any = None
+    proc: ReplicaProcess | None = None
+    conn: ServerConnection | None = None
     address: str = ""
     pid: int | None = None
     message: str = ""

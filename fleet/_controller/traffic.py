@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from fleet._controller.state import AppState
+from fleet._types import TrafficPolicy
 
 
 def _running(apps: dict[str, AppState]) -> dict[str, AppState]:
@@ -100,21 +101,21 @@ def _prune(policies: dict[str, dict[str, Any]], prefix: str) -> None:
 
 
 def traffic_tables(policies: dict[str, dict[str, Any]], apps: dict[str, AppState]
-                   ) -> dict[str, Any]:
-    """``{prefix: {"split": [[app, ingress, cumulative weight], ...],
-    "shadow": [[app, ingress, fraction], ...]}}`` over the applications still running."""
+                   ) -> dict[str, TrafficPolicy]:
+    """``{prefix: {"split": [(app, ingress, cumulative share), ...],
+    "shadow": [(app, ingress, fraction), ...]}}`` over the applications still running."""
     running = _running(apps)
-    out: dict[str, Any] = {}
+    out: dict[str, TrafficPolicy] = {}
     for prefix, policy in policies.items():
-        split: list[list[Any]] = []
+        split: list[tuple[str, str, float]] = []
         total = 0.0
         for app, w in policy.get("weights", {}).items():
             if app in running and w > 0:
                 total += w
-                split.append([app, running[app].ingress, total])
-        shadow = [[app, running[app].ingress, f] for app, f in policy.get("shadow", {}).items()
-                  if app in running]
+                split.append((app, running[app].ingress, total))
+        shadow = [(app, running[app].ingress, float(f))
+                  for app, f in policy.get("shadow", {}).items() if app in running]
         if split or shadow:
-            out[prefix] = {"split": [[a, i, c / total] for a, i, c in split],
+            out[prefix] = {"split": [(a, i, c / total) for a, i, c in split],
                            "shadow": shadow}
     return out

@@ -16,6 +16,7 @@ import numpy as np
 from fleet._oip import core
 from fleet._oip.codec import OIPError, from_raw, to_raw
 from fleet._runtime import Runtime
+from fleet._version import __version__
 from fleet.generated import oip_pb2_grpc as pb_grpc
 
 pb: Any = importlib.import_module("fleet.generated.oip_pb2")    # generated, untyped
@@ -48,7 +49,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=core.ready(self.runtime, entry))
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
-        from fleet import __version__
         return pb.ServerMetadataResponse(name=core.SERVER_NAME, version=__version__,
                                          extensions=core.EXTENSIONS)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from fleet._oip import core
 from fleet._oip.codec import OIPError, from_json, from_raw, to_json, to_raw
+from fleet._version import __version__
 
 _JSON = [(b"content-type", b"application/json")]
 _HEADER_LENGTH = b"inference-header-content-length"
@@ -130,7 +131,6 @@ async def _repository(proxy: Any, what: str, name: str
 
 
 def _version() -> str:
-    from fleet import __version__
     return __version__
 
 

@@ -7,6 +7,7 @@ import logging
 import time
 
 from fleet._runtime import Runtime
+from fleet._types import RequestErrorMsg
 
 log = logging.getLogger("fleet.proxy")
 
@@ -24,7 +25,7 @@ class ErrorReports:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._last: dict[tuple[str, str], float] = {}
-        self._pending: dict[tuple[str, str], dict[str, str]] = {}
+        self._pending: dict[tuple[str, str], RequestErrorMsg] = {}
 
     def failed(self, what: str, rid: str, app: str, deployment: str, replica: str,
                exc: BaseException) -> None:
@@ -33,7 +34,7 @@ class ErrorReports:
         tb = getattr(exc, "remote_traceback", "") or ""
         log.error("%s %s failed (app %s, deployment %s, replica %s): %s: %s%s", what, rid,
                   app, deployment, replica, name, exc, f"\n{tb}" if tb else "")
-        msg = {"type": "request_error", "app": app, "deployment": deployment,
+        msg: RequestErrorMsg = {"type": "request_error", "app": app, "deployment": deployment,
                "request_id": rid, "error": f"{name}: {exc}", "traceback": tb}
         key = (app, deployment)
         wait = self._last.get(key, -REPORT_EVERY_S) + REPORT_EVERY_S - time.monotonic()
@@ -49,7 +50,7 @@ class ErrorReports:
         if msg is not None:
             self._send(key, msg)
 
-    def _send(self, key: tuple[str, str], msg: dict[str, str]) -> None:
+    def _send(self, key: tuple[str, str], msg: RequestErrorMsg) -> None:
         if len(self._last) >= _MAX_KEYS:
             self._last.clear()
         self._last[key] = time.monotonic()

@@ -15,7 +15,7 @@ import socket
 from typing import Any
 
 from fleet._config import HTTPOptions
-from fleet._proxy.process import proxy_failed
+from fleet._proxy.startup import proxy_failed
 from fleet._runtime import Runtime
 
 log = logging.getLogger("fleet.proxy")

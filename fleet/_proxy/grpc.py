@@ -24,13 +24,13 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from fleet._config import GRPCOptions
+from fleet._grpc_schema import CODES, GrpcStatus, load_servicer_function, servicer_handlers
 from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
-from fleet._proxy.process import proxy_failed
-from fleet._replica.grpc import CODES, load_servicer_function, servicer_handlers
+from fleet._proxy.startup import proxy_failed
 from fleet._router import Router
 from fleet._runtime import Runtime
-from fleet._types import Tables
+from fleet._types import CallMeta, GrpcReply, Tables
 from fleet._wire import frames
 from fleet._wire.channel import Pending
 from fleet.exceptions import BackPressureError, FleetError, client_error
@@ -203,7 +203,7 @@ class GRPCProxy(grpc.GenericRpcHandler):
             if len(asked) == 1:             # the application whose driver asked for it
                 app = asked[0]
             elif port is not None or len(asked) > 1:
-                raise _Status(grpc.StatusCode.NOT_FOUND,
+                raise GrpcStatus(grpc.StatusCode.NOT_FOUND,
                               "set the 'application' metadata key to the application to "
                               f"call; on port {port or self.port}: {asked or 'none'}, "
                               f"running: {sorted(self.apps) or 'none'}")
@@ -212,23 +212,23 @@ class GRPCProxy(grpc.GenericRpcHandler):
             elif len(self.apps) == 1:
                 app = next(iter(self.apps))
             else:
-                raise _Status(grpc.StatusCode.NOT_FOUND,
+                raise GrpcStatus(grpc.StatusCode.NOT_FOUND,
                               "set the 'application' metadata key to the application to call; "
                               f"running: {sorted(self.apps) or 'none'}")
         ingress = self.apps.get(app)
         if ingress is None:
-            raise _Status(grpc.StatusCode.NOT_FOUND,
+            raise GrpcStatus(grpc.StatusCode.NOT_FOUND,
                           f"no application named {app!r} is running; running: "
                           f"{sorted(self.apps) or 'none'}")
         return app, ingress, pairs
 
     # -- serving -----------------------------------------------------------------------
     def _meta(self, kind: _Kind, pairs: Any, context: Any, stream_in: bool,
-              stream_out: bool) -> dict[str, Any]:
+              stream_out: bool) -> CallMeta:
         remaining = context.time_remaining()
         if self.timeout is not None and (remaining is None or remaining > self.timeout):
             remaining = self.timeout
-        meta = {"grpc": kind.full, "md": pairs, "fn": kind.fn,
+        meta: CallMeta = {"grpc": kind.full, "md": pairs, "fn": kind.fn,
                 "in": "data" if stream_in else "args", "out": stream_out,
                 "timeout": remaining}
         for key, value in pairs:
@@ -246,7 +246,7 @@ class GRPCProxy(grpc.GenericRpcHandler):
             router = self.runtime.router(app, ingress)
             slot, pending = await self.runtime.start_call(router, kind.rpc, (request,), {},
                                                           meta, stream_out)
-        except _Status as st:
+        except GrpcStatus as st:
             await context.abort(st.code, st.details, _id_metadata(context))
             raise AssertionError("unreachable") from None
         except FleetError as exc:
@@ -335,17 +335,16 @@ class GRPCProxy(grpc.GenericRpcHandler):
             if type(value) is bytes:
                 await context.write(value)
                 return
-            message = value[0]
-            if message is not None and fallback:
-                initial = value[4]
-                if initial:
-                    await context.send_initial_metadata(initial)
-                await context.write(message)
-                value = (None, *value[1:4], ())
-            await self._finish(value, context)
+            reply: GrpcReply = value
+            if reply.message is not None and fallback:
+                if reply.initial:
+                    await context.send_initial_metadata(reply.initial)
+                await context.write(reply.message)
+                reply = reply._replace(message=None, initial=())
+            await self._finish(reply, context)
             return
 
-    async def _finish(self, value: Any, context: Any) -> Any:
+    async def _finish(self, value: GrpcReply, context: Any) -> Any:
         message, code_value, details, trailing, initial = value
         if initial:
             await context.send_initial_metadata(initial)
@@ -388,13 +387,6 @@ _valid_id = re.compile(r"[A-Za-z0-9._:-]{1,128}").fullmatch
 
 def _new_id() -> str:
     return os.urandom(16).hex()
-
-
-class _Status(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
 
 
 async def _pump(requests: AsyncIterator[bytes], pending: Pending) -> None:

@@ -27,8 +27,9 @@ from fleet._logformat import stamp
 from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
 from fleet._proxy.routes import RouteTable
+from fleet._proxy.startup import bind_socket, proxy_failed
 from fleet._runtime import Runtime
-from fleet._types import Tables
+from fleet._types import ASGIApp, CallMeta, Tables
 from fleet._wire import frames
 from fleet.exceptions import BackPressureError, FleetError, client_error
 
@@ -37,7 +38,7 @@ log = logging.getLogger("fleet.proxy")
 _METHOD_HEADER = b"x-serve-call-method"
 _LENGTH_HEADER = b"content-length"
 _CHUNKED_HEADER = b"transfer-encoding"
-_HTTP_META = {"http": 1}
+_HTTP_META: CallMeta = {"http": 1}
 # A multiplexed model id (fleet.get_multiplexed_model_id): Ray Serve's header name,
 # with underscores or dashes.
 _MODEL_HEADERS = frozenset((b"serve_multiplexed_model_id", b"serve-multiplexed-model-id"))
@@ -343,7 +344,7 @@ class HTTPProxy:
 
     async def _forward(self, app: str, ingress: str, method: str, sub: dict[str, Any],
                        body: bytes, receive: Any, send: Any, rid: bytes,
-                       meta: dict[str, Any] = _HTTP_META) -> tuple[int, str]:
+                       meta: CallMeta = _HTTP_META) -> tuple[int, str]:
         runtime = self.runtime
         router = runtime.router(app, ingress)
         loop = runtime.loop
@@ -379,15 +380,14 @@ class HTTPProxy:
             assert chunks is not None
             while True:
                 if not chunks:
-                    waiter = loop.create_future()
-                    pending.waiter = waiter
+                    waiter = pending.arm()
                     if watch is None:
                         watch = _DisconnectWatch(loop, receive)
                     watch.arm(waiter, deadline)
                     try:
                         await waiter
                     finally:
-                        pending.waiter = None
+                        pending.disarm()
                         watch.disarm()
                     if not chunks:
                         pending.cancel()        # the client went away
@@ -622,7 +622,7 @@ class _RequestIdLayer:
         await self.app(scope, receive, send_with_id)
 
 
-def build_app(runtime: Runtime, options: HTTPOptions) -> Any:
+def build_app(runtime: Runtime, options: HTTPOptions) -> ASGIApp:
     """The proxy app wrapped in the configured middlewares (the first is outermost)."""
     return wrap(HTTPProxy(runtime, options), options)
 
@@ -639,7 +639,6 @@ def wrap(proxy: HTTPProxy, options: HTTPOptions) -> Any:
 
 
 async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event) -> int:
-    from fleet._proxy.process import bind_socket, proxy_failed
     try:
         proxy = HTTPProxy(runtime, options)
         app = wrap(proxy, options)

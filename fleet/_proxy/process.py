@@ -7,7 +7,6 @@ import logging
 import os
 import pickle
 import signal
-import socket
 import sys
 from typing import Any
 
@@ -53,21 +52,3 @@ async def _serve(kind: str, boot: dict[str, Any], loop: asyncio.AbstractEventLoo
         return await serve_http(runtime, options, stop)
     from fleet._proxy.grpc import serve_grpc  # type: ignore[import-not-found]
     return int(await serve_grpc(runtime, options, stop))
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0 picks a free one)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
-async def proxy_failed(runtime: Runtime, kind: str, message: str) -> int:
-    """Tell the controller this proxy cannot serve (fleet.start raises with message);
-    returns the process's exit code."""
-    await runtime.call_controller("proxy_ready", kind, {"error": message})
-    return 1

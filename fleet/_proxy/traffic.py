@@ -8,8 +8,9 @@ from typing import Any
 
 from fleet._runtime import Runtime
 from fleet._traffic import choose, copy, route_app, shadows_in_flight
+from fleet._types import CallMeta
 
-_HTTP_META = {"http": 1}
+_HTTP_META: CallMeta = {"http": 1}
 
 
 def route_http(runtime: Runtime, prefix: str, app: str, ingress: str, method: str,
@@ -25,7 +26,7 @@ def route_http(runtime: Runtime, prefix: str, app: str, ingress: str, method: st
 
 
 def route_grpc(runtime: Runtime, app: str, ingress: str, rpc: str, request: bytes | None,
-               meta: dict[str, Any], stream: bool) -> tuple[str, str]:
+               meta: CallMeta, stream: bool) -> tuple[str, str]:
     """:func:`route_app` for a gRPC call addressed to ``app``: the policy of the route
     that app serves splits it, and its shadows get a copy of a call whose request is one
     message (``request`` not None; a request stream is not copied)."""

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from fleet._types import CallMeta
 from fleet._wire import frames
 from fleet._wire.channel import Pending
 from fleet.exceptions import FleetError
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fleet.proxy")
 
-_META = {"http": 1, "ws": 1}
+_META: CallMeta = {"http": 1, "ws": 1}
 _TRY_AGAIN = 1013     # "try again later": no replica could take the connection
 _INTERNAL = 1011      # the app failed
 # After the client went away the app gets websocket.disconnect and this long to end by

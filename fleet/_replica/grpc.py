@@ -17,7 +17,6 @@ before that.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import time
 from collections import namedtuple
@@ -26,6 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from fleet._grpc_schema import (
+    GrpcStatus,
+    MethodSchema,
+    class_servicers,
+    load_servicer_function,
+    servicer_handlers,
+)
+from fleet._types import CallMeta, GrpcReply
 from fleet._wire.flow import Inbox
 from fleet.exceptions import MethodNotFoundError
 
@@ -36,82 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("fleet.replica")
 
 OK = grpc.StatusCode.OK
-CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 #: One metadata entry, as ``context.invocation_metadata()`` gives them.
 Metadatum = namedtuple("Metadatum", ("key", "value"))
-
-
-class MethodSchema:
-    """What one RPC needs on either side: its kind and (de)serializers."""
-
-    __slots__ = ("request_streaming", "response_streaming", "deserialize", "serialize")
-
-    def __init__(self, handler: Any) -> None:
-        self.request_streaming = bool(handler.request_streaming)
-        self.response_streaming = bool(handler.response_streaming)
-        self.deserialize: Callable[[bytes], Any] = handler.request_deserializer or _same
-        self.serialize: Callable[[Any], bytes] = handler.response_serializer or _same
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-class _Capture:
-    """A stand-in server that records what a generated ``add_XServicer_to_server`` adds."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, Any] = {}
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        for name, handler in handlers.items():
-            self.handlers[f"/{service}/{name}"] = handler
-
-    def add_generic_rpc_handlers(self, generic: Any) -> None:
-        # Older generated code registers only a generic handler; read its table.
-        for g in generic:
-            service = getattr(g, "_name", None)
-            for name, handler in (getattr(g, "_method_handlers", None) or {}).items():
-                self.handlers.setdefault(f"/{service}/{name}", handler)
-
-
-def servicer_handlers(add_fn: Callable[[Any, Any], None]) -> dict[str, Any]:
-    """The method handlers (by full method name) a servicer function registers."""
-    capture = _Capture()
-    add_fn(_NullServicer(), capture)
-    return capture.handlers
-
-
-class _NullServicer:
-    def __getattr__(self, name: str) -> Any:
-        return None
-
-
-def load_servicer_function(path: str) -> Callable[[Any, Any], None]:
-    """Import ``"pkg.x_pb2_grpc.add_XServicer_to_server"``."""
-    module, _, name = path.rpartition(".")
-    if not module:
-        raise ValueError(f"grpc_servicer_functions: {path!r} is not an import path like "
-                         "'pkg.x_pb2_grpc.add_XServicer_to_server'")
-    fn = getattr(importlib.import_module(module), name, None)
-    if not callable(fn):
-        raise ValueError(f"grpc_servicer_functions: {module} has no function {name!r}")
-    return fn  # type: ignore[no-any-return]
-
-
-def class_servicers(cls: type) -> list[tuple[str, Callable[[Any, Any], None]]]:
-    """The generated servicer registration functions of the ``XServicer`` bases of cls."""
-    found = []
-    for base in cls.__mro__:
-        try:
-            module = importlib.import_module(base.__module__)
-        except Exception:
-            continue
-        fn = getattr(module, f"add_{base.__name__}_to_server", None)
-        if callable(fn):
-            found.append((base.__module__, fn))
-    return found
 
 
 class _Done:
@@ -127,20 +61,11 @@ class _Done:
 _DONE = _Done()
 
 
-class Abort(Exception):
-    """Raised by ``context.abort``: ends the RPC with this status."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
 class ServicerContext:
     """What a servicer method gets as ``context``: grpcio's calls that matter for a
     handler, recorded here and sent back to the client with the reply."""
 
-    def __init__(self, meta: dict[str, Any],
+    def __init__(self, meta: CallMeta,
                  write: Callable[[Any], Awaitable[None]] | None = None,
                  read: Callable[[], Any] | None = None) -> None:
         self._md = tuple(Metadatum(k, v) for k, v in meta.get("md", ()))
@@ -193,7 +118,7 @@ class ServicerContext:
             raise ValueError("abort needs a status code other than OK")
         if trailing_metadata is not None:
             self.set_trailing_metadata(trailing_metadata)
-        raise Abort(code, details)
+        raise GrpcStatus(code, details)
 
     def abort_with_status(self, status: Any) -> Any:
         self.abort(status.code, status.details, getattr(status, "trailing_metadata", None))
@@ -239,7 +164,8 @@ class ServicerContext:
         if self._code == OK and not self._trailing and not self._initial \
                 and message is not None:
             return message
-        return (message, self._code.value[0], self._details, self._trailing, self._initial)
+        return GrpcReply(message, self._code.value[0], self._details, self._trailing,
+                         self._initial)
 
     def _run_callbacks(self) -> None:
         for cb in self._callbacks:
@@ -286,7 +212,7 @@ class GRPCAdapter:
                 "modules": list(self.modules)}
 
     # -- called by the replica -----------------------------------------------------
-    def accept(self, conn: ServerConnection, call_id: int, meta: dict[str, Any]) -> None:
+    def accept(self, conn: ServerConnection, call_id: int, meta: CallMeta) -> None:
         """A call arrived: open its inbox now, before its DATA frames are handled."""
         if meta.get("in") == "data":
             self.inboxes[(id(conn), call_id)] = conn.inbox(call_id)
@@ -299,7 +225,7 @@ class GRPCAdapter:
         return True
 
     async def serve(self, conn: ServerConnection, call_id: int, rpc: str,
-                    args: tuple[Any, ...], meta: dict[str, Any]) -> None:
+                    args: tuple[Any, ...], meta: CallMeta) -> None:
         key = (id(conn), call_id)
         try:
             if meta.get("describe"):
@@ -310,7 +236,7 @@ class GRPCAdapter:
             self.inboxes.pop(key, None)
 
     async def _serve(self, conn: ServerConnection, call_id: int, rpc: str,
-                     args: tuple[Any, ...], meta: dict[str, Any], key: tuple[int, int]
+                     args: tuple[Any, ...], meta: CallMeta, key: tuple[int, int]
                      ) -> None:
         full: str = meta["grpc"]
         rep = self.replica
@@ -346,7 +272,7 @@ class GRPCAdapter:
         try:
             if schema.request_streaming:
                 if inbox is None:
-                    raise Abort(grpc.StatusCode.INTERNAL, "a request stream arrived as one "
+                    raise GrpcStatus(grpc.StatusCode.INTERNAL, "a request stream arrived as one "
                                                           "message; the proxy's schema differs")
                 request: Any = self._requests(inbox, schema, kind)
             else:
@@ -354,7 +280,7 @@ class GRPCAdapter:
                 try:
                     request = schema.deserialize(data)
                 except Exception as exc:
-                    raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                    raise GrpcStatus(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the request is not a valid message for {full}: {exc}"
                                 ) from None
             if stream_out:
@@ -363,10 +289,10 @@ class GRPCAdapter:
             else:
                 result = await rep.invoke(fn, (request, ctx), {}, kind)
                 if result is None and ctx._code == OK:
-                    raise Abort(grpc.StatusCode.INTERNAL, f"{rpc} of {where} returned None "
+                    raise GrpcStatus(grpc.StatusCode.INTERNAL, f"{rpc} of {where} returned None "
                                                           "instead of a reply message")
                 conn.reply(call_id, ctx._status(None if result is None else ser(result)))
-        except Abort as exc:
+        except GrpcStatus as exc:
             ctx._code, ctx._details = exc.code, exc.details
             conn.reply(call_id, ctx._status(None))
         except asyncio.CancelledError:
@@ -387,7 +313,7 @@ class GRPCAdapter:
 
     def _fail(self, conn: ServerConnection, call_id: int, code: grpc.StatusCode,
               details: str) -> None:
-        conn.reply(call_id, (None, code.value[0], details, (), ()))
+        conn.reply(call_id, GrpcReply(None, code.value[0], details, (), ()))
 
     # -- request streams -------------------------------------------------------------
     def _reader(self, inbox: Inbox, schema: MethodSchema) -> Callable[[], Any]:
@@ -441,7 +367,7 @@ def _parse(schema: MethodSchema, data: bytes) -> Any:
     try:
         return schema.deserialize(data)
     except Exception as exc:
-        raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
+        raise GrpcStatus(grpc.StatusCode.INVALID_ARGUMENT,
                     f"a request message could not be parsed: {exc}") from None
 
 

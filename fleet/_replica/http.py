@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 
 from fleet._ingress import INSTANCE_KEY
 from fleet._serve_request import BODY_KEY, ServeRequest
+from fleet._types import CallMeta
 from fleet._wire.flow import Inbox
 from fleet.exceptions import MethodNotFoundError
 
@@ -226,7 +227,7 @@ class HTTPAdapter:
         self._inboxes: dict[tuple[int, int], Inbox] = {}
 
     async def serve_http(self, conn: ServerConnection, call_id: int, method: str,
-                         message: tuple[dict[str, Any], bytes], meta: dict[str, Any]) -> None:
+                         message: tuple[dict[str, Any], bytes], meta: CallMeta) -> None:
         scope, body = message
         scope["asgi"] = _ASGI
         if self.asgi_app is not None:
@@ -345,7 +346,7 @@ class HTTPAdapter:
         return found[0] is not None
 
     def adapt_args(self, method: str, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   meta: dict[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+                   meta: CallMeta | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """A handle call to a Request-taking method: the first argument, the
         ``http_headers`` option and the keyword arguments become one ServeRequest.
 

@@ -19,7 +19,7 @@ from fleet import _multiplex
 from fleet._batching import batch_stats
 from fleet._config import DeploymentConfig
 from fleet._runtime import Runtime, set_current
-from fleet._types import ReplicaSpec, deployment_key
+from fleet._types import CallMeta, ModelsMsg, ReplicaSpec, deployment_key
 from fleet._wire.errors import error_info
 from fleet._wire.listener import ServerConnection, listen
 from fleet.exceptions import MethodNotFoundError, ReplicaDrainingError
@@ -215,10 +215,10 @@ class Replica:
                 ok, error = False, f"check_health raised {type(exc).__name__}: {exc}"
         self.runtime.send_ctrl({"type": "health_result", "id": msg.get("id"), "ok": ok,
                                 "error": error, "replica_id": self.spec.replica_id,
-                                "ongoing": self.ongoing, "batches": batch_stats()})
+                                "ongoing": self.ongoing, "batches": batch_stats(self.instance)})
 
     # -- multiplexed models ----------------------------------------------------------
-    def _models_msg(self) -> dict[str, Any]:
+    def _models_msg(self) -> ModelsMsg:
         return {"type": "models", "key": deployment_key(self.spec.app_name,
                                                         self.spec.deployment_name),
                 "replica_id": self.spec.replica_id,
@@ -239,8 +239,9 @@ class Replica:
             # A new caller learns what is held already, and that this call's model is
             # coming here (its load starts with the call), so its next calls follow.
             msg = self._models_msg()
-            if model not in msg["models"]:
-                msg["models"].append(model)
+            models = msg.get("models", [])
+            if model not in models:
+                models.append(model)
             conn.ctrl(msg)
 
     def _on_reconfigure(self, msg: dict[str, Any]) -> None:
@@ -315,7 +316,7 @@ class Replica:
 
     # -- the Handler protocol ------------------------------------------------------
     def on_call(self, conn: ServerConnection, call_id: int, method: str,
-                args: tuple[Any, ...], kwargs: dict[str, Any], meta: dict[str, Any] | None
+                args: tuple[Any, ...], kwargs: dict[str, Any], meta: CallMeta | None
                 ) -> None:
         if self.draining:
             conn.reply_error(call_id, ReplicaDrainingError(f"{self.where} is shutting down"))
@@ -341,12 +342,12 @@ class Replica:
 
     async def _serve(self, conn: ServerConnection, call_id: int, method: str,
                      args: tuple[Any, ...], kwargs: dict[str, Any],
-                     meta: dict[str, Any] | None) -> None:
-        if conn._wbuf and method in self._slow:
+                     meta: CallMeta | None) -> None:
+        if method in self._slow:
             # Replies of calls that finished in this loop iteration leave now: this
             # method took milliseconds last time and may block the loop (an async method
             # doing CPU work). Fast methods keep their replies coalesced into one write.
-            conn._flush()
+            conn.flush()
         started = time.perf_counter()
         if meta is not None and "model" in meta:
             _multiplex.set_model_id(meta["model"])     # this task's context only

@@ -12,8 +12,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from fleet._types import CallMeta, ErrorInfo
 from fleet._wire import auth, frames
-from fleet._wire.errors import ErrorInfo, rebuild
+from fleet._wire.errors import rebuild
 from fleet._wire.flow import Credits, Window
 from fleet.exceptions import FleetError, ReplicaDiedError
 
@@ -95,6 +96,10 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed and self.authed:
             self.transport.write(frame)
 
+    def flush(self) -> None:
+        """Write the frames queued so far now, not at the end of this loop iteration."""
+        self._flush()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         if not self.authed:
@@ -140,6 +145,11 @@ class Connection(asyncio.Protocol):
 
     def on_lost(self) -> None:
         pass
+
+
+def _wake_future(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class Pending:
@@ -193,14 +203,43 @@ class Pending:
         if out is not None:
             out.grant(out.chunks, out.nbytes)
 
-    async def next(self) -> tuple[int, Any]:
-        """The next streamed item: (CHUNK, item), (OK, final) or raises the error."""
+    def arm(self) -> asyncio.Future[None]:
+        """A future set when the next streamed item (or the end) arrives; something
+        else (a deadline, a client gone) may set it first. :meth:`disarm` after it."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self.waiter = waiter
+        return waiter
+
+    def disarm(self) -> None:
+        self.waiter = None
+
+    async def wait(self, deadline: float | None = None) -> bool:
+        """Until a streamed item is there, or the loop's clock reaches deadline;
+        whether one is."""
         chunks = self.chunks
         assert chunks is not None
+        timer = None
         while not chunks:
-            self.waiter = self.loop.create_future()
-            await self.waiter
-            self.waiter = None
+            waiter = self.arm()
+            if deadline is not None:
+                if self.loop.time() >= deadline:
+                    self.disarm()
+                    return False
+                if timer is None:
+                    timer = self.loop.call_at(deadline, _wake_future, waiter)
+            try:
+                await waiter
+            finally:
+                self.disarm()
+                if timer is not None:
+                    timer.cancel()
+                    timer = None
+        return True
+
+    async def next(self) -> tuple[int, Any]:
+        """The next streamed item: (CHUNK, item), (OK, final) or raises the error."""
+        if not self.chunks:
+            await self.wait()
         kind, value = self.pop()
         if kind == frames.ERR:
             raise value
@@ -282,7 +321,7 @@ class Channel(Connection):
             self._write_auth(hello)
 
     def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-             meta: dict[str, Any] | None, stream: bool = False) -> Pending:
+             meta: CallMeta | None, stream: bool = False) -> Pending:
         """Start a call; raises TypeError if an argument cannot be pickled."""
         if self.closed:
             raise ReplicaDiedError(f"connection to {self.peer} is closed")

@@ -6,10 +6,8 @@ import pickle
 import traceback
 from typing import Any
 
+from fleet._types import ErrorInfo
 from fleet.exceptions import RemoteTraceback, ReplicaError
-
-# (pickled exception or None, type name, message, traceback, flags)
-ErrorInfo = tuple[bytes | None, str, str, str, dict[str, Any]]
 
 
 def error_info(exc: BaseException, where: str = "", **flags: Any) -> ErrorInfo:
@@ -34,7 +32,7 @@ def error_info(exc: BaseException, where: str = "", **flags: Any) -> ErrorInfo:
         message = str(exc)      # user code: if it fails, the caller must still get an answer
     except Exception as str_exc:
         message = f"<str() of the exception failed: {str_exc!r}>"
-    return (blob, name, message, tb, flags)
+    return ErrorInfo(blob, name, message, tb, flags)
 
 
 def rebuild(info: ErrorInfo) -> BaseException:

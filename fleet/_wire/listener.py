@@ -6,6 +6,7 @@ import asyncio
 import os
 from typing import Any, Protocol
 
+from fleet._types import CallMeta, ControlMessage
 from fleet._wire import auth, frames
 from fleet._wire.channel import AUTH_TIMEOUT_S, Connection
 from fleet._wire.errors import error_info
@@ -19,14 +20,14 @@ class Handler(Protocol):
     """What a server (replica, controller) does with a connection's frames."""
 
     def on_call(self, conn: ServerConnection, call_id: int, method: str,
-                args: tuple[Any, ...], kwargs: dict[str, Any], meta: dict[str, Any] | None
+                args: tuple[Any, ...], kwargs: dict[str, Any], meta: CallMeta | None
                 ) -> None: ...
 
     def on_cancel(self, conn: ServerConnection, call_id: int) -> None: ...
 
     def on_data(self, conn: ServerConnection, call_id: int, obj: Any, size: int) -> None: ...
 
-    def on_ctrl(self, conn: ServerConnection, msg: Any) -> None: ...
+    def on_ctrl(self, conn: ServerConnection, msg: ControlMessage) -> None: ...
 
     def on_closed(self, conn: ServerConnection) -> None: ...
 
@@ -40,6 +41,8 @@ class ServerConnection(Connection):
         self.handler = handler
         self.secret = secret
         self.tag: Any = None          # what the handler knows this peer as
+        # the version of the controller's tables this peer said it applied, if it acks
+        self.acked: int | None = None
         self._nonces: tuple[bytes, bytes] | None = None
         self.windows: dict[int, Window] = {}    # streamed calls' reply windows
 
@@ -139,7 +142,7 @@ class ServerConnection(Connection):
                     **flags: Any) -> None:
         self.send(frames.encode(frames.ERR, call_id, error_info(exc, where, **flags)))
 
-    def ctrl(self, msg: Any) -> None:
+    def ctrl(self, msg: ControlMessage) -> None:
         self.send(frames.encode(frames.CTRL, 0, msg))
 
 

@@ -1,0 +1,27 @@
+"""What every proxy server needs to start: its listening socket, and how to tell the
+controller it cannot serve. The servers (http, grpc, granian) import it; the process
+entry (process.py) imports the servers, never the other way round."""
+
+from __future__ import annotations
+
+import socket
+
+from fleet._runtime import Runtime
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0 picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def proxy_failed(runtime: Runtime, kind: str, message: str) -> int:
+    """Tell the controller this proxy cannot serve (fleet.start raises with message);
+    returns the process's exit code."""
+    await runtime.call_controller("proxy_ready", kind, {"error": message})
+    return 1

@@ -1,0 +1,98 @@
+"""Instances share nothing (in memory: fleet.testing, the memory backend): batch counts
+belong to the replica that batched, graph node ids to their graph."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+import fleet
+import fleet.testing
+from fleet import dag
+
+
+@fleet.deployment(health_check_period_s=0.05)
+class Batcher:
+    @fleet.batch(max_batch_size=4, batch_wait_timeout_s=30)
+    async def __call__(self, items: list[int]) -> list[int]:
+        return items
+
+
+@fleet.deployment(health_check_period_s=0.05)
+@fleet.batch(max_batch_size=4, batch_wait_timeout_s=30)
+async def batched(items: list[int]) -> list[int]:
+    return items
+
+
+def _batch_counts(client: fleet.testing.TestClient, deployment: str,
+                  method: str) -> dict[str, Any] | None:
+    inst = client._session.instance
+    assert inst is not None and inst.runtime is not None
+    status = inst.call(inst.runtime.call_controller("status"))
+    replicas = status["applications"]["default"]["deployments"][deployment]["replicas"]
+    return replicas[0]["batches"].get(method) if replicas else None
+
+
+def _four_calls(client: fleet.testing.TestClient, deployment: str = "Batcher",
+                method: str = "Batcher.__call__") -> dict[str, Any]:
+    handle = client.get_handle()
+    responses = [handle.remote(i) for i in range(4)]    # one batch of four
+    assert [r.result(timeout_s=30) for r in responses] == [0, 1, 2, 3]
+    deadline = time.monotonic() + 30                     # the next health report has them
+    while (found := _batch_counts(client, deployment, method)) is None:
+        assert time.monotonic() < deadline, "batch counts never reached the status"
+        time.sleep(0.01)
+    return found
+
+
+def test_batch_counts_start_afresh_with_each_instance() -> None:
+    with fleet.testing.TestClient(Batcher.bind()) as client:
+        first = _four_calls(client)
+    with fleet.testing.TestClient(Batcher.bind()) as client:
+        second = _four_calls(client)
+    assert first["calls"] == second["calls"] == 4
+    assert first["batches"] == second["batches"] == 1
+
+
+def test_a_batched_function_reports_its_batches() -> None:
+    with fleet.testing.TestClient(batched.bind()) as client:
+        found = _four_calls(client, "batched", "batched")
+    assert found["calls"] == 4 and found["batches"] == 1
+
+
+def test_graph_nodes_are_numbered_per_graph() -> None:
+    @fleet.deployment
+    class Model:
+        def f(self, x: int) -> int:
+            return x
+
+    app = Model.bind()
+    with dag.InputNode() as inp:
+        shared = app.f.bind(inp)
+        first = dag.encode([shared, app.f.bind(shared)])
+    with dag.InputNode() as inp:
+        second = dag.encode([app.f.bind(inp), app.f.bind(app.f.bind(inp))])
+    ids = [item["id"] for item in first["items"]]
+    assert ids == [1, 2] and first["items"][1]["args"][0]["id"] == 1   # shared: one id
+    assert [item["id"] for item in second["items"]] == [1, 2]          # not 3, 4
+
+
+def test_the_runtime_starts_an_instance_only_through_the_registered_starter(
+        monkeypatch) -> None:
+    from fleet import _api, _runtime
+    assert _runtime._starter is _api.start          # fleet's public layer registered it
+    monkeypatch.setattr(_runtime, "_current", None)
+    monkeypatch.setattr(_runtime, "_starter", None)
+    with pytest.raises(fleet.FleetError, match="call fleet.start"):
+        _runtime.current()
+    started: list[bool] = []
+
+    def start() -> None:
+        started.append(True)
+        _runtime._current = sentinel                 # what a real start would set
+
+    sentinel: Any = object()
+    _runtime.set_starter(start)
+    assert _runtime.current() is sentinel and started == [True]
