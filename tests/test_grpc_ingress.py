@@ -256,18 +256,21 @@ def test_modern_way_plain_deployment_with_servicer_functions_and_num_replicas(
 
 def test_full_queue_is_resource_exhausted(stub: Any) -> None:
     # Plain: 2 replicas x max_ongoing_requests=1, max_queued_requests=1.
-    slow = [stub.Say.future(pb.EchoRequest(text="s", sleep_s=3), metadata=PLAIN, timeout=10)
+    slow = [stub.Say.future(pb.EchoRequest(text="s", sleep_s=30), metadata=PLAIN, timeout=60)
             for _ in range(3)]
-    # the slow calls hold both replicas and the one queue place for 3 s: a call made
-    # once they are all in is refused (the loop only waits for them to arrive)
-    deadline = time.monotonic() + 2
-    with pytest.raises(grpc.RpcError) as err:
-        while time.monotonic() < deadline:
-            stub.Say(pb.EchoRequest(text="x"), metadata=PLAIN, timeout=10)
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert err.value.details() == "the deployment's queue is full; retry later"
-    for f in slow:
-        f.cancel()
+    try:
+        # the slow calls hold both replicas and the one queue place until cancelled: a
+        # call made once they are all in is refused (the loop only waits for them to
+        # arrive, however loaded the machine is)
+        deadline = time.monotonic() + 30
+        with pytest.raises(grpc.RpcError) as err:
+            while time.monotonic() < deadline:
+                stub.Say(pb.EchoRequest(text="x"), metadata=PLAIN, timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.value.details() == "the deployment's queue is full; retry later"
+    finally:
+        for f in slow:
+            f.cancel()          # cancels the replicas' calls too
 
 
 def test_health_service_reports_serving(port: int) -> None:
