@@ -18,7 +18,7 @@ import cloudpickle
 
 from fleet import _rundir
 from fleet._backends.local import LocalBackend
-from fleet._config import GRPCOptions, HTTPOptions, coerce_options
+from fleet._config import GRPCOptions, HTTPOptions, coerce_options, proxy_count
 from fleet._controller.controller import Controller
 from fleet._deployment import Application, build_plans
 from fleet._handle import DeploymentHandle
@@ -89,7 +89,7 @@ class Instance:
         set_current(self.runtime)
         waits = []
         if self.http_options.enabled:
-            waits.append(self._start_proxy("http", self.http_options))
+            waits.append(self._start_http_proxies(self.http_options))
         if self.grpc_options.enabled:
             waits.append(self._start_proxy("grpc", self.grpc_options))
         for info in await asyncio.gather(*waits):
@@ -98,12 +98,37 @@ class Instance:
         if self.register:
             self._write_instance_file()
 
-    async def _start_proxy(self, kind: str, options: Any) -> dict[str, Any]:
+    async def _start_http_proxies(self, options: HTTPOptions) -> dict[str, Any]:
+        count = proxy_count(options.num_proxies)
+        if count == 1:
+            return await self._start_proxy("http", options)
+        # Several proxies share one listening socket, bound here once: a port another
+        # process holds fails as it does for one proxy, and nothing else can join it
+        # (SO_REUSEPORT would let a second instance share the port silently).
+        from fleet._proxy.process import bind_socket
+        try:
+            sock = bind_socket(options.host, options.port)
+        except OSError as exc:
+            return {"error": f"the HTTP proxy cannot listen on {options.host}:"
+                             f"{options.port}: {exc}"}
+        try:
+            infos = await asyncio.gather(*[
+                self._start_proxy("http", options, index, sock.fileno())
+                for index in range(count)])
+        finally:
+            sock.close()        # the proxies hold their own copies
+        return next((i for i in infos if "error" in i), infos[0])
+
+    async def _start_proxy(self, kind: str, options: Any, index: int = 0,
+                           listen_fd: int | None = None) -> dict[str, Any]:
         assert self.controller is not None
-        waiter = self.controller.expect_proxy(kind)
+        waiter = self.controller.expect_proxy(kind, index)
         boot = {"kind": kind, "controller_address": self.address, "secret": self.secret,
-                "options": cloudpickle.dumps(options), "sys_path": list(sys.path)}
-        proc = self.backend.spawn(f"proxy-{kind}", "fleet._proxy", boot)
+                "options": cloudpickle.dumps(options), "sys_path": list(sys.path),
+                "index": index, "listen_fd": listen_fd}
+        key = f"proxy-{kind}" if index == 0 else f"proxy-{kind}-{index}"
+        proc = self.backend.spawn(key, "fleet._proxy", boot,
+                                  () if listen_fd is None else (listen_fd,))
         while True:
             try:
                 return await asyncio.wait_for(asyncio.shield(waiter), 0.1)

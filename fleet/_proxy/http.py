@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
 from typing import Any
@@ -613,21 +614,29 @@ def build_app(runtime: Runtime, options: HTTPOptions) -> Any:
     return app
 
 
-async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event) -> int:
+async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event,
+                     shared: socket.socket | None = None, index: int = 0) -> int:
+    """Serve until stop is set. shared: the listening socket this proxy shares with the
+    instance's other HTTP proxies (num_proxies > 1), the index-th of them."""
     from fleet._proxy.process import bind_socket, proxy_failed
     try:
         app = build_app(runtime, options)
     except Exception as exc:
         return await proxy_failed(runtime, "http",
-                                  f"http_options middlewares: {type(exc).__name__}: {exc}")
+                                  f"http_options middlewares: {type(exc).__name__}: {exc}",
+                                  index)
     if options.server == "granian":
         from fleet._proxy.granian_server import serve_granian
         return await serve_granian(runtime, options, app, stop)
-    try:
-        sock = bind_socket(options.host, options.port)
-    except OSError as exc:
-        return await proxy_failed(runtime, "http", f"the HTTP proxy cannot listen on "
-                                                   f"{options.host}:{options.port}: {exc}")
+    if shared is not None:
+        sock = shared
+        sock.setblocking(False)
+    else:
+        try:
+            sock = bind_socket(options.host, options.port)
+        except OSError as exc:
+            return await proxy_failed(runtime, "http", f"the HTTP proxy cannot listen on "
+                                                       f"{options.host}:{options.port}: {exc}")
     port = sock.getsockname()[1]
     from fleet._proxy.uvicorn_protocol import HeadLimits, LimitedHttpToolsProtocol
     loop = asyncio.get_running_loop()
@@ -651,7 +660,7 @@ async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event
         await asyncio.sleep(0.005)
     limits.start(server.server_state.connections)
     await runtime.call_controller("proxy_ready", "http", {"host": options.host, "port": port,
-                                                          "pid": os.getpid()})
+                                                          "pid": os.getpid(), "index": index})
     await stop.wait()
     limits.stop()
     server.should_exit = True

@@ -50,7 +50,9 @@ async def _serve(kind: str, boot: dict[str, Any], loop: asyncio.AbstractEventLoo
     options = cloudpickle.loads(boot["options"])
     if kind == "http":
         from fleet._proxy.http import serve_http
-        return await serve_http(runtime, options, stop)
+        fd = boot.get("listen_fd")
+        shared = None if fd is None else socket.socket(fileno=fd)
+        return await serve_http(runtime, options, stop, shared, boot.get("index", 0))
     from fleet._proxy.grpc import serve_grpc  # type: ignore[import-not-found]
     return int(await serve_grpc(runtime, options, stop))
 
@@ -66,8 +68,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def proxy_failed(runtime: Runtime, kind: str, message: str) -> int:
+async def proxy_failed(runtime: Runtime, kind: str, message: str, index: int = 0) -> int:
     """Tell the controller this proxy cannot serve (fleet.start raises with message);
     returns the process's exit code."""
-    await runtime.call_controller("proxy_ready", kind, {"error": message})
+    await runtime.call_controller("proxy_ready", kind, {"error": message, "index": index})
     return 1
