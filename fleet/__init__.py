@@ -39,6 +39,7 @@ from fleet.exceptions import (
     ReplicaDiedError,
     ReplicaDrainingError,
     ReplicaError,
+    ReplicaFullError,
     RequestCancelledError,
     RequestTimeoutError,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "ReplicaDiedError",
     "ReplicaDrainingError",
     "ReplicaError",
+    "ReplicaFullError",
     "RequestCancelledError",
     "RequestTimeoutError",
     "ServeRequest",

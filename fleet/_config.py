@@ -153,7 +153,7 @@ def _num_proxies(value: Any) -> Any:
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
                            and value >= 1):
         return value
-    raise ValueError(f'num_proxies must be a whole number >= 1 or "auto", not {value!r}')
+    raise ValueError('num_proxies must be a whole number >= 1 or "auto"')
 
 
 def proxy_count(num_proxies: int | str) -> int:

@@ -23,6 +23,7 @@ from fleet.exceptions import (
     FleetError,
     ReplicaDiedError,
     ReplicaDrainingError,
+    ReplicaFullError,
     RequestCancelledError,
     RequestTimeoutError,
 )
@@ -236,25 +237,32 @@ class Runtime:
 
     async def _call_once(self, router: Router, method: str, args: tuple[Any, ...],
                          kwargs: dict[str, Any], meta: dict[str, Any] | None) -> Any:
-        for attempt in range(MAX_ATTEMPTS):
+        drained = 0
+        while True:
             slot, pending = await self.start_call(router, method, args, kwargs, meta, False)
             try:
                 return await pending.result()
             except asyncio.CancelledError:
                 pending.cancel()
                 raise
+            except ReplicaFullError:
+                router.refused(slot)        # waits its turn again, like a queued call
             except ReplicaDrainingError:
                 router.drop(slot)
-                if attempt == MAX_ATTEMPTS - 1:
+                drained += 1
+                if drained == MAX_ATTEMPTS:
                     raise ReplicaDiedError(f"deployment {router.deployment!r}: every replica "
                                            "tried was shutting down") from None
             finally:
                 router.release(slot)
-        raise AssertionError("unreachable")
 
     def retry_elsewhere(self, router: Router, slot: Slot, exc: BaseException) -> bool:
-        """Whether a call the replica refused (it was draining) should be sent again;
-        the replica is not chosen again by this router until the tables list it anew."""
+        """Whether a call the replica refused should be sent again: a draining replica is
+        not chosen again by this router until the tables list it anew, a full one not
+        for a moment (``Router.refused``)."""
+        if isinstance(exc, ReplicaFullError):
+            router.refused(slot)
+            return True
         if isinstance(exc, ReplicaDrainingError):
             router.drop(slot)
             return True

@@ -58,6 +58,12 @@ LOG_PATH_CHARS = 1000
 DISCONNECT_WATCH_S = 0.05
 
 
+# _forward's status when the replica refused the call unstarted (draining or full):
+# the caller sends it again, in a loop rather than by recursion, as a full replica may
+# refuse it many times.
+_AGAIN = 0
+
+
 class _Timeout(Exception):
     pass
 
@@ -272,6 +278,9 @@ class HTTPProxy:
                                                   sub, body)
                 status, replica = await self._forward(app, ingress, method, sub, body,
                                                       receive, send, rid, meta)
+                while status == _AGAIN:
+                    status, replica = await self._forward(app, ingress, method, sub, body,
+                                                          receive, send, rid, meta)
             finally:
                 self.buffered -= held[0]
         else:
@@ -279,6 +288,9 @@ class HTTPProxy:
                                               sub, body)
             status, replica = await self._forward(app, ingress, method, sub, body, receive,
                                                   send, rid, meta)
+            while status == _AGAIN:     # the replica refused it before starting: again
+                status, replica = await self._forward(app, ingress, method, sub, body,
+                                                      receive, send, rid, meta)
         if self.access is not None:
             if len(path) > LOG_PATH_CHARS or not path.isprintable():
                 path = _log_path(path)
@@ -405,8 +417,7 @@ class HTTPProxy:
                     continue
                 # an error from the replica
                 if not started and runtime.retry_elsewhere(router, slot, value):
-                    return await self._forward(app, ingress, method, sub, body, receive, send,
-                                               rid, meta)
+                    return _AGAIN, slot.replica_id
                 if started:
                     raise value            # mid-stream: nothing sane to send; drop the connection
                 return await self._error(value, app, ingress, slot.replica_id, send, rid)

@@ -21,7 +21,7 @@ from fleet._runtime import Runtime, set_current
 from fleet._types import ReplicaSpec, deployment_key
 from fleet._wire.errors import error_info
 from fleet._wire.listener import ServerConnection, listen
-from fleet.exceptions import MethodNotFoundError, ReplicaDrainingError
+from fleet.exceptions import MethodNotFoundError, ReplicaDrainingError, ReplicaFullError
 
 log = logging.getLogger("fleet.replica")
 
@@ -93,6 +93,7 @@ class Replica:
         self._slow: set[str] = set()      # methods whose last call took > SLOW_CALL_S
         self.tasks: dict[tuple[int, int], asyncio.Task[Any]] = {}
         self.ongoing = 0
+        self.max_ongoing = self.config.max_ongoing_requests
         self.draining = False
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()
@@ -315,8 +316,14 @@ class Replica:
     def on_call(self, conn: ServerConnection, call_id: int, method: str,
                 args: tuple[Any, ...], kwargs: dict[str, Any], meta: dict[str, Any] | None
                 ) -> None:
-        if self.draining:
-            conn.reply_error(call_id, ReplicaDrainingError(f"{self.where} is shutting down"))
+        if self.ongoing >= self.max_ongoing or self.draining:
+            # Each caller's router keeps at most max_ongoing_requests here, but several
+            # callers (several proxies, handles) together can send more: the replica
+            # holds the limit itself, and the caller's router tries again.
+            conn.reply_error(call_id, ReplicaDrainingError(f"{self.where} is shutting down")
+                             if self.draining else ReplicaFullError(
+                                 f"{self.where} runs max_ongoing_requests="
+                                 f"{self.max_ongoing} calls already"))
             return
         if meta is not None:
             if "grpc" in meta:
