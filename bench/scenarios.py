@@ -343,6 +343,35 @@ def scenario_scaling(ctx: Context, system: str) -> Measured:
     }
 
 
+MULTIPROXY_METRICS = [
+    Metric("requests/s, 32 connections, 1 proxy", "req/s"),
+    Metric("requests/s, 32 connections, 2 proxies", "req/s"),
+    Metric("2 proxies over 1", "x"),
+    Metric("CPU per request, 1 proxy", "µs", "lower"),
+    Metric("CPU per request, 2 proxies", "µs", "lower"),
+]
+
+
+def scenario_multiproxy(ctx: Context, system: str) -> Measured:
+    """HTTP no-op on 2 replicas through 1 and then 2 proxy processes on one port
+    (baseline: bare uvicorn with 1 and 2 workers)."""
+    if system == "ray":
+        raise Unavailable("skipped", "fleet's num_proxies against uvicorn workers")
+    out: dict[int, tuple[list[float], list[float], int]] = {}
+    for n in (1, 2):
+        if system == "fleet":
+            server = start_server(ctx, system, "noop2", "--num-proxies", str(n))
+        else:
+            server = start_server(ctx, system, "noop", "--workers", str(n))
+        with server:
+            out[n] = _http_runs(ctx, server, ctx.http_conns)
+    ratio = [b / a for a, b in zip(out[1][0], out[2][0], strict=False) if a]
+    names = [m.name for m in MULTIPROXY_METRICS]
+    values = [(out[1][0], _error_note(out[1][2])), (out[2][0], _error_note(out[2][2])),
+              (ratio, ""), (out[1][1], ""), (out[2][1], "")]
+    return dict(zip(names, values, strict=True))
+
+
 COLDSTART_METRICS = [
     Metric("launch to first HTTP 200", "s", "lower"),
     Metric("idle RSS, all processes", "MiB", "lower"),
@@ -423,6 +452,7 @@ SCENARIOS: dict[str, tuple[list[Metric], ScenarioFn]] = {
     "batch": (BATCH_METRICS, scenario_batch),
     "mlp": (BATCH_METRICS, scenario_mlp),
     "scaling": (SCALING_METRICS, scenario_scaling),
+    "multiproxy": (MULTIPROXY_METRICS, scenario_multiproxy),
     "coldstart": (COLDSTART_METRICS, scenario_coldstart),
 }
 

@@ -8,9 +8,10 @@ Every fleet process (driver, replica, proxy) has exactly one; handles find it wi
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fleet import _traffic
@@ -278,16 +279,22 @@ class Runtime:
                                                     args, kwargs, meta, True)
         router = self.router(app, deployment)
         slot, pending = await self.start_call(router, opts.method_name, args, kwargs, meta, True)
-        return Stream(router, slot, pending)
+        return Stream(router, slot, pending, functools.partial(
+            self.start_call, router, opts.method_name, args, kwargs, meta, True))
 
 
 class Stream:
     """A streaming call in progress; holds its replica slot until the end."""
 
-    def __init__(self, router: Router, slot: Slot, pending: Pending) -> None:
+    def __init__(self, router: Router, slot: Slot, pending: Pending,
+                 restart: Callable[[], Awaitable[tuple[Slot, Pending]]] | None = None
+                 ) -> None:
         self._router = router
         self._slot: Slot | None = slot
         self._pending = pending
+        # Sends the call again while the replica refused it unstarted (full, draining).
+        self._restart = restart
+        self._drained = 0
 
     def _finish(self) -> None:
         if self._slot is not None:
@@ -295,20 +302,39 @@ class Stream:
             self._slot = None
 
     async def next_item(self, end: Any) -> Any:
-        if self._slot is None:
-            return end
-        try:
-            kind, value = await self._pending.next()
-        except asyncio.CancelledError:
-            self.close()
-            raise
-        except BaseException:
-            self._finish()
-            raise
+        while True:
+            slot = self._slot
+            if slot is None:
+                return end
+            try:
+                kind, value = await self._pending.next()
+            except asyncio.CancelledError:
+                self.close()
+                raise
+            except ReplicaDrainingError as exc:
+                self._finish()
+                if self._restart is None or self._refused(slot, exc):
+                    raise
+                self._slot, self._pending = await self._restart()
+                continue
+            except BaseException:
+                self._finish()
+                raise
+            break
+        self._restart = None        # an item came: the call runs, and is not sent again
         if kind == frames.OK:
             self._finish()
             return end
         return value
+
+    def _refused(self, slot: Slot, exc: ReplicaDrainingError) -> bool:
+        """Note a refusal with the router; whether to give up (drained too often)."""
+        if isinstance(exc, ReplicaFullError):
+            self._router.refused(slot)
+            return False
+        self._router.drop(slot)
+        self._drained += 1
+        return self._drained >= MAX_ATTEMPTS
 
     def close(self) -> None:
         if self._slot is not None:
