@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -124,7 +125,9 @@ class Instance:
         assert self.controller is not None
         waiter = self.controller.expect_proxy(kind, index)
         boot = {"kind": kind, "controller_address": self.address, "secret": self.secret,
-                "options": cloudpickle.dumps(options), "sys_path": list(sys.path),
+                # the checked options' values, so the proxy process needs no pydantic
+                "options": cloudpickle.dumps(types.SimpleNamespace(**dict(options))),
+                "sys_path": list(sys.path),
                 "index": index, "listen_fd": listen_fd}
         key = f"proxy-{kind}" if index == 0 else f"proxy-{kind}-{index}"
         proc = self.backend.spawn(key, "fleet._proxy", boot,

@@ -16,14 +16,13 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from fleet._config import GRPCOptions
 from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
 from fleet._proxy.process import proxy_failed
@@ -34,6 +33,9 @@ from fleet._types import Tables
 from fleet._wire import frames
 from fleet._wire.channel import Pending
 from fleet.exceptions import BackPressureError, FleetError, client_error
+
+if TYPE_CHECKING:
+    from fleet._config import GRPCOptions
 
 log = logging.getLogger("fleet.proxy")
 

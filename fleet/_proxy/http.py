@@ -19,11 +19,10 @@ import re
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from fleet._config import HTTPOptions
 from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
 from fleet._proxy.routes import RouteTable
@@ -31,6 +30,9 @@ from fleet._runtime import Runtime
 from fleet._types import Tables
 from fleet._wire import frames
 from fleet.exceptions import BackPressureError, FleetError, client_error
+
+if TYPE_CHECKING:
+    from fleet._config import HTTPOptions
 
 log = logging.getLogger("fleet.proxy")
 

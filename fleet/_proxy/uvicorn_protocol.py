@@ -15,11 +15,13 @@ size is computed only when that count passed the limit, and one timer per server
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from fleet._config import HTTPOptions
+if TYPE_CHECKING:
+    from fleet._config import HTTPOptions
+
 
 
 class _CoalescingTransport:

@@ -10,13 +10,13 @@ import inspect
 import logging
 import os
 import time
+import types
 from typing import Any
 
 import cloudpickle
 
 from fleet import _multiplex
 from fleet._batching import batch_stats
-from fleet._config import DeploymentConfig
 from fleet._runtime import Runtime, set_current
 from fleet._types import ReplicaSpec, deployment_key
 from fleet._wire.errors import error_info
@@ -76,7 +76,9 @@ class Replica:
                  own_process: bool = True) -> None:
         self.spec = spec
         self.loop = loop
-        self.config = DeploymentConfig(**spec.config)
+        # The driver checked the options (spec.config is DeploymentConfig's dump): read
+        # them as they are, so a replica process needs no pydantic.
+        self.config = types.SimpleNamespace(**spec.config)
         self.where = (f"deployment {spec.deployment_name!r} of application "
                       f"{spec.app_name!r}, replica {spec.replica_id}")
         self.runtime = Runtime(loop, spec.controller_address, spec.secret)
