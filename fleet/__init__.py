@@ -86,6 +86,12 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
+        # a submodule read as an attribute (fleet.exceptions, fleet._api) imports it
+        try:
+            return importlib.import_module(f"fleet.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"fleet.{name}":
+                raise
         raise AttributeError(f"module 'fleet' has no attribute {name!r}")
     mod = importlib.import_module(module)
     value = mod if module == f"fleet.{name}" else getattr(mod, name)
