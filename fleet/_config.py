@@ -168,14 +168,19 @@ class GRPCOptions(_Model):
     """The gRPC proxy: its port and the servicer functions of user schemas.
 
     ``expose_errors=True`` (for development) adds an exception's type and message to
-    error details, which otherwise say only what happened."""
+    error details, which otherwise say only what happened. ``num_proxies`` gRPC proxy
+    processes (``"auto"``: one per CPU) serve the port, each with its own routers."""
 
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_GRPC_PORT, ge=0, le=65535)
+    num_proxies: int | Literal["auto"] = 1
     grpc_servicer_functions: list[str] = Field(default_factory=list)
     request_timeout_s: float | None = Field(None, gt=0)
     expose_errors: bool = False
     enabled: bool = False
+
+    _check_num_proxies = field_validator("num_proxies", mode="before")(
+        lambda cls, value: _num_proxies(value))
 
 
 class DeploymentOverride(_Model):

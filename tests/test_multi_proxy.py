@@ -1,4 +1,4 @@
-"""Several HTTP proxy processes on one port (http_options num_proxies=2), on real
+"""Several proxy processes on one port (num_proxies=2 for HTTP and for gRPC), on real
 processes and sockets: both serve, a taken port still fails, the replica holds
 max_ongoing_requests across callers, and backpressure, traffic splits, shadow copies
 and rolling updates behave as with one proxy."""
@@ -14,13 +14,18 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import httpx
 import psutil
 import pytest
-from conftest import Instance, start_instance
+from conftest import Instance
 from helpers import wait_for
+from protos import fleet_echo_pb2 as pb
+from protos import fleet_echo_pb2_grpc as pb_grpc
 
 import fleet
+
+SERVICER_FN = "protos.fleet_echo_pb2_grpc.add_EchoServiceServicer_to_server"
 
 
 @fleet.deployment(num_replicas=2)
@@ -90,12 +95,22 @@ class Copies:
         return self.hits
 
 
+@fleet.deployment(num_replicas=2)
+class Echo:
+    async def Say(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return pb.EchoReply(text=request.text)
+
+
 @pytest.fixture(scope="module")
 def two_proxies() -> Iterator[Instance]:
+    """An instance with two HTTP proxies and two gRPC proxies."""
     fleet.shutdown()
-    inst = start_instance(num_proxies=2, access_log=False)
+    fleet.start(http_options={"host": "127.0.0.1", "port": 0, "num_proxies": 2,
+                              "access_log": False},
+                grpc_options={"host": "127.0.0.1", "port": 0, "num_proxies": 2,
+                              "grpc_servicer_functions": [SERVICER_FN]})
     try:
-        yield inst
+        yield Instance(http_port=fleet.status()["proxies"]["http"]["port"])
     finally:
         fleet.shutdown()
 
@@ -250,3 +265,33 @@ def test_rolling_update_through_two_proxies_fails_no_request(two_proxies) -> Non
             t.join(30)
     assert errors == []
     assert "v1" in seen and seen[-1] == "v2"
+
+
+def test_two_grpc_proxies_serve_one_port(two_proxies) -> None:
+    info = fleet.status()["proxies"]["grpc"]
+    assert len(info["pids"]) == 2 and info["pid"] == info["pids"][0]
+    assert all(psutil.pid_exists(pid) for pid in info["pids"])
+    fleet.run(Echo.bind(), name="echo", route_prefix="/echo")
+    md = (("application", "echo"),)
+    for i in range(20):             # a new connection each time, to either proxy
+        with grpc.insecure_channel(f"127.0.0.1:{info['port']}") as channel:
+            reply = pb_grpc.EchoServiceStub(channel).Say(pb.EchoRequest(text=f"m{i}"),
+                                                          metadata=md, timeout=20)
+        assert reply.text == f"m{i}"
+
+
+def test_a_taken_grpc_port_fails_with_address_in_use(two_proxies) -> None:
+    port = fleet.status()["proxies"]["grpc"]["port"]
+    code = ("import fleet\n"
+            "try:\n"
+            "    fleet.start(http_options={'port': 0}, grpc_options={'host': '127.0.0.1', "
+            f"'port': {port}, 'num_proxies': 2}})\n"
+            "except fleet.FleetError as exc:\n"
+            "    print('refused:', exc)\n"
+            "fleet.shutdown()\n")
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "TMPDIR": tmp})
+    assert f"refused: the gRPC proxy cannot listen on 127.0.0.1:{port}" in out.stdout, \
+        out.stderr
+    assert "Address already in use" in out.stdout

@@ -54,7 +54,8 @@ async def _serve(kind: str, boot: dict[str, Any], loop: asyncio.AbstractEventLoo
         shared = None if fd is None else socket.socket(fileno=fd)
         return await serve_http(runtime, options, stop, shared, boot.get("index", 0))
     from fleet._proxy.grpc import serve_grpc  # type: ignore[import-not-found]
-    return int(await serve_grpc(runtime, options, stop))
+    return int(await serve_grpc(runtime, options, stop, boot.get("shared", False),
+                                boot.get("index", 0)))
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
