@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     import fleet
 
     app = _load_app(args.app)
-    options: dict[str, Any] = {"http_options": {"host": "127.0.0.1", "port": args.port}}
+    options: dict[str, Any] = {"http_options": {"host": "127.0.0.1", "port": args.port,
+                                                "num_proxies": args.num_proxies}}
     if args.grpc_port:
         options["grpc_options"] = {"host": "127.0.0.1", "port": args.grpc_port}
     fleet.start(**options)

@@ -62,6 +62,7 @@ class MlpUnbatched:
 
 
 noop = Noop.bind()
+noop2 = Noop.options(num_replicas=2).bind()     # the multiproxy scenario
 cpu1 = Cpu1.bind()
 cpu2 = Cpu2.bind()
 model_unbatched = ModelUnbatched.bind()

@@ -69,6 +69,28 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def _role(proc: psutil.Process) -> str:
+    """Which part of fleet a process is, from its command line (``other`` elsewhere)."""
+    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+        cmdline = proc.cmdline()
+        if "fleet._proxy" in cmdline:
+            return "proxy"
+        if "fleet._replica" in cmdline:
+            return "replica"
+    return "driver"
+
+
+def tree_cpu_by_role(pid: int) -> dict[str, float]:
+    """CPU seconds used so far by ``pid``'s tree, summed per role (driver, proxy,
+    replica); a tree that is not fleet's counts as its driver."""
+    out = {"driver": 0.0, "proxy": 0.0, "replica": 0.0}
+    for proc in _tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            times = proc.cpu_times()
+            out[_role(proc)] += times.user + times.system
+    return out
+
+
 def tree_memory(pid: int) -> dict[str, float]:
     """RSS and PSS (MiB) summed over ``pid`` and its descendants, with the count."""
     rss = pss = 0.0
@@ -214,6 +236,7 @@ def python_module(module: str, *args: str) -> list[str]:
 def cpu_window(pid: int) -> Iterator[dict[str, float]]:
     """Measure process-tree CPU seconds of ``pid`` across the ``with`` block."""
     out: dict[str, float] = {}
+    roles = tree_cpu_by_role(pid)
     before = tree_cpu_seconds(pid)
     t0 = time.perf_counter()
     try:
@@ -221,3 +244,5 @@ def cpu_window(pid: int) -> Iterator[dict[str, float]]:
     finally:
         out["cpu_s"] = tree_cpu_seconds(pid) - before
         out["wall_s"] = time.perf_counter() - t0
+        for role, cpu_s in tree_cpu_by_role(pid).items():
+            out[f"cpu_{role}_s"] = cpu_s - roles[role]   # per process kind, for fleet

@@ -106,9 +106,12 @@ def _per_request_us(cpu_s: float, requests: int) -> float:
     return cpu_s / requests * 1e6 if requests else math.nan
 
 
-def _http_runs(ctx: Context, server: ServerProcess, conns: int) -> tuple[list[float], list[float],
-                                                                        int]:
-    """Warm up, then measure (requests/s, CPU µs/request) per run; also total errors."""
+def _http_runs(ctx: Context, server: ServerProcess, conns: int,
+               roles: dict[str, list[float]] | None = None
+               ) -> tuple[list[float], list[float], int]:
+    """Warm up, then measure (requests/s, CPU µs/request) per run; also total errors.
+    roles, when given, gets each run's CPU µs/request per process kind (driver, proxy,
+    replica)."""
     port = int(server.info["port"])
     loadgen.wait_http_ok(port)
     loadgen.http_load(port, "/", conns, ctx.warmup_s, ctx.use_wrk)
@@ -121,6 +124,10 @@ def _http_runs(ctx: Context, server: ServerProcess, conns: int) -> tuple[list[fl
         rps.append(res.rps)
         cpu.append(_per_request_us(window["cpu_s"], res.requests))
         errors += res.errors
+        if roles is not None:
+            for role in ("driver", "proxy", "replica"):
+                roles.setdefault(role, []).append(
+                    _per_request_us(window[f"cpu_{role}_s"], res.requests))
     return rps, cpu, errors
 
 
@@ -145,17 +152,29 @@ HTTP_METRICS = [
     Metric("CPU per request, 32 connections", "µs", "lower"),
     Metric("p50 latency, 1 connection", "ms", "lower"),
     Metric("p99 latency, 1 connection", "ms", "lower"),
+    # fleet's processes apart, so the next bottleneck shows in the table
+    Metric("CPU per request in the proxy, 32 connections", "µs", "lower"),
+    Metric("CPU per request in the replica, 32 connections", "µs", "lower"),
+    Metric("CPU per request in the driver, 32 connections", "µs", "lower"),
 ]
 
 
 def scenario_http(ctx: Context, system: str) -> Measured:
     """HTTP no-op: throughput with 32 connections, latency with one."""
+    roles: dict[str, list[float]] = {}
     with start_server(ctx, system, "noop") as server:
-        rps, cpu, errors = _http_runs(ctx, server, ctx.http_conns)
+        rps, cpu, errors = _http_runs(ctx, server, ctx.http_conns, roles)
         p50, p99 = _latency_runs(ctx, int(server.info["port"]))
     names = [m.name for m in HTTP_METRICS]
-    return dict(zip(names, [(rps, _error_note(errors)), (cpu, ""), (p50, ""), (p99, "")],
-                    strict=True))
+    out: Measured = dict(zip(names[:4], [(rps, _error_note(errors)), (cpu, ""), (p50, ""),
+                                         (p99, "")], strict=True))
+    if system == "fleet":
+        for name, role in zip(names[4:], ("proxy", "replica", "driver"), strict=True):
+            out[name] = (roles[role], "")
+    else:
+        for name in names[4:]:
+            out[name] = ([], "n/a: fleet's processes only")
+    return out
 
 
 GRPC_METRICS = [
@@ -343,6 +362,35 @@ def scenario_scaling(ctx: Context, system: str) -> Measured:
     }
 
 
+MULTIPROXY_METRICS = [
+    Metric("requests/s, 32 connections, 1 proxy", "req/s"),
+    Metric("requests/s, 32 connections, 2 proxies", "req/s"),
+    Metric("2 proxies over 1", "x"),
+    Metric("CPU per request, 1 proxy", "µs", "lower"),
+    Metric("CPU per request, 2 proxies", "µs", "lower"),
+]
+
+
+def scenario_multiproxy(ctx: Context, system: str) -> Measured:
+    """HTTP no-op on 2 replicas through 1 and then 2 proxy processes on one port
+    (baseline: bare uvicorn with 1 and 2 workers)."""
+    if system == "ray":
+        raise Unavailable("skipped", "fleet's num_proxies against uvicorn workers")
+    out: dict[int, tuple[list[float], list[float], int]] = {}
+    for n in (1, 2):
+        if system == "fleet":
+            server = start_server(ctx, system, "noop2", "--num-proxies", str(n))
+        else:
+            server = start_server(ctx, system, "noop", "--workers", str(n))
+        with server:
+            out[n] = _http_runs(ctx, server, ctx.http_conns)
+    ratio = [b / a for a, b in zip(out[1][0], out[2][0], strict=False) if a]
+    names = [m.name for m in MULTIPROXY_METRICS]
+    values = [(out[1][0], _error_note(out[1][2])), (out[2][0], _error_note(out[2][2])),
+              (ratio, ""), (out[1][1], ""), (out[2][1], "")]
+    return dict(zip(names, values, strict=True))
+
+
 COLDSTART_METRICS = [
     Metric("launch to first HTTP 200", "s", "lower"),
     Metric("idle RSS, all processes", "MiB", "lower"),
@@ -423,6 +471,7 @@ SCENARIOS: dict[str, tuple[list[Metric], ScenarioFn]] = {
     "batch": (BATCH_METRICS, scenario_batch),
     "mlp": (BATCH_METRICS, scenario_mlp),
     "scaling": (SCALING_METRICS, scenario_scaling),
+    "multiproxy": (MULTIPROXY_METRICS, scenario_multiproxy),
     "coldstart": (COLDSTART_METRICS, scenario_coldstart),
 }
 

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -18,7 +19,7 @@ import cloudpickle
 
 from fleet import _rundir
 from fleet._backends.local import LocalBackend
-from fleet._config import GRPCOptions, HTTPOptions, coerce_options
+from fleet._config import GRPCOptions, HTTPOptions, coerce_options, proxy_count
 from fleet._controller.controller import Controller
 from fleet._deployment import Application, build_plans
 from fleet._handle import DeploymentHandle
@@ -105,21 +106,72 @@ class Instance:
         set_current(self.runtime)
         waits = []
         if self.http_options.enabled:
-            waits.append(self._start_proxy("http", self.http_options))
+            waits.append(self._start_http_proxies(self.http_options))
         if self.grpc_options.enabled:
-            waits.append(self._start_proxy("grpc", self.grpc_options))
+            waits.append(self._start_grpc_proxies(self.grpc_options))
         for info in await asyncio.gather(*waits):
             if "error" in info:
                 raise FleetError(info["error"])
         if self.register:
             self._write_instance_file()
 
-    async def _start_proxy(self, kind: str, options: Any) -> dict[str, Any]:
+    async def _start_http_proxies(self, options: HTTPOptions) -> dict[str, Any]:
+        count = proxy_count(options.num_proxies)
+        if count == 1:
+            return await self._start_proxy("http", options)
+        # Several proxies share one listening socket, bound here once: a port another
+        # process holds fails as it does for one proxy, and nothing else can join it
+        # (SO_REUSEPORT would let a second instance share the port silently).
+        from fleet._proxy.startup import bind_socket
+        try:
+            sock = bind_socket(options.host, options.port)
+        except OSError as exc:
+            return {"error": f"the HTTP proxy cannot listen on {options.host}:"
+                             f"{options.port}: {exc}"}
+        try:
+            infos = await asyncio.gather(*[
+                self._start_proxy("http", options, index, sock.fileno())
+                for index in range(count)])
+        finally:
+            sock.close()        # the proxies hold their own copies
+        return next((i for i in infos if "error" in i), infos[0])
+
+    async def _start_grpc_proxies(self, options: GRPCOptions) -> dict[str, Any]:
+        count = proxy_count(options.num_proxies)
+        if count == 1:
+            return await self._start_proxy("grpc", options)
+        # grpc.aio binds its ports itself, so the proxies share the port with
+        # SO_REUSEPORT; a port another process holds is found first, with a socket
+        # that asks for no sharing, so it fails as it does for one proxy.
+        if options.port:
+            from fleet._proxy.startup import bind_socket
+            try:
+                bind_socket(options.host, options.port).close()
+            except OSError as exc:
+                return {"error": f"the gRPC proxy cannot listen on {options.host}:"
+                                 f"{options.port}: {exc}"}
+        first = await self._start_proxy("grpc", options, 0, shared=True)
+        if "error" in first:
+            return first
+        same_port = options.model_copy(update={"port": first["port"]})
+        infos = await asyncio.gather(*[self._start_proxy("grpc", same_port, index,
+                                                         shared=True)
+                                       for index in range(1, count)])
+        return next((i for i in infos if "error" in i), first)
+
+    async def _start_proxy(self, kind: str, options: Any, index: int = 0,
+                           listen_fd: int | None = None, shared: bool = False
+                           ) -> dict[str, Any]:
         assert self.controller is not None
-        waiter = self.controller.expect_proxy(kind)
+        waiter = self.controller.expect_proxy(kind, index)
         boot = {"kind": kind, "controller_address": self.address, "secret": self.secret,
-                "options": cloudpickle.dumps(options), "sys_path": list(sys.path)}
-        proc = self.backend.spawn(f"proxy-{kind}", "fleet._proxy", boot)
+                # the checked options' values, so the proxy process needs no pydantic
+                "options": cloudpickle.dumps(types.SimpleNamespace(**dict(options))),
+                "sys_path": list(sys.path),
+                "index": index, "listen_fd": listen_fd, "shared": shared}
+        key = f"proxy-{kind}" if index == 0 else f"proxy-{kind}-{index}"
+        proc = self.backend.spawn(key, "fleet._proxy", boot,
+                                  () if listen_fd is None else (listen_fd,))
         while True:
             try:
                 return await asyncio.wait_for(asyncio.shield(waiter), 0.1)

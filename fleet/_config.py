@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import types
 import typing
@@ -112,9 +113,12 @@ class HTTPOptions(_Model):
     ``"granian"`` (Rust, embedded in the proxy process; needs ``pip install granian``).
     ``expose_errors=True`` (for development) adds an exception's type and message to
     error bodies, which otherwise say only what happened and the request's id.
+    ``num_proxies`` proxy processes (``"auto"``: one per CPU) serve the one port, each
+    with its own routers; more than one needs ``server="uvicorn"``.
     """
 
     server: Literal["uvicorn", "granian"] = "uvicorn"
+    num_proxies: int | Literal["auto"] = 1
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_HTTP_PORT, ge=0, le=65535)
     middlewares: list[Any] = Field(default_factory=list)
@@ -134,19 +138,49 @@ class HTTPOptions(_Model):
     max_connections: int = Field(10000, gt=0)
     max_buffered_body_bytes: int = Field(256 * 1024 * 1024, gt=0)
 
+    _check_num_proxies = field_validator("num_proxies", mode="before")(
+        lambda cls, value: _num_proxies(value))
+
+    @model_validator(mode="after")
+    def _check_server(self) -> HTTPOptions:
+        if self.server == "granian" and proxy_count(self.num_proxies) > 1:
+            raise ValueError("http_options num_proxies > 1 needs server='uvicorn' (Granian "
+                             "binds its port itself and cannot share it)")
+        return self
+
+
+def _num_proxies(value: Any) -> Any:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                           and value >= 1):
+        return value
+    raise ValueError('num_proxies must be a whole number >= 1 or "auto"')
+
+
+def proxy_count(num_proxies: int | str) -> int:
+    """How many proxy processes num_proxies asks for on this machine."""
+    if num_proxies == "auto":
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
+    return int(num_proxies)
+
 
 class GRPCOptions(_Model):
     """The gRPC proxy: its port and the servicer functions of user schemas.
 
     ``expose_errors=True`` (for development) adds an exception's type and message to
-    error details, which otherwise say only what happened."""
+    error details, which otherwise say only what happened. ``num_proxies`` gRPC proxy
+    processes (``"auto"``: one per CPU) serve the port, each with its own routers."""
 
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_GRPC_PORT, ge=0, le=65535)
+    num_proxies: int | Literal["auto"] = 1
     grpc_servicer_functions: list[str] = Field(default_factory=list)
     request_timeout_s: float | None = Field(None, gt=0)
     expose_errors: bool = False
     enabled: bool = False
+
+    _check_num_proxies = field_validator("num_proxies", mode="before")(
+        lambda cls, value: _num_proxies(value))
 
 
 class DeploymentOverride(_Model):

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fleet import _crossing
 from fleet import _runtime as _runtime_mod
 
 _UNSET: Any = object()
@@ -132,7 +133,7 @@ class DeploymentResponse:
         if _on_loop(self._loop):
             self._task = self._loop.create_task(coro)
         else:
-            self._cfut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            self._cfut = _crossing.submit(self._loop, coro)
 
     def __await__(self) -> Generator[Any, None, Any]:
         if self._legacy:
@@ -148,7 +149,7 @@ class DeploymentResponse:
                 return await asyncio.wrap_future(
                     asyncio.run_coroutine_threadsafe(_await_task(self._task), self._loop))
             assert self._cfut is not None
-            return await asyncio.wrap_future(self._cfut)
+            return await _crossing.wrap(self._cfut, asyncio.get_running_loop())
         except asyncio.CancelledError:
             if self._cancelled():       # the call was cancelled, not the one awaiting it
                 raise self._cancelled_error() from None

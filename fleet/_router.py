@@ -19,18 +19,22 @@ from fleet._types import DeploymentStatus, DeploymentTable
 from fleet._wire.channel import Channel
 from fleet.exceptions import BackPressureError, DeploymentFailedError, FleetError
 
+# How long a replica that refused a call as full is left alone before it is tried again.
+FULL_PAUSE_S = 0.005
+
 
 class Slot:
     """One replica as this caller sees it."""
 
     __slots__ = ("replica_id", "address", "inflight", "channel", "connecting", "gone",
-                 "models")
+                 "models", "full")
 
     def __init__(self, replica_id: str, address: str) -> None:
         self.models: set[str] = set()       # multiplexed model ids it holds (or will)
         self.replica_id = replica_id
         self.address = address
         self.inflight = 0
+        self.full = False       # it refused a call: other callers fill it (for a moment)
         self.channel: Channel | None = None
         self.connecting: asyncio.Future[Channel] | None = None
         self.gone = False
@@ -112,29 +116,30 @@ class Router:
         limit = self.max_ongoing
         if n == 1:
             s = slots[0]
-            return s if s.inflight < limit else None
+            return s if s.inflight < limit and not s.full else None
         if n == 0:
             return None
         a, b = random.sample(slots, 2)
         if b.inflight < a.inflight:
             a, b = b, a
-        if a.inflight < limit:
+        if a.inflight < limit and not a.full:
             return a
-        free = [s for s in slots if s.inflight < limit]
+        free = [s for s in slots if s.inflight < limit and not s.full]
         return min(free, key=lambda s: s.inflight) if free else None
 
     def _pick_model(self, model: str) -> Slot | None:
         limit = self.max_ongoing
         best: Slot | None = None
         for s in self.slots:
-            if model in s.models and s.inflight < limit and (
+            if model in s.models and s.inflight < limit and not s.full and (
                     best is None or s.inflight < best.inflight):
                 best = s
         if best is not None:
             return best
         # No holder with room: load it where it evicts least.
         for s in self.slots:
-            if s.inflight < limit and (best is None or (len(s.models), s.inflight) <
+            if s.inflight < limit and not s.full and (
+                    best is None or (len(s.models), s.inflight) <
                                        (len(best.models), best.inflight)):
                 best = s
         if best is not None:
@@ -184,6 +189,19 @@ class Router:
                 self.queue.remove(fut)
             except ValueError:
                 pass
+
+    def refused(self, slot: Slot) -> None:
+        """The replica refused a call because it was full: other callers' calls fill it,
+        which this router's counts do not see. It is not picked for FULL_PAUSE_S, while
+        calls wait in the queue (or go to other replicas); then it is tried again."""
+        if not slot.full:
+            slot.full = True
+            asyncio.get_running_loop().call_later(FULL_PAUSE_S, self._not_full, slot)
+
+    def _not_full(self, slot: Slot) -> None:
+        slot.full = False
+        if self.queue:
+            self._wake()
 
     def release(self, slot: Slot) -> None:
         slot.inflight -= 1

@@ -8,9 +8,10 @@ Every fleet process (driver, replica, proxy) has exactly one; handles find it wi
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fleet import _traffic
@@ -23,6 +24,7 @@ from fleet.exceptions import (
     FleetError,
     ReplicaDiedError,
     ReplicaDrainingError,
+    ReplicaFullError,
     RequestCancelledError,
     RequestTimeoutError,
 )
@@ -250,25 +252,32 @@ class Runtime:
 
     async def _call_once(self, router: Router, method: str, args: tuple[Any, ...],
                          kwargs: dict[str, Any], meta: CallMeta | None) -> Any:
-        for attempt in range(MAX_ATTEMPTS):
+        drained = 0
+        while True:
             slot, pending = await self.start_call(router, method, args, kwargs, meta, False)
             try:
                 return await pending.result()
             except asyncio.CancelledError:
                 pending.cancel()
                 raise
+            except ReplicaFullError:
+                router.refused(slot)        # waits its turn again, like a queued call
             except ReplicaDrainingError:
                 router.drop(slot)
-                if attempt == MAX_ATTEMPTS - 1:
+                drained += 1
+                if drained == MAX_ATTEMPTS:
                     raise ReplicaDiedError(f"deployment {router.deployment!r}: every replica "
                                            "tried was shutting down") from None
             finally:
                 router.release(slot)
-        raise AssertionError("unreachable")
 
     def retry_elsewhere(self, router: Router, slot: Slot, exc: BaseException) -> bool:
-        """Whether a call the replica refused (it was draining) should be sent again;
-        the replica is not chosen again by this router until the tables list it anew."""
+        """Whether a call the replica refused should be sent again: a draining replica is
+        not chosen again by this router until the tables list it anew, a full one not
+        for a moment (``Router.refused``)."""
+        if isinstance(exc, ReplicaFullError):
+            router.refused(slot)
+            return True
         if isinstance(exc, ReplicaDrainingError):
             router.drop(slot)
             return True
@@ -283,16 +292,22 @@ class Runtime:
                                                     args, kwargs, meta, True)
         router = self.router(app, deployment)
         slot, pending = await self.start_call(router, opts.method_name, args, kwargs, meta, True)
-        return Stream(router, slot, pending)
+        return Stream(router, slot, pending, functools.partial(
+            self.start_call, router, opts.method_name, args, kwargs, meta, True))
 
 
 class Stream:
     """A streaming call in progress; holds its replica slot until the end."""
 
-    def __init__(self, router: Router, slot: Slot, pending: Pending) -> None:
+    def __init__(self, router: Router, slot: Slot, pending: Pending,
+                 restart: Callable[[], Awaitable[tuple[Slot, Pending]]] | None = None
+                 ) -> None:
         self._router = router
         self._slot: Slot | None = slot
         self._pending = pending
+        # Sends the call again while the replica refused it unstarted (full, draining).
+        self._restart = restart
+        self._drained = 0
 
     def _finish(self) -> None:
         if self._slot is not None:
@@ -300,20 +315,39 @@ class Stream:
             self._slot = None
 
     async def next_item(self, end: Any) -> Any:
-        if self._slot is None:
-            return end
-        try:
-            kind, value = await self._pending.next()
-        except asyncio.CancelledError:
-            self.close()
-            raise
-        except BaseException:
-            self._finish()
-            raise
+        while True:
+            slot = self._slot
+            if slot is None:
+                return end
+            try:
+                kind, value = await self._pending.next()
+            except asyncio.CancelledError:
+                self.close()
+                raise
+            except ReplicaDrainingError as exc:
+                self._finish()
+                if self._restart is None or self._refused(slot, exc):
+                    raise
+                self._slot, self._pending = await self._restart()
+                continue
+            except BaseException:
+                self._finish()
+                raise
+            break
+        self._restart = None        # an item came: the call runs, and is not sent again
         if kind == frames.OK:
             self._finish()
             return end
         return value
+
+    def _refused(self, slot: Slot, exc: ReplicaDrainingError) -> bool:
+        """Note a refusal with the router; whether to give up (drained too often)."""
+        if isinstance(exc, ReplicaFullError):
+            self._router.refused(slot)
+            return False
+        self._router.drop(slot)
+        self._drained += 1
+        return self._drained >= MAX_ATTEMPTS
 
     def close(self) -> None:
         if self._slot is not None:

@@ -309,9 +309,11 @@ class Backend(Protocol):
         """Whether the replica's process still runs."""
         ...
 
-    def spawn(self, key: str, module: str, payload: Any) -> ReplicaProcess:
+    def spawn(self, key: str, module: str, payload: Any,
+              fds: tuple[int, ...] = ()) -> ReplicaProcess:
         """Start another fleet process (a proxy) running ``python -m module`` with
-        payload, under key."""
+        payload, under key; it inherits the file descriptors fds (a listening socket
+        that several proxies share)."""
         ...
 
     async def shutdown(self) -> None:

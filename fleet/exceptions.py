@@ -7,6 +7,7 @@ The tree::
     +-- ReplicaError                a user exception that could not be sent back as itself
     +-- ReplicaDiedError            the replica running a call died before answering
     +-- ReplicaDrainingError        the replica was shutting down and did not start the call
+    |   +-- ReplicaFullError        the replica had max_ongoing_requests calls already
     +-- BackPressureError           the deployment's queue is full; retry later
     +-- RequestTimeoutError         the call ran past its timeout and was cancelled
     +-- MethodNotFoundError         the deployment has no such method (also an AttributeError)
@@ -30,6 +31,7 @@ exception              HTTP  gRPC                message
 =====================  ====  ==================  =========================================
 BackPressureError      503   RESOURCE_EXHAUSTED  the deployment's queue is full; retry later
 ReplicaDrainingError   503   UNAVAILABLE         the replica was shutting down; retry
+ReplicaFullError       503   UNAVAILABLE         the replica was full; retry
 ReplicaDiedError       503   UNAVAILABLE         the replica serving the request died
 DeploymentFailedError  503   UNAVAILABLE         the deployment failed to start
 RequestTimeoutError    504   DEADLINE_EXCEEDED   the request timed out and was cancelled
@@ -98,6 +100,12 @@ class ReplicaDrainingError(FleetError):
     caller's router sends such a call to another replica by itself."""
 
 
+class ReplicaFullError(ReplicaDrainingError):
+    """The replica already ran ``max_ongoing_requests`` calls (from several callers, such
+    as several proxies) and refused the call before starting it; a caller's router waits
+    a moment and sends it again, to this replica or another."""
+
+
 class BackPressureError(FleetError):
     """The deployment already holds ``max_queued_requests`` waiting calls."""
 
@@ -145,6 +153,7 @@ class RemoteTraceback(Exception):
 ERROR_TABLE: dict[type[BaseException], tuple[int, str, str]] = {
     BackPressureError: (503, "RESOURCE_EXHAUSTED",
                         "the deployment's queue is full; retry later"),
+    ReplicaFullError: (503, "UNAVAILABLE", "the replica was full; retry"),
     ReplicaDrainingError: (503, "UNAVAILABLE", "the replica was shutting down; retry"),
     ReplicaDiedError: (503, "UNAVAILABLE", "the replica serving the request died"),
     DeploymentFailedError: (503, "UNAVAILABLE", "the deployment failed to start"),
@@ -174,6 +183,6 @@ def client_error(exc: BaseException) -> tuple[int, str, str]:
 __all__ = [
     "ERROR_TABLE", "BackPressureError", "DeploymentFailedError", "FleetError",
     "FrameTooLargeError", "GetTimeoutError", "MethodNotFoundError", "RemoteTraceback",
-    "ReplicaDiedError", "ReplicaDrainingError", "ReplicaError", "RequestCancelledError",
-    "RequestTimeoutError", "UnsafeRuntimeDirError", "client_error",
+    "ReplicaDiedError", "ReplicaDrainingError", "ReplicaError", "ReplicaFullError",
+    "RequestCancelledError", "RequestTimeoutError", "UnsafeRuntimeDirError", "client_error",
 ]

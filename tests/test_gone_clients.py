@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-import httpx
 import pytest
 from helpers import wait_for
 from protos import fleet_echo_pb2 as pb
@@ -24,35 +23,41 @@ from fleet import _runtime
 SERVICER_FN = "protos.fleet_echo_pb2_grpc.add_EchoServiceServicer_to_server"
 
 
-@fleet.deployment(max_ongoing_requests=1)
-class Single:
+@fleet.deployment(max_ongoing_requests=1000)
+class Board:
+    """Which calls of Single ran, and the gate its one call waits on: a deployment of
+    its own, because Single's replica refuses other calls while one holds it."""
+
     def __init__(self) -> None:
         self.runs: list[str] = []
         self.gate = asyncio.Event()
 
-    async def hold(self, key: str) -> str:
+    async def hold(self, key: str) -> None:
         self.runs.append(key)
         await self.gate.wait()
         self.gate = asyncio.Event()
-        return key
 
     async def release(self) -> None:
         self.gate.set()
 
+    async def ran(self) -> list[str]:
+        return self.runs
+
+
+@fleet.deployment(max_ongoing_requests=1)
+class Single:
+    def __init__(self, board: Any) -> None:
+        self.board = board
+
+    async def hold(self, key: str) -> str:
+        await self.board.hold.remote(key)
+        return key
+
     async def __call__(self, request: Request) -> Any:
-        op = request.query_params.get("op")
-        if op == "ran":
-            return self.runs
-        if op == "release":
-            self.gate.set()
-            return "released"
         return await self.hold(request.query_params["key"])
 
     async def Say(self, request: Any, context: Any) -> Any:  # noqa: N802
         return pb.EchoReply(text=await self.hold(request.text))
-
-    async def ran(self) -> list[str]:
-        return self.runs
 
 
 @pytest.fixture(scope="module")
@@ -61,30 +66,26 @@ def setup() -> Iterator[dict[str, Any]]:
     fleet.start(http_options={"port": 0},
                 grpc_options={"port": 0, "grpc_servicer_functions": [SERVICER_FN]})
     try:
-        handle = fleet.run(Single.bind(), name="single", route_prefix="/single")
+        handle = fleet.run(Single.bind(Board.bind()), name="single", route_prefix="/single")
         st = fleet.status()
         yield {"handle": handle, "http": st["proxies"]["http"]["port"],
-               "grpc": st["proxies"]["grpc"]["port"]}
+               "grpc": st["proxies"]["grpc"]["port"],
+               "board": fleet.get_deployment_handle("Board", "single")}
     finally:
         fleet.shutdown()
 
 
-def _ran(handle: Any) -> list[str]:
-    if isinstance(handle, int):         # through the HTTP proxy on that port
-        return list(httpx.get(f"http://127.0.0.1:{handle}/single?op=ran").json())
-    return list(handle.ran.remote().result())
+def _ran(board: Any) -> list[str]:
+    return list(board.ran.remote().result())
 
 
-def _release(handle: Any) -> None:
-    if isinstance(handle, int):
-        httpx.get(f"http://127.0.0.1:{handle}/single?op=release").raise_for_status()
-    else:
-        handle.release.remote().result()
+def _release(board: Any) -> None:
+    board.release.remote().result()
 
 
-def _next_run(handle: Any, before: int) -> str:
+def _next_run(board: Any, before: int) -> str:
     """The key of the call that took the slot after the first `before` runs."""
-    return str(wait_for(lambda: (_ran(handle)[before:] or [None])[0]))
+    return str(wait_for(lambda: (_ran(board)[before:] or [None])[0]))
 
 
 def _http(port: int, key: str) -> socket.socket:
@@ -94,46 +95,46 @@ def _http(port: int, key: str) -> socket.socket:
 
 
 def test_http_client_gone_while_queued_never_runs(setup):
-    handle, port = setup["handle"], setup["http"]
-    before = len(_ran(handle))
+    board, port = setup["board"], setup["http"]
+    before = len(_ran(board))
     holder = _http(port, "http-holder")          # takes the proxy's one slot
-    assert _next_run(handle, before) == "http-holder"
+    assert _next_run(board, before) == "http-holder"
     _http(port, "http-gone").close()             # queues in the proxy, then leaves
     follower = _http(port, "http-after")         # queues behind it
-    handle.release.remote().result()
+    _release(board)
     assert holder.recv(4096).startswith(b"HTTP/1.1 200")
     holder.close()
     # FIFO: had the gone call stayed queued, it would take the slot first
-    assert _next_run(handle, before + 1) == "http-after"
-    handle.release.remote().result()
+    assert _next_run(board, before + 1) == "http-after"
+    _release(board)
     assert follower.recv(4096).startswith(b"HTTP/1.1 200")
     follower.close()
-    assert "http-gone" not in _ran(handle)
+    assert "http-gone" not in _ran(board)
 
 
 def test_grpc_call_that_gives_up_while_queued_never_runs(setup):
-    handle = setup["handle"]
+    board = setup["board"]
     md = (("application", "single"),)
-    before = len(_ran(handle))
+    before = len(_ran(board))
     with grpc.insecure_channel(f"127.0.0.1:{setup['grpc']}") as channel:
         stub = pb_grpc.EchoServiceStub(channel)
         holder = stub.Say.future(pb.EchoRequest(text="grpc-holder"), metadata=md)
-        assert _next_run(handle, before) == "grpc-holder"
+        assert _next_run(board, before) == "grpc-holder"
         with pytest.raises(grpc.RpcError) as info:
             stub.Say(pb.EchoRequest(text="grpc-gone"), metadata=md, timeout=0.5)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         follower = stub.Say.future(pb.EchoRequest(text="grpc-after"), metadata=md)
-        handle.release.remote().result()
+        _release(board)
         assert holder.result(timeout=10).text == "grpc-holder"
-        assert _next_run(handle, before + 1) == "grpc-after"
-        handle.release.remote().result()
+        assert _next_run(board, before + 1) == "grpc-after"
+        _release(board)
         assert follower.result(timeout=10).text == "grpc-after"
-    assert "grpc-gone" not in _ran(handle)
+    assert "grpc-gone" not in _ran(board)
 
 
 def test_handle_call_cancelled_while_queued_never_runs(setup):
-    handle = setup["handle"]
-    proxy = setup["http"]        # the driver's only slot is taken: look through HTTP
+    handle, board = setup["handle"], setup["board"]
+    proxy = board
     before = len(_ran(proxy))
     holder = handle.hold.remote("handle-holder")
     assert _next_run(proxy, before) == "handle-holder"

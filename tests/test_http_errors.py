@@ -18,23 +18,35 @@ from starlette.requests import Request
 import fleet
 
 
-@fleet.deployment(max_ongoing_requests=1, max_queued_requests=0)
-class Single:
+@fleet.deployment(max_ongoing_requests=1000)
+class Latch:
+    """Single's one call waits here: a deployment of its own, as Single's replica
+    refuses other calls (is_holding, let_go) while that call holds it."""
+
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.holding = False
 
-    async def __call__(self, request: Request) -> str:
+    async def hold(self) -> None:
         self.holding = True
         await self.release.wait()
         self.holding = False
-        return "done"
 
     async def is_holding(self) -> bool:
         return self.holding
 
     async def let_go(self) -> None:
         self.release.set()
+
+
+@fleet.deployment(max_ongoing_requests=1, max_queued_requests=0)
+class Single:
+    def __init__(self, latch) -> None:
+        self.latch = latch
+
+    async def __call__(self, request: Request) -> str:
+        await self.latch.hold.remote()
+        return "done"
 
 
 @fleet.deployment
@@ -82,14 +94,14 @@ def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
 
 @pytest.fixture(scope="module")
 def url(shared_instance) -> Iterator[str]:
-    fleet.run(Single.bind(), name="single", route_prefix="/single")
+    fleet.run(Single.bind(Latch.bind()), name="single", route_prefix="/single")
     fleet.run(Hang.bind(), name="hang", route_prefix="/hang")
     fleet.run(HangStream.bind(), name="hang_stream", route_prefix="/hang_stream")
     yield shared_instance.http_url
 
 
 def test_full_queue_is_503_with_retry_after(url):
-    handle = fleet.get_app_handle("single")
+    handle = fleet.get_deployment_handle("Latch", "single")
     first: list[httpx.Response] = []
     t = threading.Thread(target=lambda: first.append(httpx.get(f"{url}/single", timeout=20)))
     t.start()

@@ -12,7 +12,8 @@ EXPECTED = {
     "DeploymentResponseGenerator", "FleetError", "FrameTooLargeError", "GRPCOptions",
     "GetTimeoutError", "HTTPOptions",
     "MethodNotFoundError", "ReplicaDiedError", "ReplicaDrainingError", "ReplicaError",
-    "RequestCancelledError", "RequestTimeoutError", "__version__", "delete", "deployment",
+    "ReplicaFullError", "RequestCancelledError", "RequestTimeoutError", "__version__",
+    "delete", "deployment",
     "get_app_handle", "get", "get_deployment_handle", "run", "shutdown", "start", "status",
     "wait", "multiplexed", "get_multiplexed_model_id", "oip",
 }
@@ -42,3 +43,4 @@ def test_exception_tree():
     assert issubclass(fleet.GetTimeoutError, fleet.FleetError)
     assert issubclass(fleet.GetTimeoutError, TimeoutError)
     assert issubclass(fleet.MethodNotFoundError, AttributeError)
+    assert issubclass(fleet.ReplicaFullError, fleet.ReplicaDrainingError)

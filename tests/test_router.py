@@ -132,3 +132,23 @@ def test_closed_router_fails_waiters_and_refuses_to_queue() -> None:
         router.release(held)
 
     asyncio.run(go())
+
+
+def test_a_replica_that_refused_as_full_is_skipped_then_tried_again() -> None:
+    async def go() -> None:
+        router = _router(2, max_ongoing=10)
+        full, other = router.slots
+        router.refused(full)            # other callers fill it: this router cannot see
+        for _ in range(20):
+            slot = await router.acquire()
+            assert slot is other
+            router.release(slot)
+        router.refused(other)
+        waiting = asyncio.ensure_future(router.acquire())   # nothing has room now
+        await _settle()
+        assert not waiting.done() and len(router.queue) == 1
+        # after a pause both are tried again, and the waiting call gets one
+        slot = await asyncio.wait_for(waiting, 5)
+        assert slot in (full, other) and not full.full and not other.full
+
+    asyncio.run(go())

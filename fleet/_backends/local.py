@@ -41,13 +41,15 @@ class LocalBackend:
         self.procs: dict[str, LocalProcess] = {}
         self.lifeline = Lifeline()      # children die with this process
 
-    def spawn(self, key: str, module: str, payload: Any) -> LocalProcess:
-        """Start ``python -m module``, handing it payload pickled on stdin."""
+    def spawn(self, key: str, module: str, payload: Any,
+              fds: tuple[int, ...] = ()) -> LocalProcess:
+        """Start ``python -m module``, handing it payload pickled on stdin and the file
+        descriptors fds."""
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         popen = subprocess.Popen([sys.executable, "-m", module, *self.lifeline.child_args()],
                                  stdin=subprocess.PIPE, env=env, close_fds=True,
-                                 pass_fds=(self.lifeline.read_fd,))
+                                 pass_fds=(self.lifeline.read_fd, *fds))
         assert popen.stdin is not None
         popen.stdin.write(pickle.dumps(payload, 5))
         popen.stdin.close()

@@ -77,7 +77,7 @@ class MemoryBackend:
     def alive(self, proc: Any) -> bool:
         return bool(proc.alive())
 
-    def spawn(self, key: str, module: str, payload: Any) -> Any:
+    def spawn(self, key: str, module: str, payload: Any, fds: tuple[int, ...] = ()) -> Any:
         raise RuntimeError("the memory backend runs no proxy processes; fleet.testing drives "
                            "the HTTP proxy's app in process")
 

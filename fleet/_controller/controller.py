@@ -69,6 +69,7 @@ class Controller:
         self._task: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[Any]] = set()
         self.proxies: dict[str, dict[str, Any]] = {}
+        self._proxy_parts: dict[str, dict[int, dict[str, Any]]] = {}   # kind -> index -> info
         self._proxy_waiters: dict[str, asyncio.Future[Any]] = {}
         self.traffic: dict[str, Any] = {}
         self._closing = False
@@ -429,7 +430,8 @@ class Controller:
             if found is not None:
                 self._replica_gone(found[0], found[1], "its connection to the controller closed")
         elif isinstance(tag, tuple) and tag[0] == "proxy":
-            self.proxies.pop(tag[1], None)
+            self._proxy_parts.get(tag[1], {}).pop(tag[2], None)
+            self._merge_proxies(tag[1])
 
     def _find(self, rid: str) -> tuple[DeploymentState, ReplicaRecord] | None:
         for app in self.apps.values():
@@ -495,16 +497,27 @@ class Controller:
 
     async def rpc_proxy_ready(self, conn: ServerConnection, kind: str, info: dict[str, Any]
                               ) -> None:
-        conn.tag = ("proxy", kind)
-        self.proxies[kind] = info
+        index = int(info.get("index", 0))
+        conn.tag = ("proxy", kind, index)
+        self._proxy_parts.setdefault(kind, {})[index] = info
+        self._merge_proxies(kind)
         self._notify()
-        waiter = self._proxy_waiters.pop(kind, None)
+        waiter = self._proxy_waiters.pop(f"{kind}-{index}", None)
         if waiter is not None and not waiter.done():
             waiter.set_result(info)
 
-    def expect_proxy(self, kind: str) -> asyncio.Future[Any]:
+    def _merge_proxies(self, kind: str) -> None:
+        """status' view of a kind's proxies: the first one's info, and every pid."""
+        parts = self._proxy_parts.get(kind)
+        if not parts:
+            self.proxies.pop(kind, None)
+            return
+        first = parts[min(parts)]
+        self.proxies[kind] = dict(first, pids=[parts[i].get("pid") for i in sorted(parts)])
+
+    def expect_proxy(self, kind: str, index: int = 0) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._proxy_waiters[kind] = fut
+        self._proxy_waiters[f"{kind}-{index}"] = fut
         return fut
 
     # -- calls from the driver and the CLI -------------------------------------------

@@ -12,11 +12,13 @@ import contextlib
 import logging
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fleet._config import HTTPOptions
 from fleet._proxy.startup import proxy_failed
 from fleet._runtime import Runtime
+
+if TYPE_CHECKING:
+    from fleet._config import HTTPOptions
 
 log = logging.getLogger("fleet.proxy")
 

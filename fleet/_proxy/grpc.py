@@ -16,14 +16,13 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from fleet._config import GRPCOptions
 from fleet._grpc_schema import CODES, GrpcStatus, load_servicer_function, servicer_handlers
 from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
@@ -34,6 +33,9 @@ from fleet._types import CallMeta, GrpcReply, Tables
 from fleet._wire import frames
 from fleet._wire.channel import Pending
 from fleet.exceptions import BackPressureError, FleetError, client_error
+
+if TYPE_CHECKING:
+    from fleet._config import GRPCOptions
 
 log = logging.getLogger("fleet.proxy")
 
@@ -79,6 +81,7 @@ class GRPCProxy(grpc.GenericRpcHandler):
         self.grpc_apps: list[str] = []            # apps whose ingress is a gRPC driver
         self.port_apps: dict[int, list[str]] = {}  # port -> apps whose driver asked for it
         self.port = options.port                  # the port bound, once bound
+        self.shared = False         # one of several gRPC proxies sharing its ports
         self.kinds: dict[str, _Kind] = {}
         self.handlers: dict[str, grpc.RpcMethodHandler] = {}
         self.health: Any = None
@@ -488,8 +491,9 @@ class _Ports:
 async def _open_server(proxy: GRPCProxy, host: str, port: int,
                        handler: grpc.GenericRpcHandler) -> grpc.aio.Server:
     """A started grpc.aio server on host:port with health, reflection and handler."""
-    # A port held by another process must fail loudly, not be shared.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # A port held by another process must fail loudly, not be shared (but by this
+    # instance's own gRPC proxies, when there are several).
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(proxy.shared))])
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(proxy.reflection, server)
@@ -526,15 +530,21 @@ def _add_oip(server: Any, runtime: Runtime, options: GRPCOptions, proxy: GRPCPro
     proxy.services.add(SERVICE)
 
 
-async def serve_grpc(runtime: Runtime, options: GRPCOptions, stop: asyncio.Event) -> int:
-    """Run the gRPC proxy until stop is set; reports its address to the controller."""
+async def serve_grpc(runtime: Runtime, options: GRPCOptions, stop: asyncio.Event,
+                     shared: bool = False, index: int = 0) -> int:
+    """Run the gRPC proxy until stop is set; reports its address to the controller.
+    shared: one of several gRPC proxies on the port (num_proxies > 1), the index-th; the
+    driver checked that no other process holds the port."""
     try:
         proxy = GRPCProxy(runtime, options)
     except Exception as exc:
         return await proxy_failed(runtime, "grpc",
-                                  f"the gRPC proxy could not load grpc_servicer_functions: {exc}")
-    # A port held by another process must fail loudly, not be shared.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+                                  f"the gRPC proxy could not load grpc_servicer_functions: {exc}",
+                                  index)
+    proxy.shared = shared
+    # A port held by another process must fail loudly, not be shared (but by this
+    # instance's own gRPC proxies, when there are several).
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(shared))])
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     proxy.reflection = reflection.aio.ReflectionServicer(sorted(proxy.services))
@@ -550,13 +560,14 @@ async def serve_grpc(runtime: Runtime, options: GRPCOptions, stop: asyncio.Event
         error = "the port is taken"
     if not port:
         return await proxy_failed(runtime, "grpc",
-                                  f"the gRPC proxy cannot listen on {address}: {error}")
+                                  f"the gRPC proxy cannot listen on {address}: {error}", index)
     await server.start()
     for service in ["", *proxy.services]:
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     proxy.health = health
     proxy.port = port
-    info = {"host": options.host, "port": port, "pid": os.getpid(), "ports": [port],
+    info = {"host": options.host, "port": port, "pid": os.getpid(), "index": index,
+            "ports": [port],
             "port_errors": {}}
     proxy.ports = _Ports(proxy, runtime, options, info)
     await runtime.call_controller("proxy_ready", "grpc", info)

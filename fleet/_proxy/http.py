@@ -16,13 +16,13 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from fleet._config import HTTPOptions
 from fleet._logformat import stamp
 from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
@@ -32,6 +32,9 @@ from fleet._runtime import Runtime
 from fleet._types import ASGIApp, CallMeta, Tables
 from fleet._wire import frames
 from fleet.exceptions import BackPressureError, FleetError, client_error
+
+if TYPE_CHECKING:
+    from fleet._config import HTTPOptions
 
 log = logging.getLogger("fleet.proxy")
 
@@ -57,6 +60,12 @@ LOG_PATH_CHARS = 1000
 # How long a request waits for its reply before the proxy starts watching for the
 # client going away (a task per request otherwise: the price of cancel-on-disconnect).
 DISCONNECT_WATCH_S = 0.05
+
+
+# _forward's status when the replica refused the call unstarted (draining or full):
+# the caller sends it again, in a loop rather than by recursion, as a full replica may
+# refuse it many times.
+_AGAIN = 0
 
 
 class _Timeout(Exception):
@@ -274,6 +283,9 @@ class HTTPProxy:
                                                   sub, body)
                 status, replica = await self._forward(app, ingress, method, sub, body,
                                                       receive, send, rid, meta)
+                while status == _AGAIN:
+                    status, replica = await self._forward(app, ingress, method, sub, body,
+                                                          receive, send, rid, meta)
             finally:
                 self.buffered -= held[0]
         else:
@@ -281,6 +293,9 @@ class HTTPProxy:
                                               sub, body)
             status, replica = await self._forward(app, ingress, method, sub, body, receive,
                                                   send, rid, meta)
+            while status == _AGAIN:     # the replica refused it before starting: again
+                status, replica = await self._forward(app, ingress, method, sub, body,
+                                                      receive, send, rid, meta)
         self._log(scope, path, status, started, app, replica, rid)
 
     def _log(self, scope: dict[str, Any], path: str, status: int, started: float, app: str,
@@ -423,8 +438,7 @@ class HTTPProxy:
                     continue
                 # an error from the replica
                 if not started and runtime.retry_elsewhere(router, slot, value):
-                    return await self._forward(app, ingress, method, sub, body, receive, send,
-                                               rid, meta)
+                    return _AGAIN, slot.replica_id
                 if started:
                     raise value            # mid-stream: nothing sane to send; drop the connection
                 return await self._error(value, app, ingress, slot.replica_id, send, rid)
@@ -638,21 +652,29 @@ def wrap(proxy: HTTPProxy, options: HTTPOptions) -> Any:
     return app
 
 
-async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event) -> int:
+async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event,
+                     shared: socket.socket | None = None, index: int = 0) -> int:
+    """Serve until stop is set. shared: the listening socket this proxy shares with the
+    instance's other HTTP proxies (num_proxies > 1), the index-th of them."""
     try:
         proxy = HTTPProxy(runtime, options)
         app = wrap(proxy, options)
     except Exception as exc:
         return await proxy_failed(runtime, "http",
-                                  f"http_options middlewares: {type(exc).__name__}: {exc}")
+                                  f"http_options middlewares: {type(exc).__name__}: {exc}",
+                                  index)
     if options.server == "granian":
         from fleet._proxy.granian_server import serve_granian
         return await serve_granian(runtime, options, app, stop)
-    try:
-        sock = bind_socket(options.host, options.port)
-    except OSError as exc:
-        return await proxy_failed(runtime, "http", f"the HTTP proxy cannot listen on "
-                                                   f"{options.host}:{options.port}: {exc}")
+    if shared is not None:
+        sock = shared
+        sock.setblocking(False)
+    else:
+        try:
+            sock = bind_socket(options.host, options.port)
+        except OSError as exc:
+            return await proxy_failed(runtime, "http", f"the HTTP proxy cannot listen on "
+                                                       f"{options.host}:{options.port}: {exc}")
     port = sock.getsockname()[1]
     from fleet._proxy.uvicorn_protocol import HeadLimits, LimitedHttpToolsProtocol
     loop = asyncio.get_running_loop()
@@ -676,7 +698,7 @@ async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event
         await asyncio.sleep(0.005)
     limits.start(server.server_state.connections)
     await runtime.call_controller("proxy_ready", "http", {"host": options.host, "port": port,
-                                                          "pid": os.getpid()})
+                                                          "pid": os.getpid(), "index": index})
     await stop.wait()
     limits.stop()
     server.should_exit = True

@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -49,6 +50,9 @@ async def _serve(kind: str, boot: dict[str, Any], loop: asyncio.AbstractEventLoo
     options = cloudpickle.loads(boot["options"])
     if kind == "http":
         from fleet._proxy.http import serve_http
-        return await serve_http(runtime, options, stop)
+        fd = boot.get("listen_fd")
+        shared = None if fd is None else socket.socket(fileno=fd)
+        return await serve_http(runtime, options, stop, shared, boot.get("index", 0))
     from fleet._proxy.grpc import serve_grpc  # type: ignore[import-not-found]
-    return int(await serve_grpc(runtime, options, stop))
+    return int(await serve_grpc(runtime, options, stop, boot.get("shared", False),
+                                boot.get("index", 0)))

@@ -20,8 +20,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def proxy_failed(runtime: Runtime, kind: str, message: str) -> int:
-    """Tell the controller this proxy cannot serve (fleet.start raises with message);
-    returns the process's exit code."""
-    await runtime.call_controller("proxy_ready", kind, {"error": message})
+async def proxy_failed(runtime: Runtime, kind: str, message: str, index: int = 0) -> int:
+    """Tell the controller this proxy (the index-th of its kind) cannot serve
+    (fleet.start raises with message); returns the process's exit code."""
+    await runtime.call_controller("proxy_ready", kind, {"error": message, "index": index})
     return 1

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from fleet._config import HTTPOptions
+if TYPE_CHECKING:
+    from fleet._config import HTTPOptions
+
 
 
 class _CoalescingTransport:

@@ -11,18 +11,18 @@ import logging
 import os
 import secrets
 import time
+import types
 from typing import Any
 
 import cloudpickle
 
 from fleet import _multiplex
 from fleet._batching import batch_stats
-from fleet._config import DeploymentConfig
 from fleet._runtime import Runtime, set_current
 from fleet._types import CallMeta, ModelsMsg, ReplicaSpec, deployment_key
 from fleet._wire.errors import error_info
 from fleet._wire.listener import ServerConnection, listen
-from fleet.exceptions import MethodNotFoundError, ReplicaDrainingError
+from fleet.exceptions import MethodNotFoundError, ReplicaDrainingError, ReplicaFullError
 
 log = logging.getLogger("fleet.replica")
 
@@ -77,7 +77,9 @@ class Replica:
                  own_process: bool = True) -> None:
         self.spec = spec
         self.loop = loop
-        self.config = DeploymentConfig(**spec.config)
+        # The driver checked the options (spec.config is DeploymentConfig's dump): read
+        # them as they are, so a replica process needs no pydantic.
+        self.config = types.SimpleNamespace(**spec.config)
         self.where = (f"deployment {spec.deployment_name!r} of application "
                       f"{spec.app_name!r}, replica {spec.replica_id}")
         self.runtime = Runtime(loop, spec.controller_address, spec.secret)
@@ -94,6 +96,7 @@ class Replica:
         self._slow: set[str] = set()      # methods whose last call took > SLOW_CALL_S
         self.tasks: dict[tuple[int, int], asyncio.Task[Any]] = {}
         self.ongoing = 0
+        self.max_ongoing = self.config.max_ongoing_requests
         self.draining = False
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()
@@ -318,8 +321,14 @@ class Replica:
     def on_call(self, conn: ServerConnection, call_id: int, method: str,
                 args: tuple[Any, ...], kwargs: dict[str, Any], meta: CallMeta | None
                 ) -> None:
-        if self.draining:
-            conn.reply_error(call_id, ReplicaDrainingError(f"{self.where} is shutting down"))
+        if self.ongoing >= self.max_ongoing or self.draining:
+            # Each caller's router keeps at most max_ongoing_requests here, but several
+            # callers (several proxies, handles) together can send more: the replica
+            # holds the limit itself, and the caller's router tries again.
+            conn.reply_error(call_id, ReplicaDrainingError(f"{self.where} is shutting down")
+                             if self.draining else ReplicaFullError(
+                                 f"{self.where} runs max_ongoing_requests="
+                                 f"{self.max_ongoing} calls already"))
             return
         if meta is not None:
             if "grpc" in meta:

@@ -1,0 +1,44 @@
+"""What each fleet process imports: `import fleet` loads no driver code, a replica and
+an HTTP proxy load neither pydantic, grpc, the controller nor the instance code. Each
+check runs in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+# (uvicorn's package imports click itself, so the proxy has it whatever fleet does)
+HEAVY = ["pydantic", "grpc", "starlette.routing", "fleet._api",
+         "fleet._controller.controller", "fleet._cli", "yaml"]
+
+
+def _loaded(*modules: str) -> list[str]:
+    code = ("import json, sys\n" + "".join(f"import {m}\n" for m in modules)
+            + f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    return list(json.loads(out.stdout))
+
+
+@pytest.mark.parametrize("modules", [
+    ("fleet",),
+    ("fleet._replica.process", "fleet._replica.replica"),
+    ("fleet._proxy.process", "fleet._proxy.http"),
+])
+def test_child_processes_import_only_what_they_need(modules: tuple[str, ...]) -> None:
+    assert _loaded(*modules) == []
+
+
+def test_public_names_and_submodules_load_on_first_use() -> None:
+    code = ("import sys, fleet\n"
+            "assert 'fleet._api' not in sys.modules\n"
+            "assert callable(fleet.run) and 'fleet._api' in sys.modules\n"
+            "assert fleet.dag.InputNode and fleet._serve_request.ServeRequest\n"
+            "try:\n    fleet.no_such_name\nexcept AttributeError as exc:\n"
+            "    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "module 'fleet' has no attribute 'no_such_name'"
