@@ -5,7 +5,6 @@ unless it says fleet.shutdown()."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import textwrap
 import httpx
 import psutil
 import pytest
+from helpers import http_port
 
 HERE = os.path.dirname(__file__)
 
@@ -33,13 +33,7 @@ def served(env):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     assert proc.stderr is not None
-    port = None
-    for line in proc.stderr:
-        m = re.search(r"fleet: HTTP on http://127\.0\.0\.1:(\d+)", line)
-        if m:
-            port = int(m.group(1))
-            break
-    assert port, "fleet run exited before serving"
+    port = http_port(proc.stderr)
     family = psutil.Process(proc.pid).children(recursive=True)
     try:
         yield proc, port

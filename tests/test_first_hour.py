@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -14,8 +13,8 @@ import threading
 import time
 
 import httpx
-import psutil
 import pytest
+from helpers import http_port, stop_family
 
 import fleet
 from fleet import _deployment
@@ -44,14 +43,6 @@ def one_error_line(out: subprocess.CompletedProcess[str]) -> str:
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
     return lines[0]
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    family = psutil.Process(proc.pid).children(recursive=True)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
-    _, alive = psutil.wait_procs(family, timeout=10)
-    assert not alive, f"left behind: {alive}"
 
 
 # -- option errors in a user's words ------------------------------------------------
@@ -156,28 +147,21 @@ def test_a_module_named_as_an_attribute_gets_the_applications_it_defines():
 
 
 def start_serving(*args: str, env: dict[str, str] | None = None
-                  ) -> tuple[subprocess.Popen[str], list[str], int]:
+                  ) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(fleet_cmd("run", *args, "--port", "0"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=HERE,
                             start_new_session=True, env=env)
     assert proc.stderr is not None
-    lines: list[str] = []
-    for line in proc.stderr:
-        lines.append(line.rstrip("\n"))
-        m = re.search(r"fleet: HTTP on http://127\.0\.0\.1:(\d+)", line)
-        if m:
-            return proc, lines, int(m.group(1))
-    proc.wait(10)
-    raise AssertionError("fleet run exited before serving:\n" + "\n".join(lines))
+    return proc, http_port(proc.stderr)
 
 
 @pytest.mark.parametrize("target", ["apps/files/single.py", "apps/files/single.py:app"])
 def test_run_a_file_serves_its_only_application(target):
-    proc, _lines, port = start_serving(target)
+    proc, port = start_serving(target)
     try:
         assert httpx.get(f"http://127.0.0.1:{port}/").text == "single file"
     finally:
-        stop(proc)
+        stop_family(proc)
 
 
 # -- progress --------------------------------------------------------------------
@@ -219,7 +203,7 @@ def test_run_prints_progress_and_status_shows_the_starting_constructor(tmp_path)
             in rest
         assert httpx.get(f"http://127.0.0.1:{port}/").text == "opened"
     finally:
-        stop(proc)
+        stop_family(proc)
     assert proc.stdout.read() == "", "progress and addresses go to stderr, not stdout"
 
 
@@ -248,7 +232,7 @@ def test_blocking_run_says_where_it_serves(tmp_path):
         port = int(re.search(r"RUNNING at http://127\.0\.0\.1:(\d+)/", lines[-1]).group(1))
         assert httpx.get(f"http://127.0.0.1:{port}/").text == "hello from fleet"
     finally:
-        stop(proc)
+        stop_family(proc)
     assert proc.stdout is not None and proc.stdout.read() == "returned\n"
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from helpers import replicas, wait_for
+from helpers import http_port, replicas, wait_for
 from protos import fleet_echo_pb2 as pb
 from starlette.requests import Request
 
@@ -356,7 +356,6 @@ def test_decorator_and_option_errors() -> None:
 
 
 def test_fleet_status_command_shows_the_models_each_replica_holds(tmp_path: Any) -> None:
-    import re
     import signal
     import subprocess
     import sys
@@ -372,13 +371,7 @@ def test_fleet_status_command_shows_the_models_each_replica_holds(tmp_path: Any)
                             start_new_session=True)
     try:
         assert proc.stdout is not None
-        port = None
-        for line in proc.stdout:
-            m = re.search(r"fleet: HTTP on http://127\.0\.0\.1:(\d+)", line)
-            if m:
-                port = int(m.group(1))
-                break
-        assert port, "fleet run exited before serving"
+        port = http_port(proc.stdout)
         for mid in ("alpha", "beta"):
             r = httpx.get(f"http://127.0.0.1:{port}/",
                           headers={"serve-multiplexed-model-id": mid}, timeout=30)

@@ -100,7 +100,7 @@ async def _answer(proxy: Any, scope: dict[str, Any], receive: Any, send: Any, pa
     held = [0]                           # bytes of the body the proxy counts as held
     try:
         body = await proxy._read_body(receive, send, rid, held)
-        if body is None:                 # refused (answered) or the client left
+        if isinstance(body, int):        # refused (answered) or the client left
             return 0, [], b""
         return await _infer(proxy, scope, entry, body)
     finally:

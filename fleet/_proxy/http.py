@@ -274,9 +274,8 @@ class HTTPProxy:
             held = [0]                  # bytes of this body counted in self.buffered
             try:
                 got = await self._read_body(receive, send, rid, held)
-                if got is None:         # refused (413, 503) or the client left (499)
-                    self._log(scope, path, held[1] if len(held) > 1 else 499, started,
-                              app, "-", rid)
+                if isinstance(got, int):    # refused (413, 503) or the client left (499)
+                    self._log(scope, path, got, started, app, "-", rid)
                     return
                 body = got
                 app, ingress = traffic.route_http(self.runtime, prefix, app, ingress, method,
@@ -317,28 +316,26 @@ class HTTPProxy:
         return rid
 
     async def _read_body(self, receive: Any, send: Any, rid: bytes, held: list[int]
-                         ) -> bytes | None:
+                         ) -> bytes | int:
         """The whole body, counted in self.buffered (and in held[0], which the caller
-        gives back); None when the client left, or when refused, the status it was
-        answered with then appended to held."""
+        gives back); else the status of what happened instead: 413 or 503 when it was
+        refused (and answered), 499 when the client left."""
         parts: list[bytes] = []
         size = 0
         more = True
         while more:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                return None
+                return 499
             chunk = msg.get("body", b"")
             if chunk:
                 size += len(chunk)
                 if size > self.max_body:
                     await self._too_large(send, rid)
-                    held.append(413)
-                    return None
+                    return 413
                 if self.buffered + len(chunk) > self.max_buffered:
                     await self._no_room(send, rid)
-                    held.append(503)
-                    return None
+                    return 503
                 self.buffered += len(chunk)
                 held[0] += len(chunk)
                 parts.append(chunk)
