@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from apps.observe_apps import Broken, front
+from apps.observe_apps import Batched, Broken, front
 from helpers import wait_for
 from starlette.applications import Starlette
 
@@ -255,3 +255,28 @@ def test_cli_top_logs_and_metrics(instance):
     out = _cli("metrics")
     assert out.returncode == 0 and "# TYPE fleet_replica_processing_seconds histogram" \
         in out.stdout
+
+
+def _hist_cells(name: str, **labels: str) -> list[float]:
+    store = _controller().metrics
+    out: list[float] = []
+    for (n, lb), cells in list(store.hists.items()):
+        have = dict(lb)
+        if n == name and all(have.get(k) == v for k, v in labels.items()):
+            out = [a + b for a, b in zip(out or [0.0] * len(cells), cells, strict=True)]
+    return out
+
+
+def test_batch_metrics(instance):
+    handle = fleet.run(Batched.bind(), name="batched", route_prefix=None)
+    responses = [handle.remote(i) for i in range(8)]
+    assert [r.result(timeout_s=30) for r in responses] == [i * 2 for i in range(8)]
+
+    def sizes() -> Any:
+        cells = _hist_cells("fleet_batch_size", application="batched")
+        return cells if cells and cells[-1] == 8 else None     # the sum: 8 calls
+    cells = wait_for(sizes)
+    batches = sum(cells[:-1])
+    assert 2 <= batches <= 8
+    waits = wait_for(lambda: _hist_cells("fleet_batch_wait_seconds", application="batched"))
+    assert sum(waits[:-1]) == batches

@@ -18,8 +18,8 @@ from typing import Any
 import cloudpickle
 
 from fleet import _context, _multiplex
-from fleet._batching import batch_stats
-from fleet._metrics import TIME_BUCKETS, Recorder
+from fleet._batching import batch_stats, take_batch_metrics
+from fleet._metrics import SIZE_BUCKETS, TIME_BUCKETS, Recorder
 from fleet._runtime import Runtime, set_current
 from fleet._types import CallMeta, ModelsMsg, ReplicaSpec, deployment_key
 from fleet._wire.errors import error_info
@@ -130,6 +130,16 @@ class Replica:
         mine = (("application", spec.app_name), ("deployment", spec.deployment_name),
                 ("replica", spec.replica_id))
         rec.set("fleet_ongoing_requests", mine, self.ongoing)
+        if self.instance is None:
+            return
+        names = ("application", "deployment", "replica")
+        key = (spec.app_name, spec.deployment_name, spec.replica_id)
+        for sizes, waits in take_batch_metrics(self.instance):
+            for name, cells, buckets in (("fleet_batch_size", sizes, SIZE_BUCKETS),
+                                         ("fleet_batch_wait_seconds", waits, TIME_BUCKETS)):
+                have = rec.histogram(name, names, buckets).cells(key)
+                for i, v in enumerate(cells):
+                    have[i] += v
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self) -> int:

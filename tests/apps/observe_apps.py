@@ -43,3 +43,10 @@ class Broken:
 
 
 front = Front.bind(Inner.bind())
+
+
+@fleet.deployment
+class Batched:
+    @fleet.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def __call__(self, items: list[int]) -> list[int]:
+        return [i * 2 for i in items]
