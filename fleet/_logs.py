@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from fleet._context import current_request_id
+from fleet._context import current_request_id, trace_id
 
 ROTATE_BYTES = 20 * 1024 * 1024
 BACKUPS = 4
@@ -69,6 +69,7 @@ class JsonFormatter(logging.Formatter):
                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
                 + f".{int(record.msecs):03d}Z",
                 "level": record.levelname, **self.who, "request_id": rid or "",
+                "trace_id": trace_id(),
                 "logger": record.name, "message": message[:MAX_LINE]}
         return json.dumps(line, ensure_ascii=False)
 

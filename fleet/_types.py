@@ -141,6 +141,7 @@ CallMeta = TypedDict("CallMeta", {
     "timeout": float | None,
     "describe": int,
     "rid": str | bytes,
+    "tp": str,
 }, total=False)
 
 

@@ -280,3 +280,25 @@ def test_batch_metrics(instance):
     assert 2 <= batches <= 8
     waits = wait_for(lambda: _hist_cells("fleet_batch_wait_seconds", application="batched"))
     assert sum(waits[:-1]) == batches
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_traceparent_is_carried_through_handle_calls(served):
+    url, base = served
+    r = httpx.get(url, headers={"traceparent": TRACEPARENT})
+    rid = r.headers["x-request-id"]
+
+    def lines() -> Any:
+        got = httpx.get(f"{base}/api/logs", params={"request_id": rid}).json()["lines"]
+        return got if {ln["deployment"] for ln in got} == {"Front", "Inner"} else None
+    got = wait_for(lines)
+    assert {ln["trace_id"] for ln in got} == {"4bf92f3577b34da6a3ce929d0e0e4736"}
+    # a malformed one is ignored, and the request is served as any other
+    r = httpx.get(url, headers={"traceparent": "00-xyz-bad"})
+    assert r.status_code == 200
+    rid = r.headers["x-request-id"]
+    got = wait_for(lambda: httpx.get(f"{base}/api/logs",
+                                     params={"request_id": rid}).json()["lines"])
+    assert {ln["trace_id"] for ln in got} == {""}

@@ -397,6 +397,9 @@ class Replica:
             rid = meta.get("rid")
             if rid is not None:
                 _context.set_request_id(rid)            # this task's context only
+            tp = meta.get("tp")
+            if tp is not None:
+                _context.set_traceparent(tp)
             if "model" in meta:
                 _multiplex.set_model_id(meta["model"])
         try:
