@@ -302,3 +302,36 @@ def test_traceparent_is_carried_through_handle_calls(served):
     got = wait_for(lambda: httpx.get(f"{base}/api/logs",
                                      params={"request_id": rid}).json()["lines"])
     assert {ln["trace_id"] for ln in got} == {""}
+
+
+def test_grpc_metrics_request_id_and_traceparent():
+    import grpc
+    from apps.observe_apps import GrpcEcho
+    from protos import fleet_echo_pb2 as pb
+    from protos import fleet_echo_pb2_grpc as pb_grpc
+    fleet.shutdown()
+    fleet.start(http_options={"port": 0}, grpc_options={
+        "port": 0,
+        "grpc_servicer_functions": ["protos.fleet_echo_pb2_grpc."
+                                    "add_EchoServiceServicer_to_server"]})
+    try:
+        fleet.run(GrpcEcho.bind(), name="gecho", route_prefix="/gecho")
+        port = fleet.status()["proxies"]["grpc"]["port"]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.EchoServiceStub(channel)
+            md = (("application", "gecho"), ("x-request-id", "grpc-id-1"),
+                  ("traceparent", TRACEPARENT))
+            for _ in range(3):
+                reply = stub.Say(pb.EchoRequest(text="hi"), metadata=md)
+                assert reply.text == "grpc-id-1 4bf92f3577b34da6a3ce929d0e0e4736"
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Say(pb.EchoRequest(text="boom"), metadata=md[:1])
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+        route = "/fleettest.EchoService/Say"
+        wait_for(lambda: _counter("fleet_grpc_requests_total", route=route,
+                                  status_code="OK") == 3
+                 and _counter("fleet_grpc_requests_total", route=route,
+                              status_code="INTERNAL") == 1)
+        assert _hist_cells("fleet_grpc_request_duration_seconds", route=route)
+    finally:
+        fleet.shutdown()
