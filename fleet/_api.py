@@ -20,7 +20,13 @@ import cloudpickle
 
 from fleet import _logs, _rundir
 from fleet._backends.local import LocalBackend
-from fleet._config import GRPCOptions, HTTPOptions, coerce_options, proxy_count
+from fleet._config import (
+    GRPCOptions,
+    HTTPOptions,
+    LoggingConfig,
+    coerce_options,
+    proxy_count,
+)
 from fleet._controller.controller import Controller
 from fleet._deployment import Application, build_plans
 from fleet._handle import DeploymentHandle
@@ -61,7 +67,12 @@ class Instance:
     all on a background event loop thread."""
 
     def __init__(self, http_options: HTTPOptions, grpc_options: GRPCOptions,
-                 backend: Backend | None = None, register: bool = True) -> None:
+                 backend: Backend | None = None, register: bool = True,
+                 logging_config: LoggingConfig | None = None) -> None:
+        self.logging_config = logging_config or LoggingConfig()
+        if not self.logging_config.enable_access_log:
+            # one switch for the proxies' access log: http_options.access_log is an alias
+            http_options = http_options.model_copy(update={"access_log": False})
         self.http_options = http_options
         self.grpc_options = grpc_options
         # sockets live in a private directory of their own inside the runtime directory
@@ -84,7 +95,8 @@ class Instance:
         self.stopped = threading.Event()     # set once shut down, however that came about
         self.owned = True
         # every process's log file goes here (fleet/_logs.py)
-        self.logs_dir = _logs.instance_dir(os.path.basename(self.dir))
+        self.logs_dir = _logs.instance_dir(os.path.basename(self.dir),
+                                           self.logging_config.logs_dir)
         self._log_handler: logging.Handler | None = None
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
@@ -106,6 +118,7 @@ class Instance:
         self._server = await listen(self.controller, self.secret, self.address)
         self.controller.on_shutdown_request = self._shutdown_requested
         self.controller.logs_dir = self.logs_dir if self._log_handler is not None else ""
+        self.controller.logging_config = self.logging_config.model_dump()
         self.controller.start()
         self.runtime = Runtime(self.loop, self.address, self.secret)
         await self.runtime.connect_controller(subscribe=True)
@@ -175,7 +188,8 @@ class Instance:
                 "options": cloudpickle.dumps(types.SimpleNamespace(**dict(options))),
                 "sys_path": list(sys.path),
                 "index": index, "listen_fd": listen_fd, "shared": shared,
-                "logs_dir": self.logs_dir if self._log_handler is not None else ""}
+                "logs_dir": self.logs_dir if self._log_handler is not None else "",
+                "logging_config": self.logging_config.model_dump()}
         key = f"proxy-{kind}" if index == 0 else f"proxy-{kind}-{index}"
         proc = self.backend.spawn(key, "fleet._proxy", boot,
                                   () if listen_fd is None else (listen_fd,))
@@ -385,10 +399,13 @@ def _differences(given: Any, running: dict[str, Any], section: str) -> list[str]
 
 
 def start(http_options: dict[str, Any] | HTTPOptions | None = None,
-          grpc_options: dict[str, Any] | GRPCOptions | None = None) -> None:
+          grpc_options: dict[str, Any] | GRPCOptions | None = None,
+          logging_config: dict[str, Any] | LoggingConfig | None = None) -> None:
     """Start fleet's instance in this process: the controller, the local backend and the
     HTTP proxy (``http_options``: host, port, middlewares, request_timeout_s, root_path,
     max_body_bytes, access_log) and, when ``grpc_options`` is given, the gRPC proxy.
+    ``logging_config`` (log_level, encoding, enable_access_log, logs_dir) is the
+    instance's: the proxies', and every deployment's that sets none of its own.
 
     When an instance already runs on this machine (this process's, or another's, such as
     a ``fleet run``), this process uses it instead, and options that differ from the
@@ -401,6 +418,8 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
     grpc = coerce_options(GRPCOptions, grpc_options, "grpc_options")
     if grpc_given and (not isinstance(grpc_options, dict) or "enabled" not in grpc_options):
         grpc.enabled = True
+    log_cfg = None if logging_config is None else coerce_options(
+        LoggingConfig, logging_config, "logging_config")
     with _lock:
         if _instance is None or _instance.closed:
             _instance = _running_elsewhere()
@@ -414,10 +433,11 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
                         f"with other options: {', '.join(diff)}; use it as it is, or stop "
                         "it first (fleet.shutdown() or `fleet shutdown`)")
             return
-        start_owned(http, grpc)
+        start_owned(http, grpc, log_cfg)
 
 
-def start_owned(http: HTTPOptions, grpc: GRPCOptions) -> Instance:
+def start_owned(http: HTTPOptions, grpc: GRPCOptions,
+                logging_config: LoggingConfig | None = None) -> Instance:
     """Start an instance owned by this process, whatever else runs (``fleet run``)."""
     global _instance
     with _lock:
@@ -425,7 +445,7 @@ def start_owned(http: HTTPOptions, grpc: GRPCOptions) -> Instance:
             return _instance
         if isinstance(_instance, AttachedInstance):
             _instance.detach()
-        inst = Instance(http, grpc)
+        inst = Instance(http, grpc, logging_config=logging_config)
         inst.start()
         _instance = inst
         return inst

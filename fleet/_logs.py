@@ -128,6 +128,24 @@ def setup(directory: str, filename: str, application: str = "", deployment: str 
     return handler
 
 
+def apply(config: dict[str, Any] | None, who: dict[str, str]) -> None:
+    """Apply a logging_config (as a dict) to this process: the root logger's level, and
+    the console's encoding (TEXT: its readable lines; JSON: the files' lines)."""
+    config = config or {}
+    root = logging.getLogger()
+    root.setLevel(str(config.get("log_level") or "INFO"))
+    json_console = config.get("encoding") == "JSON"
+    for handler in root.handlers:
+        if not isinstance(handler, logging.StreamHandler) \
+                or isinstance(handler, logging.FileHandler):
+            continue
+        text = getattr(handler, "_fleet_text", None)
+        if text is None:
+            text = handler.formatter
+            handler._fleet_text = text  # type: ignore[attr-defined]
+        handler.setFormatter(JsonFormatter(who) if json_console else text)
+
+
 # -- reading ------------------------------------------------------------------------
 _SINCE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 

@@ -32,6 +32,10 @@ def main() -> None:
         from fleet import _logs
         _logs.setup(boot["logs_dir"], f"proxy-{kind}-{boot.get('index', 0)}.log",
                     capture_output=True)
+    if boot.get("logging_config"):
+        from fleet import _logs
+        _logs.apply(boot["logging_config"], {"application": "", "deployment": "",
+                                             "replica": f"proxy-{kind}-{boot.get('index', 0)}"})
     try:
         import uvloop
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()

@@ -148,6 +148,7 @@ class Replica:
         rt.ctrl_hooks["health"] = self._on_health
         rt.ctrl_hooks["stop"] = self._on_stop
         rt.ctrl_hooks["reconfigure"] = self._on_reconfigure
+        rt.ctrl_hooks["logging"] = self._on_logging
         await rt.connect_controller(subscribe=True)
         sock_dir = os.path.dirname(self.spec.controller_address[5:])
         # a short name whatever the deployment's: a Unix socket's path has ~107 bytes
@@ -280,6 +281,17 @@ class Replica:
             if model not in models:
                 models.append(model)
             conn.ctrl(msg)
+
+    def apply_logging(self, config: dict[str, Any] | None) -> None:
+        """Apply the deployment's logging_config (at start, and when it changes)."""
+        from fleet import _logs
+        spec = self.spec
+        _logs.apply(config, {"application": spec.app_name, "deployment": spec.deployment_name,
+                             "replica": spec.replica_id})
+
+    def _on_logging(self, msg: dict[str, Any]) -> None:
+        self.apply_logging(msg.get("logging_config"))
+        log.info("logging_config of %s applied: %s", self.where, msg.get("logging_config"))
 
     def _on_reconfigure(self, msg: dict[str, Any]) -> None:
         async def go() -> None:
