@@ -97,7 +97,7 @@ class Instance:
         # every process's log file goes here (fleet/_logs.py)
         self.logs_dir = _logs.instance_dir(os.path.basename(self.dir),
                                            self.logging_config.logs_dir)
-        self._log_handler: logging.Handler | None = None
+        self._log_handler: _logs.SinkHandler | None = None
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run coro on the instance's loop and wait for it from this thread."""
@@ -227,7 +227,7 @@ class Instance:
         self.backend.kill_all()
         if self._log_handler is not None:
             logging.getLogger("fleet").removeHandler(self._log_handler)
-            self._log_handler.close()
+            self._log_handler.close_file()
             self._log_handler = None
         set_current(None)
         _rundir.remove_instance()

@@ -4,10 +4,12 @@
 ``FLEET_LOGS_DIR`` overrides the part before ``<instance>``): ``controller.log`` (the
 driver: controller and instance), ``proxy-<kind>-<index>.log``, and
 ``replica-<application>-<replica id>.log``. Each file rotates at ROTATE_BYTES, keeping
-BACKUPS older files. A line holds ``time`` (Unix seconds), ``timestamp`` (ISO 8601, UTC),
-``level``, ``application``, ``deployment``, ``replica``, ``request_id``, ``logger``,
-``message``. A replica's or proxy's stdout and stderr go there too (logger ``stdout`` /
-``stderr``), besides the console, which keeps the readable lines.
+BACKUPS older files (``.1`` the newest); lines are appended with one ``os.write`` per
+batch, the proxies' access log once per loop iteration as before. A line holds
+``time`` (Unix seconds), ``timestamp`` (ISO 8601, UTC), ``level``, ``application``,
+``deployment``, ``replica``, ``request_id``, ``trace_id``, ``logger``, ``message``.
+A replica's or proxy's stdout and stderr go there too (logger ``stdout`` / ``stderr``),
+besides the console, which keeps the readable lines.
 
 :func:`read` and :func:`follow` are what ``fleet logs`` and ``/api/logs`` use.
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import os
 import re
 import sys
@@ -74,15 +75,96 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
-class _Tee:
-    """A text stream that also sends each complete line to the log file."""
+class Sink:
+    """One log file, appended to with one ``os.write`` per batch of lines (no seek, no
+    tell: the size is counted here), rotated at ROTATE_BYTES into ``.1`` ... ``.BACKUPS``."""
 
-    def __init__(self, stream: Any, handler: logging.Handler, name: str) -> None:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.fd = self._open()
+        self.size = os.fstat(self.fd).st_size
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                       0o600)
+
+    def write(self, text: str) -> None:
+        data = text.encode("utf-8", "replace")
+        with self.lock:
+            if self.fd < 0:
+                return          # closed
+            try:
+                os.write(self.fd, data)
+            except OSError:
+                return          # a full disk must not break the process that logs
+            self.size += len(data)
+            if self.size >= ROTATE_BYTES:
+                self._rotate()
+
+    def _rotate(self) -> None:
+        os.close(self.fd)
+        for i in range(BACKUPS - 1, 0, -1):
+            older = f"{self.path}.{i}"
+            if os.path.exists(older):
+                os.replace(older, f"{self.path}.{i + 1}")
+        try:
+            os.replace(self.path, f"{self.path}.1")
+        except OSError:
+            pass
+        self.fd = self._open()
+        self.size = 0
+
+    def close(self) -> None:
+        """Close the file (once: a closed descriptor's number may belong to another file
+        later, so it is never closed or written again)."""
+        with self.lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
+class SinkHandler(logging.Handler):
+    """A logging handler writing JSON lines to a :class:`Sink`."""
+
+    def __init__(self, sink: Sink, who: dict[str, str]) -> None:
+        super().__init__()
+        self.sink = sink
+        self.setFormatter(JsonFormatter(who))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.sink.write(self.format(record) + "\n")
+        except Exception:   # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+
+    def close(self) -> None:
+        # logging.shutdown() and logging.config.dictConfig() (uvicorn calls it in the
+        # process that serves the management API) close every handler: the file stays
+        # open, so the instance's lines keep coming; close_file() closes it.
+        super().close()
+
+    def close_file(self) -> None:
+        """Close the file for good (the instance stopped)."""
+        super().close()
+        self.sink.close()
+
+
+_encode = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+class _Tee:
+    """A text stream that also sends each complete line to the log file: the lines of
+    one write go out as one ``os.write`` (the access log writes once per loop
+    iteration), each a JSON line built with one C string encoder."""
+
+    def __init__(self, stream: Any, sink: Sink, name: str, who: dict[str, str]) -> None:
         self.stream = stream
-        self.handler = handler
-        self.name = name
+        self.sink = sink
         self.partial = ""
         self.lock = threading.Lock()
+        self.head = "".join(f", {_encode(k)}: {_encode(v)}" for k, v in who.items()) \
+            + f', "logger": {_encode(name)}'
 
     def write(self, text: str) -> int:
         n = self.stream.write(text)
@@ -90,10 +172,18 @@ class _Tee:
             data = self.partial + text
             lines = data.split("\n")
             self.partial = lines.pop()[:MAX_LINE]
-        for line in lines:
-            if line:
-                record = logging.LogRecord(self.name, logging.INFO, "", 0, line, None, None)
-                self.handler.handle(record)
+        lines = [ln for ln in lines if ln]
+        if lines:
+            now = time.time()
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) \
+                + f".{int(now * 1000) % 1000:03d}Z"
+            rid = current_request_id()
+            if isinstance(rid, bytes):
+                rid = rid.decode("latin-1")
+            start = (f'{{"time": {now:.6f}, "timestamp": "{stamp}", "level": "INFO"'
+                     f'{self.head}, "request_id": {_encode(rid or "")}, '
+                     f'"trace_id": "{trace_id()}", "message": ')
+            self.sink.write("".join(f"{start}{_encode(ln[:MAX_LINE])}}}\n" for ln in lines))
         return n
 
     def flush(self) -> None:
@@ -105,26 +195,24 @@ class _Tee:
 
 def setup(directory: str, filename: str, application: str = "", deployment: str = "",
           replica: str = "", capture_output: bool = False, logger: str = ""
-          ) -> logging.Handler | None:
+          ) -> SinkHandler | None:
     """Send this process's log records (and, with capture_output, its stdout and stderr)
     to directory/filename as JSON lines. Returns the handler, or None when the
     directory cannot be made (a warning says so; the console keeps everything)."""
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(
-            os.path.join(directory, filename), maxBytes=ROTATE_BYTES, backupCount=BACKUPS,
-            encoding="utf-8")
+        sink = Sink(os.path.join(directory, filename))
     except OSError as exc:
         logging.getLogger("fleet").warning("cannot write log files under %s: %s; logs go "
                                            "to the console only", directory, exc)
         return None
-    handler.setFormatter(JsonFormatter({"application": application,
-                                        "deployment": deployment, "replica": replica}))
+    who = {"application": application, "deployment": deployment, "replica": replica}
+    handler = SinkHandler(sink, who)
     logging.getLogger(logger or None).addHandler(handler)
     if capture_output:
         # the console handlers keep the original streams: nothing is written twice
-        sys.stdout = _Tee(sys.stdout, handler, "stdout")  # type: ignore[assignment]
-        sys.stderr = _Tee(sys.stderr, handler, "stderr")  # type: ignore[assignment]
+        sys.stdout = _Tee(sys.stdout, sink, "stdout", who)  # type: ignore[assignment]
+        sys.stderr = _Tee(sys.stderr, sink, "stderr", who)  # type: ignore[assignment]
     return handler
 
 
@@ -170,7 +258,11 @@ def _files(directory: str, system: bool) -> list[str]:
         is_system = base == "controller" or base.startswith("proxy-")
         if ".log" in name and is_system == system:
             out.append(os.path.join(directory, name))
-    return sorted(out)
+
+    def age(path: str) -> tuple[str, int]:     # a file's backups first, oldest first
+        base, _, n = path.rpartition(".log")
+        return base, -int(n[1:]) if n[1:].isdigit() else 0
+    return sorted(out, key=age)
 
 
 def matches(line: dict[str, Any], application: str | None, deployment: str | None,

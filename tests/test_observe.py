@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,8 +85,14 @@ def test_metrics_reach_the_controller_and_the_routes(served):
     wait_for(lambda: _counter("fleet_http_requests_total", application="obs",
                               status_code="200") == 7
              and _counter("fleet_replica_errors_total", deployment="Front") == 1
-             and _counter("fleet_handle_requests_total", deployment="Inner") == 7)
-    text = httpx.get(f"{base}/metrics").text
+             and _counter("fleet_handle_requests_total", deployment="Inner") == 7
+             and _counter("fleet_replica_requests_total", deployment="Inner") == 7)
+    # every process sends its figures once a second: wait until all of them arrived
+    def scraped() -> str | None:
+        text = httpx.get(f"{base}/metrics").text
+        running = 'fleet_replicas{application="obs",deployment="Front",state="RUNNING"} 1'
+        return text if running in text else None
+    text = wait_for(scraped)
     assert ('fleet_http_requests_total{application="obs",method="GET",route="/obs",'
             'status_code="200"} 7') in text
     assert ('fleet_http_requests_total{application="obs",method="GET",route="/obs",'
@@ -110,12 +117,20 @@ def test_metrics_reach_the_controller_and_the_routes(served):
     rates = httpx.get(f"{base}/api/metrics/series", params={
         "name": "fleet_http_requests_total", "rate": "1", "window": 60}).json()
     assert all(p[1] >= 0 for s in rates["series"] for p in s["points"])
-    q = httpx.get(f"{base}/api/metrics/series", params={
-        "name": "fleet_replica_processing_seconds", "quantile": "0.99"}).json()
-    assert q["quantile"] == 0.99 and q["series"]
+    def quantiles() -> Any:
+        got = httpx.get(f"{base}/api/metrics/series", params={
+            "name": "fleet_replica_processing_seconds", "quantile": "0.99",
+            "deployment": "Inner"}).json()
+        return got if got["series"] and got["series"][0]["points"] else None
+    q = wait_for(quantiles)
+    assert q["quantile"] == 0.99
+    assert all(0 < p[1] < 60 for p in q["series"][0]["points"])
     # top: one row per deployment
-    rows = httpx.get(f"{base}/api/top").json()["rows"]
-    front_row = next(r for r in rows if r["deployment"] == "Front")
+    def front() -> Any:
+        rows = httpx.get(f"{base}/api/top").json()["rows"]
+        row = next(r for r in rows if r["deployment"] == "Front")
+        return row if row["error_rate"] > 0 else None      # its figures were sampled
+    front_row = wait_for(front)
     assert front_row["application"] == "obs" and front_row["running_replicas"] == 1
     assert front_row["target_replicas"] == 1 and front_row["requests_per_s"] > 0
     assert front_row["error_rate"] > 0 and front_row["p50_s"] is not None
@@ -175,9 +190,11 @@ def test_log_stream_sends_new_lines(served):
             "GET", f"{base}/api/logs/stream", params={"deployment": "Front"}) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         rid = client.get(url).headers["x-request-id"]
-        for raw in stream.iter_lines():
+        deadline = time.monotonic() + 20
+        for raw in stream.iter_lines():     # a keep-alive comment comes every 0.5 s
             if raw.startswith("data: ") and json.loads(raw[6:])["request_id"] == rid:
                 break
+            assert time.monotonic() < deadline, "the request's line never came"
 
 
 def test_status_fields(served):

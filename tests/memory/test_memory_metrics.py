@@ -4,6 +4,7 @@ socket; history samples carry the times the test gives)."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -196,3 +197,26 @@ def test_since(text: str, seconds: float) -> None:
 def test_since_refuses_what_it_cannot_read() -> None:
     with pytest.raises(ValueError, match="10m, 2h"):
         _logs.parse_since("yesterday")
+
+
+def test_log_files_rotate_and_the_reader_reads_them_all(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(_logs, "ROTATE_BYTES", 2000)
+    sink = _logs.Sink(str(tmp_path / "proxy-http-0.log"))
+    tee = _logs._Tee(io.StringIO(), sink, "stderr", {"application": "", "deployment": "",
+                                                     "replica": "proxy-http-0"})
+    try:
+        for i in range(60):
+            # several lines in one write, one of them partial until the next write
+            tee.write(f'line {i} "quoted" \\ é\nsecond {i}\npart')
+            tee.write(f"ial {i}\n")
+    finally:
+        sink.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[0] == "proxy-http-0.log" and len(names) == 1 + _logs.BACKUPS
+    assert all(p.stat().st_size < 2000 + 400 for p in tmp_path.iterdir())
+    lines = _logs.read(str(tmp_path), system=True, limit=10000)
+    messages = [ln["message"] for ln in lines]
+    assert messages[-3:] == ['line 59 "quoted" \\ é', "second 59", "partial 59"]
+    assert all(ln["logger"] == "stderr" and ln["replica"] == "proxy-http-0" for ln in lines)
+    # what rotated past the last backup is gone: memory and disk stay bounded
+    assert len(messages) < 180
