@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -352,3 +353,39 @@ def test_grpc_metrics_request_id_and_traceparent():
         assert _hist_cells("fleet_grpc_request_duration_seconds", route=route)
     finally:
         fleet.shutdown()
+
+
+def _readme_section(title: str) -> str:
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as f:
+        text = f.read()
+    start = text.index(f"\n### {title}\n")
+    end = text.find("\n### ", start + 1)
+    end2 = text.find("\n## ", start + 1)
+    return text[start:min(e for e in (end, end2) if e != -1)]
+
+
+def test_readme_metrics_table_and_grafana_dashboard_name_fleets_metrics():
+    from fleet._controller.metrics import METRICS
+    table = _readme_section("Metrics")
+    named = set()
+    for row in re.findall(r"^\| (`fleet_.+?) \|", table, re.M):
+        named |= set(re.findall(r"`(fleet_\w+)`", row))
+    assert named == set(METRICS)
+    root = os.path.dirname(os.path.dirname(__file__))
+    with open(os.path.join(root, "docs", "grafana", "fleet-dashboard.json")) as f:
+        dashboard = json.load(f)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", n) for e in exprs
+            for n in re.findall(r"\b(fleet_\w+)", e)}
+    assert used == set(METRICS), used ^ set(METRICS)
+
+
+def test_readme_request_id_example(instance):
+    block = re.search(r"```python\n(.*?)```", _readme_section("Logs and request ids"), re.S)
+    assert block
+    namespace: dict[str, Any] = {"__name__": "readme_request_ids"}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    fleet.run(namespace["app"], name="readme", route_prefix="/readme")
+    r = httpx.get(f"{instance.http_url}/readme")
+    assert r.json() == {"front_id": r.headers["x-request-id"],
+                        "inner_id": r.headers["x-request-id"]}
