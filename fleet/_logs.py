@@ -23,6 +23,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +32,10 @@ from fleet._context import current_request_id, trace_id
 
 ROTATE_BYTES = 20 * 1024 * 1024
 BACKUPS = 4
+# Lines of stdout/stderr (the access log, prints) wait at most this long in memory
+# before they are written, or until BUFFER_BYTES of them wait.
+FLUSH_S = 0.2
+BUFFER_BYTES = 64 * 1024
 # A line longer than this is cut (one print of a huge object must not make a huge line).
 MAX_LINE = 64 * 1024
 # lines a read returns at most
@@ -67,40 +72,110 @@ class JsonFormatter(logging.Formatter):
         if isinstance(rid, bytes):
             rid = rid.decode("latin-1")
         line = {"time": round(record.created, 6),
-                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                + f".{int(record.msecs):03d}Z",
+                "timestamp": _stamp(record.created),
                 "level": record.levelname, **self.who, "request_id": rid or "",
                 "trace_id": trace_id(),
                 "logger": record.name, "message": message[:MAX_LINE]}
         return json.dumps(line, ensure_ascii=False)
 
 
+_second = [-1, ""]
+
+
+def _stamp(now: float) -> str:
+    """ISO 8601 UTC with milliseconds; the part up to the second made once a second."""
+    sec = int(now)
+    if sec != _second[0]:
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _second[0] = sec
+    return f"{_second[1]}.{int(now * 1000) % 1000:03d}Z"
+
+
+_sinks: weakref.WeakSet[Sink] = weakref.WeakSet()
+_flusher: threading.Thread | None = None
+_flusher_lock = threading.Lock()
+
+
+def _flush_loop() -> None:
+    while True:
+        time.sleep(FLUSH_S)
+        flush_all()
+
+
+def flush_all() -> None:
+    """Write what every log file of this process holds in memory (a process calls it
+    before it exits)."""
+    for sink in list(_sinks):
+        sink.flush()
+
+
 class Sink:
     """One log file, appended to with one ``os.write`` per batch of lines (no seek, no
-    tell: the size is counted here), rotated at ROTATE_BYTES into ``.1`` ... ``.BACKUPS``."""
+    tell: the size is counted here), rotated at ROTATE_BYTES into ``.1`` ... ``.BACKUPS``.
+
+    :meth:`write` writes at once (log records: rare, and wanted even if the process
+    dies next); :meth:`add` keeps lines in memory for at most FLUSH_S (stdout and
+    stderr, where the access log's lines go: one write per batch, not per loop
+    iteration)."""
 
     def __init__(self, path: str) -> None:
+        global _flusher
         self.path = path
         self.lock = threading.Lock()
         self.fd = self._open()
         self.size = os.fstat(self.fd).st_size
+        self.pending: list[str] = []
+        self.pending_chars = 0
+        _sinks.add(self)
+        with _flusher_lock:
+            if _flusher is None:
+                _flusher = threading.Thread(target=_flush_loop, name="fleet-log-flush",
+                                            daemon=True)
+                _flusher.start()
+
+    def add(self, text: str) -> None:
+        """Keep text to write with the next flush (at most FLUSH_S from now)."""
+        with self.lock:
+            self.pending.append(text)
+            self.pending_chars += len(text)
+            if self.pending_chars < BUFFER_BYTES:
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            if not self.pending:
+                return
+            text = "".join(self.pending)
+            self.pending.clear()
+            self.pending_chars = 0
+            self._write(text)
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                        0o600)
 
     def write(self, text: str) -> None:
-        data = text.encode("utf-8", "replace")
+        """Write text now (after whatever waits in memory, so lines keep their order)."""
         with self.lock:
-            if self.fd < 0:
-                return          # closed
-            try:
-                os.write(self.fd, data)
-            except OSError:
-                return          # a full disk must not break the process that logs
-            self.size += len(data)
-            if self.size >= ROTATE_BYTES:
-                self._rotate()
+            if self.pending:
+                text = "".join(self.pending) + text
+                self.pending.clear()
+                self.pending_chars = 0
+            self._write(text)
+
+    def _write(self, text: str) -> None:
+        """Append text (the lock is held)."""
+        if self.fd < 0:
+            return          # closed
+        data = text.encode("utf-8", "replace")
+        try:
+            os.write(self.fd, data)
+        except OSError:
+            return          # a full disk must not break the process that logs
+        self.size += len(data)
+        if self.size >= ROTATE_BYTES:
+            self._rotate()
 
     def _rotate(self) -> None:
         os.close(self.fd)
@@ -116,8 +191,9 @@ class Sink:
         self.size = 0
 
     def close(self) -> None:
-        """Close the file (once: a closed descriptor's number may belong to another file
-        later, so it is never closed or written again)."""
+        """Write what waits and close the file (once: a closed descriptor's number may
+        belong to another file later, so it is never closed or written again)."""
+        self.flush()
         with self.lock:
             if self.fd >= 0:
                 os.close(self.fd)
@@ -175,15 +251,14 @@ class _Tee:
         lines = [ln for ln in lines if ln]
         if lines:
             now = time.time()
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) \
-                + f".{int(now * 1000) % 1000:03d}Z"
+            stamp = _stamp(now)
             rid = current_request_id()
             if isinstance(rid, bytes):
                 rid = rid.decode("latin-1")
             start = (f'{{"time": {now:.6f}, "timestamp": "{stamp}", "level": "INFO"'
                      f'{self.head}, "request_id": {_encode(rid or "")}, '
                      f'"trace_id": "{trace_id()}", "message": ')
-            self.sink.write("".join(f"{start}{_encode(ln[:MAX_LINE])}}}\n" for ln in lines))
+            self.sink.add("".join(f"{start}{_encode(ln[:MAX_LINE])}}}\n" for ln in lines))
         return n
 
     def flush(self) -> None:

@@ -44,6 +44,9 @@ def main() -> None:
     asyncio.set_event_loop(loop)
     code = loop.run_until_complete(_serve(kind, boot, loop))
     sys.stderr.flush()
+    if boot.get("logs_dir"):
+        from fleet import _logs
+        _logs.flush_all()
     os._exit(code)
 
 

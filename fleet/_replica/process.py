@@ -60,4 +60,7 @@ def main() -> None:
             pass
     sys.stdout.flush()
     sys.stderr.flush()
+    if spec.logs_dir:
+        from fleet import _logs
+        _logs.flush_all()
     os._exit(code)

@@ -181,8 +181,7 @@ def test_log_files_json_lines_read_and_follow(tmp_path) -> None:
         tail = _logs.follow(str(tmp_path), application="a")
         assert next(tail) == []                 # what was there before is not repeated
         log.info("third line")
-        handler.flush()
-        assert [ln["message"] for ln in next(tail)] == ["third line"]
+        assert [ln["message"] for ln in next(tail)] == ["third line"]   # written at once
     finally:
         logging.getLogger("obs.test").removeHandler(handler)
         handler.close()
@@ -201,6 +200,7 @@ def test_since_refuses_what_it_cannot_read() -> None:
 
 def test_log_files_rotate_and_the_reader_reads_them_all(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(_logs, "ROTATE_BYTES", 2000)
+    monkeypatch.setattr(_logs, "BUFFER_BYTES", 300)     # lines wait in memory until then
     sink = _logs.Sink(str(tmp_path / "proxy-http-0.log"))
     tee = _logs._Tee(io.StringIO(), sink, "stderr", {"application": "", "deployment": "",
                                                      "replica": "proxy-http-0"})
@@ -213,10 +213,32 @@ def test_log_files_rotate_and_the_reader_reads_them_all(tmp_path, monkeypatch) -
         sink.close()
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names[0] == "proxy-http-0.log" and len(names) == 1 + _logs.BACKUPS
-    assert all(p.stat().st_size < 2000 + 400 for p in tmp_path.iterdir())
+    assert all(p.stat().st_size < 2000 + 300 + 400 for p in tmp_path.iterdir())
     lines = _logs.read(str(tmp_path), system=True, limit=10000)
     messages = [ln["message"] for ln in lines]
     assert messages[-3:] == ['line 59 "quoted" \\ é', "second 59", "partial 59"]
     assert all(ln["logger"] == "stderr" and ln["replica"] == "proxy-http-0" for ln in lines)
     # what rotated past the last backup is gone: memory and disk stay bounded
     assert len(messages) < 180
+
+
+def test_output_lines_wait_in_memory_until_a_flush_and_keep_their_order(tmp_path) -> None:
+    handler = _logs.setup(str(tmp_path), "replica-a-D-2.log", "a", "D", "D-2",
+                          logger="obs.order")
+    assert handler is not None
+    log = logging.getLogger("obs.order")
+    log.setLevel(logging.INFO)
+    tee = _logs._Tee(io.StringIO(), handler.sink, "stdout", {"application": "a",
+                                                             "deployment": "D",
+                                                             "replica": "D-2"})
+    try:
+        tee.write("printed first\n")                  # in memory, for at most FLUSH_S
+        log.info("logged second")                       # a record writes both, in order
+        assert [ln["message"] for ln in _logs.read(str(tmp_path))] == [
+            "printed first", "logged second"]
+        tee.write("printed third\n")
+        _logs.flush_all()                               # what a process does at exit
+        assert [ln["message"] for ln in _logs.read(str(tmp_path))][-1] == "printed third"
+    finally:
+        logging.getLogger("obs.order").removeHandler(handler)
+        handler.close_file()
