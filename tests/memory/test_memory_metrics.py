@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from typing import Any
 
 import pytest
 
@@ -242,3 +243,46 @@ def test_output_lines_wait_in_memory_until_a_flush_and_keep_their_order(tmp_path
     finally:
         logging.getLogger("obs.order").removeHandler(handler)
         handler.close_file()
+
+
+def _dep(**config: Any) -> Any:
+    from fleet._config import DeploymentConfig
+    from fleet._controller.state import DeploymentState
+    from fleet._plan import DeploymentPlan
+    plan = DeploymentPlan(name="D", config=DeploymentConfig(name="D", **config),
+                          serialized_def=b"", code_version="v1")
+    return DeploymentState(app="a", plan=plan, target=2)
+
+
+def test_reasons_say_why_a_deployment_is_not_converged() -> None:
+    from fleet._controller.state import ReplicaRecord
+    from fleet._controller.views import reason
+    from fleet._types import DeploymentStatus, ReplicaState
+    now = time.monotonic()
+    dep = _dep()
+    dep.status = DeploymentStatus.HEALTHY
+    assert reason(dep, now) == ""
+    dep.status = DeploymentStatus.UPDATING
+    version = dep.plan.version
+    dep.replicas["r1"] = ReplicaRecord(replica_id="r1", version=version,
+                                       state=ReplicaState.RUNNING)
+    dep.replicas["r2"] = ReplicaRecord(replica_id="r2", version=version)     # STARTING
+    assert reason(dep, now) == "waiting for resources: 1 replica process(es) starting"
+    dep.replicas["r2"].message = "constructor running"
+    assert reason(dep, now) == "1 replica(s) starting: constructor running"
+    dep.last_unhealthy = (now - 5, "replica r0: check_health raised OSError: disk")
+    assert reason(dep, now).startswith("health check failing: replica r0: check_health")
+    assert reason(dep, now + 120).startswith("1 replica(s) starting")  # an old failure
+    dep.last_unhealthy = None
+    dep.autoscaler = object()
+    dep.scaling_log.append({"time": 0, "from": 1, "to": 2, "reason": "load 3.5 wants 2"})
+    assert reason(dep, now).startswith("scaling up for load from 1 to 2: load 3.5 wants 2")
+    dep.status = DeploymentStatus.DEPLOY_FAILED
+    dep.error_type = "ValueError"
+    dep.message = "the constructor of deployment 'D' raised ValueError: bad"
+    dep.traceback = "Traceback (most recent call last):\n" + "".join(
+        f'  File "m.py", line {i}, in f\n' for i in range(20)) + "ValueError: bad\n"
+    text = reason(dep, now)
+    assert text.startswith("constructor failed: the constructor of deployment 'D' raised")
+    assert text.splitlines()[-1] == "ValueError: bad"
+    assert len(text.splitlines()) == 1 + 6                     # the traceback's last lines
