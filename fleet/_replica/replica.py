@@ -175,6 +175,7 @@ class Replica:
             for task in list(self.tasks.values()):
                 task.cancel()
         server.close()
+        self.runtime.send_metrics()     # the calls of its last second count too
         await self.http.shutdown(self._grace or 1.0)
         _multiplex.unwatch(self.instance)
         await self._run_del()
