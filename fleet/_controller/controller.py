@@ -292,6 +292,7 @@ class Controller:
         if rec.proc is not None:
             await self.backend.stop_replica(rec.proc, timeout)
         dep.replicas.pop(rec.replica_id, None)
+        self.metrics.forget("replica", rec.replica_id)
         self._notify()
         self.kick()
 
@@ -307,6 +308,7 @@ class Controller:
         log.warning("replica %s of %s/%s is gone: %s (exit code %s); replacing it",
                     rec.replica_id, dep.app, dep.name, why, code)
         self._count("fleet_replica_failures_total", dep)
+        self.metrics.forget("replica", rec.replica_id)
         dep.last_gone = f"replica {rec.replica_id} {why} (exit code {code})"
         if starting and dep.status != DeploymentStatus.DEPLOY_FAILED:
             dep.start_failures += 1
@@ -416,7 +418,11 @@ class Controller:
         elif msg["type"] == "metrics":
             source = str(msg.get("source", ""))
             self._metric_sources[id(conn)] = source
-            self.metrics.merge(source, msg)
+            try:
+                self.metrics.merge(source, msg)
+            except (TypeError, ValueError, KeyError):
+                log.warning("metrics from %s were malformed and are ignored", source,
+                            exc_info=True)
 
     def _on_health_result(self, msg: HealthResultMsg) -> None:
         found = self._find(msg.get("replica_id", ""))
