@@ -16,6 +16,7 @@ besides the console, which keeps the readable lines.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -92,14 +93,14 @@ def _stamp(now: float) -> str:
 
 
 _sinks: weakref.WeakSet[Sink] = weakref.WeakSet()
-_flusher: threading.Thread | None = None
-_flusher_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
 
 
-def _flush_loop() -> None:
-    while True:
-        time.sleep(FLUSH_S)
-        flush_all()
+def attach_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """The process's event loop: lines that wait in memory are written by a timer on
+    it (before a loop is attached, they are written at once)."""
+    global _loop
+    _loop = loop
 
 
 def flush_all() -> None:
@@ -114,36 +115,49 @@ class Sink:
     tell: the size is counted here), rotated at ROTATE_BYTES into ``.1`` ... ``.BACKUPS``.
 
     :meth:`write` writes at once (log records: rare, and wanted even if the process
-    dies next); :meth:`add` keeps lines in memory for at most FLUSH_S (stdout and
-    stderr, where the access log's lines go: one write per batch, not per loop
-    iteration)."""
+    dies next); :meth:`add` keeps lines in memory for at most FLUSH_S, written by one
+    timer on the process's loop (stdout and stderr, where the access log's lines go:
+    one write per batch, not per loop iteration, and no thread of its own)."""
 
     def __init__(self, path: str) -> None:
-        global _flusher
         self.path = path
         self.lock = threading.Lock()
         self.fd = self._open()
         self.size = os.fstat(self.fd).st_size
         self.pending: list[str] = []
         self.pending_chars = 0
+        self.scheduled = False          # a flush is due on the loop
         _sinks.add(self)
-        with _flusher_lock:
-            if _flusher is None:
-                _flusher = threading.Thread(target=_flush_loop, name="fleet-log-flush",
-                                            daemon=True)
-                _flusher.start()
 
     def add(self, text: str) -> None:
         """Keep text to write with the next flush (at most FLUSH_S from now)."""
         with self.lock:
             self.pending.append(text)
             self.pending_chars += len(text)
-            if self.pending_chars < BUFFER_BYTES:
-                return
-        self.flush()
+            full = self.pending_chars >= BUFFER_BYTES
+            schedule = not self.scheduled and not full
+            if schedule:
+                self.scheduled = True
+        if full or (schedule and not self._schedule()):
+            self.flush()
+
+    def _schedule(self) -> bool:
+        """Ask the loop for a flush in FLUSH_S; False when there is no loop to ask."""
+        loop = _loop
+        if loop is None or loop.is_closed():
+            return False
+        try:
+            if asyncio._get_running_loop() is loop:
+                loop.call_later(FLUSH_S, self.flush)
+            else:       # a print from another thread (a sync method's)
+                loop.call_soon_threadsafe(loop.call_later, FLUSH_S, self.flush)
+        except RuntimeError:
+            return False
+        return True
 
     def flush(self) -> None:
         with self.lock:
+            self.scheduled = False
             if not self.pending:
                 return
             text = "".join(self.pending)

@@ -42,6 +42,9 @@ def main() -> None:
     except ImportError:  # pragma: no cover
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    if boot.get("logs_dir"):
+        from fleet import _logs
+        _logs.attach_loop(loop)         # output lines are written by a timer on it
     code = loop.run_until_complete(_serve(kind, boot, loop))
     sys.stderr.flush()
     if boot.get("logs_dir"):

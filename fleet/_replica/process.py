@@ -47,6 +47,9 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     loop = _setup_loop()
     asyncio.set_event_loop(loop)
+    if spec.logs_dir:
+        from fleet import _logs
+        _logs.attach_loop(loop)         # output lines are written by a timer on it
     from fleet._replica.replica import Replica
     replica = Replica(spec, loop)
     replica.apply_logging(spec.config.get("logging_config"))

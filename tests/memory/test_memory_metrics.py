@@ -4,6 +4,7 @@ socket; history samples carry the times the test gives)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -230,17 +231,31 @@ def test_output_lines_wait_in_memory_until_a_flush_and_keep_their_order(tmp_path
     log = logging.getLogger("obs.order")
     log.setLevel(logging.INFO)
     tee = _logs.Tee(io.StringIO(), handler.sink, "stdout", {"application": "a",
-                                                             "deployment": "D",
-                                                             "replica": "D-2"})
-    try:
-        tee.write("printed first\n")                  # in memory, for at most FLUSH_S
-        log.info("logged second")                       # a record writes both, in order
-        assert [ln["message"] for ln in _logs.read(str(tmp_path))] == [
-            "printed first", "logged second"]
+                                                            "deployment": "D",
+                                                            "replica": "D-2"})
+
+    def messages() -> list[str]:
+        return [ln["message"] for ln in _logs.read(str(tmp_path))]
+
+    async def scenario() -> None:
+        _logs.attach_loop(asyncio.get_running_loop())
+        tee.write("printed first\n")
+        assert messages() == []                     # waits for the loop's timer
+        log.info("logged second")                   # a record writes both, in order
+        assert messages() == ["printed first", "logged second"]
         tee.write("printed third\n")
-        _logs.flush_all()                               # what a process does at exit
-        assert [ln["message"] for ln in _logs.read(str(tmp_path))][-1] == "printed third"
+        deadline = time.monotonic() + 10
+        while messages()[-1] != "printed third":    # the timer writes it
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        tee.write("printed fourth\n")
+        _logs.flush_all()                           # what a process does at exit
+        assert messages()[-1] == "printed fourth"
+
+    try:
+        asyncio.run(scenario())
     finally:
+        _logs._loop = None
         logging.getLogger("obs.order").removeHandler(handler)
         handler.close_file()
 
