@@ -314,9 +314,13 @@ def changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[str, 
         for key in sorted((set(b) | set(a)) - {"name"}):
             if b.get(key) != a.get(key):
                 kind = "in place" if key in IN_PLACE else "rolling restart"
-                out.append((f"deployments.{name}.{key}: {b.get(key)!r} -> {a.get(key)!r}",
-                            kind))
+                out.append((f"deployments.{name}.{key}: {_shown(b, key)} -> "
+                            f"{_shown(a, key)}", kind))
     return out
+
+
+def _shown(options: dict[str, Any], key: str) -> str:
+    return repr(options[key]) if key in options else "(default)"
 
 
 def _diff_text(old: Any, new: Any, name: str) -> str:

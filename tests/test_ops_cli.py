@@ -1,0 +1,255 @@
+"""Operating an instance with the `fleet` command, as a user would: `fleet start` in the
+background, then apply, status, history, rollback, config and shutdown, each a real
+subprocess talking to the management API over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+HERE = os.path.dirname(__file__)
+
+
+def fleet_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fleet", *args]
+
+
+def run(*args: str, env: dict | None = None, cwd: str = HERE,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(fleet_cmd(*args), capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
+
+
+def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
+    assert out.returncode == 1, out
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fleet: error: "), out.stderr
+    return lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def started(tmp_path):
+    """`fleet start` on free ports; yields (pid, http url); every process it started is
+    gone afterwards."""
+    address = f"127.0.0.1:{free_port()}"
+    out = run("start", "--port", "0", "--address", address)
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stderr.splitlines() if "started instance pid" in x)
+    pid = int(line.split("pid ")[1].split(";")[0])
+    http = line.split("HTTP on ")[1].split(";")[0]
+    assert any(x.startswith(f"fleet: dashboard: http://{address}/?token=")
+               for x in out.stderr.splitlines())
+    proc = psutil.Process(pid)
+    assert proc.ppid() != os.getpid()          # its own, not a child of the command
+    family = [proc, *proc.children(recursive=True)]
+    try:
+        yield pid, http, address
+    finally:
+        if proc.is_running():
+            os.kill(pid, signal.SIGTERM)
+        _, alive = psutil.wait_procs(family, timeout=30)
+        for p in alive:
+            p.kill()
+        assert not alive, f"left behind: {alive}"
+
+
+def write_app(directory, name: str, greeting: str) -> None:
+    (directory / f"{name}.py").write_text(textwrap.dedent(f"""
+        import fleet
+
+        @fleet.deployment
+        class Hello:
+            def __init__(self, greeting: str = {greeting!r}) -> None:
+                self.greeting = greeting
+
+            def __call__(self, request) -> str:
+                return self.greeting
+
+        app = Hello.bind()
+
+        def build(args):
+            return Hello.bind(args["greeting"])
+    """))
+
+
+def test_start_apply_status_history_rollback_config_shutdown(started, tmp_path):
+    pid, http, _address = started
+    write_app(tmp_path, "svc_one", "one")
+    config = tmp_path / "fleet.yaml"
+    config.write_text(textwrap.dedent("""
+        applications:
+          - name: one
+            route_prefix: /one
+            import_path: svc_one:app
+          - name: broken
+            route_prefix: /broken
+            import_path: svc_missing:app
+    """))
+    # a failing import fails that application only, with the exact error; the rest serves
+    out = run("apply", str(config), cwd=str(tmp_path))
+    assert out.returncode == 1
+    assert "application 'broken' FAILED: application 'broken': cannot import module " \
+           "'svc_missing'" in out.stderr
+    assert "one/Hello: HEALTHY 1/1" in out.stderr
+    assert "application 'one' RUNNING" in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("fleet: error: 1 application(s) "
+                                                          "failed: broken:")
+    assert httpx.get(f"{http}/one").text == "one"
+
+    # a dry run prints the diff and how each change applies, and changes nothing
+    config.write_text(textwrap.dedent("""
+        applications:
+          - name: one
+            route_prefix: /one
+            import_path: svc_one:app
+            deployments:
+              - name: Hello
+                num_replicas: 2
+                max_ongoing_requests: 5
+    """))
+    out = run("apply", str(config), "--dry-run", cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert any(x.startswith("+") and x.strip().endswith("num_replicas: 2")
+               for x in out.stdout.splitlines()), out.stdout
+    assert "deployments.Hello.num_replicas: (default) -> 2: in place" in out.stdout
+    assert "deployments.Hello.max_ongoing_requests: (default) -> 5: rolling restart" \
+        in out.stdout
+    status = json.loads(run("status", "-o", "json").stdout)
+    assert status["applications"]["one"]["deployments"]["Hello"]["target_replicas"] == 1
+    assert "broken" not in status["applications"]
+
+    out = run("apply", str(config), cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "one/Hello: HEALTHY 2/2" in out.stderr
+    table = run("status", "-o", "table")
+    assert table.returncode == 0
+    assert table.stdout.splitlines()[0].split() == ["APPLICATION", "DEPLOYMENT", "STATUS",
+                                                    "REPLICAS", "MESSAGE"]
+    assert any(line.split()[:3] == ["Hello", "HEALTHY", "2/2"]
+               for line in table.stdout.splitlines())
+    assert yaml.safe_load(run("status").stdout)["applications"]["one"]["status"] == "RUNNING"
+    assert json.loads(run("status", "--json").stdout)["proxies"]["http"]["port"] > 0
+
+    # new args, then history and rollback (to the config of revision 2)
+    config.write_text(config.read_text().replace("import_path: svc_one:app",
+                                                 "import_path: svc_one:build\n"
+                                                 "    args: {greeting: two}"))
+    assert run("apply", str(config), cwd=str(tmp_path)).returncode == 0
+    assert httpx.get(f"{http}/one").text == "two"
+    history = run("history", "one")
+    assert history.returncode == 0
+    rows = history.stdout.splitlines()
+    assert rows[0].split() == ["REVISION", "DEPLOYED", "STATUS", "SOURCE"]
+    assert [r.split()[0] for r in rows[1:]] == ["1", "2", "3"]
+    assert rows[-1].split()[3] == "current"
+    out = run("rollback", "one", "--to", "2")
+    assert out.returncode == 0, out.stderr
+    assert httpx.get(f"{http}/one").text == "one"
+    assert "rollback to revision 2" in run("history", "one").stdout
+
+    live = yaml.safe_load(run("config", "one").stdout)
+    assert live["applications"][0]["import_path"] == "svc_one:app"
+    assert "args" not in live["applications"][0]
+    assert live["applications"][0]["deployments"][0]["num_replicas"] == 2
+    assert one_line_error(run("config", "nosuch")).endswith("running: ['one']")
+
+    # --prune deletes what the file does not name
+    other = tmp_path / "other.yaml"
+    write_app(tmp_path, "svc_two", "other")
+    other.write_text("applications:\n  - {name: two, route_prefix: /two, "
+                     "import_path: 'svc_two:app'}\n")
+    out = run("apply", str(other), "--prune", cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "application 'one': deleting (--prune)" in out.stderr
+    assert httpx.get(f"{http}/two").text == "other"
+
+    out = run("shutdown", "-y")
+    assert out.returncode == 0, out.stderr
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_no_instance_bad_address_bad_token(tmp_path):
+    nothing = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "fleet.yaml"
+    config.write_text("applications:\n  - {name: x, import_path: 'apps.cli_apps:app'}\n")
+    line = one_line_error(run("apply", str(config), "--address", nothing))
+    assert f"nothing answers at http://{nothing}" in line and "fleet start" in line
+    env = dict(os.environ, FLEET_ADDRESS=nothing)
+    line = one_line_error(run("status", env=env))
+    assert "(from FLEET_ADDRESS)" in line
+    line = one_line_error(run("status", "--address", "nonsense"))
+    assert "is not HOST:PORT" in line
+    # no instance of this user anywhere: how to start one (whatever holds port 8100)
+    line = one_line_error(run("history", "x"))
+    assert "fleet start" in line
+
+
+def test_wrong_token_and_taken_port(started, tmp_path):
+    pid, _http, address = started
+    line = one_line_error(run("status", "--address", address, "--token", "x" * 20))
+    assert "refused the request" in line and "not this instance's" in line
+    env = dict(os.environ, FLEET_TOKEN="y" * 20)
+    assert "refused the request" in one_line_error(run("status", "--address", address,
+                                                       env=env))
+    # the same address again: the port is taken
+    line = one_line_error(run("start", "--port", "0", "--address", address))
+    assert f"the management server cannot listen on {address}" in line
+
+
+def test_apply_bad_yaml_and_unknown_key(started, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - name: x\n    import_path: [unclosed\n")
+    line = one_line_error(run("apply", str(bad)))
+    assert "line 4, column 1" in line or "line 3" in line
+    bad.write_text("applications:\n  - name: x\n    import_path: a:b\n    replica: 2\n")
+    line = one_line_error(run("apply", str(bad)))
+    assert "unknown option 'applications.0.replica'" in line and "line 4" in line
+
+
+def test_run_takes_a_free_management_port_when_its_own_is_taken(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.Popen(fleet_cmd("run", "apps.cli_apps:app", "--port", "0",
+                                          "--address", f"127.0.0.1:{port}"),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=HERE, start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if "dashboard:" in line:
+                    break
+            text = "".join(lines)
+            assert f"fleet: port {port} is taken; the management API listens on port" in text
+            new_port = int(text.split("listens on port ")[1].split()[0])
+            assert f"dashboard: http://127.0.0.1:{new_port}/?token=" in text
+            # the instance file records it: the CLI finds it without --address
+            st = run("status", "-o", "json")
+            assert st.returncode == 0, st.stderr
+            assert "default" in json.loads(st.stdout)["applications"]
+        finally:
+            family = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            _, alive = psutil.wait_procs(family, timeout=10)
+            assert not alive
