@@ -212,6 +212,11 @@ class Instance:
             info["token"] = self.ops.token
         _rundir.write_instance(info)
 
+    @property
+    def management_info(self) -> dict[str, Any] | None:
+        """Where the management API listens, or None when it is off."""
+        return None if self.ops is None else {"url": self.ops.url()}
+
     def dashboard_url(self) -> str | None:
         """The management server's address with the token, or None when it is off."""
         if self.ops is None:
@@ -281,6 +286,9 @@ class AttachedInstance:
         self.runtime: Runtime | None = None
         self.closed = False
         self.grpc_options = GRPCOptions(enabled=bool(self.options["grpc"].get("enabled")))
+        found = info.get("management")
+        self.management_info = {"url": found["url"]} if isinstance(found, dict) \
+            and "url" in found else None
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run coro on this process's loop for the instance and wait for it."""
@@ -727,8 +735,15 @@ def status() -> dict[str, Any]:
     """The instance's state: ``{"applications": {app: {"status", "route_prefix",
     "deployments": {name: {"status", "message", "replicas": [{"replica_id", "state",
     "pid", "message"}]}}}}, "proxies": {...}}``. A deployment whose requests failed also
-    has ``"last_error"``: the latest one's ``request_id``, ``error``, ``traceback``, ``at``."""
-    return dict(_ctl("status", create=False))
+    has ``"last_error"``: the latest one's ``request_id``, ``error``, ``traceback``, ``at``.
+    When the instance serves the management API, ``"management": {"url": ...}`` says where.
+    """
+    result = dict(_ctl("status", create=False))
+    inst = _instance
+    management = getattr(inst, "management_info", None)
+    if management:
+        result["management"] = management
+    return result
 
 
 def get_app_handle(name: str) -> DeploymentHandle:

@@ -310,3 +310,20 @@ def test_a_taken_management_port_fails_with_one_line():
         assert f"the management server cannot listen on 127.0.0.1:{port}" in str(info.value)
         assert "\n" not in str(info.value)
         assert inst.closed
+
+
+def test_readme_python_example_runs():
+    """The "Operating fleet" section's Python block, run as a user would."""
+    import re
+    import subprocess
+    import sys
+    root = os.path.dirname(HERE)
+    with open(os.path.join(root, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("\n## Operating fleet\n"):]
+    section = section[:section.index("\n## ", 5)]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1
+    out = subprocess.run([sys.executable, "-c", blocks[0]], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
