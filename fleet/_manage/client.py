@@ -87,7 +87,7 @@ def find(address: str | None = None, token: str | None = None,
         path, info = files[0]
         if len(files) > 1 and say is not None:
             others = ", ".join(str(i["pid"]) for _, i in files[1:])
-            say(f"{len(files)} fleet instances are running; using the newest, pid "
+            say(f"{len(files)} instances are running; talking to the newest, pid "
                 f"{info['pid']} ({path}); the others are pids {others} (pick one with "
                 "--address)")
         m = info["management"]
