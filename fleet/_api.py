@@ -76,6 +76,7 @@ class Instance:
         self.management_fallback = management_fallback   # a free port if its port is taken
         self.ops: Any = None
         self._mgmt_server: Any = None
+        self.extra_info: dict[str, Any] = {}     # more for the instance file (fleet start)
         # sockets live in a private directory of their own inside the runtime directory
         self.dir = _socket_dir()
         self.secret = secrets.token_bytes(32)
@@ -210,6 +211,7 @@ class Instance:
             info["management"] = {"host": self.ops.host, "port": self.ops.port,
                                   "scheme": self.ops.scheme, "url": self.ops.url()}
             info["token"] = self.ops.token
+        info.update(self.extra_info)
         _rundir.write_instance(info)
 
     @property
@@ -460,7 +462,8 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
 
 def start_owned(http: HTTPOptions, grpc: GRPCOptions,
                 management: ManagementOptions | None = None,
-                management_fallback: bool = False) -> Instance:
+                management_fallback: bool = False,
+                extra_info: dict[str, Any] | None = None) -> Instance:
     """Start an instance owned by this process, whatever else runs (``fleet run``)."""
     global _instance
     with _lock:
@@ -470,6 +473,7 @@ def start_owned(http: HTTPOptions, grpc: GRPCOptions,
             _instance.detach()
         inst = Instance(http, grpc, management=management,
                         management_fallback=management_fallback)
+        inst.extra_info = dict(extra_info or {})
         inst.start()
         _instance = inst
         return inst

@@ -327,3 +327,27 @@ def test_readme_python_example_runs():
     out = subprocess.run([sys.executable, "-c", blocks[0]], cwd=root, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_metrics_public_opens_only_metrics(tmp_path):
+    """management_options.metrics_public lets /metrics answer without the token (a 404
+    until metrics are served, never a 401); every other path still needs it."""
+    import subprocess
+    import sys
+    script = (
+        "import httpx, fleet\n"
+        "fleet.start(http_options={'port': 0},\n"
+        "            management_options={'port': 0, 'metrics_public': True})\n"
+        "url = fleet.status()['management']['url']\n"
+        "assert httpx.get(url + '/metrics').status_code != 401\n"
+        "assert httpx.get(url + '/api/instance').status_code == 401\n"
+        "assert httpx.get(url + '/api/metrics').status_code == 401\n"
+        "fleet.shutdown()\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, cwd=HERE)
+    assert out.returncode == 0, out.stderr
+
+
+def test_metrics_need_the_token_by_default(api):
+    client, _ = api
+    assert httpx.get(str(client.base_url) + "/metrics").status_code == 401

@@ -203,6 +203,13 @@ def test_no_instance_bad_address_bad_token(tmp_path):
 
 def test_wrong_token_and_taken_port(started, tmp_path):
     pid, _http, address = started
+    # it records itself in its instance file, token and all, readable only by this user
+    path = os.path.join(os.environ["TMPDIR"], f"fleet-{os.getuid()}", f"instance-{pid}.json")
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    with open(path) as f:
+        info = json.load(f)
+    assert info["background"] is True and info["management"]["url"] == f"http://{address}"
+    assert len(info["token"]) >= 32 and os.path.exists(info["log"])
     line = one_line_error(run("status", "--address", address, "--token", "x" * 20))
     assert "refused the request" in line and "not this instance's" in line
     env = dict(os.environ, FLEET_TOKEN="y" * 20)
@@ -211,6 +218,25 @@ def test_wrong_token_and_taken_port(started, tmp_path):
     # the same address again: the port is taken
     line = one_line_error(run("start", "--port", "0", "--address", address))
     assert f"the management server cannot listen on {address}" in line
+
+
+def test_status_watch_prints_a_snapshot_every_second(started):
+    proc = subprocess.Popen(fleet_cmd("status", "--watch", "-o", "json"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=HERE)
+    try:
+        assert proc.stdout is not None
+        marks = 0
+        for line in proc.stdout:
+            if line.startswith("--- "):
+                marks += 1
+                if marks == 2:
+                    break
+        assert marks == 2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    assert proc.returncode == 0
 
 
 def test_apply_bad_yaml_and_unknown_key(started, tmp_path):

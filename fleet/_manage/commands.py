@@ -78,14 +78,14 @@ def start(host: str | None, port: int | None, grpc_port: int | None,
         bind(mhost, mport, fallback=False).close()
     except OSError as exc:
         raise CLIError(str(exc)) from None
-    args = {"host": host, "port": port, "grpc_port": grpc_port,
-            "management": {"host": mhost, "port": mport}}
     try:
         directory = _rundir.runtime_dir()
     except Exception as exc:
         raise CLIError(str(exc)) from None
     log_path = os.path.join(directory, f"start-{time.strftime('%Y%m%dT%H%M%S')}-"
                                        f"{os.getpid()}.log")
+    args = {"host": host, "port": port, "grpc_port": grpc_port, "log": log_path,
+            "management": {"host": mhost, "port": mport}}
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     read_end, write_end = os.pipe()
     try:
@@ -166,7 +166,8 @@ def daemon(args: str, ready_fd: int) -> None:
         except OSError:
             pass
     try:
-        inst = start_owned(http, grpc, ManagementOptions(**opts["management"]))
+        inst = start_owned(http, grpc, ManagementOptions(**opts["management"]),
+                           extra_info={"background": True, "log": opts.get("log")})
     except (FleetError, KeyboardInterrupt, ValueError) as exc:
         tell({"error": str(exc)})
         shutdown()
@@ -211,7 +212,9 @@ def _snapshot(client: Client) -> dict[str, Any]:
     for app in apps.values():
         for key in ("name", "converged", "revision", "deployed_at"):
             app.pop(key, None)
-    return {"applications": apps, "proxies": get(client, "/api/instance")["proxies"]}
+    instance = get(client, "/api/instance")
+    return {"applications": apps, "proxies": instance["proxies"],
+            "traffic": instance.get("traffic", {})}
 
 
 def _table(snapshot: dict[str, Any]) -> str:

@@ -109,13 +109,12 @@ class Ops:
     def replica_rows(self, dep: Any) -> list[dict[str, Any]]:
         import psutil
         now_mono, now = time.monotonic(), time.time()
+        self.forget_gone()
         rows = []
-        live_pids = set()
         for rec in dep.replicas.values():
             cpu: float | None = None
             rss: int | None = None
             if rec.pid:
-                live_pids.add(rec.pid)
                 proc = self._procs.get(rec.pid)
                 try:
                     if proc is None:
@@ -130,12 +129,14 @@ class Ops:
                          "uptime_s": round(now_mono - rec.started_at, 1),
                          "cpu_percent": cpu, "rss_bytes": rss, "ongoing": rec.ongoing,
                          "version": rec.version, "message": rec.message})
-        for pid in [p for p in self._procs if p not in live_pids and
-                    not any(p in {r.pid for r in d.replicas.values()}
-                            for a in self.controller.apps.values()
-                            for d in a.deployments.values())]:
-            self._procs.pop(pid, None)
         return rows
+
+    def forget_gone(self) -> None:
+        """Drop the cached process handles of replicas that are gone."""
+        live = {r.pid for a in self.controller.apps.values() for d in a.deployments.values()
+                for r in d.replicas.values()}
+        for pid in [p for p in self._procs if p not in live]:
+            del self._procs[pid]
 
     def config_of(self, name: str) -> dict[str, Any]:
         """An application's live config: what its current revision was deployed with,
@@ -321,7 +322,8 @@ async def get_instance(request: Request, ops: Ops) -> Response:
                         "started_at": ops.started_at,
                         "management": {"host": ops.host, "port": ops.port,
                                        "scheme": ops.scheme},
-                        "proxies": ops.controller.status()["proxies"]})
+                        "proxies": ops.controller.status()["proxies"],
+                        "traffic": ops.controller.status()["traffic"]})
 
 
 async def list_applications(request: Request, ops: Ops) -> Response:
