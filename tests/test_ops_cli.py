@@ -279,3 +279,65 @@ def test_run_takes_a_free_management_port_when_its_own_is_taken(tmp_path):
             proc.wait(30)
             _, alive = psutil.wait_procs(family, timeout=10)
             assert not alive
+
+
+def test_build_writes_a_config_apply_takes_back_unchanged(started, tmp_path):
+    _pid, http, _address = started
+    out_file = tmp_path / "built.yaml"
+    out = run("build", "apps.cli_apps:app", "apps.manage_apps:composed", "-o", str(out_file))
+    assert out.returncode == 0, out.stderr
+    config = yaml.safe_load(out_file.read_text())
+    assert [a["name"] for a in config["applications"]] == ["app", "composed"]
+    front = config["applications"][1]["deployments"][0]
+    assert front["name"] == "Front" and front["max_ongoing_requests"] == 100
+    assert "startup_timeout_s" in front and config["http_options"]["port"] == 8000
+    out = run("apply", str(out_file), "--app-dir", HERE)
+    assert out.returncode == 0, out.stderr
+    assert httpx.get(f"{http}/composed").text == "COMPOSED"
+    out = run("apply", str(out_file), "--app-dir", HERE, "--dry-run")
+    assert out.stdout.splitlines() == ["application 'app': unchanged",
+                                       "application 'composed': unchanged"]
+    line = one_line_error(run("build", "apps.cli_apps:nothing"))
+    assert "has no attribute 'nothing'" in line
+
+
+def test_schema_lists_every_option():
+    from fleet._config import DEPLOYMENT_OPTIONS, RAY_ONLY_KEYS
+    out = run("schema")
+    assert out.returncode == 0
+    schema = json.loads(out.stdout)
+    override = schema["$defs"]["DeploymentOverride"]
+    assert set(override["properties"]) == DEPLOYMENT_OPTIONS | RAY_ONLY_KEYS["deployment"]
+    assert override["additionalProperties"] is False
+    assert "http_options" in schema["properties"] and "applications" in schema["properties"]
+
+
+def test_ray_keys_are_accepted_with_one_warning_and_unknown_keys_suggest(tmp_path):
+    ray = tmp_path / "ray.yaml"
+    ray.write_text(textwrap.dedent("""
+        proxy_location: EveryNode
+        http_options: {host: 127.0.0.1, port: 8000}
+        applications:
+          - name: app1
+            route_prefix: /
+            import_path: apps.cli_apps:app
+            runtime_env: {pip: [requests]}
+            deployments:
+              - name: Hello
+                num_replicas: 2
+                max_replicas_per_node: 1
+    """))
+    out = run("apply", str(ray), "--dry-run", "--address", f"127.0.0.1:{free_port()}")
+    warnings = [x for x in out.stderr.splitlines() if "warning" in x]
+    assert warnings == [f"fleet: warning: config {str(ray)!r}: fleet ignores these Ray Serve "
+                        "keys: proxy_location, applications.0.runtime_env, "
+                        "applications.0.deployments.0.max_replicas_per_node"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - import_path: apps.cli_apps:app\n    deployments:\n"
+                   "      - {name: Hello, num_replica: 2}\n")
+    line = one_line_error(run("apply", str(bad)))
+    assert "line 4" in line and "did you mean 'num_replicas'?" in line
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("http_options:\n  port: eighty\n")
+    line = one_line_error(run("apply", str(wrong)))
+    assert "line 2" in line and "http_options.port must be a whole number" in line

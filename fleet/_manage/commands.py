@@ -302,7 +302,7 @@ def changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[str, 
     if old is None:
         return [("new application", "start")]
     out: list[tuple[str, str]] = []
-    for key in ("import_path", "args", "runtime_env"):
+    for key in ("import_path", "args"):
         if old.get(key) != new.get(key):
             out.append((key, "rolling restart"))
     if old.get("route_prefix", "/") != new.get("route_prefix", "/"):
@@ -505,4 +505,59 @@ def rollback(app: str, to: int | None, no_wait: bool, address: str | None,
         raise CLIError(f"rollback of {app!r} failed: {failed[app]}")
 
 
-COMMANDS = [start, daemon, shutdown, status, apply, config_cmd, history, rollback]
+# -- the config file ------------------------------------------------------------------
+
+@click.command()
+def schema() -> None:
+    """Print the JSON Schema of fleet.yaml, for editors to check files with."""
+    from fleet._config import config_schema
+    click.echo(json.dumps(config_schema(), indent=2))
+
+
+@click.command()
+@click.argument("targets", nargs=-1, required=True)
+@click.option("-o", "--output", default="-", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Where to write the config (default: stdout).")
+@click.option("--app-dir", default=".", help="Directory to import the applications from.")
+def build(targets: tuple[str, ...], output: str, app_dir: str) -> None:
+    """Write a complete config for the applications TARGETS (MODULE:ATTR ...): every
+    option with its value, which `fleet apply` accepts back unchanged."""
+    from fleet._config import FleetConfig, GRPCOptions, HTTPOptions
+    from fleet._deployment import build_plans
+    from fleet._imports import import_attr, resolve_app
+    sys.path.insert(0, os.path.abspath(app_dir))
+    applications = []
+    names: set[str] = set()
+    for target in targets:
+        app = resolve_app(import_attr(target), target)
+        name = "default" if len(targets) == 1 else target.rpartition(":")[2].rpartition(".")[2]
+        if name in names:
+            raise CLIError(f"two targets would both be named {name!r}; build them apart")
+        names.add(name)
+        deployments = []
+        for plan in build_plans(app, name):
+            options = plan.config.model_dump(mode="json")
+            options.pop("name")
+            deployments.append({"name": plan.name, **options})
+        applications.append({"name": name,
+                             "route_prefix": "/" if len(targets) == 1 else f"/{name}",
+                             "import_path": target, "args": {},
+                             "deployments": deployments})
+    config = {"http_options": _every_option(HTTPOptions()),
+              "grpc_options": _every_option(GRPCOptions()),
+              "applications": applications}
+    FleetConfig(**config)           # what is written is read back the same way
+    text = yaml.safe_dump(config, sort_keys=False)
+    if output == "-":
+        click.echo(text.rstrip())
+    else:
+        with open(output, "w") as f:
+            f.write(text)
+        _say(f"wrote {output} ({len(applications)} application(s))")
+
+
+def _every_option(options: Any) -> dict[str, Any]:
+    return options.model_dump(mode="json", exclude={"middlewares"})
+
+
+COMMANDS = [schema, build, start, daemon, shutdown, status, apply, config_cmd, history, rollback]
