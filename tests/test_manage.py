@@ -351,3 +351,34 @@ def test_metrics_public_opens_only_metrics(tmp_path):
 def test_metrics_need_the_token_by_default(api):
     client, _ = api
     assert httpx.get(str(client.base_url) + "/metrics").status_code == 401
+
+
+def test_an_added_route_is_one_entry_and_a_crash_is_a_json_500(api):
+    """Routes are a list of (method, path, handler(request, ops)); a handler that raises
+    answers 500 with a JSON body and a request id, and the server goes on."""
+    import asyncio
+
+    from starlette.responses import JSONResponse
+
+    from fleet._manage.server import build_app
+
+    async def pid(request, ops):
+        return JSONResponse({"pid": ops.instance.controller is not None and os.getpid()})
+
+    async def boom(request, ops):
+        raise RuntimeError("a bug")
+
+    ops = _api._instance.ops
+    app = build_app(ops, [("GET", "/api/pid", pid), ("GET", "/api/boom", boom)])
+    token = {"Authorization": f"Bearer {ops.token}"}
+
+    async def go():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://mgmt") as c:
+            assert (await c.get("/api/pid", headers=token)).json() == {"pid": os.getpid()}
+            assert (await c.get("/api/pid")).status_code == 401
+            r = await c.get("/api/boom", headers=token)
+            assert r.status_code == 500
+            assert "RuntimeError" in r.json()["error"] and r.json()["request_id"]
+            assert (await c.get("/api/pid", headers=token)).status_code == 200
+    asyncio.run(go())

@@ -341,3 +341,30 @@ def test_ray_keys_are_accepted_with_one_warning_and_unknown_keys_suggest(tmp_pat
     wrong.write_text("http_options:\n  port: eighty\n")
     line = one_line_error(run("apply", str(wrong)))
     assert "line 2" in line and "http_options.port must be a whole number" in line
+
+
+@pytest.mark.parametrize("grpc,expected", [("{port: 0}", False),
+                                           ("{port: 0, enabled: true}", True)])
+def test_grpc_options_alone_do_not_start_the_grpc_proxy(tmp_path, grpc, expected):
+    """As the README says: in YAML, grpc_options start the gRPC proxy only with
+    enabled: true (or grpc_servicer_functions, or --grpc-port)."""
+    config = tmp_path / "fleet.yaml"
+    config.write_text(f"grpc_options: {grpc}\napplications:\n"
+                      "  - {name: g, import_path: 'apps.cli_apps:app'}\n")
+    proc = subprocess.Popen(fleet_cmd("run", str(config), "--port", "0", "--address",
+                                      "127.0.0.1:0", "--app-dir", HERE),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=HERE, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "dashboard:" in line:
+                break
+        st = json.loads(run("status", "--json").stdout)
+        assert ("grpc" in st["proxies"]) is expected
+    finally:
+        family = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        _, alive = psutil.wait_procs(family, timeout=10)
+        assert not alive

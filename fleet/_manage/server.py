@@ -96,9 +96,12 @@ class Ops:
     def app_names(self) -> list[str]:
         return sorted(n for n, a in self.controller.apps.items() if not a.deleting)
 
-    def application(self, name: str) -> dict[str, Any]:
+    def application(self, name: str, everything: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
         app = self.app_state(name)
-        status = self.controller.status()["applications"][name]
+        if everything is None:
+            everything = self.controller.status()
+        status = everything["applications"][name]
         status["name"] = name
         status["version"] = str(app.revision)
         status["revision"] = app.revision
@@ -327,7 +330,9 @@ async def get_instance(request: Request, ops: Ops) -> Response:
 
 
 async def list_applications(request: Request, ops: Ops) -> Response:
-    return ok(request, {"applications": {n: ops.application(n) for n in ops.app_names()}})
+    everything = ops.controller.status()
+    return ok(request, {"applications": {n: ops.application(n, everything)
+                                         for n in ops.app_names()}})
 
 
 async def get_application(request: Request, ops: Ops) -> Response:
@@ -608,9 +613,9 @@ class Guard:
         scope["fleet_request_id"] = rid
         path = scope["path"]
         if path == "/" and scope["method"] == "GET":
-            query = dict(p.split("=", 1) for p in scope.get("query_string", b"").decode(
-                "latin-1").split("&") if "=" in p)
-            given = query.get("token")
+            from urllib.parse import parse_qs
+            given = (parse_qs(scope.get("query_string", b"").decode("latin-1"))
+                     .get("token") or [None])[0]
             if given is not None:
                 if not hmac.compare_digest(given.encode(), self.token):
                     await _error(401, "the token in the address is wrong; use the address "
@@ -640,10 +645,11 @@ class Guard:
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception as exc:
-            import logging
-            logging.getLogger("fleet.manage").exception("management API %s %s failed",
-                                                        scope["method"], path)
+            # build_app's handler logged it and answered; anything else is answered here
             if not started:
+                import logging
+                logging.getLogger("fleet.manage").exception("management API %s %s failed",
+                                                            scope["method"], path)
                 await _error(500, f"internal error ({type(exc).__name__}); the instance's "
                                   f"log has the traceback under request id {rid}",
                              rid)(scope, receive, send)
@@ -662,9 +668,19 @@ def build_app(ops: Ops, extra: list[tuple[str, str, Handler]] | None = None) -> 
                      "/api/openapi.json"}.get(exc.status_code, str(exc.detail))
         return _error(exc.status_code, text, _rid(request))
 
+    async def crashed(request: Request, exc: Exception) -> Response:
+        import logging
+        rid = _rid(request)
+        logging.getLogger("fleet.manage").error(
+            "management API %s %s failed (request %s)", request.method, request.url.path,
+            rid, exc_info=exc)
+        return _error(500, f"internal error ({type(exc).__name__}); the instance's log has "
+                           f"the traceback under request id {rid}", rid)
+
     routes = [Route(path, _endpoint(handler, ops), methods=[method])
               for method, path, handler in [*ROUTES, *(extra or [])]]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
+                                                       Exception: crashed})
     return Guard(app, ops)
 
 
