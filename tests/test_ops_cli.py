@@ -368,3 +368,36 @@ def test_grpc_options_alone_do_not_start_the_grpc_proxy(tmp_path, grpc, expected
         proc.wait(30)
         _, alive = psutil.wait_procs(family, timeout=10)
         assert not alive
+
+
+def test_start_that_cannot_serve_says_why_in_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run("start", "--port", str(port), "--address", f"127.0.0.1:{free_port()}")
+    line = one_line_error(out)
+    assert f"the HTTP proxy cannot listen on 127.0.0.1:{port}" in line and "(log: " in line
+
+
+def test_shutdown_stops_a_fleet_run_too(tmp_path):
+    proc = subprocess.Popen(fleet_cmd("run", "apps.cli_apps:app", "--port", "0",
+                                      "--address", "127.0.0.1:0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=HERE, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "dashboard:" in line:
+                break
+        family = psutil.Process(proc.pid).children(recursive=True)
+        out = run("shutdown")
+        assert out.returncode == 0, out.stderr
+        assert f"instance pid {proc.pid} stopped" in out.stderr
+        assert proc.wait(30) == 0
+        _, alive = psutil.wait_procs(family, timeout=10)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

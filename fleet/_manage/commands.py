@@ -196,12 +196,16 @@ def shutdown(yes: bool, address: str | None, token: str | None) -> None:
     with connect(address, token) as client:
         pid = int(get(client, "/api/instance")["pid"])
         call(client, "POST", "/api/instance/shutdown")
-    try:
-        psutil.Process(pid).wait(60)
-    except psutil.NoSuchProcess:
-        pass
-    except psutil.TimeoutExpired:
-        raise CLIError(f"the instance (pid {pid}) did not stop within 60 s") from None
+    deadline = time.monotonic() + 60
+    while True:
+        try:     # gone, or exited and not yet reaped by its parent (a shell, say)
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        if time.monotonic() > deadline:
+            raise CLIError(f"the instance (pid {pid}) did not stop within 60 s")
+        time.sleep(0.05)        # another process's exit: nothing to wait on but polling
     _say(f"instance pid {pid} stopped")
 
 
