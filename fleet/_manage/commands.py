@@ -82,7 +82,13 @@ def start(host: str | None, port: int | None, grpc_port: int | None,
     try:
         bind(mhost, mport, fallback=False).close()
     except OSError as exc:
-        raise CLIError(str(exc)) from None
+        try:
+            mine = [info["pid"] for _, info in _rundir.live_instances()
+                    if (info.get("management") or {}).get("port") == mport]
+        except Exception:       # an unsafe runtime directory is reported below anyway
+            mine = []
+        hint = f" (a fleet instance of yours runs there, pid {mine[0]})" if mine else ""
+        raise CLIError(f"{exc}{hint}") from None
     try:
         directory = _rundir.runtime_dir()
     except Exception as exc:
