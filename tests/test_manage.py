@@ -106,6 +106,11 @@ def test_put_deploys_and_a_stale_etag_changes_nothing(api):
     assert httpx.get(proxy + "/etag").text == "two from fleet"
     # without If-Match: unconditional
     assert put(client, "etag", greeter("three", "/etag")).status_code == 202
+    # If-Match "0": only if the application does not exist yet
+    assert put(client, "etag", greeter("four", "/etag"),
+               headers={"If-Match": '"0"'}).status_code == 412
+    r = put(client, "etag-new", greeter("new", "/etag-new"), headers={"If-Match": '"0"'})
+    assert r.status_code == 202
 
 
 def test_a_failing_import_fails_only_that_application(api):
