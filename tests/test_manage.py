@@ -344,7 +344,8 @@ def test_metrics_public_opens_only_metrics(tmp_path):
     script = (
         "import httpx, fleet\n"
         "fleet.start(http_options={'port': 0},\n"
-        "            management_options={'port': 0, 'metrics_public': True})\n"
+        "            management_options=fleet.ManagementOptions(port=0,\n"
+        "                                                       metrics_public=True))\n"
         "url = fleet.status()['management']['url']\n"
         "assert httpx.get(url + '/metrics').status_code != 401\n"
         "assert httpx.get(url + '/api/instance').status_code == 401\n"
