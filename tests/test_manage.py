@@ -390,3 +390,25 @@ def test_an_added_route_is_one_entry_and_a_crash_is_a_json_500(api):
             assert "RuntimeError" in r.json()["error"] and r.json()["request_id"]
             assert (await c.get("/api/pid", headers=token)).status_code == 200
     asyncio.run(go())
+
+
+def test_a_killed_replica_is_replaced_and_says_why(api):
+    import signal
+    client, proxy = api
+    assert put(client, "killed", greeter("k", "/killed")).status_code == 202
+    converged(client, "killed")
+    base = "/api/applications/killed/deployments/Hello/replicas"
+    victim = client.get(base).json()["replicas"][0]
+    os.kill(victim["pid"], signal.SIGKILL)
+
+    def replaced():
+        now = client.get(base).json()
+        gone = [r for r in now["replaced"] if r["replica_id"] == victim["replica_id"]]
+        return gone[0] if gone else None
+    entry = wait_for(replaced, 30)
+    assert "exit code" in entry["reason"] and entry["time"] > 0
+    converged(client, "killed")
+    assert httpx.get(proxy + "/killed").text == "k from fleet"
+    events = client.get("/api/events").json()["events"]
+    assert any(e["kind"] == "replica_died" and e["replica"] == victim["replica_id"]
+               for e in events)
