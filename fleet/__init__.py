@@ -42,6 +42,7 @@ if TYPE_CHECKING:
         DeploymentConfig,
         GRPCOptions,
         HTTPOptions,
+        ManagementOptions,
     )
     from fleet._deployment import Application, Deployment, deployment
     from fleet._handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
@@ -63,6 +64,7 @@ _LAZY = {
     "DeploymentResponseGenerator": "fleet._handle",
     "GRPCOptions": "fleet._config",
     "HTTPOptions": "fleet._config",
+    "ManagementOptions": "fleet._config",
     "ServeRequest": "fleet._serve_request",
     "batch": "fleet._batching",
     "delete": "fleet._api",
@@ -119,6 +121,7 @@ __all__ = [
     "GRPCOptions",
     "GetTimeoutError",
     "HTTPOptions",
+    "ManagementOptions",
     "MethodNotFoundError",
     "ReplicaDiedError",
     "ReplicaDrainingError",
