@@ -24,6 +24,7 @@ from fleet._config import (
     GRPCOptions,
     HTTPOptions,
     LoggingConfig,
+    ManagementOptions,
     coerce_options,
     proxy_count,
 )
@@ -68,6 +69,8 @@ class Instance:
 
     def __init__(self, http_options: HTTPOptions, grpc_options: GRPCOptions,
                  backend: Backend | None = None, register: bool = True,
+                 management: ManagementOptions | None = None,
+                 management_fallback: bool = False,
                  logging_config: LoggingConfig | None = None) -> None:
         self.logging_config = logging_config or LoggingConfig()
         if not self.logging_config.enable_access_log:
@@ -75,6 +78,12 @@ class Instance:
             http_options = http_options.model_copy(update={"access_log": False})
         self.http_options = http_options
         self.grpc_options = grpc_options
+        # the management server runs when asked (fleet run, fleet start, management_options)
+        self.management = management
+        self.management_fallback = management_fallback   # a free port if its port is taken
+        self.ops: Any = None
+        self._mgmt_server: Any = None
+        self.extra_info: dict[str, Any] = {}     # more for the instance file (fleet start)
         # sockets live in a private directory of their own inside the runtime directory
         self.dir = _socket_dir()
         self.secret = secrets.token_bytes(32)
@@ -134,6 +143,13 @@ class Instance:
         for info in await asyncio.gather(*waits):
             if "error" in info:
                 raise FleetError(info["error"])
+        if self.management is not None:
+            from fleet._manage.server import serve
+            try:
+                self.ops, self._mgmt_server = await serve(self, self.management,
+                                                          self.management_fallback)
+            except OSError as exc:
+                raise FleetError(str(exc)) from None
         if self.register:
             self._write_instance_file()
 
@@ -206,10 +222,27 @@ class Instance:
 
     def _write_instance_file(self) -> None:
         _rundir.live_instances()        # removes the files of instances that are gone
-        _rundir.write_instance({"address": self.address, "secret": self.secret.hex(),
+        info: dict[str, Any] = {"address": self.address, "secret": self.secret.hex(),
                                 "pid": os.getpid(), "started": time.time(),
                                 "options": {"http": _comparable(self.http_options),
-                                            "grpc": _comparable(self.grpc_options)}})
+                                            "grpc": _comparable(self.grpc_options)}}
+        if self.ops is not None:
+            info["management"] = {"host": self.ops.host, "port": self.ops.port,
+                                  "scheme": self.ops.scheme, "url": self.ops.url()}
+            info["token"] = self.ops.token
+        info.update(self.extra_info)
+        _rundir.write_instance(info)
+
+    @property
+    def management_info(self) -> dict[str, Any] | None:
+        """Where the management API listens, or None when it is off."""
+        return None if self.ops is None else {"url": self.ops.url()}
+
+    def dashboard_url(self) -> str | None:
+        """The management server's address with the token, or None when it is off."""
+        if self.ops is None:
+            return None
+        return f"{self.ops.url()}/?token={self.ops.token}"
 
     def _shutdown_requested(self) -> None:
         # Called on the loop; shutting down joins the loop's thread, so not from it.
@@ -238,6 +271,9 @@ class Instance:
         self.stopped.set()
 
     async def _shutdown(self) -> None:
+        if self._mgmt_server is not None:
+            self.ops.closing.set()
+            await self._mgmt_server.stop()
         if self.runtime is not None:
             self.runtime.close("fleet was shut down before this call reached a replica")
         if self.controller is not None:
@@ -275,6 +311,9 @@ class AttachedInstance:
         self.runtime: Runtime | None = None
         self.closed = False
         self.grpc_options = GRPCOptions(enabled=bool(self.options["grpc"].get("enabled")))
+        found = info.get("management")
+        self.management_info = {"url": found["url"]} if isinstance(found, dict) \
+            and "url" in found else None
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run coro on this process's loop for the instance and wait for it."""
@@ -403,6 +442,7 @@ def _differences(given: Any, running: dict[str, Any], section: str) -> list[str]
 
 def start(http_options: dict[str, Any] | HTTPOptions | None = None,
           grpc_options: dict[str, Any] | GRPCOptions | None = None,
+          management_options: dict[str, Any] | ManagementOptions | None = None,
           logging_config: dict[str, Any] | LoggingConfig | None = None) -> None:
     """Start fleet's instance in this process: the controller, the local backend and the
     HTTP proxy (``http_options``: host, port, middlewares, request_timeout_s, root_path,
@@ -414,8 +454,14 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
     a ``fleet run``), this process uses it instead, and options that differ from the
     running instance's raise a :class:`fleet.FleetError` naming the difference.
     ``fleet.run`` calls it with defaults (HTTP on 127.0.0.1:8000) when needed.
+
+    ``management_options`` (host, port, metrics_public, token) also starts the
+    management server (REST API, as ``fleet run`` and ``fleet start`` do); from Python it
+    runs only when asked. A port already in use raises :class:`fleet.FleetError`.
     """
     global _instance
+    management = None if management_options is None else coerce_options(
+        ManagementOptions, management_options, "management_options")
     http = coerce_options(HTTPOptions, http_options, "http_options")
     grpc_given = grpc_options is not None
     grpc = coerce_options(GRPCOptions, grpc_options, "grpc_options")
@@ -435,11 +481,17 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
                         f"a fleet instance already runs on this machine (pid {_instance.pid}) "
                         f"with other options: {', '.join(diff)}; use it as it is, or stop "
                         "it first (fleet.shutdown() or `fleet shutdown`)")
+            if management is not None and getattr(_instance, "ops", True) is None:
+                raise FleetError("this process's fleet instance runs no management server; "
+                                 "pass management_options to the first fleet.start()")
             return
-        start_owned(http, grpc, log_cfg)
+        start_owned(http, grpc, management, logging_config=log_cfg)
 
 
 def start_owned(http: HTTPOptions, grpc: GRPCOptions,
+                management: ManagementOptions | None = None,
+                management_fallback: bool = False,
+                extra_info: dict[str, Any] | None = None,
                 logging_config: LoggingConfig | None = None) -> Instance:
     """Start an instance owned by this process, whatever else runs (``fleet run``)."""
     global _instance
@@ -448,7 +500,10 @@ def start_owned(http: HTTPOptions, grpc: GRPCOptions,
             return _instance
         if isinstance(_instance, AttachedInstance):
             _instance.detach()
-        inst = Instance(http, grpc, logging_config=logging_config)
+        inst = Instance(http, grpc, management=management,
+                        management_fallback=management_fallback,
+                        logging_config=logging_config)
+        inst.extra_info = dict(extra_info or {})
         inst.start()
         _instance = inst
         return inst
@@ -714,8 +769,15 @@ def status() -> dict[str, Any]:
     """The instance's state: ``{"applications": {app: {"status", "route_prefix",
     "deployments": {name: {"status", "message", "replicas": [{"replica_id", "state",
     "pid", "message"}]}}}}, "proxies": {...}}``. A deployment whose requests failed also
-    has ``"last_error"``: the latest one's ``request_id``, ``error``, ``traceback``, ``at``."""
-    return dict(_ctl("status", create=False))
+    has ``"last_error"``: the latest one's ``request_id``, ``error``, ``traceback``, ``at``.
+    When the instance serves the management API, ``"management": {"url": ...}`` says where.
+    """
+    result = dict(_ctl("status", create=False))
+    inst = _instance
+    management = getattr(inst, "management_info", None)
+    if management:
+        result["management"] = management
+    return result
 
 
 def get_app_handle(name: str) -> DeploymentHandle:

@@ -161,12 +161,21 @@ class HTTPOptions(_Model):
     keep_alive_timeout_s: float = Field(5.0, gt=0)
     max_connections: int = Field(10000, gt=0)
     max_buffered_body_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    # TLS (Ray's key names): both set serve the HTTP proxy and the management server
+    # over HTTPS with this PEM key and certificate.
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
 
     _check_num_proxies = field_validator("num_proxies", mode="before")(
         lambda cls, value: _num_proxies(value))
 
     @model_validator(mode="after")
     def _check_server(self) -> HTTPOptions:
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("http_options: set both ssl_keyfile and ssl_certfile for TLS, "
+                             "or neither")
+        if self.server == "granian" and self.ssl_certfile is not None:
+            raise ValueError("http_options ssl_keyfile/ssl_certfile need server='uvicorn'")
         if self.server == "granian" and proxy_count(self.num_proxies) > 1:
             raise ValueError("http_options num_proxies > 1 needs server='uvicorn' (Granian "
                              "binds its port itself and cannot share it)")
@@ -207,10 +216,38 @@ class GRPCOptions(_Model):
         lambda cls, value: _num_proxies(value))
 
 
+DEFAULT_MANAGEMENT_PORT = 8100
+
+
+class ManagementOptions(_Model):
+    """The management server (REST API, dashboard, metrics) of an instance.
+
+    It listens on ``host``:``port`` (loopback 127.0.0.1:8100 by default) and every path
+    needs the instance's token, except ``/metrics`` when ``metrics_public`` is true.
+    ``token`` fixes the token (default: a new random one per instance)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(DEFAULT_MANAGEMENT_PORT, ge=0, le=65535)
+    metrics_public: bool = False
+    token: str | None = Field(None, min_length=16)
+
+
+# Ray Serve config keys fleet accepts so Ray users can bring their files, and ignores
+# (with one warning naming them): where in the file -> keys.
+RAY_ONLY_KEYS: dict[str, frozenset[str]] = {
+    "top": frozenset({"proxy_location", "target_capacity"}),
+    "application": frozenset({"runtime_env", "external_scaler_enabled"}),
+    "deployment": frozenset({"graceful_shutdown_wait_loop_s", "placement_group_bundles",
+                             "placement_group_strategy", "max_replicas_per_node",
+                             "request_router_config"}),
+}
+
+
 class DeploymentOverride(_Model):
     """Per-deployment overrides in a YAML application: ``name`` and any option of
     :class:`DeploymentConfig`. The options are read from that model, so the two cannot
-    drift apart; each value is checked by it too."""
+    drift apart; each value is checked by it too. Ray Serve's deployment keys that fleet
+    does not use (:data:`RAY_ONLY_KEYS`) are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -227,7 +264,12 @@ class DeploymentOverride(_Model):
 
     def overrides(self) -> dict[str, Any]:
         """The options given (those set to null are left at the deployment's own)."""
-        return {k: v for k, v in (self.model_extra or {}).items() if v is not None}
+        return {k: v for k, v in (self.model_extra or {}).items()
+                if v is not None and k not in RAY_ONLY_KEYS["deployment"]}
+
+    def ignored(self) -> list[str]:
+        """Ray-only keys given, which fleet ignores."""
+        return sorted(k for k in (self.model_extra or {}) if k in RAY_ONLY_KEYS["deployment"])
 
 
 class ApplicationConfig(_Model):
@@ -240,6 +282,9 @@ class ApplicationConfig(_Model):
     deployments: list[DeploymentOverride] = Field(default_factory=list)
     # every deployment of the application that sets none of its own
     logging_config: LoggingConfig | None = None
+    # Ray Serve keys, accepted and ignored (the local backend has no runtime environments)
+    runtime_env: dict[str, Any] | None = None
+    external_scaler_enabled: bool | None = None
 
 
 class TrafficConfig(_Model):
@@ -260,6 +305,36 @@ class FleetConfig(_Model):
     applications: list[ApplicationConfig] = Field(default_factory=list)
     traffic: list[TrafficConfig] = Field(default_factory=list)
     logging_config: LoggingConfig | None = None
+    # Ray Serve keys, accepted and ignored (one node: proxies run where the instance does)
+    proxy_location: str | None = None
+    target_capacity: float | None = None
+
+    def ignored_keys(self) -> list[str]:
+        """Where the file set Ray Serve keys that fleet ignores, as dotted paths."""
+        out = [k for k in sorted(RAY_ONLY_KEYS["top"]) if getattr(self, k) is not None]
+        for i, app in enumerate(self.applications):
+            out += [f"applications.{i}.{k}" for k in sorted(RAY_ONLY_KEYS["application"])
+                    if getattr(app, k) is not None]
+            for j, dep in enumerate(app.deployments):
+                out += [f"applications.{i}.deployments.{j}.{k}" for k in dep.ignored()]
+        return out
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of a config file, for editors: FleetConfig's, with each
+    deployment override listing every option of DeploymentConfig."""
+    schema = FleetConfig.model_json_schema()
+    deployment = DeploymentConfig.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    defs.update(deployment.pop("$defs", {}))
+    properties = dict(deployment["properties"])
+    for key in sorted(RAY_ONLY_KEYS["deployment"]):
+        properties[key] = {"description": "Ray Serve key; fleet ignores it"}
+    defs["DeploymentOverride"] = {
+        "title": "DeploymentOverride", "type": "object", "required": ["name"],
+        "description": DeploymentOverride.__doc__, "properties": properties,
+        "additionalProperties": False}
+    return schema
 
 
 # Parts of a pydantic error location that name a branch of a union, not a field:

@@ -186,12 +186,16 @@ def build_plans(app: Application, app_name: str,
         taken.add(name)
         names[id(node)] = name
         legacy = node._legacy_refs
+        calls: list[str] = []       # the deployments this one gets handles to
 
         def replace(value: Any) -> Any:
             if transform is not None:
                 value = transform(value)
             if isinstance(value, Application):
-                handle = DeploymentHandle(visit(value), app_name)
+                child = visit(value)
+                if child not in calls:
+                    calls.append(child)
+                handle = DeploymentHandle(child, app_name)
                 return handle._with_legacy_refs() if legacy else handle
             if isinstance(value, list):
                 return [replace(v) for v in value]
@@ -216,7 +220,8 @@ def build_plans(app: Application, app_name: str,
             cfg = cfg.model_copy(update={"name": name})
         plans.append(DeploymentPlan(name=name, config=cfg, serialized_def=blob,
                                     code_version=code, legacy_refs=legacy,
-                                    oip=getattr(target, "_fleet_oip", None)))
+                                    oip=getattr(target, "_fleet_oip", None),
+                                    calls=tuple(calls)))
         return name
 
     root = visit(app)

@@ -28,6 +28,7 @@ class DeploymentPlan:
     ingress: bool = False
     legacy_refs: bool = False
     oip: dict[str, Any] | None = None   # fleet.oip.model's metadata, if it is one
+    calls: tuple[str, ...] = ()         # deployments it holds handles to (the graph)
 
     @property
     def version(self) -> str:

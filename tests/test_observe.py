@@ -389,3 +389,27 @@ def test_readme_request_id_example(instance):
     r = httpx.get(f"{instance.http_url}/readme")
     assert r.json() == {"front_id": r.headers["x-request-id"],
                         "inner_id": r.headers["x-request-id"]}
+
+
+def test_the_management_server_serves_the_observation_routes():
+    fleet.shutdown()
+    fleet.start(http_options={"host": "127.0.0.1", "port": 0},
+                management_options={"port": 0})
+    try:
+        inst = _api._instance
+        assert isinstance(inst, _api.Instance) and inst.ops is not None
+        fleet.run(front, name="managed", route_prefix="/managed")
+        url, headers = inst.ops.url(), {"Authorization": f"Bearer {inst.ops.token}"}
+        assert httpx.get(f"{url}/api/top").status_code == 401          # the token's rule
+        rows = httpx.get(f"{url}/api/top", headers=headers).json()["rows"]
+        assert {(r["application"], r["deployment"]) for r in rows} == {
+            ("managed", "Front"), ("managed", "Inner")}
+
+        def scraped() -> str | None:
+            text = httpx.get(f"{url}/metrics", headers=headers).text
+            return text if 'fleet_replicas{application="managed"' in text else None
+        assert "# TYPE fleet_replicas gauge" in wait_for(scraped)
+        bad = httpx.get(f"{url}/api/metrics/series", headers=headers)
+        assert bad.status_code == 422 and bad.json()["request_id"]
+    finally:
+        fleet.shutdown()

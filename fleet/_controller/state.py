@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,13 @@ class DeploymentState:
     last_gone: str = ""            # the last replica that exited unasked, and why
     # the last health check failure: (monotonic time, what failed)
     last_unhealthy: tuple[float, str] | None = None
+    # replicas replaced or restarted, and why (newest last, bounded)
+    replaced: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
+    replaced_total: int = 0
+
+    def record_replaced(self, replica_id: str, reason: str) -> None:
+        self.replaced.append({"replica_id": replica_id, "reason": reason, "time": time.time()})
+        self.replaced_total += 1
 
     @property
     def name(self) -> str:
@@ -90,3 +98,5 @@ class AppState:
     sys_path: list[str] = field(default_factory=list)   # the deployer's import path
     cwd: str = ""                                       # and working directory
     deployed_at: float = field(default_factory=time.time)
+    revision: int = 0                  # bumped by every deploy that changes something
+    deploy_key: Any = None             # what the current revision deployed (see controller)

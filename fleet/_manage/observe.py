@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +40,10 @@ class _Invalid(Exception):
         self.msg = msg
 
 
-def _invalid(exc: _Invalid) -> JSONResponse:
+def _invalid(request: Request, exc: _Invalid) -> JSONResponse:
+    rid = request.scope.get("fleet_request_id") or secrets.token_hex(8)
     return JSONResponse({"error": f"query parameter {exc.loc!r}: {exc.msg}",
+                         "request_id": rid,
                          "detail": [{"loc": ["query", exc.loc], "msg": exc.msg}]},
                         status_code=422)
 
@@ -105,7 +108,7 @@ def routes(controller: Controller) -> list[Route]:
             if request.query_params.get("quantile"):
                 quantile = _number(request, "quantile", 0.5, 0.0, 1.0)
         except _Invalid as exc:
-            return _invalid(exc)
+            return _invalid(request, exc)
         match = {k: v for k in LABELS if (v := request.query_params.get(k))}
         return JSONResponse(controller.metrics.series(name, match, window, rate, quantile))
 
@@ -113,7 +116,7 @@ def routes(controller: Controller) -> list[Route]:
         try:
             window = _number(request, "window", 60.0, 1.0, MAX_WINDOW_S)
         except _Invalid as exc:
-            return _invalid(exc)
+            return _invalid(request, exc)
         return JSONResponse({"window_s": window, "rows": controller.top(window)})
 
     async def logs(request: Request) -> Response:
@@ -121,7 +124,7 @@ def routes(controller: Controller) -> list[Route]:
             query = _log_query(request)
             limit = int(_number(request, "limit", 1000, 1, _logs.MAX_LIMIT))
         except _Invalid as exc:
-            return _invalid(exc)
+            return _invalid(request, exc)
         if not controller.logs_dir:
             return JSONResponse({"lines": []})
         lines = await asyncio.get_running_loop().run_in_executor(
@@ -132,7 +135,7 @@ def routes(controller: Controller) -> list[Route]:
         try:
             query = _log_query(request)
         except _Invalid as exc:
-            return _invalid(exc)
+            return _invalid(request, exc)
         query.pop("since")
         directory = controller.logs_dir
         loop = asyncio.get_running_loop()
