@@ -18,6 +18,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from fleet import _otel
+from fleet._context import current_traceparent
+from fleet._metrics import SIZE_BUCKETS, TIME_BUCKETS, new_hist, observe
 from fleet._multiplex import get_multiplexed_model_id, set_model_id
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -41,11 +44,12 @@ STREAM_AHEAD = 64
 class _Entry:
     """One caller waiting in a batch queue."""
 
-    __slots__ = ("item", "arrived", "future", "chunks", "taken", "model", "left")
+    __slots__ = ("item", "arrived", "future", "chunks", "taken", "model", "left", "trace")
 
     def __init__(self, item: Any, loop: asyncio.AbstractEventLoop, stream: bool) -> None:
         self.item = item
         self.model = get_multiplexed_model_id()
+        self.trace = current_traceparent() if _otel.current() is not None else None
         self.arrived = loop.time()
         self.future: asyncio.Future[Any] | None = None if stream else loop.create_future()
         # A streamed batch waits while any reader is this far behind (flow control
@@ -63,7 +67,7 @@ class _Entry:
 class _Stats:
     """Batch sizes of one method, for status and metrics."""
 
-    __slots__ = ("batches", "calls", "last", "largest", "sizes")
+    __slots__ = ("batches", "calls", "last", "largest", "sizes", "size_cells", "wait_cells")
 
     def __init__(self) -> None:
         self.batches = 0
@@ -71,13 +75,26 @@ class _Stats:
         self.last = 0
         self.largest = 0
         self.sizes: dict[int, int] = {}
+        # histograms since the replica last sent its metrics (fleet_batch_size,
+        # fleet_batch_wait_seconds), drained by take_metrics
+        self.size_cells = new_hist(SIZE_BUCKETS)
+        self.wait_cells = new_hist(TIME_BUCKETS)
 
-    def record(self, size: int) -> None:
+    def record(self, size: int, waited: float = 0.0) -> None:
         self.batches += 1
         self.calls += size
         self.last = size
         self.largest = max(self.largest, size)
         self.sizes[size] = self.sizes.get(size, 0) + 1
+        observe(self.size_cells, size, SIZE_BUCKETS)
+        observe(self.wait_cells, waited, TIME_BUCKETS)
+
+    def take_metrics(self) -> tuple[list[float], list[float]]:
+        """The size and wait histograms since the last take; they start again at zero."""
+        sizes, waits = self.size_cells, self.wait_cells
+        self.size_cells = new_hist(SIZE_BUCKETS)
+        self.wait_cells = new_hist(TIME_BUCKETS)
+        return sizes, waits
 
     def as_dict(self) -> dict[str, Any]:
         return {"batches": self.batches, "calls": self.calls, "last_batch_size": self.last,
@@ -95,6 +112,16 @@ def batch_stats(instance: Any) -> dict[str, dict[str, Any]]:
     found = getattr(target, "__dict__", {})
     return {q.name: q.stats.as_dict() for q in list(found.values())
             if isinstance(q, _BatchQueue) and q.loop is loop}
+
+
+def take_batch_metrics(instance: Any) -> list[tuple[list[float], list[float]]]:
+    """Each batched method's (size, wait) histograms since the last call, for the
+    replica's metrics (see :func:`batch_stats` for which queues count)."""
+    target = instance.func if isinstance(instance, functools.partial) else instance
+    loop = asyncio.get_running_loop()
+    found = getattr(target, "__dict__", {})
+    return [q.stats.take_metrics() for q in list(found.values())
+            if isinstance(q, _BatchQueue) and q.loop is loop]
 
 
 class _BatchQueue:
@@ -225,7 +252,14 @@ class _BatchQueue:
 
     async def _run(self, entries: list[_Entry]) -> None:
         n = len(entries)
-        self.stats.record(n)
+        self.stats.record(n, self.loop.time() - entries[0].arrived)
+        tracer = _otel.current()
+        span = None
+        if tracer is not None:      # a fleet.batch span, linked to each call's span
+            links = [lk for lk in (_otel.link(e.trace) for e in entries) if lk is not None]
+            span = tracer.start_span("fleet.batch", links=links,
+                                     attributes={"fleet.method": self.name,
+                                                 "fleet.batch_size": n})
         # This task's context only; it was copied from whichever call started the queue.
         set_model_id(entries[0].model)
         try:
@@ -234,6 +268,8 @@ class _BatchQueue:
             else:
                 await self._run_once(entries)
         finally:
+            if span is not None:
+                span.end()
             self.slots.release()
 
     async def _run_once(self, entries: list[_Entry]) -> None:

@@ -13,11 +13,13 @@ from fleet._config import FleetConfig
 from fleet._imports import (  # noqa: F401  (re-exported)
     CLIError,
     apply_overrides,
+    config_overrides,
     import_attr,
     load_config,
     resolve_app,
 )
 from fleet._manage.commands import COMMANDS
+from fleet._manage.observe_cli import COMMANDS as OBSERVE_COMMANDS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -118,7 +120,7 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
     try:
         # `fleet run` always serves an instance of its own, whatever else runs
         inst = start_owned(config.http_options, config.grpc_options, management,
-                           management_fallback=True)
+                           management_fallback=True, logging_config=config.logging_config)
         for app_cfg, app in apps:
             try:
                 deploy(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix,
@@ -165,7 +167,7 @@ def _load_apps(config: FleetConfig) -> list[tuple[Any, Any]]:
     for app_cfg in config.applications:
         obj = import_attr(app_cfg.import_path)
         app = resolve_app(obj, app_cfg.import_path, app_cfg.args)
-        overrides = {d.name: d.overrides() for d in app_cfg.deployments}
+        overrides = config_overrides(app, app_cfg)
         if overrides:
             try:
                 app = apply_overrides(app, overrides)
@@ -232,7 +234,7 @@ def _print_serving(status: dict[str, Any], inst: Any = None, management: Any = N
     click.echo("fleet: press Ctrl-C to stop", err=True)
 
 
-for _command in COMMANDS:
+for _command in COMMANDS + OBSERVE_COMMANDS:     # fleet top/metrics/logs: observe_cli
     cli.add_command(_command)
 
 

@@ -250,3 +250,48 @@ def _yaml_line(node: Any, loc: tuple[Any, ...]) -> str:
         else:
             break
     return f", line {line + 1}" if line is not None else ""
+
+
+def deployment_names(app: Any) -> dict[str, bool]:
+    """Every deployment bound in an application's graph: name -> whether its code sets
+    a logging_config of its own."""
+    from fleet._deployment import Application
+    from fleet.dag import MethodNode
+    names: dict[str, bool] = {}
+    seen: set[int] = set()
+
+    def walk(value: Any) -> None:
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        if isinstance(value, MethodNode):
+            walk(value.app)
+            walk(value.args)
+            walk(value.kwargs)
+        elif isinstance(value, Application):
+            dep = value.deployment
+            names[dep.name] = dep.config.logging_config is not None
+            walk(value.args)
+            walk(value.kwargs)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+
+    walk(app)
+    return names
+
+
+def config_overrides(app: Any, config: Any) -> dict[str, dict[str, Any]]:
+    """An application config's per-deployment overrides, with its ``logging_config``
+    given to every deployment that sets none of its own (in code or in the config)."""
+    overrides = {d.name: d.overrides() for d in config.deployments}
+    logging_config = getattr(config, "logging_config", None)
+    if logging_config is not None:
+        for name, has_own in deployment_names(app).items():
+            if not has_own:
+                overrides.setdefault(name, {}).setdefault("logging_config",
+                                                          logging_config.model_dump())
+    return overrides

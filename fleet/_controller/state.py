@@ -60,6 +60,10 @@ class DeploymentState:
     scaling_log: list[dict[str, Any]] = field(default_factory=list)
     autoscaler: Any = None
     last_error: dict[str, Any] | None = None     # the last request error a proxy reported
+    last_deployed_at: float = field(default_factory=time.time)   # plan last changed
+    last_gone: str = ""            # the last replica that exited unasked, and why
+    # the last health check failure: (monotonic time, what failed)
+    last_unhealthy: tuple[float, str] | None = None
     # replicas replaced or restarted, and why (newest last, bounded)
     replaced: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
     replaced_total: int = 0

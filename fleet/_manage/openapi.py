@@ -44,6 +44,52 @@ def _body(ref: str) -> dict[str, Any]:
     return {"required": True, "content": _json({"$ref": f"#/components/schemas/{ref}"})}
 
 
+def _query(name: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema}
+
+
+def _observe_paths() -> dict[str, Any]:
+    """Metrics, logs and top (fleet/_manage/observe.py)."""
+    text = {"type": "string"}
+    labels = [_query(k, text) for k in ("application", "deployment", "replica", "route",
+                                        "method", "status_code", "state")]
+    logs = [_query(k, text) for k in ("application", "deployment", "replica", "grep",
+                                      "request_id")] + [
+        _query("system", {"type": "string", "enum": ["0", "1"]}),
+        _query("since", {"type": "string", "description": "seconds, or 90s, 10m, 2h, 1d"})]
+    sse = {"200": {"description": "text/event-stream",
+                   "content": {"text/event-stream": {"schema": text}}}}
+    return {
+        "/metrics": {"get": {
+            "summary": "Every metric of the instance in Prometheus' text format.",
+            "responses": {"200": {"description": "text/plain; version=0.0.4",
+                                  "content": {"text/plain": {"schema": text}}},
+                          **{k: v for k, v in _responses().items() if k != "200"}}}},
+        "/api/metrics": {"get": {"summary": "The names of the metrics with a value.",
+                                 "responses": _responses()}},
+        "/api/metrics/series": {"get": {
+            "summary": "A metric's history: 1 s points for 15 min, 10 s for 24 h; rate=1 "
+                       "for a counter's per-second rate, quantile=q for a histogram's.",
+            "parameters": [_query("name", {"type": "string"}, True), *labels,
+                           _query("window", {"type": "number"}),
+                           _query("rate", {"type": "string", "enum": ["0", "1"]}),
+                           _query("quantile", {"type": "number"})],
+            "responses": _responses("200", "422")}},
+        "/api/top": {"get": {
+            "summary": "Per deployment over the last window: requests/s, p50/p90/p99, "
+                       "error rate, ongoing and queued calls, replicas.",
+            "parameters": [_query("window", {"type": "number"})],
+            "responses": _responses("200", "422")}},
+        "/api/logs": {"get": {
+            "summary": "Log lines of the instance's files, oldest first.",
+            "parameters": [*logs, _query("limit", {"type": "integer"})],
+            "responses": _responses("200", "422")}},
+        "/api/logs/stream": {"get": {
+            "summary": "New log lines as server-sent events, one JSON line per data: line.",
+            "parameters": logs, "responses": sse}},
+    }
+
+
 @functools.lru_cache(maxsize=1)
 def _spec() -> dict[str, Any]:
     from fleet._config import ApplicationConfig
@@ -124,6 +170,7 @@ def _spec() -> dict[str, Any]:
             "responses": {"200": {"description": "text/event-stream",
                                   "content": {"text/event-stream": {"schema":
                                                                     {"type": "string"}}}}}}},
+        **_observe_paths(),
     }
     return {"openapi": "3.1.0",
             "info": {"title": "fleet management API", "version": __version__},

@@ -242,7 +242,13 @@ def _build(config: ApplicationConfig, app_dir: str | None
     flatten it into plans. Runs in a worker thread; every failure is a _BuildError with
     the exact error."""
     from fleet._deployment import build_plans
-    from fleet._imports import CLIError, apply_overrides, import_attr, resolve_app
+    from fleet._imports import (
+        CLIError,
+        apply_overrides,
+        config_overrides,
+        import_attr,
+        resolve_app,
+    )
     from fleet._reload import Watcher
     from fleet.drivers import prepare_app
     where = f"application {config.name!r}"
@@ -256,7 +262,7 @@ def _build(config: ApplicationConfig, app_dir: str | None
         try:
             obj = import_attr(config.import_path, app_dir)
             app = resolve_app(obj, config.import_path, config.args)
-            overrides = {d.name: d.overrides() for d in config.deployments}
+            overrides = config_overrides(app, config)
             if overrides:
                 app = apply_overrides(app, overrides)
             app, protocol, grpc_port, needs_grpc = prepare_app(app)
@@ -685,8 +691,11 @@ def build_app(ops: Ops, extra: list[tuple[str, str, Handler]] | None = None) -> 
         return _error(500, f"internal error ({type(exc).__name__}); the instance's log has "
                            f"the traceback under request id {rid}", rid)
 
+    from fleet._manage import observe
     routes = [Route(path, _endpoint(handler, ops), methods=[method])
               for method, path, handler in [*ROUTES, *(extra or [])]]
+    # metrics, logs and top (fleet/_manage/observe.py)
+    routes += observe.routes(ops.controller)
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
                                                        Exception: crashed})
     return Guard(app, ops)

@@ -19,11 +19,15 @@ import re
 import socket
 import sys
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from fleet import _logs, _otel
+from fleet._context import valid_traceparent
 from fleet._logformat import stamp
+from fleet._metrics import TIME_BUCKETS
 from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
 from fleet._proxy.routes import RouteTable
@@ -49,6 +53,7 @@ _SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "
                "headers", "client", "server")
 _JSON = [(b"content-type", b"application/json")]
 _ID_HEADER = b"x-request-id"
+_TRACE_HEADER = b"traceparent"
 # A client's own request id is kept when it is 1-128 of these characters.
 _valid_id = re.compile(rb"[A-Za-z0-9._:-]{1,128}").fullmatch
 # Where _RequestIdLayer (with user middlewares) leaves the id it chose for the proxy app.
@@ -106,25 +111,53 @@ class AccessLog:
     """One line per request to stderr: method, path, status, latency, app, replica.
 
     Lines are joined and written once per loop iteration, like data-plane frames, so
-    a busy proxy pays for a few string operations per request, not a write."""
+    a busy proxy pays for a few string operations per request, not a write. With log
+    files (fleet/_logs.py) each line also goes to the proxy's file as a JSON line built
+    here from its fields (not parsed back from the text), kept in memory until the
+    file's next flush."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, stream: Any = None) -> None:
         self.loop = loop
-        self.stream = stream or sys.stderr
+        stream = stream or sys.stderr
+        self.sink: Any = None
+        if isinstance(stream, _logs.Tee):
+            # the console gets the text, the file the JSON lines: no line is re-parsed
+            self.sink, stream = stream.sink, stream.stream
+        self.stream = stream
         self.lines: list[str] = []
+        self.json: list[str] = []
         self.stamp = ""
+        self.head = ""
+        self.who: dict[tuple[str, str], str] = {}     # the JSON of (app, replica)
 
     def add(self, method: str, path: str, status: int, ms: float, app: str,
             replica: str, rid: bytes) -> None:
         if not self.lines:
             # one timestamp per loop iteration's lines: they were all answered within it
             self.loop.call_soon(self.flush)
-            self.stamp = stamp(time.time())
-        self.lines.append(f"{self.stamp} INFO proxy fleet.access: {method} {path} {status} "
-                          f"{ms:.2f}ms app={app} replica={replica} id={rid.decode()}\n")
+            now = time.time()
+            self.stamp = stamp(now)
+            if self.sink is not None:
+                self.head = _logs.json_head(now, "fleet.access")
+        rid_text = rid.decode()
+        message = (f"{method} {path} {status} {ms:.2f}ms app={app} replica={replica} "
+                   f"id={rid_text}")
+        self.lines.append(f"{self.stamp} INFO proxy fleet.access: {message}\n")
+        if self.sink is not None:
+            who = self.who.get((app, replica))
+            if who is None:
+                who = (f', "application": {_logs.encode(app)}, "deployment": "", '
+                       f'"replica": {_logs.encode(replica)}, "request_id": "')
+                if len(self.who) < 1024:    # applications x replicas: a few, bounded
+                    self.who[(app, replica)] = who
+            self.json.append(f'{self.head}{who}{rid_text}", "trace_id": "", '
+                             f'"message": {_logs.encode(message)}}}\n')
 
     def flush(self) -> None:
         lines, self.lines = self.lines, []
+        if self.json:
+            self.sink.add("".join(self.json))
+            self.json = []
         try:
             self.stream.write("".join(lines))
             self.stream.flush()
@@ -161,6 +194,14 @@ class HTTPProxy:
         self.root_path = options.root_path.rstrip("/")
         self.access = AccessLog(runtime.loop) if options.access_log else None
         self.oip = False            # any Open Inference Protocol model is deployed
+        # request counts and latencies by (application, route, method, status), or None
+        # when metrics are off (FLEET_METRICS=0)
+        self.hist = None if runtime.metrics is None else runtime.metrics.histogram(
+            "fleet_http_request_duration_seconds",
+            ("application", "route", "method", "status_code"),
+            count_name="fleet_http_requests_total")
+        # OpenTelemetry (fleet/_otel.py): None unless spans were asked for
+        self.tracer = _otel.tracer("proxy")
         runtime.table_listeners.append(self._on_tables)
         if runtime.tables is not None:
             self._on_tables(runtime.tables)
@@ -174,6 +215,9 @@ class HTTPProxy:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http":
+            if self.tracer is not None:
+                await self._traced(scope, receive, send)
+                return
             await self.http(scope, receive, send)
         elif kind == "websocket":
             from fleet._proxy.websocket import proxy_websocket
@@ -186,6 +230,38 @@ class HTTPProxy:
                 elif msg["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+
+    async def _traced(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """One request in a ``fleet.http`` span: the client's traceparent is its parent,
+        and the request goes on with the span's own traceparent."""
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+        incoming = None
+        headers = []
+        for name, value in scope["headers"]:
+            if name == _TRACE_HEADER:
+                tp = value.decode("latin-1").strip().lower()
+                incoming = tp if valid_traceparent(tp) else None
+            else:
+                headers.append((name, value))
+        assert self.tracer is not None
+        span = self.tracer.start_span("fleet.http", context=_otel.parent(incoming),
+                                      kind=SpanKind.SERVER,
+                                      attributes={"http.request.method": scope["method"],
+                                                  "url.path": scope["path"][:256]})
+        headers.append((_TRACE_HEADER, _otel.traceparent_of(span).encode()))
+        status = [0]
+
+        async def sent(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.http(dict(scope, headers=headers), receive, sent)
+        finally:
+            span.set_attribute("http.response.status_code", status[0])
+            if status[0] >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
 
     async def _respond(self, send: Any, status: int, headers: list[tuple[bytes, bytes]],
                        body: bytes, rid: bytes) -> None:
@@ -220,6 +296,7 @@ class HTTPProxy:
         rid = None
         method_header = self.method_header
         meta = _HTTP_META
+        trace = None
         declared = 0
         for name, value in scope["headers"]:
             if name == _LENGTH_HEADER:
@@ -237,8 +314,19 @@ class HTTPProxy:
                 meta = {"http": 1, "model": value.decode("latin-1")}
             elif name == _ID_HEADER and _valid_id(value):
                 rid = value
+            elif name == _TRACE_HEADER:
+                trace = value
         if rid is None:
             rid = scope.get(_SCOPE_ID) or self.new_id()
+        # the replica reads the id as fleet.get_request_id(), handle calls carry it on
+        if meta is _HTTP_META:
+            meta = {"http": 1, "rid": rid}
+        else:
+            meta["rid"] = rid
+        if trace is not None:
+            tp = trace.decode("latin-1").strip().lower()
+            if valid_traceparent(tp):
+                meta["tp"] = tp         # carried on through handle calls
         path = self.local_path(scope)
         if path.startswith("/-/"):
             status = await self._builtin(path, send, rid)
@@ -295,11 +383,18 @@ class HTTPProxy:
             while status == _AGAIN:     # the replica refused it before starting: again
                 status, replica = await self._forward(app, ingress, method, sub, body,
                                                       receive, send, rid, meta)
-        self._log(scope, path, status, started, app, replica, rid)
+        self._log(scope, path, status, started, app, replica, rid, prefix)
 
     def _log(self, scope: dict[str, Any], path: str, status: int, started: float, app: str,
-             replica: str, rid: bytes) -> None:
-        """The access log's line for one response, whatever answered it."""
+             replica: str, rid: bytes, route: str = "") -> None:
+        """The access log's line and the metrics of one response, whatever answered it."""
+        hist = self.hist
+        if hist is not None:
+            elapsed = time.perf_counter() - started
+            key = (app, route, scope["method"], status)
+            cells = hist.series.get(key) or hist.cells(key)
+            cells[bisect_left(TIME_BUCKETS, elapsed)] += 1
+            cells[-1] += elapsed
         if self.access is not None:
             if len(path) > LOG_PATH_CHARS or not path.isprintable():
                 path = _log_path(path)
@@ -474,6 +569,17 @@ class HTTPProxy:
         if path == "/-/healthz":
             await self._respond(send, 200, [(b"content-type", b"text/plain")], b"success", rid)
             return 200
+        if path == "/-/livez":
+            await self._respond(send, 200, [(b"content-type", b"text/plain")], b"alive", rid)
+            return 200
+        if path == "/-/readyz":
+            waiting = self.not_ready()
+            if waiting:
+                await self._respond(send, *_json(503, {"ready": False, "waiting": waiting,
+                                                       "request_id": rid.decode()}), rid)
+                return 503
+            await self._respond(send, *_json(200, {"ready": True}), rid)
+            return 200
         if path == "/-/routes":
             await self._respond(send, *_json(200, {p: r["app"]
                                                    for p, r in self.routes.routes.items()}),
@@ -482,6 +588,21 @@ class HTTPProxy:
         await self._respond(send, *_json(404, {"error": f"unknown fleet endpoint {path!r}",
                                                "request_id": rid.decode()}), rid)
         return 404
+
+
+    def not_ready(self) -> dict[str, str]:
+        """Applications that are not RUNNING (every deployment healthy), with why; an
+        instance with no application at all is not ready either."""
+        tables = self.runtime.tables
+        if tables is None or not tables["deployments"]:
+            return {"": "no application is deployed"}
+        out: dict[str, str] = {}
+        for key, table in tables["deployments"].items():
+            if table["status"] != "HEALTHY":
+                app, _, dep = key.partition("#")
+                out.setdefault(app, f"deployment {dep!r} is {table['status']}"
+                               + (f": {table['message']}" if table.get("message") else ""))
+        return out
 
 
 class _DisconnectWatch:

@@ -28,14 +28,30 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, datefmt=DATEFMT, format=log_format("proxy"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     kind = boot["kind"]
+    if boot.get("logs_dir"):
+        from fleet import _logs
+        _logs.setup(boot["logs_dir"], f"proxy-{kind}-{boot.get('index', 0)}.log",
+                    capture_output=True)
+    if boot.get("logging_config"):
+        from fleet import _logs
+        _logs.apply(boot["logging_config"], {"application": "", "deployment": "",
+                                             "replica": f"proxy-{kind}-{boot.get('index', 0)}"})
     try:
         import uvloop
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     except ImportError:  # pragma: no cover
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    if boot.get("logs_dir"):
+        from fleet import _logs
+        _logs.attach_loop(loop)         # output lines are written by a timer on it
     code = loop.run_until_complete(_serve(kind, boot, loop))
     sys.stderr.flush()
+    if boot.get("logs_dir"):
+        from fleet import _logs
+        _logs.flush_all()
+    from fleet import _otel
+    _otel.flush()
     os._exit(code)
 
 

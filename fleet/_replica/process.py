@@ -35,14 +35,24 @@ def main() -> None:
         except OSError:
             pass
     logging.basicConfig(level=logging.INFO, datefmt=DATEFMT,
-                        format=log_format(f"{spec.deployment_name} {spec.replica_id}"))
+                        format=log_format(f"{spec.app_name}/{spec.deployment_name} "
+                                          f"{spec.replica_id}"))
+    if spec.logs_dir:
+        from fleet import _logs
+        _logs.setup(spec.logs_dir, f"replica-{spec.app_name}-{spec.replica_id}.log",
+                    spec.app_name, spec.deployment_name, spec.replica_id,
+                    capture_output=True)
     # The controller decides when replicas stop; Ctrl-C in a terminal reaches the
     # whole process group, and the driver shuts replicas down in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     loop = _setup_loop()
     asyncio.set_event_loop(loop)
+    if spec.logs_dir:
+        from fleet import _logs
+        _logs.attach_loop(loop)         # output lines are written by a timer on it
     from fleet._replica.replica import Replica
     replica = Replica(spec, loop)
+    replica.apply_logging(spec.config.get("logging_config"))
     loop.add_signal_handler(signal.SIGTERM, replica.request_stop)
     try:
         code = loop.run_until_complete(replica.run())
@@ -53,4 +63,9 @@ def main() -> None:
             pass
     sys.stdout.flush()
     sys.stderr.flush()
+    if spec.logs_dir:
+        from fleet import _logs
+        _logs.flush_all()
+    from fleet import _otel
+    _otel.flush()
     os._exit(code)

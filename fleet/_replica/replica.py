@@ -12,12 +12,14 @@ import os
 import secrets
 import time
 import types
+from bisect import bisect_left
 from typing import Any
 
 import cloudpickle
 
-from fleet import _multiplex
-from fleet._batching import batch_stats
+from fleet import _context, _multiplex, _otel
+from fleet._batching import batch_stats, take_batch_metrics
+from fleet._metrics import SIZE_BUCKETS, TIME_BUCKETS, Recorder
 from fleet._runtime import Runtime, set_current
 from fleet._types import CallMeta, ModelsMsg, ReplicaSpec, deployment_key
 from fleet._wire.errors import error_info
@@ -106,6 +108,39 @@ class Replica:
         self.grpc: Any = None       # fleet/_replica/grpc.py, made on the first gRPC call
         # Connections of callers that sent model calls: told when the held models change.
         self._model_conns: set[ServerConnection] = set()
+        # This replica's metric cells (None when metrics are off): updated in place per
+        # call, sent by the runtime every second.
+        self.tracer = _otel.tracer("replica") if own_process else None
+        self._processing: list[float] | None = None
+        self._queue: list[float] = []
+        self._errors: list[float] = []
+        rec = self.runtime.metrics
+        if rec is not None:
+            names = ("application", "deployment", "replica")
+            mine = (spec.app_name, spec.deployment_name, spec.replica_id)
+            self._processing = rec.histogram(
+                "fleet_replica_processing_seconds", names,
+                count_name="fleet_replica_requests_total").cells(mine)
+            self._queue = rec.histogram("fleet_replica_queue_seconds", names).cells(mine)
+            self._errors = rec.counter("fleet_replica_errors_total", names).cells(mine)
+            rec.gauge_fns.append(self._gauges)
+
+    def _gauges(self, rec: Recorder) -> None:
+        """Sent every second: the ongoing calls, and batch figures since the last time."""
+        spec = self.spec
+        mine = (("application", spec.app_name), ("deployment", spec.deployment_name),
+                ("replica", spec.replica_id))
+        rec.set("fleet_ongoing_requests", mine, self.ongoing)
+        if self.instance is None:
+            return
+        names = ("application", "deployment", "replica")
+        key = (spec.app_name, spec.deployment_name, spec.replica_id)
+        for sizes, waits in take_batch_metrics(self.instance):
+            for name, cells, buckets in (("fleet_batch_size", sizes, SIZE_BUCKETS),
+                                         ("fleet_batch_wait_seconds", waits, TIME_BUCKETS)):
+                have = rec.histogram(name, names, buckets).cells(key)
+                for i, v in enumerate(cells):
+                    have[i] += v
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self) -> int:
@@ -114,6 +149,7 @@ class Replica:
         rt.ctrl_hooks["health"] = self._on_health
         rt.ctrl_hooks["stop"] = self._on_stop
         rt.ctrl_hooks["reconfigure"] = self._on_reconfigure
+        rt.ctrl_hooks["logging"] = self._on_logging
         await rt.connect_controller(subscribe=True)
         sock_dir = os.path.dirname(self.spec.controller_address[5:])
         # a short name whatever the deployment's: a Unix socket's path has ~107 bytes
@@ -139,6 +175,7 @@ class Replica:
             for task in list(self.tasks.values()):
                 task.cancel()
         server.close()
+        self.runtime.send_metrics()     # the calls of its last second count too
         await self.http.shutdown(self._grace or 1.0)
         _multiplex.unwatch(self.instance)
         await self._run_del()
@@ -247,6 +284,17 @@ class Replica:
                 models.append(model)
             conn.ctrl(msg)
 
+    def apply_logging(self, config: dict[str, Any] | None) -> None:
+        """Apply the deployment's logging_config (at start, and when it changes)."""
+        from fleet import _logs
+        spec = self.spec
+        _logs.apply(config, {"application": spec.app_name, "deployment": spec.deployment_name,
+                             "replica": spec.replica_id})
+
+    def _on_logging(self, msg: dict[str, Any]) -> None:
+        self.apply_logging(msg.get("logging_config"))
+        log.info("logging_config of %s applied: %s", self.where, msg.get("logging_config"))
+
     def _on_reconfigure(self, msg: dict[str, Any]) -> None:
         async def go() -> None:
             ok, error = True, ""
@@ -336,7 +384,12 @@ class Replica:
                 adapter(self).accept(conn, call_id, meta)
             if "model" in meta:
                 self._model_call(conn, meta["model"])
-        task = self.loop.create_task(self._serve(conn, call_id, method, args, kwargs, meta))
+        if self.tracer is not None:
+            task = self.loop.create_task(self._traced(conn, call_id, method, args, kwargs,
+                                                      meta, time.perf_counter()))
+        else:
+            task = self.loop.create_task(self._serve(conn, call_id, method, args, kwargs,
+                                                     meta, time.perf_counter()))
         key = (id(conn), call_id)
         self.tasks[key] = task
         self.ongoing += 1
@@ -351,15 +404,22 @@ class Replica:
 
     async def _serve(self, conn: ServerConnection, call_id: int, method: str,
                      args: tuple[Any, ...], kwargs: dict[str, Any],
-                     meta: CallMeta | None) -> None:
+                     meta: CallMeta | None, arrived: float = 0.0) -> None:
         if method in self._slow:
             # Replies of calls that finished in this loop iteration leave now: this
             # method took milliseconds last time and may block the loop (an async method
             # doing CPU work). Fast methods keep their replies coalesced into one write.
             conn.flush()
         started = time.perf_counter()
-        if meta is not None and "model" in meta:
-            _multiplex.set_model_id(meta["model"])     # this task's context only
+        if meta is not None:
+            rid = meta.get("rid")
+            if rid is not None:
+                _context.set_request_id(rid)            # this task's context only
+            tp = meta.get("tp")
+            if tp is not None:
+                _context.set_traceparent(tp)
+            if "model" in meta:
+                _multiplex.set_model_id(meta["model"])
         try:
             if meta is not None and "http" in meta:
                 await self.http.serve_http(conn, call_id, method, args[0], meta)
@@ -377,14 +437,44 @@ class Replica:
         except asyncio.CancelledError:
             return
         except BaseException as exc:  # noqa: BLE001 - goes back to the caller
+            if self._processing is not None:
+                self._errors[0] += 1
             conn.reply_error(call_id, exc, f"in {method} of {self.where}")
         finally:
             if conn.windows:
                 conn.end_stream(call_id)
-            if time.perf_counter() - started <= SLOW_CALL_S:
+            elapsed = time.perf_counter() - started
+            cells = self._processing
+            if cells is not None:
+                cells[bisect_left(TIME_BUCKETS, elapsed)] += 1
+                cells[-1] += elapsed
+                waited = started - arrived if arrived else 0.0
+                queue = self._queue
+                queue[bisect_left(TIME_BUCKETS, waited)] += 1
+                queue[-1] += waited
+            if elapsed <= SLOW_CALL_S:
                 self._slow.discard(method)
             elif method in self._methods or method == "__call__":
                 self._slow.add(method)      # names of real methods only: bounded
+
+    async def _traced(self, conn: ServerConnection, call_id: int, method: str,
+                      args: tuple[Any, ...], kwargs: dict[str, Any], meta: CallMeta | None,
+                      arrived: float) -> None:
+        """A call in a ``fleet.replica`` span, child of the caller's; its handle calls
+        are the span's children."""
+        assert self.tracer is not None
+        spec = self.spec
+        span = self.tracer.start_span(
+            "fleet.replica", context=_otel.parent(meta.get("tp") if meta else None),
+            attributes={"fleet.application": spec.app_name,
+                        "fleet.deployment": spec.deployment_name,
+                        "fleet.replica": spec.replica_id, "fleet.method": method})
+        traced: CallMeta = dict(meta) if meta is not None else {}  # type: ignore[assignment]
+        traced["tp"] = _otel.traceparent_of(span)
+        try:
+            await self._serve(conn, call_id, method, args, kwargs, traced, arrived)
+        finally:
+            span.end()
 
     async def _stream(self, conn: ServerConnection, call_id: int, fn: Any, kind: str,
                       args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
