@@ -186,12 +186,16 @@ def build_plans(app: Application, app_name: str,
         taken.add(name)
         names[id(node)] = name
         legacy = node._legacy_refs
+        edges: list[str] = []
 
         def replace(value: Any) -> Any:
             if transform is not None:
                 value = transform(value)
             if isinstance(value, Application):
-                handle = DeploymentHandle(visit(value), app_name)
+                target_name = visit(value)
+                if target_name not in edges:
+                    edges.append(target_name)
+                handle = DeploymentHandle(target_name, app_name)
                 return handle._with_legacy_refs() if legacy else handle
             if isinstance(value, list):
                 return [replace(v) for v in value]
@@ -216,7 +220,8 @@ def build_plans(app: Application, app_name: str,
             cfg = cfg.model_copy(update={"name": name})
         plans.append(DeploymentPlan(name=name, config=cfg, serialized_def=blob,
                                     code_version=code, legacy_refs=legacy,
-                                    oip=getattr(target, "_fleet_oip", None)))
+                                    oip=getattr(target, "_fleet_oip", None),
+                                    handles=tuple(edges)))
         return name
 
     root = visit(app)

@@ -148,3 +148,17 @@ def app_status(app: AppState) -> ApplicationStatus:
     if states <= {DeploymentStatus.HEALTHY}:
         return ApplicationStatus.RUNNING
     return ApplicationStatus.DEPLOYING
+
+
+def graph(app: AppState) -> dict[str, Any]:
+    """An application's deployments as nodes (ingress marked, state and replica counts)
+    and the handles they hold to each other as edges, from the plans' recorded handles."""
+    live = {name: dep for name, dep in app.deployments.items() if not dep.deleting}
+    nodes = [{"deployment": name, "ingress": name == app.ingress,
+              "status": dep.status.value, "message": dep.message,
+              "running_replicas": len(dep.running()), "target_replicas": dep.target}
+             for name, dep in live.items()]
+    nodes.sort(key=lambda n: not n["ingress"])
+    edges = [{"from": name, "to": to} for name, dep in live.items()
+             for to in dep.plan.handles if to in live]
+    return {"application": app.name, "nodes": nodes, "edges": edges}

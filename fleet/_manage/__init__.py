@@ -1,0 +1,1 @@
+"""The management server: the REST API, metrics and the dashboard of one instance."""
