@@ -40,7 +40,7 @@ function reduce(line, found) {
 }
 
 export class Chart {
-  // spec: {title, unit: "/s" | "s" | "", lines: [{label, query, split?, where?, filter?, max?}]}
+  // spec: {title, unit: "/s" | "s" | "", lines: [{label, query | queries, split?, where?, filter?, max?}]}
   constructor(el, spec, small = false) {
     this.el = el;
     this.spec = spec;
@@ -66,7 +66,8 @@ export class Chart {
   // scope: {application, deployment}; marks: [{time, text}] drawn as hoverable lines
   async refresh(scope, window, marks = []) {
     const lines = [];
-    const found = await Promise.all(this.spec.lines.map((l) => series(l.query, scope, window)));
+    const found = await Promise.all(this.spec.lines.map(async (l) =>
+      (await Promise.all((l.queries || [l.query]).map((qq) => series(qq, scope, window)))).flat()));
     this.spec.lines.forEach((line, i) => lines.push(...reduce(line, found[i])));
     const times = [...new Set(lines.flatMap((l) => [...l.points.keys()]))].sort((a, b) => a - b);
     const last = lines.map((l) => l.points.get(times[times.length - 1]));
@@ -143,8 +144,8 @@ export function windowPicker(current, onChange) {
 // What the charts ask for: fleet's metric names (see the README's metrics list).
 export const SPECS = {
   rps: { id: "rps", title: "Requests/s", unit: "/s",
-    lines: [{ label: "requests/s", query: { name: "fleet_http_requests_total", rate: 1 } },
-      { label: "gRPC requests/s", query: { name: "fleet_grpc_requests_total", rate: 1 } }] },
+    lines: [{ label: "requests/s", queries: [{ name: "fleet_http_requests_total", rate: 1 },
+      { name: "fleet_grpc_requests_total", rate: 1 }] }] },
   latency: { id: "latency", title: "Latency (p50 / p90 / p99)", unit: "s",
     lines: [0.5, 0.9, 0.99].map((qq) => ({ label: `p${Math.round(qq * 100)}`, max: true,
       query: { name: "fleet_http_request_duration_seconds", quantile: qq } })) },

@@ -60,7 +60,7 @@ export function drawGraph(graph, app, narrow) {
   };
   const width = 2 * PAD + (narrow ? span : rows.length * W + (rows.length - 1) * GAP_LAYER);
   const height = 2 * PAD + (narrow ? rows.length * H + (rows.length - 1) * GAP_LAYER : span);
-  let svg = `<svg viewBox="0 0 ${width} ${height}" role="img" aria-label="Graph of ${esc(app)}: ${nodes.length} deployments, ${edges.length} edges" data-nodes="${nodes.length}" data-edges="${edges.length}">
+  let svg = `<svg viewBox="0 0 ${width} ${height}" style="max-width:${width}px" role="img" aria-label="Graph of ${esc(app)}: ${nodes.length} deployments, ${edges.length} edges" data-nodes="${nodes.length}" data-edges="${edges.length}">
 <defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="8" markerHeight="8" orient="auto-start-reverse"><path d="M0 0L10 5L0 10z" fill="#7d8698"/></marker></defs>`;
   for (const e of edges) {
     if (!pos.has(e.from) || !pos.has(e.to)) continue;

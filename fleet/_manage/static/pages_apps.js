@@ -86,14 +86,14 @@ export function overview(root) {
       const list = root.querySelector("#ov-apps");
       const names = Object.keys(apps.applications || {}).sort();
       if (!names.length) {
-        list.innerHTML = `<div class="panel muted">No application is deployed. Deploy one with
+        list.innerHTML = `<div class="panel muted no-apps">No application is deployed. Deploy one with
           <code>fleet apply fleet.yaml</code> or <code>fleet run module:app</code>.</div>`;
       }
       for (const name of names) {
         const app = apps.applications[name];
         let card = list.querySelector(`[data-app="${CSS.escape(name)}"]`);
         if (!card) {
-          list.querySelector(".muted")?.remove();
+          list.querySelector(".no-apps")?.remove();
           card = document.createElement("section");
           card.className = "panel app-card";
           card.dataset.app = name;

@@ -3,7 +3,7 @@
 import { get, post, call, enc, q } from "./api.js";
 import { eventList } from "./pages_apps.js";
 import {
-  esc, badge, clock, when, act, confirmAction, requestLink, diffHtml, configText, toast,
+  esc, badge, clock, when, act, confirmAction, requestLink, diffHtml, configText, yamlText, toast,
 } from "./ui.js";
 
 function refreshSoon() {
@@ -66,9 +66,9 @@ export function logs(root, _params, query) {
       const data = await get("/api/logs" + q(params()));
       const lines = data.lines || [];
       const atBottom = box.scrollTop + box.clientHeight >= box.scrollHeight - 20;
-      box.innerHTML = lines.length ? lines.map((l) => `<div class="line lvl-${esc(l.level)}" data-request-id="${esc(l.request_id || "")}">
-        <span class="meta">${clock(l.time)} ${esc(l.level || "")} ${[l.application, l.deployment, l.replica].filter(Boolean).map(esc).join("/")}</span>
-        ${l.request_id ? requestLink(l.request_id) : ""} ${esc(l.message)}</div>`).join("")
+      box.innerHTML = lines.length ? lines.map((l) => `<div class="line lvl-${esc(l.level)}" data-request-id="${esc(l.request_id || "")}">` +
+        `<span class="meta">${clock(l.time)} ${esc(l.level || "")} ${[l.application, l.deployment, l.replica].filter(Boolean).map(esc).join("/")}</span> ` +
+        `${l.request_id ? requestLink(l.request_id) + " " : ""}${esc(l.message)}</div>`).join("")
         : `<div class="meta">No lines match${f.request_id ? ` request id ${esc(f.request_id)}` : ""} in this window yet.</div>`;
       root.querySelector("#log-count").textContent = `${lines.length} lines${lines.length >= 500 ? " (the latest 500)" : ""}`;
       if (!loaded || atBottom) box.scrollTop = box.scrollHeight;
@@ -166,7 +166,8 @@ function renderApp(body, name, st, etag, revisions) {
       <div class="panel-head"><h3>Revision ${r.revision} ${i === 0 ? '<span class="muted">(live)</span>' : ""}
         ${r.status ? badge(r.status) : ""}</h3>
         <span class="muted">${when(r.time)} ${i > 0 ? `<button class="small" data-rollback="${r.revision}">Roll back to ${r.revision}&hellip;</button>` : ""}</span></div>
-      ${list[i + 1] ? diffHtml(configText(list[i + 1].config), configText(r.config)) : '<p class="muted">First revision.</p>'}</div>`).join("")
+      ${list[i + 1] ? diffHtml(yamlText(list[i + 1].config), yamlText(r.config))
+        : `<pre class="diff">${esc(yamlText(r.config))}</pre>`}</div>`).join("")
       : '<p class="muted">No revision recorded.</p>'}</section>`;
   const edit = body.querySelector("#c-edit");
   edit.addEventListener("input", () => { edit.dataset.dirty = "1"; });
@@ -180,7 +181,7 @@ function renderApp(body, name, st, etag, revisions) {
       return;
     }
     const ok = await confirmAction(`Apply config to ${name}?`, `<p>What changes against the live revision:</p>
-      ${diffHtml(currentText, configText(parsed))}<p class="muted">Deployments whose code, arguments or options changed get new
+      ${diffHtml(yamlText(current ? current.config : {}), yamlText(parsed))}<p class="muted">Deployments whose code, arguments or options changed get new
       replicas one by one; replica counts and user_config change in place.</p>`, "Apply");
     if (!ok) return;
     const done = await act(`Apply ${name}`, () => call("PUT", `/api/applications/${enc(name)}`, parsed, etag ? { "if-match": etag } : {}));
@@ -190,7 +191,7 @@ function renderApp(body, name, st, etag, revisions) {
     const to = Number(btn.dataset.rollback);
     const target = list.find((r) => r.revision === to);
     const ok = await confirmAction(`Roll back ${name} to revision ${to}?`, `<p>What changes against the live revision ${current.revision}:</p>
-      ${diffHtml(currentText, configText(target.config))}`, "Roll back");
+      ${diffHtml(yamlText(current.config), yamlText(target.config))}`, "Roll back");
     if (ok && await act(`Roll back ${name} to ${to}`, () => post(`/api/applications/${enc(name)}/rollback`, { to }))) refreshSoon();
   }));
 }

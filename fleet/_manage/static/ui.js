@@ -157,10 +157,34 @@ export function diffHtml(a, b, context = 3) {
   return `<div class="diff">${html}</div>`;
 }
 
-// A config object as indented text, keys sorted, for reading and diffing.
+// A config as YAML (keys in their order), for reading and diffing revisions.
+export function yamlText(value, indent = "") {
+  const scalar = (v) => {
+    if (v === null || v === undefined) return "null";
+    if (typeof v === "string") return /^[\w./:@-]+$/.test(v) && !/^(true|false|null|yes|no|on|off|[-\d.]+)$/i.test(v) ? v : JSON.stringify(v);
+    return String(v);
+  };
+  const empty = (v) => (Array.isArray(v) && !v.length) || (v && typeof v === "object" && !Object.keys(v).length);
+  if (Array.isArray(value)) {
+    if (!value.length) return "[]";
+    return value.map((v) => {
+      if (v && typeof v === "object" && !empty(v)) {
+        const inner = yamlText(v, indent + "  ");
+        return `${indent}- ${inner.slice(indent.length + 2)}`;
+      }
+      return `${indent}- ${empty(v) ? JSON.stringify(v) : scalar(v)}`;
+    }).join("\n");
+  }
+  if (value && typeof value === "object") {
+    if (!Object.keys(value).length) return "{}";
+    return Object.entries(value).map(([k, v]) => v && typeof v === "object" && !empty(v)
+      ? `${indent}${k}:\n${yamlText(v, indent + "  ")}`
+      : `${indent}${k}: ${empty(v) ? JSON.stringify(v) : scalar(v)}`).join("\n");
+  }
+  return indent + scalar(value);
+}
+
+// A config as indented JSON, for the editor.
 export function configText(value) {
-  const sort = (v) => Array.isArray(v) ? v.map(sort)
-    : v && typeof v === "object" ? Object.fromEntries(Object.keys(v).sort().map((k) => [k, sort(v[k])]))
-    : v;
-  return JSON.stringify(sort(value), null, 2);
+  return JSON.stringify(value, null, 2);
 }
