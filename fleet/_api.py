@@ -19,7 +19,13 @@ import cloudpickle
 
 from fleet import _rundir
 from fleet._backends.local import LocalBackend
-from fleet._config import GRPCOptions, HTTPOptions, coerce_options, proxy_count
+from fleet._config import (
+    GRPCOptions,
+    HTTPOptions,
+    ManagementOptions,
+    coerce_options,
+    proxy_count,
+)
 from fleet._controller.controller import Controller
 from fleet._deployment import Application, build_plans
 from fleet._handle import DeploymentHandle
@@ -60,9 +66,16 @@ class Instance:
     all on a background event loop thread."""
 
     def __init__(self, http_options: HTTPOptions, grpc_options: GRPCOptions,
-                 backend: Backend | None = None, register: bool = True) -> None:
+                 backend: Backend | None = None, register: bool = True,
+                 management: ManagementOptions | None = None,
+                 management_fallback: bool = False) -> None:
         self.http_options = http_options
         self.grpc_options = grpc_options
+        # the management server runs when asked (fleet run, fleet start, management_options)
+        self.management = management
+        self.management_fallback = management_fallback   # a free port if its port is taken
+        self.ops: Any = None
+        self._mgmt_server: Any = None
         # sockets live in a private directory of their own inside the runtime directory
         self.dir = _socket_dir()
         self.secret = secrets.token_bytes(32)
@@ -112,6 +125,13 @@ class Instance:
         for info in await asyncio.gather(*waits):
             if "error" in info:
                 raise FleetError(info["error"])
+        if self.management is not None:
+            from fleet._manage.server import serve
+            try:
+                self.ops, self._mgmt_server = await serve(self, self.management,
+                                                          self.management_fallback)
+            except OSError as exc:
+                raise FleetError(str(exc)) from None
         if self.register:
             self._write_instance_file()
 
@@ -182,10 +202,21 @@ class Instance:
 
     def _write_instance_file(self) -> None:
         _rundir.live_instances()        # removes the files of instances that are gone
-        _rundir.write_instance({"address": self.address, "secret": self.secret.hex(),
+        info: dict[str, Any] = {"address": self.address, "secret": self.secret.hex(),
                                 "pid": os.getpid(), "started": time.time(),
                                 "options": {"http": _comparable(self.http_options),
-                                            "grpc": _comparable(self.grpc_options)}})
+                                            "grpc": _comparable(self.grpc_options)}}
+        if self.ops is not None:
+            info["management"] = {"host": self.ops.host, "port": self.ops.port,
+                                  "scheme": self.ops.scheme, "url": self.ops.url()}
+            info["token"] = self.ops.token
+        _rundir.write_instance(info)
+
+    def dashboard_url(self) -> str | None:
+        """The management server's address with the token, or None when it is off."""
+        if self.ops is None:
+            return None
+        return f"{self.ops.url()}/?token={self.ops.token}"
 
     def _shutdown_requested(self) -> None:
         # Called on the loop; shutting down joins the loop's thread, so not from it.
@@ -210,6 +241,9 @@ class Instance:
         self.stopped.set()
 
     async def _shutdown(self) -> None:
+        if self._mgmt_server is not None:
+            self.ops.closing.set()
+            await self._mgmt_server.stop()
         if self.runtime is not None:
             self.runtime.close("fleet was shut down before this call reached a replica")
         if self.controller is not None:
@@ -374,7 +408,8 @@ def _differences(given: Any, running: dict[str, Any], section: str) -> list[str]
 
 
 def start(http_options: dict[str, Any] | HTTPOptions | None = None,
-          grpc_options: dict[str, Any] | GRPCOptions | None = None) -> None:
+          grpc_options: dict[str, Any] | GRPCOptions | None = None,
+          management_options: dict[str, Any] | ManagementOptions | None = None) -> None:
     """Start fleet's instance in this process: the controller, the local backend and the
     HTTP proxy (``http_options``: host, port, middlewares, request_timeout_s, root_path,
     max_body_bytes, access_log) and, when ``grpc_options`` is given, the gRPC proxy.
@@ -383,8 +418,14 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
     a ``fleet run``), this process uses it instead, and options that differ from the
     running instance's raise a :class:`fleet.FleetError` naming the difference.
     ``fleet.run`` calls it with defaults (HTTP on 127.0.0.1:8000) when needed.
+
+    ``management_options`` (host, port, metrics_public, token) also starts the
+    management server (REST API, as ``fleet run`` and ``fleet start`` do); from Python it
+    runs only when asked. A port already in use raises :class:`fleet.FleetError`.
     """
     global _instance
+    management = None if management_options is None else coerce_options(
+        ManagementOptions, management_options, "management_options")
     http = coerce_options(HTTPOptions, http_options, "http_options")
     grpc_given = grpc_options is not None
     grpc = coerce_options(GRPCOptions, grpc_options, "grpc_options")
@@ -402,11 +443,16 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
                         f"a fleet instance already runs on this machine (pid {_instance.pid}) "
                         f"with other options: {', '.join(diff)}; use it as it is, or stop "
                         "it first (fleet.shutdown() or `fleet shutdown`)")
+            if management is not None and getattr(_instance, "ops", True) is None:
+                raise FleetError("this process's fleet instance runs no management server; "
+                                 "pass management_options to the first fleet.start()")
             return
-        start_owned(http, grpc)
+        start_owned(http, grpc, management)
 
 
-def start_owned(http: HTTPOptions, grpc: GRPCOptions) -> Instance:
+def start_owned(http: HTTPOptions, grpc: GRPCOptions,
+                management: ManagementOptions | None = None,
+                management_fallback: bool = False) -> Instance:
     """Start an instance owned by this process, whatever else runs (``fleet run``)."""
     global _instance
     with _lock:
@@ -414,7 +460,8 @@ def start_owned(http: HTTPOptions, grpc: GRPCOptions) -> Instance:
             return _instance
         if isinstance(_instance, AttachedInstance):
             _instance.detach()
-        inst = Instance(http, grpc)
+        inst = Instance(http, grpc, management=management,
+                        management_fallback=management_fallback)
         inst.start()
         _instance = inst
         return inst

@@ -137,12 +137,21 @@ class HTTPOptions(_Model):
     keep_alive_timeout_s: float = Field(5.0, gt=0)
     max_connections: int = Field(10000, gt=0)
     max_buffered_body_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    # TLS (Ray's key names): both set serve the HTTP proxy and the management server
+    # over HTTPS with this PEM key and certificate.
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
 
     _check_num_proxies = field_validator("num_proxies", mode="before")(
         lambda cls, value: _num_proxies(value))
 
     @model_validator(mode="after")
     def _check_server(self) -> HTTPOptions:
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("http_options: set both ssl_keyfile and ssl_certfile for TLS, "
+                             "or neither")
+        if self.server == "granian" and self.ssl_certfile is not None:
+            raise ValueError("http_options ssl_keyfile/ssl_certfile need server='uvicorn'")
         if self.server == "granian" and proxy_count(self.num_proxies) > 1:
             raise ValueError("http_options num_proxies > 1 needs server='uvicorn' (Granian "
                              "binds its port itself and cannot share it)")
@@ -181,6 +190,22 @@ class GRPCOptions(_Model):
 
     _check_num_proxies = field_validator("num_proxies", mode="before")(
         lambda cls, value: _num_proxies(value))
+
+
+DEFAULT_MANAGEMENT_PORT = 8100
+
+
+class ManagementOptions(_Model):
+    """The management server (REST API, dashboard, metrics) of an instance.
+
+    It listens on ``host``:``port`` (loopback 127.0.0.1:8100 by default) and every path
+    needs the instance's token, except ``/metrics`` when ``metrics_public`` is true.
+    ``token`` fixes the token (default: a new random one per instance)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(DEFAULT_MANAGEMENT_PORT, ge=0, le=65535)
+    metrics_public: bool = False
+    token: str | None = Field(None, min_length=16)
 
 
 class DeploymentOverride(_Model):

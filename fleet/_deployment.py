@@ -186,16 +186,16 @@ def build_plans(app: Application, app_name: str,
         taken.add(name)
         names[id(node)] = name
         legacy = node._legacy_refs
-        edges: list[str] = []
+        calls: list[str] = []       # the deployments this one gets handles to
 
         def replace(value: Any) -> Any:
             if transform is not None:
                 value = transform(value)
             if isinstance(value, Application):
-                target_name = visit(value)
-                if target_name not in edges:
-                    edges.append(target_name)
-                handle = DeploymentHandle(target_name, app_name)
+                child = visit(value)
+                if child not in calls:
+                    calls.append(child)
+                handle = DeploymentHandle(child, app_name)
                 return handle._with_legacy_refs() if legacy else handle
             if isinstance(value, list):
                 return [replace(v) for v in value]
@@ -221,7 +221,7 @@ def build_plans(app: Application, app_name: str,
         plans.append(DeploymentPlan(name=name, config=cfg, serialized_def=blob,
                                     code_version=code, legacy_refs=legacy,
                                     oip=getattr(target, "_fleet_oip", None),
-                                    handles=tuple(edges)))
+                                    calls=tuple(calls)))
         return name
 
     root = visit(app)

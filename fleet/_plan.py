@@ -27,9 +27,7 @@ class DeploymentPlan:
     ingress: bool = False
     legacy_refs: bool = False
     oip: dict[str, Any] | None = None   # fleet.oip.model's metadata, if it is one
-    # the deployments of the same application this one gets handles to (its graph's
-    # edges, for the dashboard): recorded when the application is built, in order met
-    handles: tuple[str, ...] = ()
+    calls: tuple[str, ...] = ()         # deployments it holds handles to (the graph)
 
     @property
     def version(self) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fleet._controller import traffic, views
+from fleet._controller.history import Events, Revisions
 from fleet._controller.state import AppState, DeploymentState, ReplicaRecord
 from fleet._plan import DeploymentPlan
 from fleet._types import (
@@ -76,6 +77,8 @@ class Controller:
         # Open Inference Protocol models unloaded through the repository extension:
         # model -> the deploy call that brings it back.
         self._unloaded: dict[str, tuple[str, str | None, list[DeploymentPlan], str]] = {}
+        self.events = Events()
+        self.revisions = Revisions()
 
     # -- loop -------------------------------------------------------------------
     def start(self) -> None:
@@ -172,6 +175,9 @@ class Controller:
                 and not any(r.reconfiguring for r in dep.replicas.values())
             status = DeploymentStatus.HEALTHY if healthy else DeploymentStatus.UPDATING
             if status != dep.status:
+                if healthy:
+                    self.events.add("deployment_healthy", dep.app, dep.name, "",
+                                    f"{running_new} replica(s) running")
                 dep.status = status
                 dep.message = "" if healthy else dep.message
                 self._notify()
@@ -261,6 +267,9 @@ class Controller:
         code = rec.proc.exit_code() if rec.proc is not None else None
         log.warning("replica %s of %s/%s is gone: %s (exit code %s); replacing it",
                     rec.replica_id, dep.app, dep.name, why, code)
+        dep.record_replaced(rec.replica_id, f"{why} (exit code {code})")
+        self.events.add("replica_died", dep.app, dep.name, rec.replica_id,
+                        f"{why} (exit code {code}); replacing it")
         if starting and dep.status != DeploymentStatus.DEPLOY_FAILED:
             dep.start_failures += 1
             if dep.start_failures >= MAX_START_FAILURES:
@@ -277,6 +286,7 @@ class Controller:
         timeout = dep.plan.config.startup_timeout_s
         rec.state = ReplicaState.STOPPING
         rec.message = f"not ready within startup_timeout_s={timeout:g}"
+        dep.record_replaced(rec.replica_id, rec.message)
         if rec.proc is not None:
             self.backend.kill(rec.proc)
         self._fail(dep, f"replica {rec.replica_id} of deployment {dep.name!r} (application "
@@ -294,6 +304,8 @@ class Controller:
                     rec.replica_id, dep.app, dep.name, why)
         rec.state = ReplicaState.UNHEALTHY
         rec.message = why
+        dep.record_replaced(rec.replica_id, f"unhealthy: {why}")
+        self.events.add("replica_unhealthy", dep.app, dep.name, rec.replica_id, why)
         self._stop(dep, rec)
         self.kick()
 
@@ -303,6 +315,8 @@ class Controller:
         if dep.status != DeploymentStatus.DEPLOY_FAILED and not self._deploying.get(dep.app):
             log.warning("deployment %s/%s DEPLOY_FAILED: %s", dep.app, dep.name,
                         message.splitlines()[0] if message else "")
+        if dep.status != DeploymentStatus.DEPLOY_FAILED:
+            self.events.add("deployment_failed", dep.app, dep.name, "", message)
         dep.status = DeploymentStatus.DEPLOY_FAILED
         dep.message = message
         self._notify()
@@ -465,6 +479,7 @@ class Controller:
         if rec.user_config != dep.plan.config.user_config and rec.version == dep.plan.version:
             self._send_reconfigure(rec, dep.plan.config.user_config)
         log.info("replica %s of %s/%s is RUNNING", rid, dep.app, dep.name)
+        self.events.add("replica_running", dep.app, dep.name, rid, f"pid {pid}")
         self._notify()
         self.kick()
 
@@ -532,7 +547,7 @@ class Controller:
         app = self.apps.get(name)
         return app.cwd if app is not None and app.cwd else self.cwd
 
-    async def rpc_deploy(self, conn: ServerConnection, name: str, route_prefix: str | None,
+    async def rpc_deploy(self, conn: ServerConnection | None, name: str, route_prefix: str | None,
                          plans: list[DeploymentPlan], protocol: str = "http",
                          grpc_port: int | None = None,
                          origin: dict[str, Any] | None = None) -> None:
@@ -558,6 +573,14 @@ class Controller:
         if origin is not None:
             app.sys_path = list(origin.get("sys_path", []))
             app.cwd = str(origin.get("cwd", ""))
+        origin = dict(origin or {})
+        config, note = origin.pop("config", None), str(origin.pop("note", ""))
+        app.revision = self.revisions.add(
+            name, (route_prefix, plans, protocol, grpc_port, origin), config, note)
+        app.deployed_at = time.time()
+        self.events.add("deploy", name, "", "", f"revision {app.revision}"
+                        + (f" ({note})" if note else "") + ": "
+                        + ", ".join(f"{p.name} x{p.config.target_replicas()}" for p in plans))
         wanted = {p.name for p in plans}
         for dname, dep in app.deployments.items():
             if dname not in wanted:
@@ -683,6 +706,8 @@ class Controller:
         app = self.apps.get(name)
         if app is None:
             return
+        if not app.deleting:
+            self.events.add("delete", name, "", "", "application deleted")
         app.deleting = True
         for dep in app.deployments.values():
             dep.deleting = True
@@ -723,6 +748,76 @@ class Controller:
 
     async def rpc_status(self, conn: ServerConnection) -> dict[str, Any]:
         return self.status()
+
+    # -- operators' changes (the management API) ----------------------------------------
+    def find_deployment(self, app_name: str, dep_name: str) -> DeploymentState:
+        """A live deployment, or KeyError saying what exists."""
+        app = self.apps.get(app_name)
+        if app is None or app.deleting:
+            raise KeyError(f"no application named {app_name!r}; running: "
+                           f"{sorted(a for a in self.apps if not self.apps[a].deleting)}")
+        dep = app.deployments.get(dep_name)
+        if dep is None or dep.deleting:
+            names = sorted(d for d, s in app.deployments.items() if not s.deleting)
+            raise KeyError(f"application {app_name!r} has no deployment {dep_name!r}; it has "
+                           f"{names}")
+        return dep
+
+    async def rpc_scale(self, conn: ServerConnection | None, app_name: str, dep_name: str,
+                        num_replicas: int) -> None:
+        """Set a fixed-size deployment's replica count until its next deploy."""
+        dep = self.find_deployment(app_name, dep_name)
+        if dep.autoscaler is not None:
+            raise ValueError(f"deployment {dep_name!r} of application {app_name!r} "
+                             "autoscales; change its autoscaling_config (min_replicas, "
+                             "max_replicas) with a deploy instead of scaling it")
+        if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) \
+                or num_replicas < 0:
+            raise ValueError(f"num_replicas must be a whole number >= 0, got {num_replicas!r}")
+        self.events.add("scale", app_name, dep_name, "",
+                        f"num_replicas {dep.target} -> {num_replicas}")
+        dep.target = num_replicas
+        self._notify()
+        self.kick()
+
+    async def rpc_restart_replica(self, conn: ServerConnection | None, app_name: str,
+                                  dep_name: str, replica_id: str) -> None:
+        """Drain one replica; the reconcile loop starts its replacement."""
+        dep = self.find_deployment(app_name, dep_name)
+        rec = dep.replicas.get(replica_id)
+        if rec is None or not rec.live:
+            raise KeyError(f"deployment {dep_name!r} of application {app_name!r} has no "
+                           f"live replica {replica_id!r}; its replicas are "
+                           f"{sorted(r.replica_id for r in dep.live())}")
+        dep.record_replaced(replica_id, "restarted on request")
+        self.events.add("replica_restart", app_name, dep_name, replica_id,
+                        "restarted on request")
+        self._stop(dep, rec)
+        self.kick()
+
+    async def rpc_rollback(self, conn: ServerConnection | None, app_name: str,
+                           to: int | None = None) -> int:
+        """Deploy an earlier revision again (default: the one before the current);
+        returns the new revision's number."""
+        revisions = self.revisions.list(app_name)
+        if not revisions:
+            raise KeyError(f"application {app_name!r} has no revisions")
+        current = self.revisions.latest(app_name)
+        if to is None:
+            earlier = [r for r in revisions if r["revision"] < current]
+            if not earlier:
+                raise ValueError(f"application {app_name!r} has no revision before "
+                                 f"revision {current} to roll back to")
+            to = earlier[-1]["revision"]
+        rev = self.revisions.get(app_name, to)
+        if rev is None:
+            raise KeyError(f"application {app_name!r} has no revision {to}; kept: "
+                           f"{[r['revision'] for r in revisions]}")
+        route_prefix, plans, protocol, grpc_port, origin = rev["deploy_args"]
+        await self.rpc_deploy(conn, app_name, route_prefix, plans, protocol, grpc_port,
+                              {**origin, "config": rev["config"],
+                               "note": f"rollback to revision {to}"})
+        return self.apps[app_name].revision
 
     async def rpc_shutdown_instance(self, conn: ServerConnection) -> None:
         """Another process asked the instance to stop (``fleet.shutdown()`` there): its

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,13 @@ class DeploymentState:
     scaling_log: list[dict[str, Any]] = field(default_factory=list)
     autoscaler: Any = None
     last_error: dict[str, Any] | None = None     # the last request error a proxy reported
+    # replicas replaced or restarted, and why (newest last, bounded)
+    replaced: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
+    replaced_total: int = 0
+
+    def record_replaced(self, replica_id: str, reason: str) -> None:
+        self.replaced.append({"replica_id": replica_id, "reason": reason, "time": time.time()})
+        self.replaced_total += 1
 
     @property
     def name(self) -> str:
@@ -86,3 +94,4 @@ class AppState:
     sys_path: list[str] = field(default_factory=list)   # the deployer's import path
     cwd: str = ""                                       # and working directory
     deployed_at: float = field(default_factory=time.time)
+    revision: int = 0                  # bumped by every deploy: the application's version

@@ -1,1 +1,2 @@
-"""The management server: the REST API, metrics and the dashboard of one instance."""
+"""The management server (REST API under /api/, on the instance's own loop) and the
+client the ``fleet`` command uses to reach it."""

@@ -686,7 +686,9 @@ async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event
                             log_level="warning",
                             timeout_keep_alive=options.keep_alive_timeout_s,  # type: ignore[arg-type]
                             limit_concurrency=options.max_connections + 1,
-                            server_header=False, date_header=False)
+                            server_header=False, date_header=False,
+                            ssl_keyfile=getattr(options, "ssl_keyfile", None),
+                            ssl_certfile=getattr(options, "ssl_certfile", None))
     server = _Server(config)
     task = loop.create_task(server.serve(sockets=[sock]))
     while not server.started:
@@ -694,8 +696,10 @@ async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event
             return 1
         await asyncio.sleep(0.005)
     limits.start(server.server_state.connections)
+    scheme = "https" if getattr(options, "ssl_certfile", None) else "http"
     await runtime.call_controller("proxy_ready", "http", {"host": options.host, "port": port,
-                                                          "pid": os.getpid(), "index": index})
+                                                          "pid": os.getpid(), "index": index,
+                                                          "scheme": scheme})
     await stop.wait()
     limits.stop()
     server.should_exit = True
