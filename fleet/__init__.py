@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         GRPCOptions,
         HTTPOptions,
     )
+    from fleet._context import get_request_id
     from fleet._deployment import Application, Deployment, deployment
     from fleet._handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
     from fleet._ingress import ingress
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 # process imports the package for its own modules and needs none of the driver's
 # (the controller, the instance, the CLI's helpers).
 _LAZY = {
+    "get_request_id": "fleet._context",
     "Application": "fleet._deployment",
     "AutoscalingConfig": "fleet._config",
     "Deployment": "fleet._deployment",
@@ -135,6 +137,7 @@ __all__ = [
     "get_app_handle",
     "get_deployment_handle",
     "get_multiplexed_model_id",
+    "get_request_id",
     "ingress",
     "multiplexed",
     "oip",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import os
 import secrets
 import shutil
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 import cloudpickle
 
-from fleet import _rundir
+from fleet import _logs, _rundir
 from fleet._backends.local import LocalBackend
 from fleet._config import (
     GRPCOptions,
@@ -95,12 +96,16 @@ class Instance:
         self.closed = False
         self.stopped = threading.Event()     # set once shut down, however that came about
         self.owned = True
+        # every process's log file goes here (fleet/_logs.py)
+        self.logs_dir = _logs.instance_dir(os.path.basename(self.dir))
+        self._log_handler: logging.Handler | None = None
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run coro on the instance's loop and wait for it from this thread."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def start(self) -> None:
+        self._log_handler = _logs.setup(self.logs_dir, "controller.log", logger="fleet")
         self.thread.start()
         try:
             self.call(self._start())
@@ -113,6 +118,7 @@ class Instance:
                                      sys_path=list(sys.path), cwd=os.getcwd())
         self._server = await listen(self.controller, self.secret, self.address)
         self.controller.on_shutdown_request = self._shutdown_requested
+        self.controller.logs_dir = self.logs_dir if self._log_handler is not None else ""
         self.controller.start()
         self.runtime = Runtime(self.loop, self.address, self.secret)
         await self.runtime.connect_controller(subscribe=True)
@@ -188,7 +194,8 @@ class Instance:
                 # the checked options' values, so the proxy process needs no pydantic
                 "options": cloudpickle.dumps(types.SimpleNamespace(**dict(options))),
                 "sys_path": list(sys.path),
-                "index": index, "listen_fd": listen_fd, "shared": shared}
+                "index": index, "listen_fd": listen_fd, "shared": shared,
+                "logs_dir": self.logs_dir if self._log_handler is not None else ""}
         key = f"proxy-{kind}" if index == 0 else f"proxy-{kind}-{index}"
         proc = self.backend.spawn(key, "fleet._proxy", boot,
                                   () if listen_fd is None else (listen_fd,))
@@ -235,6 +242,10 @@ class Instance:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
         self.backend.kill_all()
+        if self._log_handler is not None:
+            logging.getLogger("fleet").removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
         set_current(None)
         _rundir.remove_instance()
         shutil.rmtree(self.dir, ignore_errors=True)

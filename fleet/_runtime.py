@@ -14,7 +14,8 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fleet import _traffic
+from fleet import _metrics, _traffic
+from fleet._context import current_request_id
 from fleet._router import Router, Slot
 from fleet._types import CallMeta, ControlMessage, Tables, deployment_key
 from fleet._wire import frames
@@ -89,6 +90,16 @@ class Runtime:
         self._report_timer: asyncio.TimerHandle | None = None
         # shadow copies of traffic in flight from this runtime (bounded by _traffic)
         self.shadows: set[asyncio.Task[None]] = set()
+        # This process's metrics (None when FLEET_METRICS=0), sent to the controller
+        # every PUSH_S once connected and subscribed.
+        self.metrics: _metrics.Recorder | None = None
+        self._handle_calls: _metrics.Family | None = None
+        if _metrics.enabled():
+            self.metrics = _metrics.Recorder()
+            self._handle_calls = self.metrics.counter("fleet_handle_requests_total",
+                                                      ("application", "deployment"))
+            self.metrics.gauge_fns.append(self._router_gauges)
+        self._push_timer: asyncio.TimerHandle | None = None
 
     # -- controller --------------------------------------------------------------
     async def connect_controller(self, subscribe: bool = True) -> None:
@@ -97,6 +108,33 @@ class Runtime:
         if subscribe:
             await self.call_controller("subscribe")
             await self.wait_tables(0)
+            if self.metrics is not None and self._push_timer is None:
+                self._push_timer = self.loop.call_later(_metrics.PUSH_S, self._push_metrics)
+
+    def _push_metrics(self) -> None:
+        """Send what this process counted in the last second (a timer, never per call)."""
+        self._push_timer = None
+        ch = self.controller
+        if ch is None or ch.closed or self.metrics is None:
+            return
+        self.send_metrics()
+        self._push_timer = self.loop.call_later(_metrics.PUSH_S, self._push_metrics)
+
+    def send_metrics(self) -> None:
+        """Send this process's figures now (also at exit, so the last second counts)."""
+        if self.metrics is None:
+            return
+        taken = self.metrics.take()
+        self.send_ctrl({"type": "metrics", "source": self.caller_id,
+                        "counters": taken["counters"], "hists": taken["hists"],
+                        "gauges": taken["gauges"]})
+
+    def _router_gauges(self, rec: _metrics.Recorder) -> None:
+        """Calls this process holds in its routers' queues, per deployment."""
+        for router in self.routers.values():
+            rec.set("fleet_queued_requests", (("application", router.app),
+                                              ("deployment", router.deployment)),
+                    len(router.queue))
 
     def _lost(self, _ch: Channel) -> None:
         if self.on_controller_lost is not None:
@@ -236,6 +274,8 @@ class Runtime:
                    kwargs: dict[str, Any]) -> Any:
         """One handle call, start to finish (arguments already resolved)."""
         meta = _meta(opts)
+        if self._handle_calls is not None:
+            self._handle_calls.inc((app, deployment))
         if opts.follow_traffic and self.tables is not None and self.tables["traffic"]:
             app, deployment = _traffic.route_handle(self, app, deployment, opts.method_name,
                                                     args, kwargs, meta, False)
@@ -287,6 +327,8 @@ class Runtime:
                           kwargs: dict[str, Any]) -> Stream:
         meta = _meta(opts) or {}
         meta["stream"] = True
+        if self._handle_calls is not None:
+            self._handle_calls.inc((app, deployment))
         if opts.follow_traffic and self.tables is not None and self.tables["traffic"]:
             app, deployment = _traffic.route_handle(self, app, deployment, opts.method_name,
                                                     args, kwargs, meta, True)
@@ -356,12 +398,15 @@ class Stream:
 
 
 def _meta(opts: Any) -> CallMeta | None:
-    if opts.http_headers or opts.multiplexed_model_id:
+    rid = current_request_id()
+    if opts.http_headers or opts.multiplexed_model_id or rid is not None:
         meta: CallMeta = {}
         if opts.http_headers:
             meta["http_headers"] = opts.http_headers
         if opts.multiplexed_model_id:
             meta["model"] = opts.multiplexed_model_id
+        if rid is not None:
+            meta["rid"] = rid       # the request this call serves (fleet.get_request_id)
         return meta
     return None
 

@@ -62,6 +62,7 @@ class ReplicaSpec:
     secret: bytes
     sys_path: list[str] = field(default_factory=list)
     cwd: str = ""
+    logs_dir: str = ""             # the instance's log directory ("" = no log files)
 
 
 class _ReplicaAddress(TypedDict):
@@ -139,6 +140,7 @@ CallMeta = TypedDict("CallMeta", {
     "out": bool,
     "timeout": float | None,
     "describe": int,
+    "rid": str | bytes,
 }, total=False)
 
 
@@ -254,8 +256,20 @@ class RequestErrorMsg(TypedDict):
     traceback: str
 
 
+class MetricsMsg(TypedDict):
+    """any process -> controller, every second: counters and histograms counted since
+    the last message (labels as sorted (name, value) pairs), and gauges' values."""
+
+    type: Literal["metrics"]
+    source: str
+    counters: list[tuple[str, tuple[tuple[str, str], ...], float]]
+    hists: list[tuple[str, tuple[tuple[str, str], ...], list[float], tuple[float, ...]]]
+    gauges: list[tuple[str, tuple[tuple[str, str], ...], float]]
+
+
 ControlMessage = (TablesMsg | TablesAckMsg | LoadMsg | HealthMsg | HealthResultMsg | StopMsg
-                  | ReconfigureMsg | ReconfigureResultMsg | ModelsMsg | RequestErrorMsg)
+                  | ReconfigureMsg | ReconfigureResultMsg | ModelsMsg | RequestErrorMsg
+                  | MetricsMsg)
 
 
 def deployment_key(app: str, deployment: str) -> str:

@@ -20,6 +20,9 @@ _SESSION_TMP = tempfile.mkdtemp(prefix="fleet-tests-")
 tempfile.tempdir = _SESSION_TMP
 os.environ["TMPDIR"] = _SESSION_TMP
 os.environ.pop("XDG_RUNTIME_DIR", None)
+# Log files (fleet/_logs.py) of every instance the tests start stay in it too.
+os.environ["XDG_STATE_HOME"] = os.path.join(_SESSION_TMP, "state")
+os.environ.pop("FLEET_LOGS_DIR", None)
 atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
 
 import fleet  # noqa: E402

@@ -1,9 +1,6 @@
-"""The dashboard: its routes (sign-in, the token cookie, static assets, an application's
-graph, the playground's relay) over a real instance, and its pages in Debian's Chromium.
-
-The routes are served here as the management server serves them: a Starlette app on the
-instance's own event loop, reading the controller directly.
-"""
+"""The dashboard: its routes (sign-in, the token cookie, static assets, the playground's
+relay) and the graph it draws, through a real instance's management server, and its
+pages in Debian's Chromium."""
 
 from __future__ import annotations
 
@@ -11,7 +8,6 @@ import asyncio
 import os
 import re
 import secrets
-import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 
 import fleet
@@ -65,39 +60,30 @@ def market_app() -> fleet.Application:
 
 @dataclass
 class Served:
-    url: str            # the dashboard's routes
+    url: str            # the management server: API and dashboard
     http_url: str       # the instance's HTTP proxy
     token: str
 
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    """One instance (HTTP and gRPC on free ports) with the seed's FruitMarket graph and
-    an HTTP market, and the dashboard's routes served on the instance's loop."""
+    """One instance with its management server, HTTP and gRPC on free ports, running the
+    seed's FruitMarket graph and an HTTP market."""
     sys.path.insert(0, ROOT)
     from examples import grpc_fruit_market
 
     fleet.shutdown()
-    fleet.start(http_options={"host": "127.0.0.1", "port": 0}, grpc_options={"port": 0})
-    inst = _api._instance
-    assert isinstance(inst, _api.Instance) and inst.controller is not None
     token = secrets.token_urlsafe(24)
-    app = Starlette(routes=dashboard.routes(inst.controller, token))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)        # connections wait in the backlog until the server serves
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    serving = asyncio.run_coroutine_threadsafe(server.serve(sockets=[sock]), inst.loop)
+    fleet.start(http_options={"host": "127.0.0.1", "port": 0}, grpc_options={"port": 0},
+                management_options={"host": "127.0.0.1", "port": 0, "token": token})
+    inst = _api._instance
+    assert isinstance(inst, _api.Instance) and inst.ops is not None
     try:
         fleet.run(grpc_fruit_market.my_deployment, name="fruit", route_prefix="/fruit")
         fleet.run(market_app(), name="market", route_prefix="/market")
         port = fleet.status()["proxies"]["http"]["port"]
-        yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}",
-                     f"http://127.0.0.1:{port}", token)
+        yield Served(f"http://127.0.0.1:{inst.ops.port}", f"http://127.0.0.1:{port}", token)
     finally:
-        server.should_exit = True
-        serving.result(30)
-        sock.close()
         fleet.shutdown()
 
 
@@ -116,16 +102,16 @@ def test_seed_fruit_market_plans_record_the_driver_and_three_edges() -> None:
     app = prepare_app(grpc_fruit_market.my_deployment).app
     plans = {p.name: p for p in build_plans(app, "fruit")}
     assert set(plans) == {"DefaultgRPCDriver", "FruitMarket", "OrangeStand", "AppleStand"}
-    assert plans["DefaultgRPCDriver"].handles == ("FruitMarket",)
-    assert plans["FruitMarket"].handles == ("OrangeStand", "AppleStand")
-    assert plans["OrangeStand"].handles == plans["AppleStand"].handles == ()
+    assert plans["DefaultgRPCDriver"].calls == ("FruitMarket",)
+    assert plans["FruitMarket"].calls == ("OrangeStand", "AppleStand")
+    assert plans["OrangeStand"].calls == plans["AppleStand"].calls == ()
 
 
 def test_a_handle_passed_twice_is_one_edge_and_a_shared_child_is_one_node() -> None:
     shared = Stand.options(name="Shared").bind(1.0)
     plans = {p.name: p for p in build_plans(Market.bind(shared, [shared, {"x": shared}]), "a")}
     assert set(plans) == {"Market", "Shared"}
-    assert plans["Market"].handles == ("Shared",)
+    assert plans["Market"].calls == ("Shared",)
 
 
 def test_graph_route_shows_the_running_fruit_market(served: Served) -> None:
@@ -149,7 +135,7 @@ def test_graph_of_an_unknown_application_is_404_naming_the_running_ones(served: 
         reply = c.get("/api/applications/nope/graph")
     assert reply.status_code == 404
     body = reply.json()
-    assert "no application 'nope'" in body["error"] and "fruit" in body["error"]
+    assert "'nope'" in body["error"] and "fruit" in body["error"]
     assert body["request_id"]
 
 
@@ -200,7 +186,10 @@ def test_static_assets_are_served_and_a_missing_one_is_404(served: Served) -> No
         assert js.status_code == 200 and "javascript" in js.headers["content-type"]
         assert c.get("/static/vendor/uplot/uPlot.iife.min.js").status_code == 200
         assert c.get("/static/nothing.js").status_code == 404
-        assert c.get("/static/../dashboard.py").status_code == 404
+        for path in ("/static/../dashboard.py", "/static/%2e%2e/dashboard.py",
+                     "/static/..%2fdashboard.py"):
+            reply = c.get(path)
+            assert reply.status_code in (401, 404) and "import" not in reply.text, path
 
 
 # -- the page ships in the package, offline and small --------------------------------
@@ -272,21 +261,37 @@ def test_playground_refuses_a_body_that_is_not_json(served: Served) -> None:
     assert reply.status_code == 422 and reply.json()["error"]
 
 
-def test_playground_without_an_http_proxy_says_how_to_get_one(served: Served) -> None:
-    inst = _api._instance
-    assert isinstance(inst, _api.Instance) and inst.controller is not None
-    controller = inst.controller
-    app = Starlette(routes=dashboard.routes(controller, "t"))
-    saved = controller.proxies.pop("http")
-    try:
+def test_playground_without_an_http_proxy_says_how_to_get_one() -> None:
+    app = Starlette(routes=dashboard.routes("t" * 16, lambda: None))
+
+    async def go() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as c:
+            return await c.post("/api/playground", json={"path": "/"})
 
-        async def go() -> httpx.Response:
-            async with httpx.AsyncClient(transport=transport, base_url="http://x") as c:
-                return await c.post("/api/playground", json={"path": "/"},
-                                    headers={"authorization": "Bearer t"})
-
-        reply = inst.call(go(), timeout=30)
-    finally:
-        controller.proxies["http"] = saved
+    reply = asyncio.run(go())
     assert reply.status_code == 503 and "--port" in reply.json()["error"]
+
+
+def test_playground_with_its_proxy_gone_answers_502_not_500() -> None:
+    app = Starlette(routes=dashboard.routes("t" * 16, lambda: "http://127.0.0.1:9"))
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as c:
+            return await c.post("/api/playground", json={"path": "/x"})
+
+    reply = asyncio.run(go())
+    assert reply.status_code == 502 and "could not reach the HTTP proxy" in reply.json()["error"]
+
+
+@pytest.mark.parametrize("info, base", [
+    ({"host": "127.0.0.1", "port": 8000}, "http://127.0.0.1:8000"),
+    ({"host": "0.0.0.0", "port": 8000}, "http://127.0.0.1:8000"),
+    ({"host": "::", "port": 8000}, "http://[::1]:8000"),
+    ({"error": "port taken", "index": 0}, None),
+])
+def test_playground_reaches_the_proxy_at_a_connectable_address(info: dict[str, Any],
+                                                                base: str | None) -> None:
+    assert dashboard.proxy_base({"http": info}) == base
+    assert dashboard.proxy_base({}) is None

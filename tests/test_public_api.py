@@ -15,7 +15,7 @@ EXPECTED = {
     "ReplicaFullError", "RequestCancelledError", "RequestTimeoutError", "__version__",
     "delete", "deployment",
     "get_app_handle", "get", "get_deployment_handle", "run", "shutdown", "start", "status",
-    "wait", "multiplexed", "get_multiplexed_model_id", "oip",
+    "wait", "multiplexed", "get_multiplexed_model_id", "oip", "get_request_id",
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from fleet._controller import traffic, views
 from fleet._controller.history import Events, Revisions
+from fleet._controller.metrics import Store, summary
 from fleet._controller.state import AppState, DeploymentState, ReplicaRecord
 from fleet._plan import DeploymentPlan
 from fleet._types import (
@@ -79,6 +80,11 @@ class Controller:
         self._unloaded: dict[str, tuple[str, str | None, list[DeploymentPlan], str]] = {}
         self.events = Events()
         self.revisions = Revisions()
+        # Every process's metrics, merged, with their history (fleet/_controller/metrics.py).
+        self.metrics = Store()
+        self._metric_sources: dict[int, str] = {}      # id(conn) -> its metrics source
+        self._next_sample = time.monotonic()
+        self.logs_dir = ""          # the instance's log directory (fleet/_logs.py)
 
     # -- loop -------------------------------------------------------------------
     def start(self) -> None:
@@ -104,6 +110,39 @@ class Controller:
                 self._publish()
             except Exception:
                 log.exception("reconcile failed")
+            if time.monotonic() >= self._next_sample:
+                self._next_sample = time.monotonic() + 1.0
+                try:
+                    self.sample_metrics()
+                except Exception:
+                    log.exception("sampling metrics failed")
+
+    def sample_metrics(self) -> None:
+        """The controller's own gauges, then one sample of every series into the
+        history (once a second, from the reconcile loop)."""
+        own: dict[Any, float] = {}
+        now = time.monotonic()
+        for app in self.apps.values():
+            for dep in app.deployments.values():
+                base = (("application", app.name), ("deployment", dep.name))
+                counts: dict[str, int] = {}
+                for rec in dep.replicas.values():
+                    counts[rec.state.value] = counts.get(rec.state.value, 0) + 1
+                for state, n in counts.items():
+                    own[("fleet_replicas", base + (("state", state),))] = n
+                own[("fleet_autoscaling_target_replicas", base)] = dep.target
+                own[("fleet_autoscaling_desired_replicas", base)] = \
+                    dep.autoscaler.desired(now) if dep.autoscaler is not None else dep.target
+        self.metrics.set_own(own)
+        self.metrics.sample()
+
+    def _count(self, name: str, dep: DeploymentState, rec: ReplicaRecord | None = None
+               ) -> None:
+        labels: tuple[tuple[str, str], ...] = (("application", dep.app),
+                                               ("deployment", dep.name))
+        if rec is not None:
+            labels += (("replica", rec.replica_id),)
+        self.metrics.inc(name, labels)
 
     async def _reconcile_all(self) -> None:
         now = time.monotonic()
@@ -191,7 +230,8 @@ class Controller:
                            version=dep.plan.version, serialized_def=dep.plan.serialized_def,
                            config=dep.plan.config.model_dump(),
                            controller_address=self.address, secret=self.secret,
-                           sys_path=self._app_sys_path(dep.app), cwd=self._app_cwd(dep.app))
+                           sys_path=self._app_sys_path(dep.app), cwd=self._app_cwd(dep.app),
+                           logs_dir=self.logs_dir)
         try:
             rec.proc = await self.backend.start_replica(spec)
         except Exception as exc:
@@ -199,6 +239,7 @@ class Controller:
             self._fail(dep, f"could not start a replica: {exc}")
             return
         rec.pid = rec.proc.pid
+        self._count("fleet_replica_starts_total", dep)
         log.info("starting replica %s of %s/%s", rid, dep.app, dep.name)
 
     def _stop(self, dep: DeploymentState, rec: ReplicaRecord) -> None:
@@ -270,6 +311,8 @@ class Controller:
         dep.record_replaced(rec.replica_id, f"{why} (exit code {code})")
         self.events.add("replica_died", dep.app, dep.name, rec.replica_id,
                         f"{why} (exit code {code}); replacing it")
+        self._count("fleet_replica_failures_total", dep)
+        dep.last_gone = f"replica {rec.replica_id} {why} (exit code {code})"
         if starting and dep.status != DeploymentStatus.DEPLOY_FAILED:
             dep.start_failures += 1
             if dep.start_failures >= MAX_START_FAILURES:
@@ -284,6 +327,7 @@ class Controller:
         constructor does; it is killed, whatever it is doing (a hung constructor may
         ignore SIGTERM)."""
         timeout = dep.plan.config.startup_timeout_s
+        self._count("fleet_replica_failures_total", dep)
         rec.state = ReplicaState.STOPPING
         rec.message = f"not ready within startup_timeout_s={timeout:g}"
         dep.record_replaced(rec.replica_id, rec.message)
@@ -302,6 +346,8 @@ class Controller:
         graceful_shutdown_timeout_s to finish; then it is killed)."""
         log.warning("replica %s of %s/%s is UNHEALTHY: %s; replacing it",
                     rec.replica_id, dep.app, dep.name, why)
+        self._count("fleet_health_check_failures_total", dep, rec)
+        dep.last_unhealthy = (time.monotonic(), f"replica {rec.replica_id}: {why}")
         rec.state = ReplicaState.UNHEALTHY
         rec.message = why
         dep.record_replaced(rec.replica_id, f"unhealthy: {why}")
@@ -377,6 +423,10 @@ class Controller:
                 self.kick()                 # callers learn it with the next tables
         elif msg["type"] == "reconfigure_result":
             self._on_reconfigure_result(msg)
+        elif msg["type"] == "metrics":
+            source = str(msg.get("source", ""))
+            self._metric_sources[id(conn)] = source
+            self.metrics.merge(source, msg)
 
     def _on_health_result(self, msg: HealthResultMsg) -> None:
         found = self._find(msg.get("replica_id", ""))
@@ -438,6 +488,9 @@ class Controller:
 
     def on_closed(self, conn: ServerConnection) -> None:
         self.subscribers.discard(conn)
+        source = self._metric_sources.pop(id(conn), None)
+        if source is not None:
+            self.metrics.drop(source)
         tag = conn.tag
         if isinstance(tag, tuple) and tag[0] == "replica":
             found = self._find(tag[1])
@@ -495,6 +548,7 @@ class Controller:
             return
         dep, rec = found
         _blob, etype, message, tb, _ = info
+        self._count("fleet_replica_failures_total", dep)
         rec.state = ReplicaState.STOPPING
         rec.message = f"{etype}: {message}"
         if dep.status == DeploymentStatus.DEPLOY_FAILED and dep.error_type == etype \
@@ -568,6 +622,7 @@ class Controller:
             self.apps[name] = app
         app.route_prefix = route_prefix
         app.ingress = plans[0].name
+        app.deployed_at = time.time()
         app.protocol = protocol
         app.grpc_port = grpc_port
         if origin is not None:
@@ -605,6 +660,8 @@ class Controller:
                 for rec in dep.running():
                     if rec.conn is not None:
                         self._send_reconfigure(rec, plan.config.user_config)
+            if old.version != plan.version or old.config != plan.config:
+                dep.last_deployed_at = time.time()
             dep.plan = plan
             if dep.status == DeploymentStatus.DEPLOY_FAILED:
                 dep.status = DeploymentStatus.UPDATING
@@ -832,7 +889,60 @@ class Controller:
                        "queued": queued})
 
     def status(self) -> dict[str, Any]:
-        return views.status(self.apps, self.proxies, self.traffic)
+        nodes = self.backend.nodes()
+        node_id = str(nodes[0].get("node_id", "local")) if nodes else "local"
+        return views.status(self.apps, self.proxies, self.traffic, node_id,
+                            self.window_stats)
+
+    def window_stats(self, app: str, deployment: str | None, window: float = 60.0
+                     ) -> dict[str, Any]:
+        """The last window's requests/s, p50/p90/p99 (seconds) and error rate of a
+        deployment (or an application's ingress), from its replicas' metrics."""
+        return summary(self.metrics, app, deployment, window)
+
+    # -- metrics ------------------------------------------------------------------------
+    def top(self, window: float = 60.0) -> list[dict[str, Any]]:
+        """One row per deployment over the last window: requests/s, p50/p90/p99
+        (seconds), error rate, ongoing and queued calls, replicas running and target."""
+        gauges = self.metrics.gauge_values()
+        rows = []
+        for app in self.apps.values():
+            for dep in app.deployments.values():
+                ongoing = queued = 0.0
+                for (name, labels), v in gauges.items():
+                    if name not in ("fleet_ongoing_requests", "fleet_queued_requests"):
+                        continue
+                    have = dict(labels)
+                    if have.get("application") == app.name \
+                            and have.get("deployment") == dep.name:
+                        if name == "fleet_ongoing_requests":
+                            ongoing += v
+                        else:
+                            queued += v
+                row: dict[str, Any] = {"application": app.name, "deployment": dep.name,
+                                       "status": dep.status.value}
+                row.update(self.window_stats(app.name, dep.name, window))
+                row.update({"ongoing": int(ongoing), "queued": int(queued),
+                            "running_replicas": len(dep.running()),
+                            "target_replicas": dep.target})
+                rows.append(row)
+        return rows
+
+    async def rpc_logs_dir(self, conn: ServerConnection) -> str:
+        return self.logs_dir
+
+    async def rpc_top(self, conn: ServerConnection, window: float = 60.0
+                      ) -> list[dict[str, Any]]:
+        return self.top(window)
+
+    async def rpc_metrics_text(self, conn: ServerConnection) -> str:
+        return self.metrics.prometheus()
+
+    async def rpc_metrics_series(self, conn: ServerConnection, name: str,
+                                 match: dict[str, str], window: float = 900.0,
+                                 rate: bool = False, quantile: float | None = None
+                                 ) -> dict[str, Any]:
+        return self.metrics.series(name, match, window, rate, quantile)
 
     # -- traffic policies ------------------------------------------------------------
     async def rpc_set_traffic(self, conn: ServerConnection, route_prefix: str,

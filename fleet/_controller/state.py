@@ -63,6 +63,10 @@ class DeploymentState:
     # replicas replaced or restarted, and why (newest last, bounded)
     replaced: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
     replaced_total: int = 0
+    last_deployed_at: float = field(default_factory=time.time)   # plan last changed
+    last_gone: str = ""            # the last replica that exited unasked, and why
+    # the last health check failure: (monotonic time, what failed)
+    last_unhealthy: tuple[float, str] | None = None
 
     def record_replaced(self, replica_id: str, reason: str) -> None:
         self.replaced.append({"replica_id": replica_id, "reason": reason, "time": time.time()})

@@ -4,9 +4,10 @@ gets, and the status the driver and ``fleet status`` show. Pure reads of its rec
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
-from fleet._controller.state import AppState, ReplicaRecord
+from fleet._controller.state import AppState, DeploymentState, ReplicaRecord
 from fleet._controller.traffic import traffic_tables
 from fleet._types import (
     ApplicationStatus,
@@ -98,20 +99,38 @@ def _replica_info(rec: ReplicaRecord) -> ReplicaInfo:
     return info
 
 
+# A health check failure explains a deployment that is not converged for this long.
+UNHEALTHY_REASON_S = 60.0
+# Lines of a constructor's traceback that a status' reason shows.
+TRACEBACK_LINES = 6
+
+Stats = Callable[[str, "str | None"], dict[str, Any]]
+
+
 def status(apps: dict[str, AppState], proxies: dict[str, dict[str, Any]],
-           traffic: dict[str, Any]) -> dict[str, Any]:
-    """Applications -> deployments -> replicas, the proxies and the traffic policies."""
+           traffic: dict[str, Any], node_id: str = "local",
+           stats: Stats | None = None) -> dict[str, Any]:
+    """Applications -> deployments -> replicas, the proxies and the traffic policies.
+
+    stats(app, deployment or None) gives the last minute's figures (requests/s,
+    percentiles, error rate) from the metrics store, when there is one."""
     out: dict[str, Any] = {}
     now = time.monotonic()
     for app in apps.values():
         deps: dict[str, Any] = {}
         for dep in app.deployments.values():
+            running = len(dep.running())
+            desired = dep.autoscaler.desired(now) if dep.autoscaler is not None else dep.target
             deps[dep.name] = {
                 "status": dep.status.value,
                 "message": dep.message,
+                "reason": reason(dep, now),
                 "target_replicas": dep.target,
+                "desired_replicas": desired,
+                "running_replicas": running,
+                "last_deployed_time_s": round(dep.last_deployed_at, 3),
                 "replicas": [{"replica_id": r.replica_id, "state": r.state.value,
-                              "pid": r.pid, "version": r.version,
+                              "pid": r.pid, "node_id": node_id, "version": r.version,
                               "message": r.message or _doing(r),
                               "uptime_s": round(now - r.started_at, 1),
                               "ongoing": r.ongoing, "batches": r.batches,
@@ -119,16 +138,71 @@ def status(apps: dict[str, AppState], proxies: dict[str, dict[str, Any]],
                              for r in dep.replicas.values()],
                 "scaling_log": list(dep.scaling_log[-10:]),
             }
+            if stats is not None:
+                deps[dep.name].update(stats(app.name, dep.name))
             if dep.last_error is not None:
                 deps[dep.name]["last_error"] = dict(dep.last_error)
             if dep.autoscaler is not None:
                 deps[dep.name]["autoscaling"] = dep.autoscaler.describe(time.monotonic())
+        live = [d for d in deps.values()]
         out[app.name] = {"status": app_status(app).value, "route_prefix": app.route_prefix,
                          "ingress": app.ingress, "protocol": app.protocol,
                          "grpc_port": app.grpc_port,
+                         "last_deployed_time_s": round(app.deployed_at, 3),
+                         "target_replicas": sum(d["target_replicas"] for d in live),
+                         "desired_replicas": sum(d["desired_replicas"] for d in live),
+                         "running_replicas": sum(d["running_replicas"] for d in live),
+                         "reason": next((f"{n}: {d['reason']}" for n, d in deps.items()
+                                         if d["reason"]), ""),
                          "deployments": deps}
+        if stats is not None and app.ingress in app.deployments:
+            out[app.name].update(stats(app.name, app.ingress))
     return {"applications": out, "proxies": dict(proxies),
             "traffic": {p: dict(v) for p, v in traffic.items()}}
+
+
+def reason(dep: DeploymentState, now: float) -> str:
+    """Why a deployment is not converged (empty when it is): its constructor failed
+    (with the traceback's last lines), a health check is failing, it is scaling up for
+    load, or replicas wait for resources or their constructor."""
+    from fleet._types import DeploymentStatus as S
+    if dep.status == S.HEALTHY and not dep.deleting:
+        return ""
+    if dep.deleting:
+        return "being deleted: waiting for its replicas to finish their calls and exit"
+    if dep.status == S.DEPLOY_FAILED:
+        text = f"constructor failed: {dep.message}" if dep.error_type else dep.message
+        if dep.traceback:
+            tail = [ln for ln in dep.traceback.rstrip().splitlines() if ln.strip()]
+            text += "\n" + "\n".join(tail[-TRACEBACK_LINES:])
+        return text
+    parts: list[str] = []
+    if dep.last_unhealthy is not None and now - dep.last_unhealthy[0] < UNHEALTHY_REASON_S:
+        parts.append(f"health check failing: {dep.last_unhealthy[1]}")
+    running = len(dep.running())
+    if dep.autoscaler is not None and dep.scaling_log and running < dep.target:
+        last = dep.scaling_log[-1]
+        if last["to"] > last["from"]:
+            parts.append(f"scaling up for load from {last['from']} to {last['to']}: "
+                         f"{last['reason']}")
+    starting = [r for r in dep.replicas.values() if r.state == ReplicaState.STARTING]
+    waiting = [r for r in starting if r.message in ("", "process starting")]
+    constructing = [r for r in starting if r not in waiting]
+    if waiting:
+        parts.append(f"waiting for resources: {len(waiting)} replica process(es) starting")
+    if constructing:
+        parts.append(f"{len(constructing)} replica(s) starting: "
+                     f"{constructing[0].message}")
+    old = [r for r in dep.live() if r.version != dep.plan.version]
+    if old:
+        parts.append(f"rolling update: {len(old)} replica(s) of the previous version left")
+    if any(r.reconfiguring for r in dep.replicas.values()):
+        parts.append("replicas are applying a new user_config")
+    if not parts and running < dep.target:
+        parts.append(f"{running} of {dep.target} replicas running")
+    if dep.last_gone and running < dep.target:
+        parts.append(f"last replaced: {dep.last_gone}")
+    return "; ".join(parts)
 
 
 def _doing(rec: ReplicaRecord) -> str:
@@ -149,16 +223,3 @@ def app_status(app: AppState) -> ApplicationStatus:
         return ApplicationStatus.RUNNING
     return ApplicationStatus.DEPLOYING
 
-
-def graph(app: AppState) -> dict[str, Any]:
-    """An application's deployments as nodes (ingress marked, state and replica counts)
-    and the handles they hold to each other as edges, from the plans' recorded handles."""
-    live = {name: dep for name, dep in app.deployments.items() if not dep.deleting}
-    nodes = [{"deployment": name, "ingress": name == app.ingress,
-              "status": dep.status.value, "message": dep.message,
-              "running_replicas": len(dep.running()), "target_replicas": dep.target}
-             for name, dep in live.items()]
-    nodes.sort(key=lambda n: not n["ingress"])
-    edges = [{"from": name, "to": to} for name, dep in live.items()
-             for to in dep.plan.handles if to in live]
-    return {"application": app.name, "nodes": nodes, "edges": edges}

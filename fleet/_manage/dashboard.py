@@ -1,13 +1,15 @@
-"""The dashboard's routes: its page and assets, the sign-in page, the graph of an
-application and the playground's relay to the HTTP proxy.
+"""The dashboard's routes: its page and assets, the sign-in page and the playground's
+relay to the HTTP proxy.
 
 The management server mounts :func:`routes`. The page itself is static (HTML, CSS and
-JavaScript under ``static/``, no build step) and reads everything else from the REST
-API; these routes serve it and the two API paths that only the dashboard needs.
+JavaScript under ``static/``, no build step, nothing fetched from elsewhere) and reads
+everything else from the REST API.
 
 Access: ``GET /?token=T`` checks T against the instance's token, sets the ``fleet_token``
 cookie and redirects to ``/``; ``GET /`` without a valid token or cookie serves only the
-sign-in page; ``/static/...`` holds no data and is public (:data:`PUBLIC_PREFIXES`).
+sign-in page. The server lets ``GET /`` and ``/static/...`` (:data:`PUBLIC_PREFIXES`:
+assets that hold no data) through without a token and checks it for every other path,
+``/api/playground`` included.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -24,11 +27,6 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-
-from fleet._controller.views import graph
-
-if TYPE_CHECKING:
-    from fleet._controller.controller import Controller
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 COOKIE = "fleet_token"
@@ -78,9 +76,10 @@ class PlaygroundRequest(BaseModel):
     body: str = Field(default="", max_length=PLAYGROUND_MAX_BODY)
 
 
-def proxy_base(controller: Controller) -> str | None:
-    """The HTTP proxy's base URL, reachable from this process, or None without one."""
-    info = controller.proxies.get("http")
+def proxy_base(proxies: dict[str, dict[str, Any]]) -> str | None:
+    """The HTTP proxy's base URL, reachable from this process, or None without one
+    (proxies: the controller's, as in ``status()["proxies"]``)."""
+    info = proxies.get("http")
     if not info or "port" not in info or info.get("error"):
         return None
     host = str(info.get("host") or "127.0.0.1")
@@ -94,18 +93,9 @@ def proxy_base(controller: Controller) -> str | None:
     return f"{scheme}://{host}:{info['port']}"
 
 
-def routes(controller: Controller, token: str) -> list[BaseRoute]:
-    """The dashboard's routes for the management server of one instance.
-
-    The handlers run on the instance's loop and read the controller's records directly.
-    """
-
-    def denied(request: Request) -> JSONResponse | None:
-        if token_matches(presented_token(request), token):
-            return None
-        return error(401, f"{request.url.path} needs the instance's token: send "
-                          "'Authorization: Bearer <token>' (the token is printed by "
-                          "'fleet start' and 'fleet run', and stored in the instance file)")
+def routes(token: str, proxy: Callable[[], str | None]) -> list[BaseRoute]:
+    """The dashboard's routes for the management server of one instance: ``token`` is
+    the instance's, ``proxy()`` the HTTP proxy's base URL now (None without one)."""
 
     async def index(request: Request) -> Response:
         given = request.query_params.get("token")
@@ -122,20 +112,7 @@ def routes(controller: Controller, token: str) -> list[BaseRoute]:
             return signin_page()
         return FileResponse(STATIC_DIR / "index.html", headers=_NO_STORE)
 
-    async def app_graph(request: Request) -> Response:
-        if (no := denied(request)) is not None:
-            return no
-        name = request.path_params["app"]
-        app = controller.apps.get(name)
-        if app is None or app.deleting:
-            known = sorted(n for n, a in controller.apps.items() if not a.deleting)
-            return error(404, f"no application {name!r}; running: "
-                              f"{', '.join(known) or 'none'}")
-        return JSONResponse(graph(app))
-
     async def playground(request: Request) -> Response:
-        if (no := denied(request)) is not None:
-            return no
         try:
             raw = await request.body()
             spec = PlaygroundRequest.model_validate_json(raw or b"{}")
@@ -146,7 +123,7 @@ def routes(controller: Controller, token: str) -> list[BaseRoute]:
                  "request_id": request_id(),
                  "detail": [{"loc": ["body", *err["loc"]], "msg": err["msg"]}
                             for err in exc.errors()]}, status_code=422)
-        base = proxy_base(controller)
+        base = proxy()
         if base is None:
             return error(503, "the playground sends requests through the HTTP proxy, and "
                               "this instance has none running; start one with an HTTP "
@@ -154,8 +131,7 @@ def routes(controller: Controller, token: str) -> list[BaseRoute]:
         return await relay(base, spec)
 
     return [
-        Route("/", index, methods=["GET"]),
-        Route("/api/applications/{app}/graph", app_graph, methods=["GET"]),
+        Route("/", index, methods=["GET", "HEAD"]),
         Route("/api/playground", playground, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]

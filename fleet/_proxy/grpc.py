@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +78,10 @@ class GRPCProxy(grpc.GenericRpcHandler):
         self.timeout = options.request_timeout_s
         self.expose_errors = options.expose_errors
         self.errors = ErrorReports(runtime)
+        # calls and their latency by (route: the RPC's full name, status code)
+        self.hist = None if runtime.metrics is None else runtime.metrics.histogram(
+            "fleet_grpc_request_duration_seconds", ("route", "status_code"),
+            count_name="fleet_grpc_requests_total")
         self.apps: dict[str, str] = {}            # app name -> ingress deployment
         self.grpc_apps: list[str] = []            # apps whose ingress is a gRPC driver
         self.port_apps: dict[int, list[str]] = {}  # port -> apps whose driver asked for it
@@ -237,6 +242,8 @@ class GRPCProxy(grpc.GenericRpcHandler):
         for key, value in pairs:
             if key == "multiplexed_model_id" and value:     # fleet.get_multiplexed_model_id
                 meta["model"] = value
+            elif key == "x-request-id" and isinstance(value, str) and _valid_id(value):
+                meta["rid"] = value                         # fleet.get_request_id
         return meta
 
     async def _start(self, kind: _Kind, request: bytes | None, context: Any,
@@ -272,7 +279,26 @@ class GRPCProxy(grpc.GenericRpcHandler):
                                 "and was cancelled", _id_metadata(context))
 
     async def _unary(self, kind: _Kind, request: bytes, context: Any) -> bytes:
-        return await self._bounded(self._unary_call(kind, request, context), context)
+        if self.hist is None:
+            return await self._bounded(self._unary_call(kind, request, context), context)
+        return await self._measured(kind, self._unary_call(kind, request, context), context)
+
+    async def _measured(self, kind: _Kind, call: Any, context: Any) -> Any:
+        """Run a call's body and count it (fleet_grpc_requests_total and its duration)
+        under the status it ended with."""
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            return await self._bounded(call, context)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            code = _code_of(context)
+            raise
+        finally:
+            assert self.hist is not None
+            self.hist.observe((kind.full, code), time.perf_counter() - started)
 
     async def _unary_call(self, kind: _Kind, request: bytes, context: Any) -> bytes:
         while True:
@@ -295,8 +321,10 @@ class GRPCProxy(grpc.GenericRpcHandler):
 
     async def _stream(self, kind: _Kind, request: bytes | None, requests: Any, context: Any,
                       fallback: bool = False) -> Any:
-        return await self._bounded(self._stream_call(kind, request, requests, context,
-                                                     fallback), context)
+        call = self._stream_call(kind, request, requests, context, fallback)
+        if self.hist is None:
+            return await self._bounded(call, context)
+        return await self._measured(kind, call, context)
 
     async def _stream_call(self, kind: _Kind, request: bytes | None, requests: Any,
                            context: Any, fallback: bool) -> Any:
@@ -386,6 +414,17 @@ def _id_metadata(context: Any) -> tuple[tuple[str, str], ...]:
 
 
 _valid_id = re.compile(r"[A-Za-z0-9._:-]{1,128}").fullmatch
+
+
+def _code_of(context: Any) -> str:
+    """The status a call that raised ended with (an abort sets it), by name."""
+    try:
+        code = context.code()
+    except Exception:       # noqa: BLE001 - older grpc: no code() on the context
+        code = None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "UNKNOWN"
 
 
 def _new_id() -> str:

@@ -19,11 +19,13 @@ import re
 import socket
 import sys
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from fleet._logformat import stamp
+from fleet._metrics import TIME_BUCKETS
 from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
 from fleet._proxy.routes import RouteTable
@@ -161,6 +163,12 @@ class HTTPProxy:
         self.root_path = options.root_path.rstrip("/")
         self.access = AccessLog(runtime.loop) if options.access_log else None
         self.oip = False            # any Open Inference Protocol model is deployed
+        # request counts and latencies by (application, route, method, status), or None
+        # when metrics are off (FLEET_METRICS=0)
+        self.hist = None if runtime.metrics is None else runtime.metrics.histogram(
+            "fleet_http_request_duration_seconds",
+            ("application", "route", "method", "status_code"),
+            count_name="fleet_http_requests_total")
         runtime.table_listeners.append(self._on_tables)
         if runtime.tables is not None:
             self._on_tables(runtime.tables)
@@ -239,6 +247,11 @@ class HTTPProxy:
                 rid = value
         if rid is None:
             rid = scope.get(_SCOPE_ID) or self.new_id()
+        # the replica reads the id as fleet.get_request_id(), handle calls carry it on
+        if meta is _HTTP_META:
+            meta = {"http": 1, "rid": rid}
+        else:
+            meta["rid"] = rid
         path = self.local_path(scope)
         if path.startswith("/-/"):
             status = await self._builtin(path, send, rid)
@@ -295,11 +308,18 @@ class HTTPProxy:
             while status == _AGAIN:     # the replica refused it before starting: again
                 status, replica = await self._forward(app, ingress, method, sub, body,
                                                       receive, send, rid, meta)
-        self._log(scope, path, status, started, app, replica, rid)
+        self._log(scope, path, status, started, app, replica, rid, prefix)
 
     def _log(self, scope: dict[str, Any], path: str, status: int, started: float, app: str,
-             replica: str, rid: bytes) -> None:
-        """The access log's line for one response, whatever answered it."""
+             replica: str, rid: bytes, route: str = "") -> None:
+        """The access log's line and the metrics of one response, whatever answered it."""
+        hist = self.hist
+        if hist is not None:
+            elapsed = time.perf_counter() - started
+            key = (app, route, scope["method"], status)
+            cells = hist.series.get(key) or hist.cells(key)
+            cells[bisect_left(TIME_BUCKETS, elapsed)] += 1
+            cells[-1] += elapsed
         if self.access is not None:
             if len(path) > LOG_PATH_CHARS or not path.isprintable():
                 path = _log_path(path)
@@ -474,6 +494,17 @@ class HTTPProxy:
         if path == "/-/healthz":
             await self._respond(send, 200, [(b"content-type", b"text/plain")], b"success", rid)
             return 200
+        if path == "/-/livez":
+            await self._respond(send, 200, [(b"content-type", b"text/plain")], b"alive", rid)
+            return 200
+        if path == "/-/readyz":
+            waiting = self.not_ready()
+            if waiting:
+                await self._respond(send, *_json(503, {"ready": False, "waiting": waiting,
+                                                       "request_id": rid.decode()}), rid)
+                return 503
+            await self._respond(send, *_json(200, {"ready": True}), rid)
+            return 200
         if path == "/-/routes":
             await self._respond(send, *_json(200, {p: r["app"]
                                                    for p, r in self.routes.routes.items()}),
@@ -482,6 +513,21 @@ class HTTPProxy:
         await self._respond(send, *_json(404, {"error": f"unknown fleet endpoint {path!r}",
                                                "request_id": rid.decode()}), rid)
         return 404
+
+
+    def not_ready(self) -> dict[str, str]:
+        """Applications that are not RUNNING (every deployment healthy), with why; an
+        instance with no application at all is not ready either."""
+        tables = self.runtime.tables
+        if tables is None or not tables["deployments"]:
+            return {"": "no application is deployed"}
+        out: dict[str, str] = {}
+        for key, table in tables["deployments"].items():
+            if table["status"] != "HEALTHY":
+                app, _, dep = key.partition("#")
+                out.setdefault(app, f"deployment {dep!r} is {table['status']}"
+                               + (f": {table['message']}" if table.get("message") else ""))
+        return out
 
 
 class _DisconnectWatch:

@@ -28,6 +28,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, datefmt=DATEFMT, format=log_format("proxy"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     kind = boot["kind"]
+    if boot.get("logs_dir"):
+        from fleet import _logs
+        _logs.setup(boot["logs_dir"], f"proxy-{kind}-{boot.get('index', 0)}.log",
+                    capture_output=True)
     try:
         import uvloop
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()

@@ -35,7 +35,13 @@ def main() -> None:
         except OSError:
             pass
     logging.basicConfig(level=logging.INFO, datefmt=DATEFMT,
-                        format=log_format(f"{spec.deployment_name} {spec.replica_id}"))
+                        format=log_format(f"{spec.app_name}/{spec.deployment_name} "
+                                          f"{spec.replica_id}"))
+    if spec.logs_dir:
+        from fleet import _logs
+        _logs.setup(spec.logs_dir, f"replica-{spec.app_name}-{spec.replica_id}.log",
+                    spec.app_name, spec.deployment_name, spec.replica_id,
+                    capture_output=True)
     # The controller decides when replicas stop; Ctrl-C in a terminal reaches the
     # whole process group, and the driver shuts replicas down in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -12,12 +12,14 @@ import os
 import secrets
 import time
 import types
+from bisect import bisect_left
 from typing import Any
 
 import cloudpickle
 
-from fleet import _multiplex
+from fleet import _context, _multiplex
 from fleet._batching import batch_stats
+from fleet._metrics import TIME_BUCKETS, Recorder
 from fleet._runtime import Runtime, set_current
 from fleet._types import CallMeta, ModelsMsg, ReplicaSpec, deployment_key
 from fleet._wire.errors import error_info
@@ -106,6 +108,28 @@ class Replica:
         self.grpc: Any = None       # fleet/_replica/grpc.py, made on the first gRPC call
         # Connections of callers that sent model calls: told when the held models change.
         self._model_conns: set[ServerConnection] = set()
+        # This replica's metric cells (None when metrics are off): updated in place per
+        # call, sent by the runtime every second.
+        self._processing: list[float] | None = None
+        self._queue: list[float] = []
+        self._errors: list[float] = []
+        rec = self.runtime.metrics
+        if rec is not None:
+            names = ("application", "deployment", "replica")
+            mine = (spec.app_name, spec.deployment_name, spec.replica_id)
+            self._processing = rec.histogram(
+                "fleet_replica_processing_seconds", names,
+                count_name="fleet_replica_requests_total").cells(mine)
+            self._queue = rec.histogram("fleet_replica_queue_seconds", names).cells(mine)
+            self._errors = rec.counter("fleet_replica_errors_total", names).cells(mine)
+            rec.gauge_fns.append(self._gauges)
+
+    def _gauges(self, rec: Recorder) -> None:
+        """Sent every second: the ongoing calls, and batch figures since the last time."""
+        spec = self.spec
+        mine = (("application", spec.app_name), ("deployment", spec.deployment_name),
+                ("replica", spec.replica_id))
+        rec.set("fleet_ongoing_requests", mine, self.ongoing)
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self) -> int:
@@ -336,7 +360,8 @@ class Replica:
                 adapter(self).accept(conn, call_id, meta)
             if "model" in meta:
                 self._model_call(conn, meta["model"])
-        task = self.loop.create_task(self._serve(conn, call_id, method, args, kwargs, meta))
+        task = self.loop.create_task(self._serve(conn, call_id, method, args, kwargs, meta,
+                                                 time.perf_counter()))
         key = (id(conn), call_id)
         self.tasks[key] = task
         self.ongoing += 1
@@ -351,15 +376,19 @@ class Replica:
 
     async def _serve(self, conn: ServerConnection, call_id: int, method: str,
                      args: tuple[Any, ...], kwargs: dict[str, Any],
-                     meta: CallMeta | None) -> None:
+                     meta: CallMeta | None, arrived: float = 0.0) -> None:
         if method in self._slow:
             # Replies of calls that finished in this loop iteration leave now: this
             # method took milliseconds last time and may block the loop (an async method
             # doing CPU work). Fast methods keep their replies coalesced into one write.
             conn.flush()
         started = time.perf_counter()
-        if meta is not None and "model" in meta:
-            _multiplex.set_model_id(meta["model"])     # this task's context only
+        if meta is not None:
+            rid = meta.get("rid")
+            if rid is not None:
+                _context.set_request_id(rid)            # this task's context only
+            if "model" in meta:
+                _multiplex.set_model_id(meta["model"])
         try:
             if meta is not None and "http" in meta:
                 await self.http.serve_http(conn, call_id, method, args[0], meta)
@@ -377,11 +406,22 @@ class Replica:
         except asyncio.CancelledError:
             return
         except BaseException as exc:  # noqa: BLE001 - goes back to the caller
+            if self._processing is not None:
+                self._errors[0] += 1
             conn.reply_error(call_id, exc, f"in {method} of {self.where}")
         finally:
             if conn.windows:
                 conn.end_stream(call_id)
-            if time.perf_counter() - started <= SLOW_CALL_S:
+            elapsed = time.perf_counter() - started
+            cells = self._processing
+            if cells is not None:
+                cells[bisect_left(TIME_BUCKETS, elapsed)] += 1
+                cells[-1] += elapsed
+                waited = started - arrived if arrived else 0.0
+                queue = self._queue
+                queue[bisect_left(TIME_BUCKETS, waited)] += 1
+                queue[-1] += waited
+            if elapsed <= SLOW_CALL_S:
                 self._slow.discard(method)
             elif method in self._methods or method == "__call__":
                 self._slow.add(method)      # names of real methods only: bounded

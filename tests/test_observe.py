@@ -1,0 +1,257 @@
+"""Metrics, status fields, log files, request ids, readiness and `fleet top`/`fleet logs`
+against a real instance: real replica and proxy processes, real HTTP, the CLI as a
+subprocess, and the management server's observation routes served by uvicorn on the
+instance's own loop over its controller."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from apps.observe_apps import Broken, front
+from helpers import wait_for
+from starlette.applications import Starlette
+
+import fleet
+from fleet import _api
+from fleet._manage.observe import routes
+from fleet.exceptions import DeploymentFailedError
+
+
+def _controller() -> Any:
+    inst = _api._instance
+    assert isinstance(inst, _api.Instance) and inst.controller is not None
+    return inst.controller
+
+
+def _counter(name: str, **labels: str) -> float:
+    """A counter's value in the controller's store, summed over series with labels."""
+    store = _controller().metrics
+    total = 0.0
+    for (n, lb), v in list(store.counters.items()):
+        have = dict(lb)
+        if n == name and all(have.get(k) == v2 for k, v2 in labels.items()):
+            total += v
+    return total
+
+
+@pytest.fixture
+def served(instance: Any) -> Iterator[tuple[str, str]]:
+    """The front app deployed; (its URL, the observation routes' base URL)."""
+    fleet.run(front, name="obs", route_prefix="/obs")
+    inst = _api._instance
+    assert isinstance(inst, _api.Instance)
+    app = Starlette(routes=routes(_controller()))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           lifespan="off"))
+    done = asyncio.run_coroutine_threadsafe(server.serve(), inst.loop)
+    wait_for(lambda: server.started or done.done())
+    assert server.started, done.exception()
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"{instance.http_url}/obs", f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        done.result(15)
+
+
+def test_request_id_reaches_user_code_and_handle_calls(served):
+    url, _ = served
+    r = httpx.get(url)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["front_id"] == r.headers["x-request-id"] == body["inner_id"]
+    # a client's own id is kept end to end
+    r = httpx.get(url, headers={"x-request-id": "my-id-42"})
+    assert r.json() == {"front_id": "my-id-42", "inner_id": "my-id-42"}
+
+
+def test_metrics_reach_the_controller_and_the_routes(served):
+    url, base = served
+    with httpx.Client() as client:
+        for _ in range(7):
+            assert client.get(url).status_code == 200
+        assert client.get(url, params={"fail": "1"}).status_code == 500
+    wait_for(lambda: _counter("fleet_http_requests_total", application="obs",
+                              status_code="200") == 7
+             and _counter("fleet_replica_errors_total", deployment="Front") == 1
+             and _counter("fleet_handle_requests_total", deployment="Inner") == 7)
+    text = httpx.get(f"{base}/metrics").text
+    assert ('fleet_http_requests_total{application="obs",method="GET",route="/obs",'
+            'status_code="200"} 7') in text
+    assert ('fleet_http_requests_total{application="obs",method="GET",route="/obs",'
+            'status_code="500"} 1') in text
+    assert "# TYPE fleet_http_request_duration_seconds histogram" in text
+    assert 'fleet_replica_processing_seconds_count{application="obs",deployment="Inner"' \
+        in text
+    assert 'fleet_replicas{application="obs",deployment="Front",state="RUNNING"} 1' in text
+    assert 'fleet_replica_starts_total{application="obs",deployment="Inner"} 1' in text
+    names = httpx.get(f"{base}/api/metrics").json()["metrics"]
+    assert {"fleet_http_requests_total", "fleet_replica_queue_seconds",
+            "fleet_ongoing_requests", "fleet_autoscaling_target_replicas"} <= set(names)
+    # history: the counter's series reaches 8 requests (7 + 1) once sampled
+    def sampled() -> Any:
+        got = httpx.get(f"{base}/api/metrics/series", params={
+            "name": "fleet_http_requests_total", "application": "obs", "window": 60}).json()
+        total = sum(s["points"][-1][1] for s in got["series"] if s["points"])
+        return got if total == 8 else None
+    got = wait_for(sampled)
+    assert got["resolution_s"] == 1.0
+    assert {s["labels"]["status_code"] for s in got["series"]} == {"200", "500"}
+    rates = httpx.get(f"{base}/api/metrics/series", params={
+        "name": "fleet_http_requests_total", "rate": "1", "window": 60}).json()
+    assert all(p[1] >= 0 for s in rates["series"] for p in s["points"])
+    q = httpx.get(f"{base}/api/metrics/series", params={
+        "name": "fleet_replica_processing_seconds", "quantile": "0.99"}).json()
+    assert q["quantile"] == 0.99 and q["series"]
+    # top: one row per deployment
+    rows = httpx.get(f"{base}/api/top").json()["rows"]
+    front_row = next(r for r in rows if r["deployment"] == "Front")
+    assert front_row["application"] == "obs" and front_row["running_replicas"] == 1
+    assert front_row["target_replicas"] == 1 and front_row["requests_per_s"] > 0
+    assert front_row["error_rate"] > 0 and front_row["p50_s"] is not None
+
+
+@pytest.mark.parametrize("query, loc", [
+    ({}, "name"),
+    ({"name": "fleet_http_requests_total", "window": "soon"}, "window"),
+    ({"name": "fleet_http_requests_total", "window": "0"}, "window"),
+    ({"name": "fleet_http_requests_total", "rate": "maybe"}, "rate"),
+    ({"name": "fleet_replica_processing_seconds", "quantile": "2"}, "quantile"),
+])
+def test_bad_series_queries_get_422_naming_the_parameter(served, query, loc):
+    _, base = served
+    r = httpx.get(f"{base}/api/metrics/series", params=query)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["query", loc]
+    assert loc in r.json()["error"]
+
+
+def test_bad_log_and_top_queries_get_422(served):
+    _, base = served
+    r = httpx.get(f"{base}/api/logs", params={"since": "yesterday"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "since"]
+    r = httpx.get(f"{base}/api/logs", params={"limit": "-1"})
+    assert r.status_code == 422
+    r = httpx.get(f"{base}/api/top", params={"window": "x"})
+    assert r.status_code == 422
+
+
+def test_log_files_hold_every_replica_line_with_its_request_id(served):
+    url, base = served
+    r = httpx.get(url)
+    rid = r.headers["x-request-id"]
+
+    def lines() -> Any:
+        got = httpx.get(f"{base}/api/logs", params={"request_id": rid}).json()["lines"]
+        return got if len(got) >= 3 else None
+    got = wait_for(lines)
+    messages = {(ln["deployment"], ln["message"]) for ln in got}
+    assert ("Front", "front serving /obs") in messages
+    assert ("Front", "front printed a line") in messages      # stdout, captured
+    assert ("Inner", "inner sees /obs") in messages           # across the handle call
+    assert all(ln["application"] == "obs" and ln["request_id"] == rid for ln in got)
+    assert all(ln["replica"] for ln in got)
+    # the proxies' lines are the system's (the access log names the request)
+    system = httpx.get(f"{base}/api/logs", params={"system": "1", "grep": rid}).json()
+    assert any("GET /obs 200" in ln["message"] for ln in system["lines"])
+    only_inner = httpx.get(f"{base}/api/logs", params={"deployment": "Inner",
+                                                       "since": "10m"}).json()["lines"]
+    assert only_inner and {ln["deployment"] for ln in only_inner} == {"Inner"}
+
+
+def test_log_stream_sends_new_lines(served):
+    url, base = served
+    with httpx.Client(timeout=30) as client, client.stream(
+            "GET", f"{base}/api/logs/stream", params={"deployment": "Front"}) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        rid = client.get(url).headers["x-request-id"]
+        for raw in stream.iter_lines():
+            if raw.startswith("data: ") and json.loads(raw[6:])["request_id"] == rid:
+                break
+
+
+def test_status_fields(served):
+    url, _ = served
+    httpx.get(url)
+    st = fleet.status()["applications"]["obs"]
+    for key in ("target_replicas", "desired_replicas", "running_replicas",
+                "last_deployed_time_s", "reason", "requests_per_s", "p50_s", "p99_s",
+                "error_rate"):
+        assert key in st, key
+    assert st["running_replicas"] == st["target_replicas"] == 2
+    assert st["reason"] == ""
+    dep = st["deployments"]["Front"]
+    assert dep["target_replicas"] == dep["desired_replicas"] == dep["running_replicas"] == 1
+    assert dep["last_deployed_time_s"] > 1e9 and dep["reason"] == ""
+    rep = dep["replicas"][0]
+    assert {"replica_id", "state", "pid", "node_id", "message"} <= set(rep)
+    assert rep["node_id"] == "local" and rep["state"] == "RUNNING" and rep["message"] == ""
+
+
+def test_failed_constructor_reason_clears_after_a_good_deploy(instance):
+    with pytest.raises(DeploymentFailedError):
+        fleet.run(Broken.bind(True), name="broken", route_prefix="/broken")
+    st = fleet.status()["applications"]["broken"]
+    reason = st["deployments"]["Broken"]["reason"]
+    assert reason.startswith("constructor failed:")
+    assert "RuntimeError: this constructor was told to fail" in reason
+    assert "Traceback" in reason or "raise RuntimeError" in reason     # its last lines
+    assert st["reason"].startswith("Broken: constructor failed")
+    ready = httpx.get(f"{instance.http_url}/-/readyz")
+    assert ready.status_code == 503 and "broken" in ready.json()["waiting"]
+    fleet.run(Broken.bind(False), name="broken", route_prefix="/broken")
+    st = fleet.status()["applications"]["broken"]
+    assert st["reason"] == "" and st["deployments"]["Broken"]["message"] == ""
+    assert httpx.get(f"{instance.http_url}/-/readyz").json() == {"ready": True}
+
+
+def test_livez_and_readyz(instance):
+    base = instance.http_url
+    assert httpx.get(f"{base}/-/livez").status_code == 200
+    # no application yet: not ready
+    r = httpx.get(f"{base}/-/readyz")
+    assert r.status_code == 503 and r.json()["ready"] is False
+    fleet.run(front, name="obs", route_prefix="/")
+    assert httpx.get(f"{base}/-/readyz").status_code == 200
+    # under /-/, never shadowed by an application at /
+    assert httpx.get(f"{base}/-/livez").text == "alive"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    # the CLI finds this process's instance where this process recorded it
+    env = dict(os.environ, TMPDIR=tempfile.gettempdir())
+    return subprocess.run([sys.executable, "-m", "fleet", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def test_cli_top_logs_and_metrics(instance):
+    fleet.run(front, name="obs", route_prefix="/obs")
+    rid = httpx.get(f"{instance.http_url}/obs").headers["x-request-id"]
+    wait_for(lambda: _counter("fleet_replica_requests_total", deployment="Front") == 1)
+    out = _cli("top", "--once")
+    assert out.returncode == 0, out.stderr
+    head, *rows = out.stdout.splitlines()[1:]
+    assert head.split()[:4] == ["APPLICATION", "DEPLOYMENT", "STATUS", "REQ/S"]
+    assert any(r.split()[:3] == ["obs", "Front", "HEALTHY"] for r in rows)
+    wait_for(lambda: len(_cli("logs", "obs", "--request-id", rid).stdout.splitlines()) >= 3)
+    out = _cli("logs", "obs/Inner", "--request-id", rid)
+    assert out.returncode == 0 and "inner sees /obs" in out.stdout and "Front" not in out.stdout
+    out = _cli("logs", "--system", "--grep", rid)
+    assert "GET /obs 200" in out.stdout
+    out = _cli("logs", "--since", "soon")
+    assert out.returncode != 0 and "--since" in out.stderr and len(out.stderr.splitlines()) == 1
+    out = _cli("logs", "a/b/c/d")
+    assert out.returncode != 0 and "TARGET" in out.stderr
+    out = _cli("metrics")
+    assert out.returncode == 0 and "# TYPE fleet_replica_processing_seconds histogram" \
+        in out.stdout
