@@ -5,10 +5,13 @@ pages in Debian's Chromium."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import secrets
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -49,8 +52,8 @@ class Market:
         total = 0.0
         for stand in self.stands.values():
             total += await stand.remote(count)
-        return {"price": total, "request_id": fleet.get_request_id()
-                if hasattr(fleet, "get_request_id") else None}
+        logging.getLogger("market").info("priced %d of each fruit: %s", count, total)
+        return {"price": total}
 
 
 def market_app() -> fleet.Application:
@@ -295,3 +298,237 @@ def test_playground_reaches_the_proxy_at_a_connectable_address(info: dict[str, A
                                                                 base: str | None) -> None:
     assert dashboard.proxy_base({"http": info}) == base
     assert dashboard.proxy_base({}) is None
+
+
+# -- the pages in a real browser ------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                "--disable-background-networking", "--disable-component-update",
+                "--no-first-run"]
+WIDE = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+UI_TIMEOUT_MS = 30_000      # a deadline for what the page shows, not a pace: it waits on it
+
+needs_browser = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="browser tests need Chromium: apt-get install chromium")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One Chromium for the module (Debian's, no download)."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("browser tests need Chromium: apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@dataclass
+class Page:
+    page: Any
+    errors: list[str]       # uncaught exceptions and console errors the page reported
+
+
+@pytest.fixture
+def page(browser: Any, served: Served) -> Iterator[Page]:
+    """A signed-in page at 1280x800 (the token from the address, then the cookie)."""
+    context = browser.new_context(viewport=WIDE)
+    context.set_default_timeout(UI_TIMEOUT_MS)
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    tab.goto(f"{served.url}/?token={served.token}")
+    try:
+        yield Page(tab, errors)
+    finally:
+        context.close()
+
+
+def api(served: Served, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    with client(served) as c:
+        return c.request(method, path, **kwargs)
+
+
+def confirm(tab: Any, expect: str) -> None:
+    """The in-page dialog says what changes; confirm it."""
+    dialog = tab.locator("dialog#confirm")
+    dialog.wait_for(state="visible")
+    assert expect in dialog.inner_text(), dialog.inner_text()
+    tab.click("#confirm-ok")
+    dialog.wait_for(state="hidden")
+
+
+@needs_browser
+def test_sign_in_page_takes_the_token_once_then_shows_the_overview(browser: Any,
+                                                                   served: Served) -> None:
+    context = browser.new_context(viewport=WIDE)
+    try:
+        tab = context.new_page()
+        tab.goto(served.url + "/")
+        assert tab.locator("input#token").is_visible()
+        tab.fill("input#token", "wrong-token")
+        tab.click("button[type=submit]")
+        tab.locator(".error", has_text="not this instance").wait_for()
+        tab.fill("input#token", served.token)
+        tab.click("button[type=submit]")
+        tab.locator("h1", has_text="Overview").wait_for()
+        tab.goto(served.url + "/#/events")          # the cookie keeps it signed in
+        tab.locator("h1", has_text="Events").wait_for()
+    finally:
+        context.close()
+
+
+@needs_browser
+def test_overview_finds_the_running_application(page: Page) -> None:
+    card = page.page.locator('.app-card[data-app="market"]')
+    card.locator('.state[data-state="RUNNING"]').wait_for()
+    assert "/market" in card.inner_text() and "RUNNING" in card.inner_text()
+    assert not page.errors, page.errors
+
+
+@needs_browser
+def test_traffic_shows_on_the_requests_chart(page: Page, served: Served) -> None:
+    tab = page.page
+    tab.goto(served.url + "/#/app/market")
+    stop = threading.Event()
+
+    def traffic() -> None:
+        # steady traffic while the page waits: a rate needs two samples of the counter
+        deadline = time.monotonic() + UI_TIMEOUT_MS / 1000
+        with httpx.Client(base_url=served.http_url, timeout=30) as c:
+            while not stop.is_set() and time.monotonic() < deadline:
+                assert c.get("/market", params={"n": 1}).status_code == 200
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    try:
+        tab.wait_for_function("""() => {
+            const el = document.querySelector('[data-chart="rps"]');
+            return el !== null && Number(el.dataset.max) > 0; }""")
+    finally:
+        stop.set()
+        sender.join()
+    assert tab.locator('[data-chart="rps"] canvas').count() == 1
+    assert not page.errors, page.errors
+
+
+@needs_browser
+def test_scale_to_three_from_the_page(page: Page, served: Served) -> None:
+    tab = page.page
+    tab.goto(served.url + "/#/app/market/dep/Market")
+    tab.locator('[data-stat="target"] b', has_text="1").wait_for()
+    tab.fill("#replicas", "3")
+    tab.click("#scale")
+    confirm(tab, "1 \u2192 3")
+    tab.locator('[data-stat="running"] b', has_text="3").wait_for()
+    assert tab.locator('#dep-replicas .state[data-state="RUNNING"]').count() == 3
+    dep = fleet.status()["applications"]["market"]["deployments"]["Market"]
+    assert dep["running_replicas"] == 3
+    assert [r["state"] for r in dep["replicas"]] == ["RUNNING"] * 3
+    assert not page.errors, page.errors
+
+
+@needs_browser
+def test_restart_a_replica_from_its_row(page: Page, served: Served) -> None:
+    tab = page.page
+    tab.goto(served.url + "/#/app/fruit/dep/OrangeStand")
+    row = tab.locator("#dep-replicas tr[data-replica]").first
+    row.locator('.state[data-state="RUNNING"]').wait_for()
+    old = row.get_attribute("data-replica")
+    row.locator("button[data-restart]").click()
+    confirm(tab, old)
+    tab.locator(f'#dep-replicas tr[data-replica="{old}"]').wait_for(state="detached")
+    tab.locator('#dep-replicas .state[data-state="RUNNING"]').wait_for()
+    tab.locator("#replaced", has_text="1 replaced").wait_for()
+    assert not page.errors, page.errors
+
+
+@needs_browser
+def test_a_config_whose_constructor_raises_shows_the_error_and_rolls_back(
+        page: Page, served: Served) -> None:
+    good = {"import_path": "apps.dash_apps:good", "route_prefix": "/shop"}
+    assert api(served, "PUT", "/api/applications/shop", json=good).status_code == 202
+    tab = page.page
+    tab.goto(served.url + "/#/app/shop")
+    tab.locator('#app-title .state[data-state="RUNNING"]').wait_for()
+    broken = {"import_path": "apps.dash_apps:broken", "route_prefix": "/shop"}
+    assert api(served, "PUT", "/api/applications/shop", json=broken).status_code == 202
+    problem = tab.locator("#app-problems .error-box")
+    problem.locator("text=the shelves are empty").wait_for()
+    assert "ValueError" in problem.inner_text()
+    with httpx.Client(base_url=served.http_url, timeout=30) as c:   # the old one serves
+        reply = c.get("/shop")
+        assert reply.status_code == 200 and reply.json()["shop"] == "open"
+    tab.click("#app-problems a:has-text('roll back')")
+    tab.locator('.revision[data-revision="1"] button[data-rollback="1"]').click()
+    confirm(tab, "apps.dash_apps:good")
+    tab.locator('#c-status .state[data-state="RUNNING"]').wait_for()
+    tab.locator('.revision[data-revision="3"] .state[data-state="current"]').wait_for()
+    status = fleet.status()["applications"]["shop"]
+    assert status["status"] == "RUNNING"
+    assert page.errors == [], page.errors
+
+
+@needs_browser
+def test_playground_request_id_leads_to_its_log_lines(page: Page, served: Served) -> None:
+    tab = page.page
+    tab.goto(served.url + "/#/playground?app=market")
+    tab.locator("#pg-app option", has_text="market").wait_for(state="attached")
+    tab.fill("#pg-path", "/market?n=4")
+    tab.click("#pg-send")
+    link = tab.locator("#pg-rid a")
+    link.wait_for()
+    rid = link.inner_text()
+    assert "200" in tab.inner_text("#pg-status")
+    assert '"price":20.0' in tab.inner_text("#pg-body-out").replace(" ", "")
+    assert rid in tab.inner_text("#pg-curl") or "curl" in tab.inner_text("#pg-curl")
+    assert "httpx.request" in tab.inner_text("#pg-python")
+    link.click()
+    assert f"request_id={rid}" in tab.url
+    line = tab.locator(f'#log-lines .line[data-request-id="{rid}"]',
+                       has_text="priced 4 of each fruit")
+    line.first.wait_for()
+    assert not page.errors, page.errors
+
+
+PAGES = ["", "app/fruit", "app/market", "app/market/dep/Market", "logs?application=market",
+         "events", "config", "config/market", "playground"]
+
+
+@needs_browser
+def test_every_page_at_both_sizes_renders_without_errors_or_overflow(
+        browser: Any, served: Served, tmp_path_factory: pytest.TempPathFactory) -> None:
+    shots = tmp_path_factory.mktemp("dashboard-screenshots")
+    for size, viewport in (("wide", WIDE), ("phone", PHONE)):
+        context = browser.new_context(viewport=viewport)
+        context.set_default_timeout(UI_TIMEOUT_MS)
+        tab = context.new_page()
+        errors: list[str] = []
+        tab.on("pageerror", lambda exc, errors=errors: errors.append(str(exc)))
+        tab.on("console", lambda m, errors=errors: errors.append(m.text)
+               if m.type == "error" else None)
+        try:
+            tab.goto(f"{served.url}/?token={served.token}")
+            for name in PAGES:
+                tab.goto(f"{served.url}/#/{name}")
+                # one refresh done: the live mark says so, and the page has content
+                tab.wait_for_function("() => document.querySelector('#page').children.length"
+                                      " > 0 && !document.querySelector('#page').innerText"
+                                      ".includes('Loading')")
+                tab.locator("#live:not(.stale)").wait_for()
+                assert tab.locator("#banner").is_hidden(), tab.inner_text("#banner")
+                width = tab.evaluate("() => document.documentElement.scrollWidth")
+                assert width <= viewport["width"], f"{name or 'overview'} at {size}: {width}px"
+                path = shots / f"{size}-{name.split('?')[0].replace('/', '_') or 'overview'}.png"
+                tab.screenshot(path=str(path), full_page=True)
+                assert path.stat().st_size > 0
+        finally:
+            context.close()
+        assert not errors, (size, errors)

@@ -13,10 +13,10 @@ const FORMATS = {
   "": (v) => v == null ? "\u2013" : `${+v.toFixed(2)}`,
 };
 
-async function series(query, scope, window) {
+async function series(query, scope, window, appOnly) {
   const params = { ...query, window };
   if (scope.application) params.application = scope.application;
-  if (scope.deployment) params.deployment = scope.deployment;
+  if (scope.deployment && !appOnly) params.deployment = scope.deployment;
   const data = await get("/api/metrics/series" + q(params));
   return data.series || [];
 }
@@ -40,7 +40,7 @@ function reduce(line, found) {
 }
 
 export class Chart {
-  // spec: {title, unit: "/s" | "s" | "", lines: [{label, query | queries, split?, where?, filter?, max?}]}
+  // spec: {title, unit: "/s" | "s" | "", lines: [{label, query | queries, split?, where?, filter?, max?, appOnly?}]}
   constructor(el, spec, small = false) {
     this.el = el;
     this.spec = spec;
@@ -67,12 +67,13 @@ export class Chart {
   async refresh(scope, window, marks = []) {
     const lines = [];
     const found = await Promise.all(this.spec.lines.map(async (l) =>
-      (await Promise.all((l.queries || [l.query]).map((qq) => series(qq, scope, window)))).flat()));
+      (await Promise.all((l.queries || [l.query]).map((qq) => series(qq, scope, window, l.appOnly)))).flat()));
     this.spec.lines.forEach((line, i) => lines.push(...reduce(line, found[i])));
     const times = [...new Set(lines.flatMap((l) => [...l.points.keys()]))].sort((a, b) => a - b);
     const last = lines.map((l) => l.points.get(times[times.length - 1]));
     this.box.dataset.points = String(times.length);
     this.box.dataset.last = JSON.stringify(last);
+    this.box.dataset.max = String(Math.max(0, ...lines.flatMap((l) => [...l.points.values()])));
     if (!times.length) {
       this.destroy();
       this.box.innerHTML = `<div class="empty">No data in the last ${window >= 3600 ? window / 3600 + " h" : window / 60 + " min"} yet</div>`;
@@ -155,6 +156,16 @@ export const SPECS = {
   errors: { id: "errors", title: "Errors/s by status code", unit: "/s",
     lines: [{ label: "HTTP", split: "status_code", query: { name: "fleet_http_requests_total", rate: 1 },
       filter: (labels) => Number(labels.status_code) >= 400 }] },
+  // a deployment's own: what its replicas ran (the proxies count per application)
+  depRps: { id: "rps", title: "Requests/s (calls its replicas finished)", unit: "/s",
+    lines: [{ label: "requests/s", query: { name: "fleet_replica_requests_total", rate: 1 } }] },
+  depLatency: { id: "latency", title: "Processing time in its replicas (p50 / p90 / p99)", unit: "s",
+    lines: [0.5, 0.9, 0.99].map((qq) => ({ label: `p${Math.round(qq * 100)}`, max: true,
+      query: { name: "fleet_replica_processing_seconds", quantile: qq } })) },
+  depErrors: { id: "errors", title: "Errors/s: exceptions, and the application's HTTP errors by status code", unit: "/s",
+    lines: [{ label: "exceptions", query: { name: "fleet_replica_errors_total", rate: 1 } },
+      { label: "HTTP", split: "status_code", appOnly: true, query: { name: "fleet_http_requests_total", rate: 1 },
+        filter: (labels) => Number(labels.status_code) >= 400 }] },
   batch: { id: "batch", title: "Batch size (p50 / max)", unit: "",
     lines: [{ label: "p50", max: true, query: { name: "fleet_batch_size", quantile: 0.5 } },
       { label: "max", max: true, query: { name: "fleet_batch_size", quantile: 1 } }] },

@@ -21,43 +21,21 @@ function refreshSoon() {
   window.dispatchEvent(new Event("fleet:refresh"));
 }
 
-// Per-deployment figures of /api/top, keyed "app/deployment".
-async function topRows() {
-  try {
-    const data = await get("/api/top");
-    const rows = Array.isArray(data) ? data : data.rows || data.deployments || [];
-    return new Map(rows.map((r) => [`${r.application}/${r.deployment}`, r]));
-  } catch {
-    return new Map();
-  }
-}
-
-function figures(row) {
-  return {
-    rps: pick(row, "requests_per_s", "rps", "requests_s"),
-    p50: pick(row, "p50_s", "p50"), p90: pick(row, "p90_s", "p90"), p99: pick(row, "p99_s", "p99"),
-    errors: pick(row, "error_rate", "errors"),
-    ongoing: pick(row, "ongoing"), queued: pick(row, "queued"),
-  };
-}
-
-function replicaCounts(deps) {
-  let running = 0, target = 0;
-  for (const d of Object.values(deps || {})) {
-    running += pick(d, "running_replicas") ?? (d.replicas || []).filter((r) => r.state === "RUNNING").length;
-    target += pick(d, "target_replicas") ?? 0;
-  }
-  return { running, target };
+// The last minute's figures an application's or a deployment's status carries.
+function figures(st) {
+  return { rps: pick(st, "requests_per_s"), p50: pick(st, "p50_s"), p90: pick(st, "p90_s"),
+    p99: pick(st, "p99_s"), errors: pick(st, "error_rate") };
 }
 
 function problems(app, name) {
   let html = "";
   for (const [dname, d] of Object.entries(app.deployments || {})) {
-    if (!d.message && !["DEPLOY_FAILED", "UNHEALTHY"].includes(d.status)) continue;
+    const text = d.reason || d.message;
+    if (!text && !["DEPLOY_FAILED", "UNHEALTHY"].includes(d.status)) continue;
     const failed = ["DEPLOY_FAILED", "UNHEALTHY"].includes(d.status);
     html += `<div class="${failed ? "error-box" : "panel"}" data-problem="${esc(dname)}">
       <b>${esc(dname)}</b> ${badge(d.status)}
-      <pre>${esc(d.message || "")}</pre>
+      <pre>${esc(text || "")}</pre>
       ${d.traceback ? `<details><summary>Traceback</summary><pre>${esc(d.traceback)}</pre></details>` : ""}
       ${failed ? `<p class="muted">What was serving before keeps serving. Fix the code or config and apply again, or
         <a href="#/config/${enc(name)}">roll back to an earlier revision</a>.</p>` : ""}</div>`;
@@ -79,8 +57,8 @@ export function overview(root) {
   const charts = new Map();
   return {
     async refresh() {
-      const [apps, top, inst, ev] = await Promise.all([
-        get("/api/applications"), topRows(), get("/api/instance").catch(() => null),
+      const [apps, inst, ev] = await Promise.all([
+        get("/api/applications"), get("/api/instance").catch(() => null),
         get("/api/events" + q({ since: Math.floor(Date.now() / 1000) - 3600 })).catch(() => ({ events: [] })),
       ]);
       const list = root.querySelector("#ov-apps");
@@ -102,11 +80,11 @@ export function overview(root) {
           list.append(card);
           charts.set(name, new Chart(card.querySelector(".spark"), SPECS.rps, true));
         }
-        const f = figures(top.get(`${name}/${app.ingress}`));
-        const rc = replicaCounts(app.deployments);
+        const f = figures(app);
         card.querySelector(".st").innerHTML = badge(app.status);
         card.querySelector(".info").innerHTML = `route <code>${esc(app.route_prefix ?? "none")}</code> &middot;
-          ${Object.keys(app.deployments || {}).length} deployments &middot; replicas ${rc.running}/${rc.target}`;
+          ${Object.keys(app.deployments || {}).length} deployments &middot; replicas ${esc(app.running_replicas)}/${esc(app.target_replicas)}
+          ${app.reason ? `<br><span class="reason">${esc(app.reason.split("\n")[0])}</span>` : ""}`;
         card.querySelector(".stats").innerHTML = `
           <div class="stat" data-stat="rps"><b>${num(f.rps)}</b><span>requests/s</span></div>
           <div class="stat"><b>${ms(f.p99)}</b><span>p99</span></div>
@@ -173,23 +151,24 @@ export function application(root, [name]) {
   });
   return {
     async refresh() {
-      const [app, graph, top] = await Promise.all([
+      const [app, graph] = await Promise.all([
         get(`/api/applications/${enc(name)}`),
-        get(`/api/applications/${enc(name)}/graph`).catch(() => null), topRows()]);
+        get(`/api/applications/${enc(name)}/graph`).catch(() => null)]);
       last = app;
       root.querySelector("#app-title .st").innerHTML = badge(app.status);
       root.querySelector("#app-info").innerHTML = `route <code>${esc(app.route_prefix ?? "none")}</code> &middot;
         ingress <b>${esc(app.ingress)}</b> &middot; ${esc(app.protocol || "http")}
-        ${app.last_deployed_time_s ? `&middot; deployed ${when(app.last_deployed_time_s)}` : ""}`;
+        ${app.last_deployed_time_s ? `&middot; deployed ${when(app.last_deployed_time_s)}` : ""}
+        ${app.revision ? `&middot; revision ${esc(app.revision)}` : ""}`;
       root.querySelector("#app-problems").innerHTML = problems(app, name);
       if (graph) root.querySelector("#app-graph").innerHTML = drawGraph(graph, name, NARROW());
       root.querySelector("#app-deps").innerHTML = Object.entries(app.deployments || {}).map(([d, dep]) => {
-        const f = figures(top.get(`${name}/${d}`));
-        const running = pick(dep, "running_replicas") ?? (dep.replicas || []).filter((r) => r.state === "RUNNING").length;
+        const f = figures(dep);
+        const running = dep.running_replicas;
         return `<tr data-deployment="${esc(d)}"><td><a href="#/app/${enc(name)}/dep/${enc(d)}">${esc(d)}</a>${d === app.ingress ? ' <span class="muted">(ingress)</span>' : ""}</td>
           <td>${badge(dep.status)}</td><td class="num">${running}/${dep.target_replicas ?? "?"}</td>
           <td class="num">${num(f.rps)}</td><td class="num hide-narrow">${ms(f.p99)}</td><td class="num hide-narrow">${pct(f.errors)}</td>
-          <td><span class="msg">${esc((dep.message || "").split("\n")[0])}</span></td></tr>`;
+          <td><span class="msg">${esc((dep.reason || dep.message || "").split("\n")[0])}</span></td></tr>`;
       }).join("");
       await Promise.all(charts.map((c) => c.refresh({ application: name }, chartWindow)));
     },
@@ -218,7 +197,7 @@ export function deployment(root, [app, dep]) {
     <section class="panel"><h2>Scaling decisions</h2><div id="dep-scaling" class="muted"></div></section>`;
   root.querySelector("#dep-tools").append(windowPicker(chartWindow, setWindow));
   const grid = root.querySelector("#dep-charts");
-  const charts = ["rps", "latency", "queue", "errors", "batch", "replicas"].map((k) => {
+  const charts = ["depRps", "depLatency", "queue", "depErrors", "batch", "replicas"].map((k) => {
     const el = document.createElement("section");
     el.className = "panel";
     grid.append(el);
@@ -256,17 +235,21 @@ export function deployment(root, [app, dep]) {
       const [st, reps] = await Promise.all([get(base), get(`${base}/replicas`).catch(() => null)]);
       status = st;
       const replicas = reps ? reps.replicas : st.replicas || [];
-      const running = pick(st, "running_replicas") ?? replicas.filter((r) => r.state === "RUNNING").length;
+      const running = st.running_replicas;
       root.querySelector("#dep-title .st").innerHTML = badge(st.status);
       if (!touched && document.activeElement !== input) input.value = st.target_replicas ?? running;
       root.querySelector("#dep-stats").innerHTML = `
         <div class="stat" data-stat="running"><b>${running}</b><span>running</span></div>
         <div class="stat" data-stat="target"><b>${esc(st.target_replicas)}</b><span>target</span></div>
-        <div class="stat"><b>${esc(pick(st, "desired_replicas") ?? st.target_replicas)}</b><span>desired</span></div>
+        <div class="stat"><b>${esc(st.desired_replicas)}</b><span>desired</span></div>
+        <div class="stat"><b>${num(st.requests_per_s)}</b><span>requests/s</span></div>
+        <div class="stat"><b>${ms(st.p99_s)}</b><span>p99</span></div>
+        <div class="stat"><b>${pct(st.error_rate)}</b><span>errors</span></div>
         ${st.autoscaling ? `<div class="stat"><b>on</b><span>autoscaling</span></div>` : ""}`;
-      const failing = st.message || st.last_error;
+      const text = st.reason || st.message;
+      const failing = text || st.last_error;
       root.querySelector("#dep-problems").innerHTML = failing ? `<div class="${["DEPLOY_FAILED", "UNHEALTHY"].includes(st.status) ? "error-box" : "panel"}">
-        ${st.message ? `<pre>${esc(st.message)}</pre>` : ""}
+        ${text ? `<pre>${esc(text)}</pre>` : ""}
         ${st.traceback ? `<details><summary>Traceback</summary><pre>${esc(st.traceback)}</pre></details>` : ""}
         ${st.last_error ? `<p>Last request error${st.last_error.at ? " at " + esc(st.last_error.at) : ""}: ${requestLink(st.last_error.request_id)}
           <pre>${esc(st.last_error.message || st.last_error.error || "")}</pre>
@@ -279,7 +262,7 @@ export function deployment(root, [app, dep]) {
         <td><button class="small" data-restart="${esc(r.replica_id)}" ${r.state === "RUNNING" ? "" : "disabled"}>Restart&hellip;</button></td></tr>`).join("")
         || `<tr><td colspan="10" class="muted">No replica.</td></tr>`;
       const replaced = reps ? reps.replaced || [] : [];
-      root.querySelector("#replaced").textContent = `${replaced.length} replaced`;
+      root.querySelector("#replaced").textContent = `${reps ? reps.replaced_total ?? replaced.length : 0} replaced`;
       root.querySelector("#replaced-list div").innerHTML = replaced.length ? `<ul>${replaced.slice(-50).reverse().map((r) =>
         `<li><span class="mono">${esc(r.replica_id)}</span> at ${clock(r.time)}: ${esc(r.reason)}</li>`).join("")}</ul>` : `<p class="muted">None.</p>`;
       const log = st.scaling_log || [];

@@ -136,8 +136,11 @@ export function config(root, [selected]) {
         shownVersion = "yaml";
         return;
       }
-      const [{ data: st, etag }, revs] = await Promise.all([
-        call("GET", `/api/applications/${enc(selected)}`), get(`/api/applications/${enc(selected)}/revisions`)]);
+      const [{ data: st, etag }, revs, whole] = await Promise.all([
+        call("GET", `/api/applications/${enc(selected)}`),
+        get(`/api/applications/${enc(selected)}/revisions`).catch(() => ({ revisions: [] })),
+        get("/api/config")]);
+      const live = (whole.applications || []).find((a) => a.name === selected) || {};
       const key = `${etag}|${(revs.revisions || []).length}|${st.status}`;
       if (key === shownVersion) return;
       const editing = root.querySelector("#c-edit");
@@ -146,15 +149,17 @@ export function config(root, [selected]) {
         return;
       }
       shownVersion = key;
-      renderApp(root.querySelector("#c-body"), selected, st, etag, revs.revisions || []);
+      renderApp(root.querySelector("#c-body"), selected, st, etag, revs.revisions || [], live);
     },
   };
 }
 
-function renderApp(body, name, st, etag, revisions) {
+function renderApp(body, name, st, etag, revisions, live) {
   const list = revisions.slice().sort((a, b) => b.revision - a.revision);
   const current = list[0];
-  const currentText = current ? configText(current.config) : "{}";
+  const { name: _name, ...editable } = live;
+  const currentText = configText(editable);
+  const yaml = (r) => r.config ? yamlText(r.config) : "# deployed from Python: no config file";
   body.innerHTML = `<section class="panel"><div class="panel-head"><h2>${esc(name)} <span id="c-status">${badge(st.status)}</span></h2>
       <span class="muted">version <code>${esc((etag || "").replace(/"/g, ""))}</code></span></div>
     <p class="muted">Edit this application's config (JSON, the shape of one <code>applications:</code> entry) and apply it.
@@ -163,11 +168,10 @@ function renderApp(body, name, st, etag, revisions) {
     <div class="toolbar" style="margin-top:8px"><button class="primary" id="c-apply">Apply&hellip;</button>
       <button id="c-reset">Discard edits</button></div></section>
     <section class="panel"><h2>Revisions</h2>${list.length ? list.map((r, i) => `<div class="revision" data-revision="${r.revision}">
-      <div class="panel-head"><h3>Revision ${r.revision} ${i === 0 ? '<span class="muted">(live)</span>' : ""}
-        ${r.status ? badge(r.status) : ""}</h3>
-        <span class="muted">${when(r.time)} ${i > 0 ? `<button class="small" data-rollback="${r.revision}">Roll back to ${r.revision}&hellip;</button>` : ""}</span></div>
-      ${list[i + 1] ? diffHtml(yamlText(list[i + 1].config), yamlText(r.config))
-        : `<pre class="diff">${esc(yamlText(r.config))}</pre>`}</div>`).join("")
+      <div class="panel-head"><h3>Revision ${r.revision} ${r.status ? badge(r.status) : ""}</h3>
+        <span class="muted">${when(r.time)}${r.note ? " &middot; " + esc(r.note) : ""}
+        ${r.status !== "current" ? `<button class="small" data-rollback="${r.revision}">Roll back to ${r.revision}&hellip;</button>` : ""}</span></div>
+      ${list[i + 1] ? diffHtml(yaml(list[i + 1]), yaml(r)) : `<pre class="diff">${esc(yaml(r))}</pre>`}</div>`).join("")
       : '<p class="muted">No revision recorded.</p>'}</section>`;
   const edit = body.querySelector("#c-edit");
   edit.addEventListener("input", () => { edit.dataset.dirty = "1"; });
@@ -180,8 +184,8 @@ function renderApp(body, name, st, etag, revisions) {
       toast(`The config is not valid JSON: ${exc.message}`, true);
       return;
     }
-    const ok = await confirmAction(`Apply config to ${name}?`, `<p>What changes against the live revision:</p>
-      ${diffHtml(yamlText(current ? current.config : {}), yamlText(parsed))}<p class="muted">Deployments whose code, arguments or options changed get new
+    const ok = await confirmAction(`Apply config to ${name}?`, `<p>What changes against the live config:</p>
+      ${diffHtml(yamlText(editable), yamlText(parsed))}<p class="muted">Deployments whose code, arguments or options changed get new
       replicas one by one; replica counts and user_config change in place.</p>`, "Apply");
     if (!ok) return;
     const done = await act(`Apply ${name}`, () => call("PUT", `/api/applications/${enc(name)}`, parsed, etag ? { "if-match": etag } : {}));
@@ -190,8 +194,9 @@ function renderApp(body, name, st, etag, revisions) {
   body.querySelectorAll("[data-rollback]").forEach((btn) => btn.addEventListener("click", async () => {
     const to = Number(btn.dataset.rollback);
     const target = list.find((r) => r.revision === to);
-    const ok = await confirmAction(`Roll back ${name} to revision ${to}?`, `<p>What changes against the live revision ${current.revision}:</p>
-      ${diffHtml(yamlText(current.config), yamlText(target.config))}`, "Roll back");
+    const live = list.find((r) => r.status === "current") || current;
+    const ok = await confirmAction(`Roll back ${name} to revision ${to}?`, `<p>Deploys revision ${to} again as a new revision.
+      What changes against revision ${live.revision}:</p>${diffHtml(yaml(live), yaml(target))}`, "Roll back");
     if (ok && await act(`Roll back ${name} to ${to}`, () => post(`/api/applications/${enc(name)}/rollback`, { to }))) refreshSoon();
   }));
 }
@@ -252,7 +257,7 @@ function resultHtml(r, spec, proxy) {
     (Object.keys(spec.headers).length ? `,\n    headers=${JSON.stringify(spec.headers)}` : "") +
     (spec.body ? `,\n    content=${JSON.stringify(spec.body)}` : "") + `)\nprint(reply.status_code, reply.text)`;
   return `<div class="stats">
-      <div class="stat" id="pg-status"><b>${badge(ok ? "READY" : "FAILED").replace(/READY|FAILED/, r.status)}</b><span>status</span></div>
+      <div class="stat" id="pg-status"><b><span class="state ${ok ? "ok" : "bad"}"><span aria-hidden="true">${ok ? "\u2714" : "\u2716"}</span>${esc(r.status)}</span></b><span>status</span></div>
       <div class="stat"><b>${r.latency_ms.toFixed(1)} ms</b><span>latency</span></div>
       <div class="stat"><b id="pg-rid">${requestLink(r.request_id) || "\u2013"}</b><span>request id (its log lines)</span></div></div>
     <h3>Body${r.truncated ? " (first MiB)" : ""}</h3><pre class="diff" id="pg-body-out">${esc(r.body)}</pre>

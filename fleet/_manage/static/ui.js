@@ -13,15 +13,15 @@ const STATES = {
   UPSCALING: ["warn", "\u2191"], DOWNSCALING: ["warn", "\u2193"], RECONFIGURING: ["warn", "\u21bb"],
   DEPLOY_FAILED: ["bad", "\u2716"], UNHEALTHY: ["bad", "!"], FAILED: ["bad", "\u2716"],
   STOPPING: ["idle", "\u25a0"], DELETING: ["idle", "\u232b"], STOPPED: ["idle", "\u25a0"],
-  NOT_STARTED: ["idle", "\u25cb"],
+  NOT_STARTED: ["idle", "\u25cb"], CURRENT: ["ok", "\u2714"], SUPERSEDED: ["idle", "\u25cb"],
 };
 
 export function stateKind(state) {
-  return (STATES[state] || ["idle"])[0];
+  return (STATES[String(state).toUpperCase()] || ["idle"])[0];
 }
 
 export function badge(state) {
-  const [kind, icon] = STATES[state] || ["idle", "?"];
+  const [kind, icon] = STATES[String(state).toUpperCase()] || ["idle", "?"];
   return `<span class="state ${kind}" data-state="${esc(state)}"><span aria-hidden="true">${icon}</span>${esc(state || "UNKNOWN")}</span>`;
 }
 
