@@ -5,6 +5,7 @@ pages in Debian's Chromium."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import wait_for
 from starlette.applications import Starlette
 
 import fleet
@@ -477,6 +479,39 @@ def test_a_config_whose_constructor_raises_shows_the_error_and_rolls_back(
 
 
 @needs_browser
+def test_config_applied_from_the_page_and_a_stale_edit_refused(page: Page,
+                                                              served: Served) -> None:
+    base = {"import_path": "apps.dash_apps:good", "route_prefix": "/stock"}
+    assert api(served, "PUT", "/api/applications/stock", json=base).status_code == 202
+    tab = page.page
+    tab.goto(served.url + "/#/config/stock")
+    editor = tab.locator("#c-edit")
+    editor.wait_for()
+    tab.locator('#c-status .state[data-state="RUNNING"]').wait_for()
+    wanted = {**base, "deployments": [{"name": "Shop", "num_replicas": 2}]}
+    editor.fill(json.dumps(wanted))
+    # someone else changes the application meanwhile: the page's edit is now stale
+    assert api(served, "PUT", "/api/applications/stock",
+               json={**base, "deployments": [{"name": "Shop", "max_ongoing_requests": 7}]}
+               ).status_code == 202
+    tab.click("#c-apply")
+    confirm(tab, "num_replicas: 2")
+    tab.locator("#toast.bad", has_text="someone changed it").wait_for()
+    assert api(served, "GET", "/api/applications/stock").json()["revision"] == 2
+    tab.click("#c-reset")                  # drop the edit: the page shows revision 2
+    tab.locator('.revision[data-revision="2"] .state[data-state="current"]').wait_for()
+    editor.fill(json.dumps(wanted))
+    tab.click("#c-apply")
+    confirm(tab, "num_replicas: 2")
+    tab.locator('.revision[data-revision="3"] .state[data-state="current"]').wait_for()
+    tab.goto(served.url + "/#/app/stock/dep/Shop")
+    tab.locator('[data-stat="running"] b', has_text="2").wait_for()
+    assert fleet.status()["applications"]["stock"]["deployments"]["Shop"][
+        "running_replicas"] == 2
+    assert not [e for e in page.errors if "412" not in e], page.errors
+
+
+@needs_browser
 def test_playground_request_id_leads_to_its_log_lines(page: Page, served: Served) -> None:
     tab = page.page
     tab.goto(served.url + "/#/playground?app=market")
@@ -518,11 +553,8 @@ def test_every_page_at_both_sizes_renders_without_errors_or_overflow(
             tab.goto(f"{served.url}/?token={served.token}")
             for name in PAGES:
                 tab.goto(f"{served.url}/#/{name}")
-                # one refresh done: the live mark says so, and the page has content
-                tab.wait_for_function("() => document.querySelector('#page').children.length"
-                                      " > 0 && !document.querySelector('#page').innerText"
-                                      ".includes('Loading')")
-                tab.locator("#live:not(.stale)").wait_for()
+                # drawn from the API once: the page's own element says so
+                tab.locator("#page > .view[data-ready]").wait_for()
                 assert tab.locator("#banner").is_hidden(), tab.inner_text("#banner")
                 width = tab.evaluate("() => document.documentElement.scrollWidth")
                 assert width <= viewport["width"], f"{name or 'overview'} at {size}: {width}px"
@@ -532,3 +564,18 @@ def test_every_page_at_both_sizes_renders_without_errors_or_overflow(
         finally:
             context.close()
         assert not errors, (size, errors)
+
+
+@needs_browser
+def test_delete_an_application_from_its_page(page: Page, served: Served) -> None:
+    spec = {"import_path": "apps.dash_apps:good", "route_prefix": "/gone"}
+    assert api(served, "PUT", "/api/applications/gone", json=spec).status_code == 202
+    tab = page.page
+    tab.goto(served.url + "/#/app/gone")
+    tab.locator('#app-title .state[data-state="RUNNING"]').wait_for()
+    tab.click("#app-delete")
+    confirm(tab, "route /gone stops serving")
+    wait_for(lambda: "gone" not in fleet.status()["applications"], 60)
+    tab.goto(served.url + "/#/")
+    tab.locator('.app-card[data-app="market"]').wait_for()
+    assert tab.locator('.app-card[data-app="gone"]').count() == 0

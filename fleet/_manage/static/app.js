@@ -29,8 +29,11 @@ async function show() {
   if (current && current.unmount) current.unmount();
   current = null;
   const gen = ++generation;
-  const root = document.getElementById("page");
-  root.innerHTML = "";
+  // each page draws into an element of its own, so a refresh of the page before, still
+  // in flight, writes into a detached element and never into this one
+  const root = document.createElement("div");
+  root.className = "view";
+  document.getElementById("page").replaceChildren(root);
   let found = null;
   for (const [re, page, nav] of ROUTES) {
     const m = path.match(re);
@@ -45,19 +48,23 @@ async function show() {
   const [page, params] = found;
   const view = page(root, params, query);
   if (gen !== generation) return;
+  view.root = root;
   current = view;
+  document.getElementById("page").focus({ preventScroll: true });
   await tick(view);
-  root.focus({ preventScroll: true });
 }
 
 let inFlight = false;
+let again = false;
 async function tick(view = current) {
-  if (!view || !view.refresh || inFlight) return;
+  if (!view) return;
+  if (inFlight) { again = true; return; }     // once the one in flight is done
   inFlight = true;
   const live = document.getElementById("live");
   const banner = document.getElementById("banner");
   try {
-    await view.refresh();
+    if (view.refresh) await view.refresh();
+    if (view === current) view.root.dataset.ready = "1";   // drawn from the API at least once
     live.classList.remove("stale");
     live.querySelector(".live-text").textContent = "live";
     banner.hidden = true;
@@ -68,6 +75,10 @@ async function tick(view = current) {
     banner.hidden = false;
   } finally {
     inFlight = false;
+  }
+  if (again) {
+    again = false;
+    tick();
   }
 }
 

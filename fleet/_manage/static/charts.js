@@ -101,7 +101,8 @@ export class Chart {
       cursor: { show: !this.small, points: { show: false } },
       scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, Math.max(hi * 1.1, this.spec.unit === "/s" ? 1 : hi || 1)] } },
       axes: this.small ? [{ show: false }, { show: false }] : [
-        { values: (u, ticks) => ticks.map((t) => clock(t).slice(0, 5)), size: 28, font: "11px system-ui" },
+        { values: (u, ticks) => ticks.map((t) => (ticks[ticks.length - 1] - ticks[0] < 600 ? clock(t) : clock(t).slice(0, 5))),
+          size: 28, font: "11px system-ui" },
         { values: (u, ticks) => ticks.map(fmt), size: 64, font: "11px system-ui" },
       ],
       series: [{ value: (u, t) => t == null ? "\u2013" : clock(t) },

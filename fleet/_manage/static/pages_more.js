@@ -163,7 +163,8 @@ function renderApp(body, name, st, etag, revisions, live) {
   body.innerHTML = `<section class="panel"><div class="panel-head"><h2>${esc(name)} <span id="c-status">${badge(st.status)}</span></h2>
       <span class="muted">version <code>${esc((etag || "").replace(/"/g, ""))}</code></span></div>
     <p class="muted">Edit this application's config (JSON, the shape of one <code>applications:</code> entry) and apply it.
-      A failed update never takes down what is serving.</p>
+      A failed update never takes down what is serving.${live.import_path ? "" : ` It was deployed from Python:
+      give it an <code>import_path</code> (<code>module:application</code>) to apply it from here.`}</p>
     <textarea id="c-edit" rows="14" spellcheck="false" aria-label="Config of ${esc(name)}">${esc(currentText)}</textarea>
     <div class="toolbar" style="margin-top:8px"><button class="primary" id="c-apply">Apply&hellip;</button>
       <button id="c-reset">Discard edits</button></div></section>
