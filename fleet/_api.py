@@ -77,6 +77,7 @@ class Instance:
         self.management_fallback = management_fallback   # a free port if its port is taken
         self.ops: Any = None
         self._mgmt_server: Any = None
+        self.extra_info: dict[str, Any] = {}     # more for the instance file (fleet start)
         # sockets live in a private directory of their own inside the runtime directory
         self.dir = _socket_dir()
         self.secret = secrets.token_bytes(32)
@@ -217,7 +218,13 @@ class Instance:
             info["management"] = {"host": self.ops.host, "port": self.ops.port,
                                   "scheme": self.ops.scheme, "url": self.ops.url()}
             info["token"] = self.ops.token
+        info.update(self.extra_info)
         _rundir.write_instance(info)
+
+    @property
+    def management_info(self) -> dict[str, Any] | None:
+        """Where the management API listens, or None when it is off."""
+        return None if self.ops is None else {"url": self.ops.url()}
 
     def dashboard_url(self) -> str | None:
         """The management server's address with the token, or None when it is off."""
@@ -292,6 +299,9 @@ class AttachedInstance:
         self.runtime: Runtime | None = None
         self.closed = False
         self.grpc_options = GRPCOptions(enabled=bool(self.options["grpc"].get("enabled")))
+        found = info.get("management")
+        self.management_info = {"url": found["url"]} if isinstance(found, dict) \
+            and "url" in found else None
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run coro on this process's loop for the instance and wait for it."""
@@ -463,7 +473,8 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
 
 def start_owned(http: HTTPOptions, grpc: GRPCOptions,
                 management: ManagementOptions | None = None,
-                management_fallback: bool = False) -> Instance:
+                management_fallback: bool = False,
+                extra_info: dict[str, Any] | None = None) -> Instance:
     """Start an instance owned by this process, whatever else runs (``fleet run``)."""
     global _instance
     with _lock:
@@ -473,6 +484,7 @@ def start_owned(http: HTTPOptions, grpc: GRPCOptions,
             _instance.detach()
         inst = Instance(http, grpc, management=management,
                         management_fallback=management_fallback)
+        inst.extra_info = dict(extra_info or {})
         inst.start()
         _instance = inst
         return inst
@@ -738,8 +750,15 @@ def status() -> dict[str, Any]:
     """The instance's state: ``{"applications": {app: {"status", "route_prefix",
     "deployments": {name: {"status", "message", "replicas": [{"replica_id", "state",
     "pid", "message"}]}}}}, "proxies": {...}}``. A deployment whose requests failed also
-    has ``"last_error"``: the latest one's ``request_id``, ``error``, ``traceback``, ``at``."""
-    return dict(_ctl("status", create=False))
+    has ``"last_error"``: the latest one's ``request_id``, ``error``, ``traceback``, ``at``.
+    When the instance serves the management API, ``"management": {"url": ...}`` says where.
+    """
+    result = dict(_ctl("status", create=False))
+    inst = _instance
+    management = getattr(inst, "management_info", None)
+    if management:
+        result["management"] = management
+    return result
 
 
 def get_app_handle(name: str) -> DeploymentHandle:

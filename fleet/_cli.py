@@ -223,14 +223,15 @@ def _print_serving(status: dict[str, Any], inst: Any = None, management: Any = N
     if http:
         click.echo(f"fleet: HTTP on {http.get('scheme', 'http')}://{http['host']}:"
                    f"{http['port']}", err=True)
+
+    if grpc:
+        click.echo(f"fleet: gRPC on {grpc['host']}:{grpc['port']}", err=True)
     if inst is not None and inst.ops is not None:
         if management is not None and management.port and inst.ops.port != management.port:
             click.echo(f"fleet: port {management.port} is taken; the management API "
                        f"listens on port {inst.ops.port}", err=True)
         click.echo(f"fleet: management API at {inst.ops.url()}/api/docs; dashboard: "
                    f"{inst.dashboard_url()}", err=True)
-    if grpc:
-        click.echo(f"fleet: gRPC on {grpc['host']}:{grpc['port']}", err=True)
     click.echo("fleet: press Ctrl-C to stop", err=True)
 
 

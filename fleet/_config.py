@@ -208,10 +208,22 @@ class ManagementOptions(_Model):
     token: str | None = Field(None, min_length=16)
 
 
+# Ray Serve config keys fleet accepts so Ray users can bring their files, and ignores
+# (with one warning naming them): where in the file -> keys.
+RAY_ONLY_KEYS: dict[str, frozenset[str]] = {
+    "top": frozenset({"proxy_location", "target_capacity"}),
+    "application": frozenset({"runtime_env", "external_scaler_enabled"}),
+    "deployment": frozenset({"graceful_shutdown_wait_loop_s", "placement_group_bundles",
+                             "placement_group_strategy", "max_replicas_per_node",
+                             "request_router_config"}),
+}
+
+
 class DeploymentOverride(_Model):
     """Per-deployment overrides in a YAML application: ``name`` and any option of
     :class:`DeploymentConfig`. The options are read from that model, so the two cannot
-    drift apart; each value is checked by it too."""
+    drift apart; each value is checked by it too. Ray Serve's deployment keys that fleet
+    does not use (:data:`RAY_ONLY_KEYS`) are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -228,7 +240,12 @@ class DeploymentOverride(_Model):
 
     def overrides(self) -> dict[str, Any]:
         """The options given (those set to null are left at the deployment's own)."""
-        return {k: v for k, v in (self.model_extra or {}).items() if v is not None}
+        return {k: v for k, v in (self.model_extra or {}).items()
+                if v is not None and k not in RAY_ONLY_KEYS["deployment"]}
+
+    def ignored(self) -> list[str]:
+        """Ray-only keys given, which fleet ignores."""
+        return sorted(k for k in (self.model_extra or {}) if k in RAY_ONLY_KEYS["deployment"])
 
 
 class ApplicationConfig(_Model):
@@ -239,6 +256,9 @@ class ApplicationConfig(_Model):
     import_path: str
     args: dict[str, Any] = Field(default_factory=dict)
     deployments: list[DeploymentOverride] = Field(default_factory=list)
+    # Ray Serve keys, accepted and ignored (the local backend has no runtime environments)
+    runtime_env: dict[str, Any] | None = None
+    external_scaler_enabled: bool | None = None
 
 
 class TrafficConfig(_Model):
@@ -258,6 +278,36 @@ class FleetConfig(_Model):
     grpc_options: GRPCOptions = Field(default_factory=GRPCOptions)
     applications: list[ApplicationConfig] = Field(default_factory=list)
     traffic: list[TrafficConfig] = Field(default_factory=list)
+    # Ray Serve keys, accepted and ignored (one node: proxies run where the instance does)
+    proxy_location: str | None = None
+    target_capacity: float | None = None
+
+    def ignored_keys(self) -> list[str]:
+        """Where the file set Ray Serve keys that fleet ignores, as dotted paths."""
+        out = [k for k in sorted(RAY_ONLY_KEYS["top"]) if getattr(self, k) is not None]
+        for i, app in enumerate(self.applications):
+            out += [f"applications.{i}.{k}" for k in sorted(RAY_ONLY_KEYS["application"])
+                    if getattr(app, k) is not None]
+            for j, dep in enumerate(app.deployments):
+                out += [f"applications.{i}.deployments.{j}.{k}" for k in dep.ignored()]
+        return out
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of a config file, for editors: FleetConfig's, with each
+    deployment override listing every option of DeploymentConfig."""
+    schema = FleetConfig.model_json_schema()
+    deployment = DeploymentConfig.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    defs.update(deployment.pop("$defs", {}))
+    properties = dict(deployment["properties"])
+    for key in sorted(RAY_ONLY_KEYS["deployment"]):
+        properties[key] = {"description": "Ray Serve key; fleet ignores it"}
+    defs["DeploymentOverride"] = {
+        "title": "DeploymentOverride", "type": "object", "required": ["name"],
+        "description": DeploymentOverride.__doc__, "properties": properties,
+        "additionalProperties": False}
+    return schema
 
 
 # Parts of a pydantic error location that name a branch of a union, not a field:

@@ -220,11 +220,16 @@ def load_config(path: str) -> FleetConfig:
         raise CLIError(f"config {path!r}: expected a mapping of options at the top, got "
                        f"{type(raw).__name__}")
     try:
-        return FleetConfig(**raw)
+        config = FleetConfig(**raw)
     except ValidationError as exc:
         problems = [f"config {path!r}{_yaml_line(root, loc)}: {text}"
                     for loc, text in describe_errors(exc)]
         raise CLIError("; ".join(problems)) from None
+    ignored = config.ignored_keys()
+    if ignored:
+        click.echo(f"fleet: warning: config {path!r}: fleet ignores these Ray Serve keys: "
+                   f"{', '.join(ignored)}", err=True)
+    return config
 
 
 def _yaml_line(node: Any, loc: tuple[Any, ...]) -> str:

@@ -34,7 +34,8 @@ def private_tmpdir(tmp_path_factory, monkeypatch):
 
 def start(*args: str) -> tuple[subprocess.Popen[str], int]:
     """Start `fleet run ...` and wait for it to print where it serves."""
-    proc = subprocess.Popen(fleet_cmd("run", *args, "--app-dir", HERE, "--port", "0"),
+    proc = subprocess.Popen(fleet_cmd("run", *args, "--app-dir", HERE, "--port", "0",
+                                      "--address", "127.0.0.1:0"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=HERE, start_new_session=True)
     assert proc.stdout is not None

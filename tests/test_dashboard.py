@@ -150,7 +150,7 @@ def test_without_a_token_only_the_sign_in_page_and_static_assets_are_served(
         served: Served) -> None:
     with client(served, auth=False) as c:
         page = c.get("/")
-        assert page.status_code == 200 and 'name="token"' in page.text
+        assert page.status_code == 401 and 'name="token"' in page.text
         assert "fleet dashboard" not in page.text          # not the app's page
         assert c.get("/static/app.css").status_code == 200
         for method, path in [("GET", "/api/applications/fruit/graph"),

@@ -299,7 +299,9 @@ def test_a_caller_that_never_authenticates_is_disconnected(tmp_path, monkeypatch
 def test_the_caller_unpickles_nothing_from_a_server_that_has_not_proved_itself(
         rundir, tmp_path):
     """The attack from the issue: an instance file pointing at someone else's server,
-    which answers with a pickle that runs code. `fleet status` refuses it instead."""
+    which answers with a pickle that runs code. A process attaching to it (as
+    fleet.status() does) refuses it instead; `fleet status` speaks only JSON over HTTP to
+    the management API, and this file names none, so it does not connect at all."""
     marker = tmp_path / "unpickled"
     sock = str(tmp_path / "evil.sock")
     script = tmp_path / "evil.py"
@@ -325,13 +327,25 @@ def test_the_caller_unpickles_nothing_from_a_server_that_has_not_proved_itself(
         _rundir.write_private(directory, f"instance-{evil.pid}.json", json.dumps(
             {"address": f"unix:{sock}", "secret": "00" * 32, "pid": evil.pid,
              "started": 1}).encode())
-        out = subprocess.run([sys.executable, "-m", "fleet", "status"], capture_output=True,
+        attach = textwrap.dedent(f"""
+            import asyncio
+            from fleet._runtime import Runtime
+            async def go():
+                rt = Runtime(asyncio.get_running_loop(), "unix:{sock}", bytes(32))
+                await rt.connect_controller(subscribe=False)
+            asyncio.run(go())
+        """)
+        out = subprocess.run([sys.executable, "-c", attach], capture_output=True,
                              text=True, env=_cli_env(tmp_path), timeout=60)
+        cli = subprocess.run([sys.executable, "-m", "fleet", "status", "--address",
+                              "127.0.0.1:1"], capture_output=True, text=True,
+                             env=_cli_env(tmp_path), timeout=60)
     finally:
         evil.kill()
         evil.wait(10)
     assert out.returncode == 1
     assert "closed the connection before fleet's authentication completed" in out.stderr
+    assert cli.returncode == 1 and "nothing answers at" in cli.stderr
     assert not marker.exists()
 
 

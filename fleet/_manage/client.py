@@ -87,7 +87,7 @@ def find(address: str | None = None, token: str | None = None,
         path, info = files[0]
         if len(files) > 1 and say is not None:
             others = ", ".join(str(i["pid"]) for _, i in files[1:])
-            say(f"{len(files)} fleet instances are running; using the newest, pid "
+            say(f"{len(files)} instances are running; talking to the newest, pid "
                 f"{info['pid']} ({path}); the others are pids {others} (pick one with "
                 "--address)")
         m = info["management"]
@@ -130,6 +130,10 @@ class Client:
         except httpx.HTTPError as exc:
             raise ClientError(f"talking to {self.target.url} failed: "
                               f"{type(exc).__name__}: {exc}") from None
+        if r.status_code == 401 and self.target.source == "default":
+            raise ClientError(f"no fleet instance is running for you here (what answers at "
+                              f"{self.target.url} refused the request without a token); "
+                              "start one with `fleet start`, or pass --address and --token")
         if r.status_code == 401:
             hint = ("pass --token or set FLEET_TOKEN" if not self.target.token
                     else "the token given is not this instance's")

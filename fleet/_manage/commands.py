@@ -78,14 +78,14 @@ def start(host: str | None, port: int | None, grpc_port: int | None,
         bind(mhost, mport, fallback=False).close()
     except OSError as exc:
         raise CLIError(str(exc)) from None
-    args = {"host": host, "port": port, "grpc_port": grpc_port,
-            "management": {"host": mhost, "port": mport}}
     try:
         directory = _rundir.runtime_dir()
     except Exception as exc:
         raise CLIError(str(exc)) from None
     log_path = os.path.join(directory, f"start-{time.strftime('%Y%m%dT%H%M%S')}-"
                                        f"{os.getpid()}.log")
+    args = {"host": host, "port": port, "grpc_port": grpc_port, "log": log_path,
+            "management": {"host": mhost, "port": mport}}
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     read_end, write_end = os.pipe()
     try:
@@ -166,7 +166,8 @@ def daemon(args: str, ready_fd: int) -> None:
         except OSError:
             pass
     try:
-        inst = start_owned(http, grpc, ManagementOptions(**opts["management"]))
+        inst = start_owned(http, grpc, ManagementOptions(**opts["management"]),
+                           extra_info={"background": True, "log": opts.get("log")})
     except (FleetError, KeyboardInterrupt, ValueError) as exc:
         tell({"error": str(exc)})
         shutdown()
@@ -195,12 +196,16 @@ def shutdown(yes: bool, address: str | None, token: str | None) -> None:
     with connect(address, token) as client:
         pid = int(get(client, "/api/instance")["pid"])
         call(client, "POST", "/api/instance/shutdown")
-    try:
-        psutil.Process(pid).wait(60)
-    except psutil.NoSuchProcess:
-        pass
-    except psutil.TimeoutExpired:
-        raise CLIError(f"the instance (pid {pid}) did not stop within 60 s") from None
+    deadline = time.monotonic() + 60
+    while True:
+        try:     # gone, or exited and not yet reaped by its parent (a shell, say)
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        if time.monotonic() > deadline:
+            raise CLIError(f"the instance (pid {pid}) did not stop within 60 s")
+        time.sleep(0.05)        # another process's exit: nothing to wait on but polling
     _say(f"instance pid {pid} stopped")
 
 
@@ -211,7 +216,9 @@ def _snapshot(client: Client) -> dict[str, Any]:
     for app in apps.values():
         for key in ("name", "converged", "revision", "deployed_at"):
             app.pop(key, None)
-    return {"applications": apps, "proxies": get(client, "/api/instance")["proxies"]}
+    instance = get(client, "/api/instance")
+    return {"applications": apps, "proxies": instance["proxies"],
+            "traffic": instance.get("traffic", {})}
 
 
 def _table(snapshot: dict[str, Any]) -> str:
@@ -299,7 +306,7 @@ def changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[str, 
     if old is None:
         return [("new application", "start")]
     out: list[tuple[str, str]] = []
-    for key in ("import_path", "args", "runtime_env"):
+    for key in ("import_path", "args"):
         if old.get(key) != new.get(key):
             out.append((key, "rolling restart"))
     if old.get("route_prefix", "/") != new.get("route_prefix", "/"):
@@ -314,9 +321,13 @@ def changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[str, 
         for key in sorted((set(b) | set(a)) - {"name"}):
             if b.get(key) != a.get(key):
                 kind = "in place" if key in IN_PLACE else "rolling restart"
-                out.append((f"deployments.{name}.{key}: {b.get(key)!r} -> {a.get(key)!r}",
-                            kind))
+                out.append((f"deployments.{name}.{key}: {_shown(b, key)} -> "
+                            f"{_shown(a, key)}", kind))
     return out
+
+
+def _shown(options: dict[str, Any], key: str) -> str:
+    return repr(options[key]) if key in options else "(default)"
 
 
 def _diff_text(old: Any, new: Any, name: str) -> str:
@@ -498,4 +509,59 @@ def rollback(app: str, to: int | None, no_wait: bool, address: str | None,
         raise CLIError(f"rollback of {app!r} failed: {failed[app]}")
 
 
-COMMANDS = [start, daemon, shutdown, status, apply, config_cmd, history, rollback]
+# -- the config file ------------------------------------------------------------------
+
+@click.command()
+def schema() -> None:
+    """Print the JSON Schema of fleet.yaml, for editors to check files with."""
+    from fleet._config import config_schema
+    click.echo(json.dumps(config_schema(), indent=2))
+
+
+@click.command()
+@click.argument("targets", nargs=-1, required=True)
+@click.option("-o", "--output", default="-", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Where to write the config (default: stdout).")
+@click.option("--app-dir", default=".", help="Directory to import the applications from.")
+def build(targets: tuple[str, ...], output: str, app_dir: str) -> None:
+    """Write a complete config for the applications TARGETS (MODULE:ATTR ...): every
+    option with its value, which `fleet apply` accepts back unchanged."""
+    from fleet._config import FleetConfig, GRPCOptions, HTTPOptions
+    from fleet._deployment import build_plans
+    from fleet._imports import import_attr, resolve_app
+    sys.path.insert(0, os.path.abspath(app_dir))
+    applications = []
+    names: set[str] = set()
+    for target in targets:
+        app = resolve_app(import_attr(target), target)
+        name = "default" if len(targets) == 1 else target.rpartition(":")[2].rpartition(".")[2]
+        if name in names:
+            raise CLIError(f"two targets would both be named {name!r}; build them apart")
+        names.add(name)
+        deployments = []
+        for plan in build_plans(app, name):
+            options = plan.config.model_dump(mode="json")
+            options.pop("name")
+            deployments.append({"name": plan.name, **options})
+        applications.append({"name": name,
+                             "route_prefix": "/" if len(targets) == 1 else f"/{name}",
+                             "import_path": target, "args": {},
+                             "deployments": deployments})
+    config = {"http_options": _every_option(HTTPOptions()),
+              "grpc_options": _every_option(GRPCOptions()),
+              "applications": applications}
+    FleetConfig(**config)           # what is written is read back the same way
+    text = yaml.safe_dump(config, sort_keys=False)
+    if output == "-":
+        click.echo(text.rstrip())
+    else:
+        with open(output, "w") as f:
+            f.write(text)
+        _say(f"wrote {output} ({len(applications)} application(s))")
+
+
+def _every_option(options: Any) -> dict[str, Any]:
+    return options.model_dump(mode="json", exclude={"middlewares"})
+
+
+COMMANDS = [schema, build, start, daemon, shutdown, status, apply, config_cmd, history, rollback]

@@ -109,7 +109,7 @@ def routes(token: str, proxy: Callable[[], str | None]) -> list[BaseRoute]:
                              secure=request.url.scheme == "https")
             return reply
         if not token_matches(presented_token(request), token):
-            return signin_page()
+            return signin_page(status=401)      # a browser shows it; a script sees 401
         return FileResponse(STATIC_DIR / "index.html", headers=_NO_STORE)
 
     async def playground(request: Request) -> Response:
@@ -174,7 +174,7 @@ async def relay(base: str, spec: PlaygroundRequest) -> Response:
     })
 
 
-def signin_page(status: int = 200, message: str = "") -> Response:
+def signin_page(status: int = 401, message: str = "") -> Response:
     """The one page served without a token: asks for it once, then ``/?token=``."""
     text = (STATIC_DIR / "signin.html").read_text(encoding="utf-8")
     note = f'<p class="error" role="alert">{_escape(message)}</p>' if message else ""

@@ -96,9 +96,12 @@ class Ops:
     def app_names(self) -> list[str]:
         return sorted(n for n, a in self.controller.apps.items() if not a.deleting)
 
-    def application(self, name: str) -> dict[str, Any]:
+    def application(self, name: str, everything: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
         app = self.app_state(name)
-        status = self.controller.status()["applications"][name]
+        if everything is None:
+            everything = self.controller.status()
+        status = everything["applications"][name]
         status["name"] = name
         status["version"] = str(app.revision)
         status["revision"] = app.revision
@@ -109,13 +112,12 @@ class Ops:
     def replica_rows(self, dep: Any) -> list[dict[str, Any]]:
         import psutil
         now_mono, now = time.monotonic(), time.time()
+        self.forget_gone()
         rows = []
-        live_pids = set()
         for rec in dep.replicas.values():
             cpu: float | None = None
             rss: int | None = None
             if rec.pid:
-                live_pids.add(rec.pid)
                 proc = self._procs.get(rec.pid)
                 try:
                     if proc is None:
@@ -130,12 +132,14 @@ class Ops:
                          "uptime_s": round(now_mono - rec.started_at, 1),
                          "cpu_percent": cpu, "rss_bytes": rss, "ongoing": rec.ongoing,
                          "version": rec.version, "message": rec.message})
-        for pid in [p for p in self._procs if p not in live_pids and
-                    not any(p in {r.pid for r in d.replicas.values()}
-                            for a in self.controller.apps.values()
-                            for d in a.deployments.values())]:
-            self._procs.pop(pid, None)
         return rows
+
+    def forget_gone(self) -> None:
+        """Drop the cached process handles of replicas that are gone."""
+        live = {r.pid for a in self.controller.apps.values() for d in a.deployments.values()
+                for r in d.replicas.values()}
+        for pid in [p for p in self._procs if p not in live]:
+            del self._procs[pid]
 
     def config_of(self, name: str) -> dict[str, Any]:
         """An application's live config: what its current revision was deployed with,
@@ -321,11 +325,14 @@ async def get_instance(request: Request, ops: Ops) -> Response:
                         "started_at": ops.started_at,
                         "management": {"host": ops.host, "port": ops.port,
                                        "scheme": ops.scheme},
-                        "proxies": ops.controller.status()["proxies"]})
+                        "proxies": ops.controller.status()["proxies"],
+                        "traffic": ops.controller.status()["traffic"]})
 
 
 async def list_applications(request: Request, ops: Ops) -> Response:
-    return ok(request, {"applications": {n: ops.application(n) for n in ops.app_names()}})
+    everything = ops.controller.status()
+    return ok(request, {"applications": {n: ops.application(n, everything)
+                                         for n in ops.app_names()}})
 
 
 async def get_application(request: Request, ops: Ops) -> Response:
@@ -620,10 +627,11 @@ class Guard:
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception as exc:
-            import logging
-            logging.getLogger("fleet.manage").exception("management API %s %s failed",
-                                                        scope["method"], path)
+            # build_app's handler logged it and answered; anything else is answered here
             if not started:
+                import logging
+                logging.getLogger("fleet.manage").exception("management API %s %s failed",
+                                                            scope["method"], path)
                 await _error(500, f"internal error ({type(exc).__name__}); the instance's "
                                   f"log has the traceback under request id {rid}",
                              rid)(scope, receive, send)
@@ -642,11 +650,21 @@ def build_app(ops: Ops, extra: list[tuple[str, str, Handler]] | None = None) -> 
                      "/api/openapi.json"}.get(exc.status_code, str(exc.detail))
         return _error(exc.status_code, text, _rid(request))
 
+    async def crashed(request: Request, exc: Exception) -> Response:
+        import logging
+        rid = _rid(request)
+        logging.getLogger("fleet.manage").error(
+            "management API %s %s failed (request %s)", request.method, request.url.path,
+            rid, exc_info=exc)
+        return _error(500, f"internal error ({type(exc).__name__}); the instance's log has "
+                           f"the traceback under request id {rid}", rid)
+
     routes: list[BaseRoute] = [Route(path, _endpoint(handler, ops), methods=[method])
                                for method, path, handler in [*ROUTES, *(extra or [])]]
     routes += observe.routes(ops.controller)
     routes += dashboard.routes(ops.token, lambda: dashboard.proxy_base(ops.controller.proxies))
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
+                                                       Exception: crashed})
     return Guard(app, ops)
 
 
