@@ -7,9 +7,11 @@ found through psutil and killed as well.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +37,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_LOGS_DIR = os.path.join(tempfile.gettempdir(), f"fleet-bench-logs-{os.getpid()}")
+atexit.register(shutil.rmtree, _LOGS_DIR, True)
+
+
 def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for benchmark subprocesses: repo on the path, Ray on loopback."""
     env = dict(os.environ)
@@ -45,6 +51,9 @@ def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("RAY_DEDUP_LOGS", "0")
+    # fleet's log files of every benchmark server go to one temporary directory, not
+    # the user's ~/.local/state (FLEET_LOGS_DIR set by the caller wins)
+    env.setdefault("FLEET_LOGS_DIR", _LOGS_DIR)
     if extra:
         env.update(extra)
     return env

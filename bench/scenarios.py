@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -391,6 +391,45 @@ def scenario_multiproxy(ctx: Context, system: str) -> Measured:
     return dict(zip(names, values, strict=True))
 
 
+METRICS_METRICS = [
+    Metric("requests/s, metrics on, 32 connections", "req/s"),
+    Metric("requests/s, metrics off, 32 connections", "req/s"),
+    Metric("requests/s on / off", "x"),
+    Metric("CPU per request, metrics on", "µs", "lower"),
+    Metric("CPU per request, metrics off", "µs", "lower"),
+    Metric("CPU per request in the proxy, metrics on", "µs", "lower"),
+    Metric("CPU per request in the proxy, metrics off", "µs", "lower"),
+]
+
+
+def scenario_metrics(ctx: Context, system: str) -> Measured:
+    """HTTP no-op with fleet's metrics on and off (FLEET_METRICS=0), one fresh server
+    per run, the two alternating (and which goes first alternating too), so the
+    machine's drift falls on both alike."""
+    if system != "fleet":
+        raise Unavailable("skipped", "fleet's own metrics, on against off")
+    rps: dict[str, list[float]] = {"on": [], "off": []}
+    cpu: dict[str, list[float]] = {"on": [], "off": []}
+    proxy: dict[str, list[float]] = {"on": [], "off": []}
+    errors = 0
+    for i in range(ctx.runs):
+        for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):
+            one = replace(ctx, runs=1, extra_env={**ctx.extra_env,
+                                                  "FLEET_METRICS": "1" if mode == "on" else "0"})
+            roles: dict[str, list[float]] = {}
+            with start_server(one, system, "noop") as server:
+                r, c, e = _http_runs(one, server, ctx.http_conns, roles)
+            rps[mode] += r
+            cpu[mode] += c
+            proxy[mode] += roles["proxy"]
+            errors += e
+    ratio = [a / b for a, b in zip(rps["on"], rps["off"], strict=True) if b]
+    names = [m.name for m in METRICS_METRICS]
+    values = [(rps["on"], _error_note(errors)), (rps["off"], ""), (ratio, ""),
+              (cpu["on"], ""), (cpu["off"], ""), (proxy["on"], ""), (proxy["off"], "")]
+    return dict(zip(names, values, strict=True))
+
+
 COLDSTART_METRICS = [
     Metric("launch to first HTTP 200", "s", "lower"),
     Metric("idle RSS, all processes", "MiB", "lower"),
@@ -473,6 +512,7 @@ SCENARIOS: dict[str, tuple[list[Metric], ScenarioFn]] = {
     "scaling": (SCALING_METRICS, scenario_scaling),
     "multiproxy": (MULTIPROXY_METRICS, scenario_multiproxy),
     "coldstart": (COLDSTART_METRICS, scenario_coldstart),
+    "metrics": (METRICS_METRICS, scenario_metrics),
 }
 
 

@@ -23,6 +23,7 @@ from fleet._backends.local import LocalBackend
 from fleet._config import (
     GRPCOptions,
     HTTPOptions,
+    LoggingConfig,
     ManagementOptions,
     coerce_options,
     proxy_count,
@@ -69,7 +70,12 @@ class Instance:
     def __init__(self, http_options: HTTPOptions, grpc_options: GRPCOptions,
                  backend: Backend | None = None, register: bool = True,
                  management: ManagementOptions | None = None,
-                 management_fallback: bool = False) -> None:
+                 management_fallback: bool = False,
+                 logging_config: LoggingConfig | None = None) -> None:
+        self.logging_config = logging_config or LoggingConfig()
+        if not self.logging_config.enable_access_log:
+            # one switch for the proxies' access log: http_options.access_log is an alias
+            http_options = http_options.model_copy(update={"access_log": False})
         self.http_options = http_options
         self.grpc_options = grpc_options
         # the management server runs when asked (fleet run, fleet start, management_options)
@@ -98,8 +104,9 @@ class Instance:
         self.stopped = threading.Event()     # set once shut down, however that came about
         self.owned = True
         # every process's log file goes here (fleet/_logs.py)
-        self.logs_dir = _logs.instance_dir(os.path.basename(self.dir))
-        self._log_handler: logging.Handler | None = None
+        self.logs_dir = _logs.instance_dir(os.path.basename(self.dir),
+                                           self.logging_config.logs_dir)
+        self._log_handler: _logs.SinkHandler | None = None
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run coro on the instance's loop and wait for it from this thread."""
@@ -120,6 +127,7 @@ class Instance:
         self._server = await listen(self.controller, self.secret, self.address)
         self.controller.on_shutdown_request = self._shutdown_requested
         self.controller.logs_dir = self.logs_dir if self._log_handler is not None else ""
+        self.controller.logging_config = self.logging_config.model_dump()
         self.controller.start()
         self.runtime = Runtime(self.loop, self.address, self.secret)
         await self.runtime.connect_controller(subscribe=True)
@@ -196,7 +204,8 @@ class Instance:
                 "options": cloudpickle.dumps(types.SimpleNamespace(**dict(options))),
                 "sys_path": list(sys.path),
                 "index": index, "listen_fd": listen_fd, "shared": shared,
-                "logs_dir": self.logs_dir if self._log_handler is not None else ""}
+                "logs_dir": self.logs_dir if self._log_handler is not None else "",
+                "logging_config": self.logging_config.model_dump()}
         key = f"proxy-{kind}" if index == 0 else f"proxy-{kind}-{index}"
         proc = self.backend.spawn(key, "fleet._proxy", boot,
                                   () if listen_fd is None else (listen_fd,))
@@ -251,7 +260,7 @@ class Instance:
         self.backend.kill_all()
         if self._log_handler is not None:
             logging.getLogger("fleet").removeHandler(self._log_handler)
-            self._log_handler.close()
+            self._log_handler.close_file()
             self._log_handler = None
         set_current(None)
         _rundir.remove_instance()
@@ -430,10 +439,13 @@ def _differences(given: Any, running: dict[str, Any], section: str) -> list[str]
 
 def start(http_options: dict[str, Any] | HTTPOptions | None = None,
           grpc_options: dict[str, Any] | GRPCOptions | None = None,
-          management_options: dict[str, Any] | ManagementOptions | None = None) -> None:
+          management_options: dict[str, Any] | ManagementOptions | None = None,
+          logging_config: dict[str, Any] | LoggingConfig | None = None) -> None:
     """Start fleet's instance in this process: the controller, the local backend and the
     HTTP proxy (``http_options``: host, port, middlewares, request_timeout_s, root_path,
     max_body_bytes, access_log) and, when ``grpc_options`` is given, the gRPC proxy.
+    ``logging_config`` (log_level, encoding, enable_access_log, logs_dir) is the
+    instance's: the proxies', and every deployment's that sets none of its own.
 
     When an instance already runs on this machine (this process's, or another's, such as
     a ``fleet run``), this process uses it instead, and options that differ from the
@@ -452,6 +464,8 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
     grpc = coerce_options(GRPCOptions, grpc_options, "grpc_options")
     if grpc_given and (not isinstance(grpc_options, dict) or "enabled" not in grpc_options):
         grpc.enabled = True
+    log_cfg = None if logging_config is None else coerce_options(
+        LoggingConfig, logging_config, "logging_config")
     with _lock:
         if _instance is None or _instance.closed:
             _instance = _running_elsewhere()
@@ -468,13 +482,14 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
                 raise FleetError("this process's fleet instance runs no management server; "
                                  "pass management_options to the first fleet.start()")
             return
-        start_owned(http, grpc, management)
+        start_owned(http, grpc, management, logging_config=log_cfg)
 
 
 def start_owned(http: HTTPOptions, grpc: GRPCOptions,
                 management: ManagementOptions | None = None,
                 management_fallback: bool = False,
-                extra_info: dict[str, Any] | None = None) -> Instance:
+                extra_info: dict[str, Any] | None = None,
+                logging_config: LoggingConfig | None = None) -> Instance:
     """Start an instance owned by this process, whatever else runs (``fleet run``)."""
     global _instance
     with _lock:
@@ -483,7 +498,8 @@ def start_owned(http: HTTPOptions, grpc: GRPCOptions,
         if isinstance(_instance, AttachedInstance):
             _instance.detach()
         inst = Instance(http, grpc, management=management,
-                        management_fallback=management_fallback)
+                        management_fallback=management_fallback,
+                        logging_config=logging_config)
         inst.extra_info = dict(extra_info or {})
         inst.start()
         _instance = inst

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from fleet._metrics import SIZE_BUCKETS, TIME_BUCKETS, new_hist, observe
 from fleet._multiplex import get_multiplexed_model_id, set_model_id
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -63,7 +64,7 @@ class _Entry:
 class _Stats:
     """Batch sizes of one method, for status and metrics."""
 
-    __slots__ = ("batches", "calls", "last", "largest", "sizes")
+    __slots__ = ("batches", "calls", "last", "largest", "sizes", "size_cells", "wait_cells")
 
     def __init__(self) -> None:
         self.batches = 0
@@ -71,13 +72,26 @@ class _Stats:
         self.last = 0
         self.largest = 0
         self.sizes: dict[int, int] = {}
+        # histograms since the replica last sent its metrics (fleet_batch_size,
+        # fleet_batch_wait_seconds), drained by take_metrics
+        self.size_cells = new_hist(SIZE_BUCKETS)
+        self.wait_cells = new_hist(TIME_BUCKETS)
 
-    def record(self, size: int) -> None:
+    def record(self, size: int, waited: float = 0.0) -> None:
         self.batches += 1
         self.calls += size
         self.last = size
         self.largest = max(self.largest, size)
         self.sizes[size] = self.sizes.get(size, 0) + 1
+        observe(self.size_cells, size, SIZE_BUCKETS)
+        observe(self.wait_cells, waited, TIME_BUCKETS)
+
+    def take_metrics(self) -> tuple[list[float], list[float]]:
+        """The size and wait histograms since the last take; they start again at zero."""
+        sizes, waits = self.size_cells, self.wait_cells
+        self.size_cells = new_hist(SIZE_BUCKETS)
+        self.wait_cells = new_hist(TIME_BUCKETS)
+        return sizes, waits
 
     def as_dict(self) -> dict[str, Any]:
         return {"batches": self.batches, "calls": self.calls, "last_batch_size": self.last,
@@ -95,6 +109,16 @@ def batch_stats(instance: Any) -> dict[str, dict[str, Any]]:
     found = getattr(target, "__dict__", {})
     return {q.name: q.stats.as_dict() for q in list(found.values())
             if isinstance(q, _BatchQueue) and q.loop is loop}
+
+
+def take_batch_metrics(instance: Any) -> list[tuple[list[float], list[float]]]:
+    """Each batched method's (size, wait) histograms since the last call, for the
+    replica's metrics (see :func:`batch_stats` for which queues count)."""
+    target = instance.func if isinstance(instance, functools.partial) else instance
+    loop = asyncio.get_running_loop()
+    found = getattr(target, "__dict__", {})
+    return [q.stats.take_metrics() for q in list(found.values())
+            if isinstance(q, _BatchQueue) and q.loop is loop]
 
 
 class _BatchQueue:
@@ -225,7 +249,7 @@ class _BatchQueue:
 
     async def _run(self, entries: list[_Entry]) -> None:
         n = len(entries)
-        self.stats.record(n)
+        self.stats.record(n, self.loop.time() - entries[0].arrived)
         # This task's context only; it was copied from whichever call started the queue.
         set_model_id(entries[0].model)
         try:

@@ -121,7 +121,7 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
     try:
         # `fleet run` always serves an instance of its own, whatever else runs
         inst = start_owned(config.http_options, config.grpc_options, management,
-                           management_fallback=True)
+                           management_fallback=True, logging_config=config.logging_config)
         for app_cfg, app in apps:
             try:
                 deploy(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix,
@@ -162,6 +162,38 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
         shutdown()
 
 
+def _deployment_names(app: Any) -> dict[str, bool]:
+    """Every deployment bound in an application's graph: name -> whether its code sets
+    a logging_config of its own."""
+    from fleet._deployment import Application
+    from fleet.dag import MethodNode
+    names: dict[str, bool] = {}
+    seen: set[int] = set()
+
+    def walk(value: Any) -> None:
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        if isinstance(value, MethodNode):
+            walk(value.app)
+            walk(value.args)
+            walk(value.kwargs)
+        elif isinstance(value, Application):
+            dep = value.deployment
+            names[dep.name] = dep.config.logging_config is not None
+            walk(value.args)
+            walk(value.kwargs)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+
+    walk(app)
+    return names
+
+
 def _load_apps(config: FleetConfig) -> list[tuple[Any, Any]]:
     """Import every application of config, with its overrides applied."""
     apps = []
@@ -169,6 +201,12 @@ def _load_apps(config: FleetConfig) -> list[tuple[Any, Any]]:
         obj = import_attr(app_cfg.import_path)
         app = resolve_app(obj, app_cfg.import_path, app_cfg.args)
         overrides = {d.name: d.overrides() for d in app_cfg.deployments}
+        if app_cfg.logging_config is not None:
+            # the application's logging_config, for each deployment that sets none
+            for dep_name, has_own in _deployment_names(app).items():
+                if not has_own:
+                    own = overrides.setdefault(dep_name, {})
+                    own.setdefault("logging_config", app_cfg.logging_config.model_dump())
         if overrides:
             try:
                 app = apply_overrides(app, overrides)

@@ -54,6 +54,29 @@ class AutoscalingConfig(_Model):
         return self
 
 
+class LoggingConfig(_Model):
+    """How fleet's processes log (Ray Serve's keys), at the top level (``fleet.start``,
+    YAML), per application (YAML) or per deployment.
+
+    ``log_level`` (default ``"INFO"``) for the replica's (or proxy's) loggers;
+    ``encoding``: ``"TEXT"`` (readable console lines, the default) or ``"JSON"`` (the
+    console gets the same JSON lines as the files); ``enable_access_log`` (default
+    true) for the proxies' one line per request (``http_options.access_log`` is an
+    alias); ``logs_dir``: where the instance's log directory goes (top level only;
+    default ``$XDG_STATE_HOME/fleet/logs``). Changing it does not restart replicas.
+    """
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    encoding: Literal["TEXT", "JSON"] = "TEXT"
+    enable_access_log: bool = True
+    logs_dir: str | None = None
+
+    @field_validator("log_level", "encoding", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
 class DeploymentConfig(_Model):
     """Every option of a deployment, with its default.
 
@@ -77,6 +100,7 @@ class DeploymentConfig(_Model):
     startup_timeout_s: float = Field(300.0, gt=0)
     ray_actor_options: dict[str, Any] | None = None
     is_driver_deployment: bool = False
+    logging_config: LoggingConfig | None = None
 
     @field_validator("num_replicas", mode="before")
     @classmethod
@@ -259,6 +283,8 @@ class ApplicationConfig(_Model):
     # Ray Serve keys, accepted and ignored (the local backend has no runtime environments)
     runtime_env: dict[str, Any] | None = None
     external_scaler_enabled: bool | None = None
+    # every deployment of the application that sets none of its own
+    logging_config: LoggingConfig | None = None
 
 
 class TrafficConfig(_Model):
@@ -281,6 +307,7 @@ class FleetConfig(_Model):
     # Ray Serve keys, accepted and ignored (one node: proxies run where the instance does)
     proxy_location: str | None = None
     target_capacity: float | None = None
+    logging_config: LoggingConfig | None = None
 
     def ignored_keys(self) -> list[str]:
         """Where the file set Ray Serve keys that fleet ignores, as dotted paths."""

@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
 
 _request_id: contextvars.ContextVar[str | bytes | None] = contextvars.ContextVar(
     "fleet_request_id", default=None)
+# The W3C traceparent the request came with (HTTP header or gRPC metadata), carried
+# through handle calls like the id.
+_traceparent: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "fleet_traceparent", default=None)
+# version 00 as the W3C Trace Context recommendation defines it; all-zero ids are invalid
+valid_traceparent = re.compile(
+    r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}").fullmatch
 
 _prefix = os.urandom(6).hex()
 _count = 0
@@ -21,6 +29,20 @@ _count = 0
 def set_request_id(rid: str | bytes | None) -> None:
     """The id of the request this task serves (the replica sets it per call)."""
     _request_id.set(rid)
+
+
+def set_traceparent(value: str | None) -> None:
+    _traceparent.set(value)
+
+
+def current_traceparent() -> str | None:
+    return _traceparent.get()
+
+
+def trace_id() -> str:
+    """The trace id of the request being served ("" without a traceparent)."""
+    tp = _traceparent.get()
+    return tp[3:35] if tp else ""
 
 
 def current_request_id() -> str | bytes | None:

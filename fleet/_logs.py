@@ -4,10 +4,12 @@
 ``FLEET_LOGS_DIR`` overrides the part before ``<instance>``): ``controller.log`` (the
 driver: controller and instance), ``proxy-<kind>-<index>.log``, and
 ``replica-<application>-<replica id>.log``. Each file rotates at ROTATE_BYTES, keeping
-BACKUPS older files. A line holds ``time`` (Unix seconds), ``timestamp`` (ISO 8601, UTC),
-``level``, ``application``, ``deployment``, ``replica``, ``request_id``, ``logger``,
-``message``. A replica's or proxy's stdout and stderr go there too (logger ``stdout`` /
-``stderr``), besides the console, which keeps the readable lines.
+BACKUPS older files (``.1`` the newest); lines are appended with one ``os.write`` per
+batch, the proxies' access log once per loop iteration as before. A line holds
+``time`` (Unix seconds), ``timestamp`` (ISO 8601, UTC), ``level``, ``application``,
+``deployment``, ``replica``, ``request_id``, ``trace_id``, ``logger``, ``message``.
+A replica's or proxy's stdout and stderr go there too (logger ``stdout`` / ``stderr``),
+besides the console, which keeps the readable lines.
 
 :func:`read` and :func:`follow` are what ``fleet logs`` and ``/api/logs`` use.
 """
@@ -16,20 +18,24 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import os
 import re
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from fleet._context import current_request_id
+from fleet._context import current_request_id, trace_id
 
 ROTATE_BYTES = 20 * 1024 * 1024
 BACKUPS = 4
+# Lines of stdout/stderr (the access log, prints) wait at most this long in memory
+# before they are written, or until BUFFER_BYTES of them wait.
+FLUSH_S = 0.2
+BUFFER_BYTES = 64 * 1024
 # A line longer than this is cut (one print of a huge object must not make a huge line).
 MAX_LINE = 64 * 1024
 # lines a read returns at most
@@ -66,22 +72,175 @@ class JsonFormatter(logging.Formatter):
         if isinstance(rid, bytes):
             rid = rid.decode("latin-1")
         line = {"time": round(record.created, 6),
-                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                + f".{int(record.msecs):03d}Z",
+                "timestamp": _stamp(record.created),
                 "level": record.levelname, **self.who, "request_id": rid or "",
+                "trace_id": trace_id(),
                 "logger": record.name, "message": message[:MAX_LINE]}
         return json.dumps(line, ensure_ascii=False)
 
 
-class _Tee:
-    """A text stream that also sends each complete line to the log file."""
+_second = [-1, ""]
 
-    def __init__(self, stream: Any, handler: logging.Handler, name: str) -> None:
+
+def _stamp(now: float) -> str:
+    """ISO 8601 UTC with milliseconds; the part up to the second made once a second."""
+    sec = int(now)
+    if sec != _second[0]:
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _second[0] = sec
+    return f"{_second[1]}.{int(now * 1000) % 1000:03d}Z"
+
+
+_sinks: weakref.WeakSet[Sink] = weakref.WeakSet()
+_flusher: threading.Thread | None = None
+_flusher_lock = threading.Lock()
+
+
+def _flush_loop() -> None:
+    while True:
+        time.sleep(FLUSH_S)
+        flush_all()
+
+
+def flush_all() -> None:
+    """Write what every log file of this process holds in memory (a process calls it
+    before it exits)."""
+    for sink in list(_sinks):
+        sink.flush()
+
+
+class Sink:
+    """One log file, appended to with one ``os.write`` per batch of lines (no seek, no
+    tell: the size is counted here), rotated at ROTATE_BYTES into ``.1`` ... ``.BACKUPS``.
+
+    :meth:`write` writes at once (log records: rare, and wanted even if the process
+    dies next); :meth:`add` keeps lines in memory for at most FLUSH_S (stdout and
+    stderr, where the access log's lines go: one write per batch, not per loop
+    iteration)."""
+
+    def __init__(self, path: str) -> None:
+        global _flusher
+        self.path = path
+        self.lock = threading.Lock()
+        self.fd = self._open()
+        self.size = os.fstat(self.fd).st_size
+        self.pending: list[str] = []
+        self.pending_chars = 0
+        _sinks.add(self)
+        with _flusher_lock:
+            if _flusher is None:
+                _flusher = threading.Thread(target=_flush_loop, name="fleet-log-flush",
+                                            daemon=True)
+                _flusher.start()
+
+    def add(self, text: str) -> None:
+        """Keep text to write with the next flush (at most FLUSH_S from now)."""
+        with self.lock:
+            self.pending.append(text)
+            self.pending_chars += len(text)
+            if self.pending_chars < BUFFER_BYTES:
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            if not self.pending:
+                return
+            text = "".join(self.pending)
+            self.pending.clear()
+            self.pending_chars = 0
+            self._write(text)
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                       0o600)
+
+    def write(self, text: str) -> None:
+        """Write text now (after whatever waits in memory, so lines keep their order)."""
+        with self.lock:
+            if self.pending:
+                text = "".join(self.pending) + text
+                self.pending.clear()
+                self.pending_chars = 0
+            self._write(text)
+
+    def _write(self, text: str) -> None:
+        """Append text (the lock is held)."""
+        if self.fd < 0:
+            return          # closed
+        data = text.encode("utf-8", "replace")
+        try:
+            os.write(self.fd, data)
+        except OSError:
+            return          # a full disk must not break the process that logs
+        self.size += len(data)
+        if self.size >= ROTATE_BYTES:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        os.close(self.fd)
+        for i in range(BACKUPS - 1, 0, -1):
+            older = f"{self.path}.{i}"
+            if os.path.exists(older):
+                os.replace(older, f"{self.path}.{i + 1}")
+        try:
+            os.replace(self.path, f"{self.path}.1")
+        except OSError:
+            pass
+        self.fd = self._open()
+        self.size = 0
+
+    def close(self) -> None:
+        """Write what waits and close the file (once: a closed descriptor's number may
+        belong to another file later, so it is never closed or written again)."""
+        self.flush()
+        with self.lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
+class SinkHandler(logging.Handler):
+    """A logging handler writing JSON lines to a :class:`Sink`."""
+
+    def __init__(self, sink: Sink, who: dict[str, str]) -> None:
+        super().__init__()
+        self.sink = sink
+        self.setFormatter(JsonFormatter(who))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.sink.write(self.format(record) + "\n")
+        except Exception:   # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+
+    def close(self) -> None:
+        # logging.shutdown() and logging.config.dictConfig() (uvicorn calls it in the
+        # process that serves the management API) close every handler: the file stays
+        # open, so the instance's lines keep coming; close_file() closes it.
+        super().close()
+
+    def close_file(self) -> None:
+        """Close the file for good (the instance stopped)."""
+        super().close()
+        self.sink.close()
+
+
+_encode = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+class _Tee:
+    """A text stream that also sends each complete line to the log file: the lines of
+    one write go out as one ``os.write`` (the access log writes once per loop
+    iteration), each a JSON line built with one C string encoder."""
+
+    def __init__(self, stream: Any, sink: Sink, name: str, who: dict[str, str]) -> None:
         self.stream = stream
-        self.handler = handler
-        self.name = name
+        self.sink = sink
         self.partial = ""
         self.lock = threading.Lock()
+        self.head = "".join(f", {_encode(k)}: {_encode(v)}" for k, v in who.items()) \
+            + f', "logger": {_encode(name)}'
 
     def write(self, text: str) -> int:
         n = self.stream.write(text)
@@ -89,10 +248,17 @@ class _Tee:
             data = self.partial + text
             lines = data.split("\n")
             self.partial = lines.pop()[:MAX_LINE]
-        for line in lines:
-            if line:
-                record = logging.LogRecord(self.name, logging.INFO, "", 0, line, None, None)
-                self.handler.handle(record)
+        lines = [ln for ln in lines if ln]
+        if lines:
+            now = time.time()
+            stamp = _stamp(now)
+            rid = current_request_id()
+            if isinstance(rid, bytes):
+                rid = rid.decode("latin-1")
+            start = (f'{{"time": {now:.6f}, "timestamp": "{stamp}", "level": "INFO"'
+                     f'{self.head}, "request_id": {_encode(rid or "")}, '
+                     f'"trace_id": "{trace_id()}", "message": ')
+            self.sink.add("".join(f"{start}{_encode(ln[:MAX_LINE])}}}\n" for ln in lines))
         return n
 
     def flush(self) -> None:
@@ -104,27 +270,43 @@ class _Tee:
 
 def setup(directory: str, filename: str, application: str = "", deployment: str = "",
           replica: str = "", capture_output: bool = False, logger: str = ""
-          ) -> logging.Handler | None:
+          ) -> SinkHandler | None:
     """Send this process's log records (and, with capture_output, its stdout and stderr)
     to directory/filename as JSON lines. Returns the handler, or None when the
     directory cannot be made (a warning says so; the console keeps everything)."""
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(
-            os.path.join(directory, filename), maxBytes=ROTATE_BYTES, backupCount=BACKUPS,
-            encoding="utf-8")
+        sink = Sink(os.path.join(directory, filename))
     except OSError as exc:
         logging.getLogger("fleet").warning("cannot write log files under %s: %s; logs go "
                                            "to the console only", directory, exc)
         return None
-    handler.setFormatter(JsonFormatter({"application": application,
-                                        "deployment": deployment, "replica": replica}))
+    who = {"application": application, "deployment": deployment, "replica": replica}
+    handler = SinkHandler(sink, who)
     logging.getLogger(logger or None).addHandler(handler)
     if capture_output:
         # the console handlers keep the original streams: nothing is written twice
-        sys.stdout = _Tee(sys.stdout, handler, "stdout")  # type: ignore[assignment]
-        sys.stderr = _Tee(sys.stderr, handler, "stderr")  # type: ignore[assignment]
+        sys.stdout = _Tee(sys.stdout, sink, "stdout", who)  # type: ignore[assignment]
+        sys.stderr = _Tee(sys.stderr, sink, "stderr", who)  # type: ignore[assignment]
     return handler
+
+
+def apply(config: dict[str, Any] | None, who: dict[str, str]) -> None:
+    """Apply a logging_config (as a dict) to this process: the root logger's level, and
+    the console's encoding (TEXT: its readable lines; JSON: the files' lines)."""
+    config = config or {}
+    root = logging.getLogger()
+    root.setLevel(str(config.get("log_level") or "INFO"))
+    json_console = config.get("encoding") == "JSON"
+    for handler in root.handlers:
+        if not isinstance(handler, logging.StreamHandler) \
+                or isinstance(handler, logging.FileHandler):
+            continue
+        text = getattr(handler, "_fleet_text", None)
+        if text is None:
+            text = handler.formatter
+            handler._fleet_text = text  # type: ignore[attr-defined]
+        handler.setFormatter(JsonFormatter(who) if json_console else text)
 
 
 # -- reading ------------------------------------------------------------------------
@@ -151,7 +333,11 @@ def _files(directory: str, system: bool) -> list[str]:
         is_system = base == "controller" or base.startswith("proxy-")
         if ".log" in name and is_system == system:
             out.append(os.path.join(directory, name))
-    return sorted(out)
+
+    def age(path: str) -> tuple[str, int]:     # a file's backups first, oldest first
+        base, _, n = path.rpartition(".log")
+        return base, -int(n[1:]) if n[1:].isdigit() else 0
+    return sorted(out, key=age)
 
 
 def matches(line: dict[str, Any], application: str | None, deployment: str | None,

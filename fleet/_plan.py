@@ -13,7 +13,8 @@ from typing import Any
 from fleet._config import DeploymentConfig
 
 # Options whose change does not need new replicas.
-LIVE_OPTIONS = frozenset({"num_replicas", "user_config", "autoscaling_config"})
+LIVE_OPTIONS = frozenset({"num_replicas", "user_config", "autoscaling_config",
+                          "logging_config"})
 
 
 @dataclass

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fleet import _metrics, _traffic
-from fleet._context import current_request_id
+from fleet._context import current_request_id, current_traceparent
 from fleet._router import Router, Slot
 from fleet._types import CallMeta, ControlMessage, Tables, deployment_key
 from fleet._wire import frames
@@ -399,7 +399,8 @@ class Stream:
 
 def _meta(opts: Any) -> CallMeta | None:
     rid = current_request_id()
-    if opts.http_headers or opts.multiplexed_model_id or rid is not None:
+    tp = current_traceparent()
+    if opts.http_headers or opts.multiplexed_model_id or rid is not None or tp is not None:
         meta: CallMeta = {}
         if opts.http_headers:
             meta["http_headers"] = opts.http_headers
@@ -407,6 +408,8 @@ def _meta(opts: Any) -> CallMeta | None:
             meta["model"] = opts.multiplexed_model_id
         if rid is not None:
             meta["rid"] = rid       # the request this call serves (fleet.get_request_id)
+        if tp is not None:
+            meta["tp"] = tp         # its W3C trace context
         return meta
     return None
 

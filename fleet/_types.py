@@ -141,6 +141,7 @@ CallMeta = TypedDict("CallMeta", {
     "timeout": float | None,
     "describe": int,
     "rid": str | bytes,
+    "tp": str,
 }, total=False)
 
 
@@ -256,6 +257,13 @@ class RequestErrorMsg(TypedDict):
     traceback: str
 
 
+class LoggingMsg(TypedDict):
+    """controller -> replica: its logging_config changed (applied without a restart)."""
+
+    type: Literal["logging"]
+    logging_config: dict[str, Any] | None
+
+
 class MetricsMsg(TypedDict):
     """any process -> controller, every second: counters and histograms counted since
     the last message (labels as sorted (name, value) pairs), and gauges' values."""
@@ -269,7 +277,7 @@ class MetricsMsg(TypedDict):
 
 ControlMessage = (TablesMsg | TablesAckMsg | LoadMsg | HealthMsg | HealthResultMsg | StopMsg
                   | ReconfigureMsg | ReconfigureResultMsg | ModelsMsg | RequestErrorMsg
-                  | MetricsMsg)
+                  | MetricsMsg | LoggingMsg)
 
 
 def deployment_key(app: str, deployment: str) -> str:

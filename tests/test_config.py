@@ -45,7 +45,9 @@ def test_every_deployment_option_is_an_override() -> None:
               "health_check_period_s": 1.0, "health_check_timeout_s": 2.0,
               "graceful_shutdown_timeout_s": 3.0, "startup_timeout_s": 4.0,
               "ray_actor_options": {"num_cpus": 1},
-              "is_driver_deployment": True}
+              "is_driver_deployment": True,
+              "logging_config": {"log_level": "DEBUG", "encoding": "JSON",
+                                 "enable_access_log": True, "logs_dir": None}}
     assert set(values) | {"name"} == DEPLOYMENT_OPTIONS   # a new option must be listed here
     given = {k: v for k, v in values.items() if v is not None}
     assert DeploymentOverride(name="Plain", **given).overrides() == given

@@ -8,16 +8,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
-from apps.observe_apps import Broken, front
+from apps.observe_apps import Batched, Broken, front
 from helpers import wait_for
 from starlette.applications import Starlette
 
@@ -84,8 +86,14 @@ def test_metrics_reach_the_controller_and_the_routes(served):
     wait_for(lambda: _counter("fleet_http_requests_total", application="obs",
                               status_code="200") == 7
              and _counter("fleet_replica_errors_total", deployment="Front") == 1
-             and _counter("fleet_handle_requests_total", deployment="Inner") == 7)
-    text = httpx.get(f"{base}/metrics").text
+             and _counter("fleet_handle_requests_total", deployment="Inner") == 7
+             and _counter("fleet_replica_requests_total", deployment="Inner") == 7)
+    # every process sends its figures once a second: wait until all of them arrived
+    def scraped() -> str | None:
+        text = httpx.get(f"{base}/metrics").text
+        running = 'fleet_replicas{application="obs",deployment="Front",state="RUNNING"} 1'
+        return text if running in text else None
+    text = wait_for(scraped)
     assert ('fleet_http_requests_total{application="obs",method="GET",route="/obs",'
             'status_code="200"} 7') in text
     assert ('fleet_http_requests_total{application="obs",method="GET",route="/obs",'
@@ -110,12 +118,20 @@ def test_metrics_reach_the_controller_and_the_routes(served):
     rates = httpx.get(f"{base}/api/metrics/series", params={
         "name": "fleet_http_requests_total", "rate": "1", "window": 60}).json()
     assert all(p[1] >= 0 for s in rates["series"] for p in s["points"])
-    q = httpx.get(f"{base}/api/metrics/series", params={
-        "name": "fleet_replica_processing_seconds", "quantile": "0.99"}).json()
-    assert q["quantile"] == 0.99 and q["series"]
+    def quantiles() -> Any:
+        got = httpx.get(f"{base}/api/metrics/series", params={
+            "name": "fleet_replica_processing_seconds", "quantile": "0.99",
+            "deployment": "Inner"}).json()
+        return got if got["series"] and got["series"][0]["points"] else None
+    q = wait_for(quantiles)
+    assert q["quantile"] == 0.99
+    assert all(0 < p[1] < 60 for p in q["series"][0]["points"])
     # top: one row per deployment
-    rows = httpx.get(f"{base}/api/top").json()["rows"]
-    front_row = next(r for r in rows if r["deployment"] == "Front")
+    def front() -> Any:
+        rows = httpx.get(f"{base}/api/top").json()["rows"]
+        row = next(r for r in rows if r["deployment"] == "Front")
+        return row if row["error_rate"] > 0 else None      # its figures were sampled
+    front_row = wait_for(front)
     assert front_row["application"] == "obs" and front_row["running_replicas"] == 1
     assert front_row["target_replicas"] == 1 and front_row["requests_per_s"] > 0
     assert front_row["error_rate"] > 0 and front_row["p50_s"] is not None
@@ -175,9 +191,11 @@ def test_log_stream_sends_new_lines(served):
             "GET", f"{base}/api/logs/stream", params={"deployment": "Front"}) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         rid = client.get(url).headers["x-request-id"]
-        for raw in stream.iter_lines():
+        deadline = time.monotonic() + 20
+        for raw in stream.iter_lines():     # a keep-alive comment comes every 0.5 s
             if raw.startswith("data: ") and json.loads(raw[6:])["request_id"] == rid:
                 break
+            assert time.monotonic() < deadline, "the request's line never came"
 
 
 def test_status_fields(served):
@@ -255,3 +273,119 @@ def test_cli_top_logs_and_metrics(instance):
     out = _cli("metrics")
     assert out.returncode == 0 and "# TYPE fleet_replica_processing_seconds histogram" \
         in out.stdout
+
+
+def _hist_cells(name: str, **labels: str) -> list[float]:
+    store = _controller().metrics
+    out: list[float] = []
+    for (n, lb), cells in list(store.hists.items()):
+        have = dict(lb)
+        if n == name and all(have.get(k) == v for k, v in labels.items()):
+            out = [a + b for a, b in zip(out or [0.0] * len(cells), cells, strict=True)]
+    return out
+
+
+def test_batch_metrics(instance):
+    handle = fleet.run(Batched.bind(), name="batched", route_prefix=None)
+    responses = [handle.remote(i) for i in range(8)]
+    assert [r.result(timeout_s=30) for r in responses] == [i * 2 for i in range(8)]
+
+    def sizes() -> Any:
+        cells = _hist_cells("fleet_batch_size", application="batched")
+        return cells if cells and cells[-1] == 8 else None     # the sum: 8 calls
+    cells = wait_for(sizes)
+    batches = sum(cells[:-1])
+    assert 2 <= batches <= 8
+    waits = wait_for(lambda: _hist_cells("fleet_batch_wait_seconds", application="batched"))
+    assert sum(waits[:-1]) == batches
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_traceparent_is_carried_through_handle_calls(served):
+    url, base = served
+    r = httpx.get(url, headers={"traceparent": TRACEPARENT})
+    rid = r.headers["x-request-id"]
+
+    def lines() -> Any:
+        got = httpx.get(f"{base}/api/logs", params={"request_id": rid}).json()["lines"]
+        return got if {ln["deployment"] for ln in got} == {"Front", "Inner"} else None
+    got = wait_for(lines)
+    assert {ln["trace_id"] for ln in got} == {"4bf92f3577b34da6a3ce929d0e0e4736"}
+    # a malformed one is ignored, and the request is served as any other
+    r = httpx.get(url, headers={"traceparent": "00-xyz-bad"})
+    assert r.status_code == 200
+    rid = r.headers["x-request-id"]
+    got = wait_for(lambda: httpx.get(f"{base}/api/logs",
+                                     params={"request_id": rid}).json()["lines"])
+    assert {ln["trace_id"] for ln in got} == {""}
+
+
+def test_grpc_metrics_request_id_and_traceparent():
+    import grpc
+    from apps.observe_apps import GrpcEcho
+    from protos import fleet_echo_pb2 as pb
+    from protos import fleet_echo_pb2_grpc as pb_grpc
+    fleet.shutdown()
+    fleet.start(http_options={"port": 0}, grpc_options={
+        "port": 0,
+        "grpc_servicer_functions": ["protos.fleet_echo_pb2_grpc."
+                                    "add_EchoServiceServicer_to_server"]})
+    try:
+        fleet.run(GrpcEcho.bind(), name="gecho", route_prefix="/gecho")
+        port = fleet.status()["proxies"]["grpc"]["port"]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.EchoServiceStub(channel)
+            md = (("application", "gecho"), ("x-request-id", "grpc-id-1"),
+                  ("traceparent", TRACEPARENT))
+            for _ in range(3):
+                reply = stub.Say(pb.EchoRequest(text="hi"), metadata=md)
+                assert reply.text == "grpc-id-1 4bf92f3577b34da6a3ce929d0e0e4736"
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Say(pb.EchoRequest(text="boom"), metadata=md[:1])
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+        route = "/fleettest.EchoService/Say"
+        wait_for(lambda: _counter("fleet_grpc_requests_total", route=route,
+                                  status_code="OK") == 3
+                 and _counter("fleet_grpc_requests_total", route=route,
+                              status_code="INTERNAL") == 1)
+        assert _hist_cells("fleet_grpc_request_duration_seconds", route=route)
+    finally:
+        fleet.shutdown()
+
+
+def _readme_section(title: str) -> str:
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as f:
+        text = f.read()
+    start = text.index(f"\n### {title}\n")
+    end = text.find("\n### ", start + 1)
+    end2 = text.find("\n## ", start + 1)
+    return text[start:min(e for e in (end, end2) if e != -1)]
+
+
+def test_readme_metrics_table_and_grafana_dashboard_name_fleets_metrics():
+    from fleet._controller.metrics import METRICS
+    table = _readme_section("Metrics")
+    named = set()
+    for row in re.findall(r"^\| (`fleet_.+?) \|", table, re.M):
+        named |= set(re.findall(r"`(fleet_\w+)`", row))
+    assert named == set(METRICS)
+    root = os.path.dirname(os.path.dirname(__file__))
+    with open(os.path.join(root, "docs", "grafana", "fleet-dashboard.json")) as f:
+        dashboard = json.load(f)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", n) for e in exprs
+            for n in re.findall(r"\b(fleet_\w+)", e)}
+    assert used == set(METRICS), used ^ set(METRICS)
+
+
+def test_readme_request_id_example(instance):
+    block = re.search(r"```python\n(.*?)```", _readme_section("Logs and request ids"), re.S)
+    assert block
+    namespace: dict[str, Any] = {"__name__": "readme_request_ids"}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    fleet.run(namespace["app"], name="readme", route_prefix="/readme")
+    r = httpx.get(f"{instance.http_url}/readme")
+    assert r.json() == {"front_id": r.headers["x-request-id"],
+                        "inner_id": r.headers["x-request-id"]}

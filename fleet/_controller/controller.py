@@ -85,6 +85,8 @@ class Controller:
         self._metric_sources: dict[int, str] = {}      # id(conn) -> its metrics source
         self._next_sample = time.monotonic()
         self.logs_dir = ""          # the instance's log directory (fleet/_logs.py)
+        # the instance's logging_config: a deployment that sets none gets this one
+        self.logging_config: dict[str, Any] | None = None
 
     # -- loop -------------------------------------------------------------------
     def start(self) -> None:
@@ -226,9 +228,11 @@ class Controller:
         rec = ReplicaRecord(replica_id=rid, version=dep.plan.version,
                             user_config=dep.plan.config.user_config)
         dep.replicas[rid] = rec
+        config = dep.plan.config.model_dump()
+        config["logging_config"] = self._logging_of(dep.plan)
         spec = ReplicaSpec(replica_id=rid, app_name=dep.app, deployment_name=dep.name,
                            version=dep.plan.version, serialized_def=dep.plan.serialized_def,
-                           config=dep.plan.config.model_dump(),
+                           config=config,
                            controller_address=self.address, secret=self.secret,
                            sys_path=self._app_sys_path(dep.app), cwd=self._app_cwd(dep.app),
                            logs_dir=self.logs_dir)
@@ -590,6 +594,11 @@ class Controller:
         return fut
 
     # -- calls from the driver and the CLI -------------------------------------------
+    def _logging_of(self, plan: DeploymentPlan) -> dict[str, Any] | None:
+        """A deployment's logging_config, else the instance's."""
+        own = plan.config.logging_config
+        return own.model_dump() if own is not None else self.logging_config
+
     def _app_sys_path(self, name: str) -> list[str]:
         """The deployer's import path first (another process may have deployed it),
         then the instance's."""
@@ -662,6 +671,13 @@ class Controller:
                         self._send_reconfigure(rec, plan.config.user_config)
             if old.version != plan.version or old.config != plan.config:
                 dep.last_deployed_at = time.time()
+            if old.version == plan.version \
+                    and old.config.logging_config != plan.config.logging_config:
+                # logging changes apply in place: replicas are not restarted
+                for rec in dep.running():
+                    if rec.conn is not None:
+                        rec.conn.ctrl({"type": "logging",
+                                       "logging_config": self._logging_of(plan)})
             dep.plan = plan
             if dep.status == DeploymentStatus.DEPLOY_FAILED:
                 dep.status = DeploymentStatus.UPDATING

@@ -135,12 +135,17 @@ def routes(controller: Controller) -> list[Route]:
             return _invalid(exc)
         query.pop("since")
         directory = controller.logs_dir
+        loop = asyncio.get_running_loop()
+        tail = None
+        if directory and os.path.isdir(directory):
+            tail = _logs.follow(directory, **query)
+            # where the files end now, before the client gets the headers: every line
+            # written after that is sent
+            await loop.run_in_executor(None, next, tail)
 
         async def events() -> AsyncIterator[str]:
-            if not directory or not os.path.isdir(directory):
+            if tail is None:
                 return
-            tail = _logs.follow(directory, **query)
-            loop = asyncio.get_running_loop()
             deadline = loop.time() + FOLLOW_MAX_S
             while loop.time() < deadline:
                 batch = await loop.run_in_executor(None, next, tail)

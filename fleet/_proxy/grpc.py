@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from fleet._context import valid_traceparent
 from fleet._grpc_schema import CODES, GrpcStatus, load_servicer_function, servicer_handlers
 from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
@@ -244,6 +245,9 @@ class GRPCProxy(grpc.GenericRpcHandler):
                 meta["model"] = value
             elif key == "x-request-id" and isinstance(value, str) and _valid_id(value):
                 meta["rid"] = value                         # fleet.get_request_id
+            elif key == "traceparent" and isinstance(value, str) \
+                    and valid_traceparent(value.strip().lower()):
+                meta["tp"] = value.strip().lower()          # W3C trace context
         return meta
 
     async def _start(self, kind: _Kind, request: bytes | None, context: Any,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from fleet._context import valid_traceparent
 from fleet._logformat import stamp
 from fleet._metrics import TIME_BUCKETS
 from fleet._proxy import traffic
@@ -51,6 +52,7 @@ _SCOPE_KEYS = ("type", "http_version", "method", "scheme", "path", "raw_path", "
                "headers", "client", "server")
 _JSON = [(b"content-type", b"application/json")]
 _ID_HEADER = b"x-request-id"
+_TRACE_HEADER = b"traceparent"
 # A client's own request id is kept when it is 1-128 of these characters.
 _valid_id = re.compile(rb"[A-Za-z0-9._:-]{1,128}").fullmatch
 # Where _RequestIdLayer (with user middlewares) leaves the id it chose for the proxy app.
@@ -228,6 +230,7 @@ class HTTPProxy:
         rid = None
         method_header = self.method_header
         meta = _HTTP_META
+        trace = None
         declared = 0
         for name, value in scope["headers"]:
             if name == _LENGTH_HEADER:
@@ -245,6 +248,8 @@ class HTTPProxy:
                 meta = {"http": 1, "model": value.decode("latin-1")}
             elif name == _ID_HEADER and _valid_id(value):
                 rid = value
+            elif name == _TRACE_HEADER:
+                trace = value
         if rid is None:
             rid = scope.get(_SCOPE_ID) or self.new_id()
         # the replica reads the id as fleet.get_request_id(), handle calls carry it on
@@ -252,6 +257,10 @@ class HTTPProxy:
             meta = {"http": 1, "rid": rid}
         else:
             meta["rid"] = rid
+        if trace is not None:
+            tp = trace.decode("latin-1").strip().lower()
+            if valid_traceparent(tp):
+                meta["tp"] = tp         # carried on through handle calls
         path = self.local_path(scope)
         if path.startswith("/-/"):
             status = await self._builtin(path, send, rid)

@@ -32,6 +32,10 @@ def main() -> None:
         from fleet import _logs
         _logs.setup(boot["logs_dir"], f"proxy-{kind}-{boot.get('index', 0)}.log",
                     capture_output=True)
+    if boot.get("logging_config"):
+        from fleet import _logs
+        _logs.apply(boot["logging_config"], {"application": "", "deployment": "",
+                                             "replica": f"proxy-{kind}-{boot.get('index', 0)}"})
     try:
         import uvloop
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
@@ -40,6 +44,9 @@ def main() -> None:
     asyncio.set_event_loop(loop)
     code = loop.run_until_complete(_serve(kind, boot, loop))
     sys.stderr.flush()
+    if boot.get("logs_dir"):
+        from fleet import _logs
+        _logs.flush_all()
     os._exit(code)
 
 

@@ -49,6 +49,7 @@ def main() -> None:
     asyncio.set_event_loop(loop)
     from fleet._replica.replica import Replica
     replica = Replica(spec, loop)
+    replica.apply_logging(spec.config.get("logging_config"))
     loop.add_signal_handler(signal.SIGTERM, replica.request_stop)
     try:
         code = loop.run_until_complete(replica.run())
@@ -59,4 +60,7 @@ def main() -> None:
             pass
     sys.stdout.flush()
     sys.stderr.flush()
+    if spec.logs_dir:
+        from fleet import _logs
+        _logs.flush_all()
     os._exit(code)

@@ -18,8 +18,8 @@ from typing import Any
 import cloudpickle
 
 from fleet import _context, _multiplex
-from fleet._batching import batch_stats
-from fleet._metrics import TIME_BUCKETS, Recorder
+from fleet._batching import batch_stats, take_batch_metrics
+from fleet._metrics import SIZE_BUCKETS, TIME_BUCKETS, Recorder
 from fleet._runtime import Runtime, set_current
 from fleet._types import CallMeta, ModelsMsg, ReplicaSpec, deployment_key
 from fleet._wire.errors import error_info
@@ -130,6 +130,16 @@ class Replica:
         mine = (("application", spec.app_name), ("deployment", spec.deployment_name),
                 ("replica", spec.replica_id))
         rec.set("fleet_ongoing_requests", mine, self.ongoing)
+        if self.instance is None:
+            return
+        names = ("application", "deployment", "replica")
+        key = (spec.app_name, spec.deployment_name, spec.replica_id)
+        for sizes, waits in take_batch_metrics(self.instance):
+            for name, cells, buckets in (("fleet_batch_size", sizes, SIZE_BUCKETS),
+                                         ("fleet_batch_wait_seconds", waits, TIME_BUCKETS)):
+                have = rec.histogram(name, names, buckets).cells(key)
+                for i, v in enumerate(cells):
+                    have[i] += v
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self) -> int:
@@ -138,6 +148,7 @@ class Replica:
         rt.ctrl_hooks["health"] = self._on_health
         rt.ctrl_hooks["stop"] = self._on_stop
         rt.ctrl_hooks["reconfigure"] = self._on_reconfigure
+        rt.ctrl_hooks["logging"] = self._on_logging
         await rt.connect_controller(subscribe=True)
         sock_dir = os.path.dirname(self.spec.controller_address[5:])
         # a short name whatever the deployment's: a Unix socket's path has ~107 bytes
@@ -271,6 +282,17 @@ class Replica:
                 models.append(model)
             conn.ctrl(msg)
 
+    def apply_logging(self, config: dict[str, Any] | None) -> None:
+        """Apply the deployment's logging_config (at start, and when it changes)."""
+        from fleet import _logs
+        spec = self.spec
+        _logs.apply(config, {"application": spec.app_name, "deployment": spec.deployment_name,
+                             "replica": spec.replica_id})
+
+    def _on_logging(self, msg: dict[str, Any]) -> None:
+        self.apply_logging(msg.get("logging_config"))
+        log.info("logging_config of %s applied: %s", self.where, msg.get("logging_config"))
+
     def _on_reconfigure(self, msg: dict[str, Any]) -> None:
         async def go() -> None:
             ok, error = True, ""
@@ -387,6 +409,9 @@ class Replica:
             rid = meta.get("rid")
             if rid is not None:
                 _context.set_request_id(rid)            # this task's context only
+            tp = meta.get("tp")
+            if tp is not None:
+                _context.set_traceparent(tp)
             if "model" in meta:
                 _multiplex.set_model_id(meta["model"])
         try:

@@ -43,3 +43,23 @@ class Broken:
 
 
 front = Front.bind(Inner.bind())
+
+
+@fleet.deployment
+class Batched:
+    @fleet.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def __call__(self, items: list[int]) -> list[int]:
+        return [i * 2 for i in items]
+
+
+@fleet.deployment
+class GrpcEcho:
+    """gRPC Say: answers with the call's request id and trace id."""
+
+    async def Say(self, request, context):  # noqa: N802 - the RPC's name
+        from protos import fleet_echo_pb2 as pb
+
+        from fleet import _context
+        if request.text == "boom":
+            raise ValueError("asked to fail")
+        return pb.EchoReply(text=f"{fleet.get_request_id()} {_context.trace_id()}")

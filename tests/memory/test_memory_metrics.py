@@ -4,10 +4,12 @@ socket; history samples carry the times the test gives)."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import time
+from typing import Any
 
 import pytest
 
@@ -180,8 +182,7 @@ def test_log_files_json_lines_read_and_follow(tmp_path) -> None:
         tail = _logs.follow(str(tmp_path), application="a")
         assert next(tail) == []                 # what was there before is not repeated
         log.info("third line")
-        handler.flush()
-        assert [ln["message"] for ln in next(tail)] == ["third line"]
+        assert [ln["message"] for ln in next(tail)] == ["third line"]   # written at once
     finally:
         logging.getLogger("obs.test").removeHandler(handler)
         handler.close()
@@ -196,3 +197,92 @@ def test_since(text: str, seconds: float) -> None:
 def test_since_refuses_what_it_cannot_read() -> None:
     with pytest.raises(ValueError, match="10m, 2h"):
         _logs.parse_since("yesterday")
+
+
+def test_log_files_rotate_and_the_reader_reads_them_all(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(_logs, "ROTATE_BYTES", 2000)
+    monkeypatch.setattr(_logs, "BUFFER_BYTES", 300)     # lines wait in memory until then
+    sink = _logs.Sink(str(tmp_path / "proxy-http-0.log"))
+    tee = _logs._Tee(io.StringIO(), sink, "stderr", {"application": "", "deployment": "",
+                                                     "replica": "proxy-http-0"})
+    try:
+        for i in range(60):
+            # several lines in one write, one of them partial until the next write
+            tee.write(f'line {i} "quoted" \\ é\nsecond {i}\npart')
+            tee.write(f"ial {i}\n")
+    finally:
+        sink.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[0] == "proxy-http-0.log" and len(names) == 1 + _logs.BACKUPS
+    assert all(p.stat().st_size < 2000 + 300 + 400 for p in tmp_path.iterdir())
+    lines = _logs.read(str(tmp_path), system=True, limit=10000)
+    messages = [ln["message"] for ln in lines]
+    assert messages[-3:] == ['line 59 "quoted" \\ é', "second 59", "partial 59"]
+    assert all(ln["logger"] == "stderr" and ln["replica"] == "proxy-http-0" for ln in lines)
+    # what rotated past the last backup is gone: memory and disk stay bounded
+    assert len(messages) < 180
+
+
+def test_output_lines_wait_in_memory_until_a_flush_and_keep_their_order(tmp_path) -> None:
+    handler = _logs.setup(str(tmp_path), "replica-a-D-2.log", "a", "D", "D-2",
+                          logger="obs.order")
+    assert handler is not None
+    log = logging.getLogger("obs.order")
+    log.setLevel(logging.INFO)
+    tee = _logs._Tee(io.StringIO(), handler.sink, "stdout", {"application": "a",
+                                                             "deployment": "D",
+                                                             "replica": "D-2"})
+    try:
+        tee.write("printed first\n")                  # in memory, for at most FLUSH_S
+        log.info("logged second")                       # a record writes both, in order
+        assert [ln["message"] for ln in _logs.read(str(tmp_path))] == [
+            "printed first", "logged second"]
+        tee.write("printed third\n")
+        _logs.flush_all()                               # what a process does at exit
+        assert [ln["message"] for ln in _logs.read(str(tmp_path))][-1] == "printed third"
+    finally:
+        logging.getLogger("obs.order").removeHandler(handler)
+        handler.close_file()
+
+
+def _dep(**config: Any) -> Any:
+    from fleet._config import DeploymentConfig
+    from fleet._controller.state import DeploymentState
+    from fleet._plan import DeploymentPlan
+    plan = DeploymentPlan(name="D", config=DeploymentConfig(name="D", **config),
+                          serialized_def=b"", code_version="v1")
+    return DeploymentState(app="a", plan=plan, target=2)
+
+
+def test_reasons_say_why_a_deployment_is_not_converged() -> None:
+    from fleet._controller.state import ReplicaRecord
+    from fleet._controller.views import reason
+    from fleet._types import DeploymentStatus, ReplicaState
+    now = time.monotonic()
+    dep = _dep()
+    dep.status = DeploymentStatus.HEALTHY
+    assert reason(dep, now) == ""
+    dep.status = DeploymentStatus.UPDATING
+    version = dep.plan.version
+    dep.replicas["r1"] = ReplicaRecord(replica_id="r1", version=version,
+                                       state=ReplicaState.RUNNING)
+    dep.replicas["r2"] = ReplicaRecord(replica_id="r2", version=version)     # STARTING
+    assert reason(dep, now) == "waiting for resources: 1 replica process(es) starting"
+    dep.replicas["r2"].message = "constructor running"
+    assert reason(dep, now) == "1 replica(s) starting: constructor running"
+    dep.last_unhealthy = (now - 5, "replica r0: check_health raised OSError: disk")
+    assert reason(dep, now).startswith("health check failing: replica r0: check_health")
+    assert reason(dep, now + 120).startswith("1 replica(s) starting")  # an old failure
+    dep.last_unhealthy = None
+    dep.autoscaler = object()
+    dep.scaling_log.append({"time": 0, "from": 1, "to": 2, "reason": "load 3.5 wants 2"})
+    assert reason(dep, now).startswith("scaling up for load from 1 to 2: load 3.5 wants 2")
+    dep.status = DeploymentStatus.DEPLOY_FAILED
+    dep.error_type = "ValueError"
+    dep.message = "the constructor of deployment 'D' raised ValueError: bad"
+    dep.traceback = "Traceback (most recent call last):\n" + "".join(
+        f'  File "m.py", line {i}, in f\n' for i in range(20)) + "ValueError: bad\n"
+    text = reason(dep, now)
+    assert text.startswith("constructor failed: the constructor of deployment 'D' raised")
+    assert text.splitlines()[-1] == "ValueError: bad"
+    assert len(text.splitlines()) == 1 + 6                     # the traceback's last lines
