@@ -250,6 +250,9 @@ def test_playground_passes_the_proxy_errors_through_as_they_are(served: Served) 
     ({"path": "/", "method": "BREW"}, "method"),
     ({"path": "/", "headers": {"a": 1}}, "headers"),
     ({"path": "/", "extra": True}, "extra"),
+    ({"path": "/a b"}, "path"),
+    ({"path": "/", "headers": {"bad name": "x"}}, "headers"),
+    ({"path": "/", "headers": {"x-ok": "line\r\nbreak"}}, "headers"),
 ])
 def test_playground_refuses_a_bad_request_with_422_naming_the_field(
         served: Served, body: dict[str, Any], where: str) -> None:
@@ -260,10 +263,13 @@ def test_playground_refuses_a_bad_request_with_422_naming_the_field(
     assert any(where in d["loc"] for d in detail), detail
 
 
-def test_playground_refuses_a_body_that_is_not_json(served: Served) -> None:
+def test_playground_refuses_a_body_that_is_not_json_or_too_big(served: Served) -> None:
     with client(served) as c:
         reply = c.post("/api/playground", content=b"{not json")
-    assert reply.status_code == 422 and reply.json()["error"]
+        assert reply.status_code == 400 and "not JSON" in reply.json()["error"]
+        big = json.dumps({"path": "/", "body": "x" * (dashboard.PLAYGROUND_MAX_REQUEST)})
+        reply = c.post("/api/playground", content=big.encode())
+        assert reply.status_code == 413 and "at most" in reply.json()["error"]
 
 
 def test_playground_without_an_http_proxy_says_how_to_get_one() -> None:

@@ -15,6 +15,8 @@ assets that hold no data) through without a token and checks it for every other 
 from __future__ import annotations
 
 import hmac
+import json
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -37,6 +39,7 @@ PUBLIC_PREFIXES = ("/static/",)
 # the playground relays one request at a time per click: bound what it holds and waits
 PLAYGROUND_TIMEOUT_S = 30.0
 PLAYGROUND_MAX_BODY = 1 << 20          # bytes of the response the page is shown
+PLAYGROUND_MAX_REQUEST = 2 << 20       # bytes of JSON describing the request to send
 _HOP_BY_HOP = frozenset({"host", "content-length", "connection", "transfer-encoding",
                          "keep-alive", "upgrade", "te", "trailer", "proxy-connection"})
 
@@ -70,10 +73,28 @@ class PlaygroundRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"] = "GET"
-    path: str = Field(pattern=r"^/", max_length=8192,
-                      description="path and query on the HTTP proxy, starting with /")
-    headers: dict[str, str] = Field(default_factory=dict)
+    # what a request line can carry: printable ASCII, no space (encode the rest: %20)
+    path: str = Field(pattern=r"^/[\x21-\x7e]*$", max_length=8192,
+                      description="path and query on the HTTP proxy, starting with /; "
+                                  "printable ASCII, percent-encode the rest")
+    headers: dict[str, str] = Field(default_factory=dict, max_length=100)
     body: str = Field(default="", max_length=PLAYGROUND_MAX_BODY)
+
+    @field_validator("headers")
+    @classmethod
+    def _header_fields(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not an HTTP token (letters, "
+                                 "digits and !#$%&'*+-.^_`|~)")
+            if not _FIELD_VALUE.fullmatch(value):
+                raise ValueError(f"header {name!r}: its value must be visible ASCII, "
+                                 "spaces and tabs, without line breaks")
+        return headers
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}")
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]{0,8192}")
 
 
 def proxy_base(proxies: dict[str, dict[str, Any]]) -> str | None:
@@ -113,16 +134,29 @@ def routes(token: str, proxy: Callable[[], str | None]) -> list[BaseRoute]:
         return FileResponse(STATIC_DIR / "index.html", headers=_NO_STORE)
 
     async def playground(request: Request) -> Response:
+        where = "POST /api/playground"
+        length = request.headers.get("content-length", "")
+        if length and (not length.isdigit() or int(length) > PLAYGROUND_MAX_REQUEST):
+            return error(413, f"{where}: the body may be at most {PLAYGROUND_MAX_REQUEST} "
+                              "bytes of JSON")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > PLAYGROUND_MAX_REQUEST:
+                return error(413, f"{where}: the body may be at most "
+                                  f"{PLAYGROUND_MAX_REQUEST} bytes of JSON")
         try:
-            raw = await request.body()
-            spec = PlaygroundRequest.model_validate_json(raw or b"{}")
+            data = json.loads(raw or b"{}")
+        except ValueError as exc:
+            return error(400, f"{where}: the body is not JSON ({exc}); send "
+                              '{"method", "path", "headers", "body"}')
+        try:
+            spec = PlaygroundRequest.model_validate(data)
         except ValidationError as exc:
-            return JSONResponse(
-                {"error": "POST /api/playground: the body must be JSON "
-                          '{"method", "path", "headers", "body"}; see detail',
-                 "request_id": request_id(),
-                 "detail": [{"loc": ["body", *err["loc"]], "msg": err["msg"]}
-                            for err in exc.errors()]}, status_code=422)
+            return error(422, f"{where}: the body must be JSON "
+                              '{"method", "path", "headers", "body"}; see detail',
+                         detail=[{"loc": ["body", *err["loc"]], "msg": err["msg"]}
+                                 for err in exc.errors()])
         base = proxy()
         if base is None:
             return error(503, "the playground sends requests through the HTTP proxy, and "
