@@ -70,7 +70,7 @@ export function logs(root, _params, query) {
         `<span class="meta">${clock(l.time)} ${esc(l.level || "")} ${[l.application, l.deployment, l.replica].filter(Boolean).map(esc).join("/")}</span> ` +
         `${l.request_id ? requestLink(l.request_id) + " " : ""}${esc(l.message)}</div>`).join("")
         : `<div class="meta">No lines match${f.request_id ? ` request id ${esc(f.request_id)}` : ""} in this window yet.</div>`;
-      root.querySelector("#log-count").textContent = `${lines.length} lines${lines.length >= 500 ? " (the latest 500)" : ""}`;
+      root.querySelector("#log-count").textContent = `${lines.length} line${lines.length === 1 ? "" : "s"}${lines.length >= 500 ? " (the latest 500)" : ""}`;
       if (!loaded || atBottom) box.scrollTop = box.scrollHeight;
       loaded = true;
     },
