@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 # tests/memory, and these modules, which start no process and open no socket.
 MEMORY_DIR = os.path.join(os.path.dirname(__file__), "memory")
 MEMORY_MODULES = {"test_layers.py", "test_proxy_traffic.py", "test_router.py",
-                  "test_testing.py", "test_config.py"}
+                  "test_testing.py", "test_config.py", "test_history.py"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -222,6 +222,8 @@ def test_revisions_and_rollback(api):
     put(client, "rev", greeter("second", "/rev"))
     converged(client, "rev")
     assert httpx.get(proxy + "/rev").text == "second from fleet"
+    again = put(client, "rev", greeter("second", "/rev"))       # the same: no new revision
+    assert again.status_code == 202 and again.json()["revision"] == 2
     revs = client.get("/api/applications/rev/revisions").json()["revisions"]
     assert [r["revision"] for r in revs] == [1, 2]
     assert revs[0]["config"]["args"] == {"greeting": "first"}

@@ -218,6 +218,7 @@ def test_wrong_token_and_taken_port(started, tmp_path):
     # the same address again: the port is taken
     line = one_line_error(run("start", "--port", "0", "--address", address))
     assert f"the management server cannot listen on {address}" in line
+    assert f"(a fleet instance of yours runs there, pid {pid})" in line
 
 
 def test_status_watch_prints_a_snapshot_every_second(started):

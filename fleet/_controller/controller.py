@@ -639,12 +639,18 @@ class Controller:
             app.cwd = str(origin.get("cwd", ""))
         origin = dict(origin or {})
         config, note = origin.pop("config", None), str(origin.pop("note", ""))
-        app.revision = self.revisions.add(
-            name, (route_prefix, plans, protocol, grpc_port, origin), config, note)
-        app.deployed_at = time.time()
-        self.events.add("deploy", name, "", "", f"revision {app.revision}"
-                        + (f" ({note})" if note else "") + ": "
-                        + ", ".join(f"{p.name} x{p.config.target_replicas()}" for p in plans))
+        # the same plans, route and config as the current revision: no new revision
+        same = app.revision > 0 and _deploy_key(app, plans) == app.deploy_key
+        revision = self.revisions.add(name, (route_prefix, plans, protocol, grpc_port, origin),
+                                      config, note, same_as_latest=same)
+        app.deploy_key = _deploy_key(app, plans)
+        if revision != app.revision:
+            app.revision = revision
+            app.deployed_at = time.time()
+            self.events.add("deploy", name, "", "", f"revision {app.revision}"
+                            + (f" ({note})" if note else "") + ": "
+                            + ", ".join(f"{p.name} x{p.config.target_replicas()}"
+                                        for p in plans))
         wanted = {p.name for p in plans}
         for dname, dep in app.deployments.items():
             if dname not in wanted:
@@ -999,3 +1005,8 @@ class Controller:
             except asyncio.CancelledError:
                 pass
 
+
+def _deploy_key(app: AppState, plans: list[DeploymentPlan]) -> Any:
+    """What makes two deploys of an application the same revision."""
+    return (app.route_prefix, app.protocol, app.grpc_port,
+            [(p.name, p.version, repr(p.config.model_dump())) for p in plans])

@@ -11,6 +11,7 @@ from typing import Any
 # Bounds: the newest events and revisions are kept, the oldest dropped.
 MAX_EVENTS = 1000
 MAX_REVISIONS = 20
+MAX_APPS = 500          # applications whose history is kept (the least recently deployed go)
 
 
 class Events:
@@ -51,18 +52,28 @@ class Revisions:
     """Each application's deploys, numbered from 1, the newest MAX_REVISIONS kept
     (also after the application is deleted, so it can be deployed again)."""
 
-    def __init__(self, size: int = MAX_REVISIONS) -> None:
+    def __init__(self, size: int = MAX_REVISIONS, max_apps: int = MAX_APPS) -> None:
         self.size = size
+        self.max_apps = max_apps
         self._by_app: dict[str, deque[dict[str, Any]]] = {}
         self._counter: dict[str, int] = {}
 
     def add(self, app: str, deploy_args: tuple[Any, ...], config: Any,
-            note: str = "") -> int:
+            note: str = "", same_as_latest: bool = False) -> int:
+        """Record a deploy; returns its number. A deploy identical to the latest one
+        (same_as_latest) records nothing and returns the latest's number."""
+        ring = self._by_app.pop(app, None) or deque(maxlen=self.size)
+        self._by_app[app] = ring            # most recently deployed last
+        if same_as_latest and ring and ring[-1]["config"] == config:
+            return int(ring[-1]["revision"])
         number = self._counter.get(app, 0) + 1
         self._counter[app] = number
-        ring = self._by_app.setdefault(app, deque(maxlen=self.size))
         ring.append({"revision": number, "time": time.time(), "config": config,
                      "note": note, "deploy_args": deploy_args})
+        while len(self._by_app) > self.max_apps:
+            oldest = next(iter(self._by_app))
+            del self._by_app[oldest]
+            self._counter.pop(oldest, None)
         return number
 
     def list(self, app: str) -> list[dict[str, Any]]:

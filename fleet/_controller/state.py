@@ -98,4 +98,5 @@ class AppState:
     sys_path: list[str] = field(default_factory=list)   # the deployer's import path
     cwd: str = ""                                       # and working directory
     deployed_at: float = field(default_factory=time.time)
-    revision: int = 0                  # bumped by every deploy: the application's version
+    revision: int = 0                  # bumped by every deploy that changes something
+    deploy_key: Any = None             # what the current revision deployed (see controller)

@@ -10,13 +10,15 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import yaml
 
 from fleet._imports import CLIError, load_config
-from fleet._manage.client import Client, ClientError, find, split_address
+
+if TYPE_CHECKING:       # httpx is imported by the commands that talk to an instance
+    from fleet._manage.client import Client
 
 START_TIMEOUT_S = 120.0
 WAIT_TIMEOUT_S = 600.0
@@ -34,6 +36,7 @@ def _say(line: str) -> None:
 
 
 def connect(address: str | None, token: str | None) -> Client:
+    from fleet._manage.client import Client, ClientError, find
     try:
         return Client(find(address, token, say=_say))
     except ClientError as exc:
@@ -41,6 +44,7 @@ def connect(address: str | None, token: str | None) -> Client:
 
 
 def call(client: Client, method: str, path: str, **kwargs: Any) -> Any:
+    from fleet._manage.client import ClientError
     try:
         return client.request(method, path, **kwargs)
     except ClientError as exc:
@@ -64,6 +68,7 @@ def start(host: str | None, port: int | None, grpc_port: int | None,
     `fleet apply`, stop with `fleet shutdown`."""
     from fleet import _rundir
     from fleet._config import DEFAULT_MANAGEMENT_PORT
+    from fleet._manage.client import ClientError, split_address
     from fleet._manage.server import bind
     for flag, value in (("--port", port), ("--grpc-port", grpc_port)):
         if value is not None and not 0 <= value <= 65535:
@@ -77,7 +82,13 @@ def start(host: str | None, port: int | None, grpc_port: int | None,
     try:
         bind(mhost, mport, fallback=False).close()
     except OSError as exc:
-        raise CLIError(str(exc)) from None
+        try:
+            mine = [info["pid"] for _, info in _rundir.live_instances()
+                    if (info.get("management") or {}).get("port") == mport]
+        except Exception:       # an unsafe runtime directory is reported below anyway
+            mine = []
+        hint = f" (a fleet instance of yours runs there, pid {mine[0]})" if mine else ""
+        raise CLIError(f"{exc}{hint}") from None
     try:
         directory = _rundir.runtime_dir()
     except Exception as exc:
@@ -400,6 +411,7 @@ def apply(config_file: str, prune: bool, dry_run: bool, no_wait: bool, app_dir: 
 def _put(client: Client, name: str, body: dict[str, Any], app_dir: str) -> int | str:
     """PUT one application: its revision, or the error text when the instance refused it
     (an import that failed, a conflict)."""
+    from fleet._manage.client import ClientError
     try:
         r = client.request("PUT", f"/api/applications/{name}", json=body,
                            params={"app_dir": app_dir})
@@ -415,6 +427,7 @@ def _put(client: Client, name: str, body: dict[str, Any], app_dir: str) -> int |
 def wait_converged(client: Client, names: list[str], timeout: float) -> dict[str, str]:
     """Wait until each application runs its current revision everywhere, printing each
     deployment's progress; returns the failed ones with their reasons."""
+    from fleet._manage.client import ClientError
     failed: dict[str, str] = {}
     todo = set(names)
     seen: dict[str, str] = {}

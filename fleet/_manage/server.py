@@ -46,6 +46,8 @@ MAX_BODY_BYTES = 1 << 20        # a request body to the API: one application's c
 SSE_KEEPALIVE_S = 15.0
 STREAM_MAX_S = 3600.0           # an event stream ends after an hour; clients reconnect
 COOKIE = dashboard.COOKIE        # the token, once the dashboard set it
+IMPORT_TIMEOUT_S = 120.0        # importing and building one application for a PUT
+MAX_CONNECTIONS = 256           # the management server's open connections (streams too)
 
 
 class ApiError(Exception):
@@ -164,8 +166,14 @@ class Ops:
         async with self._deploy_lock:
             self._check_if_match(name, if_match)
             try:
-                plans, protocol, grpc_port, needs_grpc, sys_path = await asyncio.to_thread(
-                    _build, config, app_dir)
+                plans, protocol, grpc_port, needs_grpc, sys_path = await asyncio.wait_for(
+                    asyncio.to_thread(_build, config, app_dir), IMPORT_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                message = (f"application {name!r}: importing {config.import_path!r} did not "
+                           f"finish within {IMPORT_TIMEOUT_S:g} s; imports should not wait "
+                           "on anything (load models in the constructor instead)")
+                self.controller.events.add("deploy_failed", name, "", "", message)
+                raise ApiError(400, message) from None
             except _BuildError as exc:
                 self.controller.events.add("deploy_failed", name, "", "", str(exc))
                 raise ApiError(400, str(exc)) from None
@@ -685,6 +693,7 @@ class _Server:
         http = ops.instance.http_options
         config = uvicorn.Config(app, loop="none", lifespan="off", access_log=False,
                                 log_level="warning", timeout_graceful_shutdown=2,
+                                limit_concurrency=MAX_CONNECTIONS,
                                 ssl_keyfile=http.ssl_keyfile, ssl_certfile=http.ssl_certfile)
         self.server = Quiet(config)
         self.sock = sock
