@@ -113,7 +113,10 @@ class Instance:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def start(self) -> None:
-        self._log_handler = _logs.setup(self.logs_dir, "controller.log", logger="fleet")
+        if self.register:
+            # an unregistered instance (fleet.testing's, in memory) has no one to read
+            # its files: it writes none
+            self._log_handler = _logs.setup(self.logs_dir, "controller.log", logger="fleet")
         self.thread.start()
         try:
             self.call(self._start())

@@ -18,6 +18,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from fleet import _otel
+from fleet._context import current_traceparent
 from fleet._metrics import SIZE_BUCKETS, TIME_BUCKETS, new_hist, observe
 from fleet._multiplex import get_multiplexed_model_id, set_model_id
 
@@ -42,11 +44,12 @@ STREAM_AHEAD = 64
 class _Entry:
     """One caller waiting in a batch queue."""
 
-    __slots__ = ("item", "arrived", "future", "chunks", "taken", "model", "left")
+    __slots__ = ("item", "arrived", "future", "chunks", "taken", "model", "left", "trace")
 
     def __init__(self, item: Any, loop: asyncio.AbstractEventLoop, stream: bool) -> None:
         self.item = item
         self.model = get_multiplexed_model_id()
+        self.trace = current_traceparent() if _otel.current() is not None else None
         self.arrived = loop.time()
         self.future: asyncio.Future[Any] | None = None if stream else loop.create_future()
         # A streamed batch waits while any reader is this far behind (flow control
@@ -250,6 +253,13 @@ class _BatchQueue:
     async def _run(self, entries: list[_Entry]) -> None:
         n = len(entries)
         self.stats.record(n, self.loop.time() - entries[0].arrived)
+        tracer = _otel.current()
+        span = None
+        if tracer is not None:      # a fleet.batch span, linked to each call's span
+            links = [lk for lk in (_otel.link(e.trace) for e in entries) if lk is not None]
+            span = tracer.start_span("fleet.batch", links=links,
+                                     attributes={"fleet.method": self.name,
+                                                 "fleet.batch_size": n})
         # This task's context only; it was copied from whichever call started the queue.
         set_model_id(entries[0].model)
         try:
@@ -258,6 +268,8 @@ class _BatchQueue:
             else:
                 await self._run_once(entries)
         finally:
+            if span is not None:
+                span.end()
             self.slots.release()
 
     async def _run_once(self, entries: list[_Entry]) -> None:

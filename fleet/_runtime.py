@@ -121,7 +121,8 @@ class Runtime:
         self._push_timer = self.loop.call_later(_metrics.PUSH_S, self._push_metrics)
 
     def send_metrics(self) -> None:
-        """Send this process's figures now (also at exit, so the last second counts)."""
+        """Send this process's figures now (a stopping replica does, so its last
+        second counts)."""
         if self.metrics is None:
             return
         taken = self.metrics.take()

@@ -1,5 +1,5 @@
-"""Smoke test of the benchmark harness: fleet only, http, protocols and handle, about a
-minute."""
+"""Smoke test of the benchmark harness: fleet only, http, protocols, handle and metrics
+(on and off), about a minute."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_bench_quick_fleet_http_protocols_and_handle(tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             sys.executable, "-m", "bench", "--quick", "--systems", "fleet",
-            "--scenarios", "http,protocols,handle", "--duration", "1", "--warmup", "0.5",
+            "--scenarios", "http,protocols,handle,metrics", "--duration", "1", "--warmup", "0.5",
             "--runs", "1", "--out", str(tmp_path),
         ],
         cwd=REPO_ROOT,
@@ -33,7 +33,7 @@ def test_bench_quick_fleet_http_protocols_and_handle(tmp_path: Path) -> None:
         row for row in data["rows"]
         if row["system"] == "fleet" and row["unit"] in ("req/s", "calls/s")
     ]
-    assert {row["scenario"] for row in rates} == {"http", "protocols", "handle"}
+    assert {row["scenario"] for row in rates} == {"http", "protocols", "handle", "metrics"}
     for row in rates:
         assert row["status"] == "ok", row
         assert row["value"] > 0, row

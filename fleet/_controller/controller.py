@@ -298,6 +298,7 @@ class Controller:
         if rec.proc is not None:
             await self.backend.stop_replica(rec.proc, timeout)
         dep.replicas.pop(rec.replica_id, None)
+        self.metrics.forget("replica", rec.replica_id)
         self._notify()
         self.kick()
 
@@ -316,6 +317,7 @@ class Controller:
         self.events.add("replica_died", dep.app, dep.name, rec.replica_id,
                         f"{why} (exit code {code}); replacing it")
         self._count("fleet_replica_failures_total", dep)
+        self.metrics.forget("replica", rec.replica_id)
         dep.last_gone = f"replica {rec.replica_id} {why} (exit code {code})"
         if starting and dep.status != DeploymentStatus.DEPLOY_FAILED:
             dep.start_failures += 1
@@ -430,7 +432,11 @@ class Controller:
         elif msg["type"] == "metrics":
             source = str(msg.get("source", ""))
             self._metric_sources[id(conn)] = source
-            self.metrics.merge(source, msg)
+            try:
+                self.metrics.merge(source, msg)
+            except (TypeError, ValueError, KeyError):
+                log.warning("metrics from %s were malformed and are ignored", source,
+                            exc_info=True)
 
     def _on_health_result(self, msg: HealthResultMsg) -> None:
         found = self._find(msg.get("replica_id", ""))

@@ -166,6 +166,15 @@ class Store:
         """A process is gone: its gauges no longer count."""
         self.gauges.pop(source, None)
 
+    def forget(self, label: str, value: str) -> None:
+        """Drop the counters and histograms of one label value (a replica that is gone:
+        its series leave /metrics, as a stopped process' do, and make room for its
+        successors'; their history stays until it ages out of the rings)."""
+        pair = (label, value)
+        for table in (self.counters, self.hists):
+            for key in [k for k in table if pair in k[1]]:
+                del table[key]
+
     def set_own(self, values: dict[Key, float]) -> None:
         """The controller's own gauges (replicas by state, autoscaling), all at once."""
         self.own = values

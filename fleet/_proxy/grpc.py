@@ -24,7 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from fleet._context import valid_traceparent
+from fleet import _otel
+from fleet._context import current_traceparent, set_traceparent, valid_traceparent
 from fleet._grpc_schema import CODES, GrpcStatus, load_servicer_function, servicer_handlers
 from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
@@ -79,6 +80,7 @@ class GRPCProxy(grpc.GenericRpcHandler):
         self.timeout = options.request_timeout_s
         self.expose_errors = options.expose_errors
         self.errors = ErrorReports(runtime)
+        self.tracer = _otel.tracer("proxy")        # None unless spans were asked for
         # calls and their latency by (route: the RPC's full name, status code)
         self.hist = None if runtime.metrics is None else runtime.metrics.histogram(
             "fleet_grpc_request_duration_seconds", ("route", "status_code"),
@@ -248,6 +250,10 @@ class GRPCProxy(grpc.GenericRpcHandler):
             elif key == "traceparent" and isinstance(value, str) \
                     and valid_traceparent(value.strip().lower()):
                 meta["tp"] = value.strip().lower()          # W3C trace context
+        if self.tracer is not None:
+            tp = current_traceparent()                      # the call's fleet.grpc span
+            if tp is not None:
+                meta["tp"] = tp
         return meta
 
     async def _start(self, kind: _Kind, request: bytes | None, context: Any,
@@ -283,9 +289,31 @@ class GRPCProxy(grpc.GenericRpcHandler):
                                 "and was cancelled", _id_metadata(context))
 
     async def _unary(self, kind: _Kind, request: bytes, context: Any) -> bytes:
+        if self.tracer is not None:
+            return await self._traced(kind, self._unary_call(kind, request, context), context)
         if self.hist is None:
             return await self._bounded(self._unary_call(kind, request, context), context)
         return await self._measured(kind, self._unary_call(kind, request, context), context)
+
+    async def _traced(self, kind: _Kind, call: Any, context: Any) -> Any:
+        """A call in a ``fleet.grpc`` span (the client's traceparent metadata its parent),
+        whose traceparent the call carries on."""
+        from opentelemetry.trace import SpanKind
+        incoming = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "traceparent" and isinstance(value, str) \
+                    and valid_traceparent(value.strip().lower()):
+                incoming = value.strip().lower()
+        span = self.tracer.start_span("fleet.grpc", context=_otel.parent(incoming),
+                                      kind=SpanKind.SERVER,
+                                      attributes={"rpc.method": kind.full})
+        set_traceparent(_otel.traceparent_of(span))     # this task's context: _meta reads it
+        try:
+            if self.hist is None:
+                return await self._bounded(call, context)
+            return await self._measured(kind, call, context)
+        finally:
+            span.end()
 
     async def _measured(self, kind: _Kind, call: Any, context: Any) -> Any:
         """Run a call's body and count it (fleet_grpc_requests_total and its duration)
@@ -326,6 +354,8 @@ class GRPCProxy(grpc.GenericRpcHandler):
     async def _stream(self, kind: _Kind, request: bytes | None, requests: Any, context: Any,
                       fallback: bool = False) -> Any:
         call = self._stream_call(kind, request, requests, context, fallback)
+        if self.tracer is not None:
+            return await self._traced(kind, call, context)
         if self.hist is None:
             return await self._bounded(call, context)
         return await self._measured(kind, call, context)

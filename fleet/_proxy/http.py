@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from fleet import _otel
 from fleet._context import valid_traceparent
 from fleet._logformat import stamp
 from fleet._metrics import TIME_BUCKETS
@@ -171,6 +172,8 @@ class HTTPProxy:
             "fleet_http_request_duration_seconds",
             ("application", "route", "method", "status_code"),
             count_name="fleet_http_requests_total")
+        # OpenTelemetry (fleet/_otel.py): None unless spans were asked for
+        self.tracer = _otel.tracer("proxy")
         runtime.table_listeners.append(self._on_tables)
         if runtime.tables is not None:
             self._on_tables(runtime.tables)
@@ -184,6 +187,9 @@ class HTTPProxy:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http":
+            if self.tracer is not None:
+                await self._traced(scope, receive, send)
+                return
             await self.http(scope, receive, send)
         elif kind == "websocket":
             from fleet._proxy.websocket import proxy_websocket
@@ -196,6 +202,38 @@ class HTTPProxy:
                 elif msg["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+
+    async def _traced(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """One request in a ``fleet.http`` span: the client's traceparent is its parent,
+        and the request goes on with the span's own traceparent."""
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+        incoming = None
+        headers = []
+        for name, value in scope["headers"]:
+            if name == _TRACE_HEADER:
+                tp = value.decode("latin-1").strip().lower()
+                incoming = tp if valid_traceparent(tp) else None
+            else:
+                headers.append((name, value))
+        assert self.tracer is not None
+        span = self.tracer.start_span("fleet.http", context=_otel.parent(incoming),
+                                      kind=SpanKind.SERVER,
+                                      attributes={"http.request.method": scope["method"],
+                                                  "url.path": scope["path"][:256]})
+        headers.append((_TRACE_HEADER, _otel.traceparent_of(span).encode()))
+        status = [0]
+
+        async def sent(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.http(dict(scope, headers=headers), receive, sent)
+        finally:
+            span.set_attribute("http.response.status_code", status[0])
+            if status[0] >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
 
     async def _respond(self, send: Any, status: int, headers: list[tuple[bytes, bytes]],
                        body: bytes, rid: bytes) -> None:

@@ -47,6 +47,8 @@ def main() -> None:
     if boot.get("logs_dir"):
         from fleet import _logs
         _logs.flush_all()
+    from fleet import _otel
+    _otel.flush()
     os._exit(code)
 
 

@@ -63,4 +63,6 @@ def main() -> None:
     if spec.logs_dir:
         from fleet import _logs
         _logs.flush_all()
+    from fleet import _otel
+    _otel.flush()
     os._exit(code)

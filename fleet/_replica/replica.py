@@ -17,7 +17,7 @@ from typing import Any
 
 import cloudpickle
 
-from fleet import _context, _multiplex
+from fleet import _context, _multiplex, _otel
 from fleet._batching import batch_stats, take_batch_metrics
 from fleet._metrics import SIZE_BUCKETS, TIME_BUCKETS, Recorder
 from fleet._runtime import Runtime, set_current
@@ -110,6 +110,7 @@ class Replica:
         self._model_conns: set[ServerConnection] = set()
         # This replica's metric cells (None when metrics are off): updated in place per
         # call, sent by the runtime every second.
+        self.tracer = _otel.tracer("replica") if own_process else None
         self._processing: list[float] | None = None
         self._queue: list[float] = []
         self._errors: list[float] = []
@@ -174,6 +175,7 @@ class Replica:
             for task in list(self.tasks.values()):
                 task.cancel()
         server.close()
+        self.runtime.send_metrics()     # the calls of its last second count too
         await self.http.shutdown(self._grace or 1.0)
         _multiplex.unwatch(self.instance)
         await self._run_del()
@@ -382,8 +384,12 @@ class Replica:
                 adapter(self).accept(conn, call_id, meta)
             if "model" in meta:
                 self._model_call(conn, meta["model"])
-        task = self.loop.create_task(self._serve(conn, call_id, method, args, kwargs, meta,
-                                                 time.perf_counter()))
+        if self.tracer is not None:
+            task = self.loop.create_task(self._traced(conn, call_id, method, args, kwargs,
+                                                      meta, time.perf_counter()))
+        else:
+            task = self.loop.create_task(self._serve(conn, call_id, method, args, kwargs,
+                                                     meta, time.perf_counter()))
         key = (id(conn), call_id)
         self.tasks[key] = task
         self.ongoing += 1
@@ -450,6 +456,25 @@ class Replica:
                 self._slow.discard(method)
             elif method in self._methods or method == "__call__":
                 self._slow.add(method)      # names of real methods only: bounded
+
+    async def _traced(self, conn: ServerConnection, call_id: int, method: str,
+                      args: tuple[Any, ...], kwargs: dict[str, Any], meta: CallMeta | None,
+                      arrived: float) -> None:
+        """A call in a ``fleet.replica`` span, child of the caller's; its handle calls
+        are the span's children."""
+        assert self.tracer is not None
+        spec = self.spec
+        span = self.tracer.start_span(
+            "fleet.replica", context=_otel.parent(meta.get("tp") if meta else None),
+            attributes={"fleet.application": spec.app_name,
+                        "fleet.deployment": spec.deployment_name,
+                        "fleet.replica": spec.replica_id, "fleet.method": method})
+        traced: CallMeta = dict(meta) if meta is not None else {}  # type: ignore[assignment]
+        traced["tp"] = _otel.traceparent_of(span)
+        try:
+            await self._serve(conn, call_id, method, args, kwargs, traced, arrived)
+        finally:
+            span.end()
 
     async def _stream(self, conn: ServerConnection, call_id: int, fn: Any, kind: str,
                       args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

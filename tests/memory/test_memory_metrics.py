@@ -286,3 +286,14 @@ def test_reasons_say_why_a_deployment_is_not_converged() -> None:
     assert text.startswith("constructor failed: the constructor of deployment 'D' raised")
     assert text.splitlines()[-1] == "ValueError: bad"
     assert len(text.splitlines()) == 1 + 6                     # the traceback's last lines
+
+
+def test_a_gone_replicas_series_are_forgotten() -> None:
+    store = m.Store()
+    for rid in ("r1", "r2"):
+        store.inc("fleet_replica_requests_total", LB + (("replica", rid),), 3)
+    store.inc("fleet_replica_starts_total", LB, 2)
+    store.forget("replica", "r1")
+    assert sorted(store.counters) == [
+        ("fleet_replica_requests_total", LB + (("replica", "r2"),)),
+        ("fleet_replica_starts_total", LB)]
