@@ -585,3 +585,27 @@ def test_delete_an_application_from_its_page(page: Page, served: Served) -> None
     tab.goto(served.url + "/#/")
     tab.locator('.app-card[data-app="market"]').wait_for()
     assert tab.locator('.app-card[data-app="gone"]').count() == 0
+
+
+@needs_browser
+def test_an_autoscaling_decision_is_marked_on_the_replicas_chart_with_its_reason(
+        page: Page, served: Served) -> None:
+    spec = {"import_path": "apps.dash_apps:good", "route_prefix": "/lazy",
+            "deployments": [{"name": "Shop", "autoscaling_config": {
+                "min_replicas": 0, "max_replicas": 1, "initial_replicas": 0,
+                "upscale_delay_s": 0}}]}
+    assert api(served, "PUT", "/api/applications/lazy", json=spec).status_code == 202
+    tab = page.page
+    tab.goto(served.url + "/#/app/lazy/dep/Shop")
+    # the chart has the history from before the decision, so the decision falls inside it
+    tab.wait_for_function("""() => {
+        const el = document.querySelector('[data-chart="replicas"]');
+        return el !== null && Number(el.dataset.points) > 0; }""")
+    with httpx.Client(base_url=served.http_url, timeout=60) as c:
+        assert c.get("/lazy").status_code == 200       # scales from zero to serve it
+    reason = "a call is waiting on a deployment scaled to zero"
+    tab.locator("#dep-scaling li", has_text=reason).wait_for()
+    mark = tab.locator(f'[data-chart="replicas"] .mark[title*="{reason}"]')
+    mark.wait_for()
+    assert "0 \u2192 1" in mark.get_attribute("title")
+    assert not page.errors, page.errors
