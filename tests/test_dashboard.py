@@ -424,6 +424,10 @@ def test_traffic_shows_on_the_requests_chart(page: Page, served: Served) -> None
         stop.set()
         sender.join()
     assert tab.locator('[data-chart="rps"] canvas').count() == 1
+    tab.select_option("#window", "86400")          # widen to 24 hours (10 s resolution)
+    tab.locator('[data-chart="rps"][data-window="86400"]').wait_for(state="attached")
+    assert tab.locator("#banner").is_hidden()
+    tab.select_option("#window", "900")
     assert not page.errors, page.errors
 
 
@@ -562,6 +566,10 @@ def test_every_page_at_both_sizes_renders_without_errors_or_overflow(
                 # drawn from the API once: the page's own element says so
                 tab.locator("#page > .view[data-ready]").wait_for()
                 assert tab.locator("#banner").is_hidden(), tab.inner_text("#banner")
+                # a state reads without colour: a word, and an icon beside it
+                for badge in tab.locator(".state").all():
+                    assert badge.inner_text().strip() and badge.locator(
+                        "[aria-hidden=true]").count() == 1, badge.inner_html()
                 width = tab.evaluate("() => document.documentElement.scrollWidth")
                 assert width <= viewport["width"], f"{name or 'overview'} at {size}: {width}px"
                 path = shots / f"{size}-{name.split('?')[0].replace('/', '_') or 'overview'}.png"

@@ -71,6 +71,7 @@ export class Chart {
     this.spec.lines.forEach((line, i) => lines.push(...reduce(line, found[i])));
     const times = [...new Set(lines.flatMap((l) => [...l.points.keys()]))].sort((a, b) => a - b);
     const last = lines.map((l) => l.points.get(times[times.length - 1]));
+    this.box.dataset.window = String(window);
     this.box.dataset.points = String(times.length);
     this.box.dataset.last = JSON.stringify(last);
     this.box.dataset.max = String(Math.max(0, ...lines.flatMap((l) => [...l.points.values()])));
