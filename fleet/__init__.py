@@ -42,6 +42,7 @@ if TYPE_CHECKING:
         DeploymentConfig,
         GRPCOptions,
         HTTPOptions,
+        ManagementOptions,
     )
     from fleet._context import get_request_id
     from fleet._deployment import Application, Deployment, deployment
@@ -65,6 +66,7 @@ _LAZY = {
     "DeploymentResponseGenerator": "fleet._handle",
     "GRPCOptions": "fleet._config",
     "HTTPOptions": "fleet._config",
+    "ManagementOptions": "fleet._config",
     "ServeRequest": "fleet._serve_request",
     "batch": "fleet._batching",
     "delete": "fleet._api",
@@ -121,6 +123,7 @@ __all__ = [
     "GRPCOptions",
     "GetTimeoutError",
     "HTTPOptions",
+    "ManagementOptions",
     "MethodNotFoundError",
     "ReplicaDiedError",
     "ReplicaDrainingError",

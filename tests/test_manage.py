@@ -107,6 +107,11 @@ def test_put_deploys_and_a_stale_etag_changes_nothing(api):
     assert httpx.get(proxy + "/etag").text == "two from fleet"
     # without If-Match: unconditional
     assert put(client, "etag", greeter("three", "/etag")).status_code == 202
+    # If-Match "0": only if the application does not exist yet
+    assert put(client, "etag", greeter("four", "/etag"),
+               headers={"If-Match": '"0"'}).status_code == 412
+    r = put(client, "etag-new", greeter("new", "/etag-new"), headers={"If-Match": '"0"'})
+    assert r.status_code == 202
 
 
 def test_a_failing_import_fails_only_that_application(api):
@@ -340,7 +345,8 @@ def test_metrics_public_opens_only_metrics(tmp_path):
     script = (
         "import httpx, fleet\n"
         "fleet.start(http_options={'port': 0},\n"
-        "            management_options={'port': 0, 'metrics_public': True})\n"
+        "            management_options=fleet.ManagementOptions(port=0,\n"
+        "                                                       metrics_public=True))\n"
         "url = fleet.status()['management']['url']\n"
         "assert httpx.get(url + '/metrics').status_code != 401\n"
         "assert httpx.get(url + '/api/instance').status_code == 401\n"
@@ -385,3 +391,25 @@ def test_an_added_route_is_one_entry_and_a_crash_is_a_json_500(api):
             assert "RuntimeError" in r.json()["error"] and r.json()["request_id"]
             assert (await c.get("/api/pid", headers=token)).status_code == 200
     asyncio.run(go())
+
+
+def test_a_killed_replica_is_replaced_and_says_why(api):
+    import signal
+    client, proxy = api
+    assert put(client, "killed", greeter("k", "/killed")).status_code == 202
+    converged(client, "killed")
+    base = "/api/applications/killed/deployments/Hello/replicas"
+    victim = client.get(base).json()["replicas"][0]
+    os.kill(victim["pid"], signal.SIGKILL)
+
+    def replaced():
+        now = client.get(base).json()
+        gone = [r for r in now["replaced"] if r["replica_id"] == victim["replica_id"]]
+        return gone[0] if gone else None
+    entry = wait_for(replaced, 30)
+    assert "exit code" in entry["reason"] and entry["time"] > 0
+    converged(client, "killed")
+    assert httpx.get(proxy + "/killed").text == "k from fleet"
+    events = client.get("/api/events").json()["events"]
+    assert any(e["kind"] == "replica_died" and e["replica"] == victim["replica_id"]
+               for e in events)

@@ -402,3 +402,22 @@ def test_shutdown_stops_a_fleet_run_too(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_the_background_log_is_bounded(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    out = run("start", "--port", "0", "--address", address, "--max-log-bytes", "10000")
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stderr.split("started instance pid ")[1].split(";")[0])
+    log = out.stderr.split("(log: ")[1].split(")")[0]
+    family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    try:
+        with open(log, "a") as f:
+            f.write("x" * 20000 + "\n")
+        from helpers import wait_for
+        wait_for(lambda: "was cut back" in open(log).read(), 30)
+        assert os.path.getsize(log) < 10000
+    finally:
+        assert run("shutdown", "--address", address).returncode == 0
+        _, alive = psutil.wait_procs(family, timeout=30)
+        assert not alive

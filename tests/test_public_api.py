@@ -10,7 +10,7 @@ EXPECTED = {
     "Application", "AutoscalingConfig", "BackPressureError", "Deployment", "DeploymentConfig",
     "DeploymentFailedError", "DeploymentHandle", "DeploymentResponse",
     "DeploymentResponseGenerator", "FleetError", "FrameTooLargeError", "GRPCOptions",
-    "GetTimeoutError", "HTTPOptions",
+    "GetTimeoutError", "HTTPOptions", "ManagementOptions",
     "MethodNotFoundError", "ReplicaDiedError", "ReplicaDrainingError", "ReplicaError",
     "ReplicaFullError", "RequestCancelledError", "RequestTimeoutError", "__version__",
     "delete", "deployment",

@@ -21,6 +21,9 @@ if TYPE_CHECKING:       # httpx is imported by the commands that talk to an inst
     from fleet._manage.client import Client
 
 START_TIMEOUT_S = 120.0
+# The background instance's output file (its processes' stdout and stderr, access logs
+# included) is cut back to empty when it passes this size.
+MAX_LOG_BYTES = 16 << 20
 WAIT_TIMEOUT_S = 600.0
 
 address_option = click.option("--address", default=None, metavar="HOST:PORT",
@@ -62,8 +65,10 @@ def get(client: Client, path: str, **kwargs: Any) -> Any:
 @click.option("--port", default=None, type=int, help="HTTP port (default: 8000).")
 @click.option("--grpc-port", default=None, type=int, help="Also serve gRPC on this port.")
 @address_option
+@click.option("--max-log-bytes", default=MAX_LOG_BYTES, type=click.IntRange(min=4096),
+              hidden=True, help="Cut the instance's log file back past this size.")
 def start(host: str | None, port: int | None, grpc_port: int | None,
-          address: str | None) -> None:
+          address: str | None, max_log_bytes: int) -> None:
     """Start an instance in the background; returns once it serves. Deploy with
     `fleet apply`, stop with `fleet shutdown`."""
     from fleet import _rundir
@@ -96,6 +101,7 @@ def start(host: str | None, port: int | None, grpc_port: int | None,
     log_path = os.path.join(directory, f"start-{time.strftime('%Y%m%dT%H%M%S')}-"
                                        f"{os.getpid()}.log")
     args = {"host": host, "port": port, "grpc_port": grpc_port, "log": log_path,
+            "max_log_bytes": max_log_bytes,
             "management": {"host": mhost, "port": mport}}
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     read_end, write_end = os.pipe()
@@ -193,8 +199,23 @@ def daemon(args: str, ready_fd: int) -> None:
         while not stop.event.wait(0.5):
             if inst.closed:
                 break
+            _bound_log(opts.get("log"), int(opts.get("max_log_bytes") or MAX_LOG_BYTES))
     finally:
         shutdown()
+
+
+def _bound_log(path: str | None, limit: int) -> None:
+    """Cut the log back to empty past limit bytes. Every process of the instance writes
+    it with O_APPEND, so their next lines go to the new end."""
+    if not path:
+        return
+    try:
+        if os.path.getsize(path) > limit:
+            os.truncate(path, 0)
+            sys.stderr.write(f"fleet: the log passed {limit} bytes and was cut back\n")
+            sys.stderr.flush()
+    except OSError:
+        pass
 
 
 @click.command()
