@@ -229,7 +229,19 @@ class SinkHandler(logging.Handler):
 _encode = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
-class _Tee:
+def encode(text: str) -> str:
+    """text as a JSON string literal (quotes included)."""
+    return str(_encode(text))
+
+
+def json_head(now: float, logger: str) -> str:
+    """The start of a JSON line written at now by logger (time, timestamp, level,
+    logger); the caller adds the rest and the closing brace."""
+    return (f'{{"time": {now:.6f}, "timestamp": "{_stamp(now)}", "level": "INFO", '
+            f'"logger": {_encode(logger)}')
+
+
+class Tee:
     """A text stream that also sends each complete line to the log file: the lines of
     one write go out as one ``os.write`` (the access log writes once per loop
     iteration), each a JSON line built with one C string encoder."""
@@ -286,8 +298,8 @@ def setup(directory: str, filename: str, application: str = "", deployment: str 
     logging.getLogger(logger or None).addHandler(handler)
     if capture_output:
         # the console handlers keep the original streams: nothing is written twice
-        sys.stdout = _Tee(sys.stdout, sink, "stdout", who)  # type: ignore[assignment]
-        sys.stderr = _Tee(sys.stderr, sink, "stderr", who)  # type: ignore[assignment]
+        sys.stdout = Tee(sys.stdout, sink, "stdout", who)  # type: ignore[assignment]
+        sys.stderr = Tee(sys.stderr, sink, "stderr", who)  # type: ignore[assignment]
     return handler
 
 

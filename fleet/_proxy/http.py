@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from fleet import _otel
+from fleet import _logs, _otel
 from fleet._context import valid_traceparent
 from fleet._logformat import stamp
 from fleet._metrics import TIME_BUCKETS
@@ -111,25 +111,53 @@ class AccessLog:
     """One line per request to stderr: method, path, status, latency, app, replica.
 
     Lines are joined and written once per loop iteration, like data-plane frames, so
-    a busy proxy pays for a few string operations per request, not a write."""
+    a busy proxy pays for a few string operations per request, not a write. With log
+    files (fleet/_logs.py) each line also goes to the proxy's file as a JSON line built
+    here from its fields (not parsed back from the text), kept in memory until the
+    file's next flush."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, stream: Any = None) -> None:
         self.loop = loop
-        self.stream = stream or sys.stderr
+        stream = stream or sys.stderr
+        self.sink: Any = None
+        if isinstance(stream, _logs.Tee):
+            # the console gets the text, the file the JSON lines: no line is re-parsed
+            self.sink, stream = stream.sink, stream.stream
+        self.stream = stream
         self.lines: list[str] = []
+        self.json: list[str] = []
         self.stamp = ""
+        self.head = ""
+        self.who: dict[tuple[str, str], str] = {}     # the JSON of (app, replica)
 
     def add(self, method: str, path: str, status: int, ms: float, app: str,
             replica: str, rid: bytes) -> None:
         if not self.lines:
             # one timestamp per loop iteration's lines: they were all answered within it
             self.loop.call_soon(self.flush)
-            self.stamp = stamp(time.time())
-        self.lines.append(f"{self.stamp} INFO proxy fleet.access: {method} {path} {status} "
-                          f"{ms:.2f}ms app={app} replica={replica} id={rid.decode()}\n")
+            now = time.time()
+            self.stamp = stamp(now)
+            if self.sink is not None:
+                self.head = _logs.json_head(now, "fleet.access")
+        rid_text = rid.decode()
+        message = (f"{method} {path} {status} {ms:.2f}ms app={app} replica={replica} "
+                   f"id={rid_text}")
+        self.lines.append(f"{self.stamp} INFO proxy fleet.access: {message}\n")
+        if self.sink is not None:
+            who = self.who.get((app, replica))
+            if who is None:
+                who = (f', "application": {_logs.encode(app)}, "deployment": "", '
+                       f'"replica": {_logs.encode(replica)}, "request_id": "')
+                if len(self.who) < 1024:    # applications x replicas: a few, bounded
+                    self.who[(app, replica)] = who
+            self.json.append(f'{self.head}{who}{rid_text}", "trace_id": "", '
+                             f'"message": {_logs.encode(message)}}}\n')
 
     def flush(self) -> None:
         lines, self.lines = self.lines, []
+        if self.json:
+            self.sink.add("".join(self.json))
+            self.json = []
         try:
             self.stream.write("".join(lines))
             self.stream.flush()

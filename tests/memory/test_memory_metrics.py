@@ -203,7 +203,7 @@ def test_log_files_rotate_and_the_reader_reads_them_all(tmp_path, monkeypatch) -
     monkeypatch.setattr(_logs, "ROTATE_BYTES", 2000)
     monkeypatch.setattr(_logs, "BUFFER_BYTES", 300)     # lines wait in memory until then
     sink = _logs.Sink(str(tmp_path / "proxy-http-0.log"))
-    tee = _logs._Tee(io.StringIO(), sink, "stderr", {"application": "", "deployment": "",
+    tee = _logs.Tee(io.StringIO(), sink, "stderr", {"application": "", "deployment": "",
                                                      "replica": "proxy-http-0"})
     try:
         for i in range(60):
@@ -229,7 +229,7 @@ def test_output_lines_wait_in_memory_until_a_flush_and_keep_their_order(tmp_path
     assert handler is not None
     log = logging.getLogger("obs.order")
     log.setLevel(logging.INFO)
-    tee = _logs._Tee(io.StringIO(), handler.sink, "stdout", {"application": "a",
+    tee = _logs.Tee(io.StringIO(), handler.sink, "stdout", {"application": "a",
                                                              "deployment": "D",
                                                              "replica": "D-2"})
     try:
