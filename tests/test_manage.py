@@ -54,11 +54,12 @@ def greeter(greeting: str, prefix: str) -> dict:
 def test_every_path_needs_the_token(api):
     client, _ = api
     url = str(client.base_url)
-    for path in ("/api/instance", "/api/applications", "/api/openapi.json", "/",
-                 "/api/nosuch"):
+    for path in ("/api/instance", "/api/applications", "/api/openapi.json", "/api/nosuch"):
         r = httpx.get(url + path)
         assert r.status_code == 401, path
         assert "token" in r.json()["error"] and r.json()["request_id"]
+    r = httpx.get(url + "/")                # the dashboard's sign-in page, nothing else
+    assert r.status_code == 401 and 'name="token"' in r.text
     r = httpx.get(url + "/api/instance", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401
     r = httpx.put(url + "/api/applications/x", json=greeter("x", "/x"))

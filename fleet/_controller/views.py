@@ -222,3 +222,4 @@ def app_status(app: AppState) -> ApplicationStatus:
     if states <= {DeploymentStatus.HEALTHY}:
         return ApplicationStatus.RUNNING
     return ApplicationStatus.DEPLOYING
+

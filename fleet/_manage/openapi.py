@@ -93,9 +93,10 @@ def _observe_paths() -> dict[str, Any]:
 @functools.lru_cache(maxsize=1)
 def _spec() -> dict[str, Any]:
     from fleet._config import ApplicationConfig
+    from fleet._manage.dashboard import PlaygroundRequest
     from fleet._manage.models import RollbackBody, ScaleBody
     schemas: dict[str, Any] = {"Error": _ERROR}
-    for model in (ApplicationConfig, ScaleBody, RollbackBody):
+    for model in (ApplicationConfig, ScaleBody, RollbackBody, PlaygroundRequest):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -165,6 +166,11 @@ def _spec() -> dict[str, Any]:
             "parameters": [{"name": "since", "in": "query", "required": False,
                             "schema": {"type": "number"}}],
             "responses": _responses("200", "422")}},
+        "/api/playground": {"post": {
+            "summary": "Send one request through the HTTP proxy (the dashboard's playground); "
+                       "its status, headers, body, latency and request id.",
+            "requestBody": _body("PlaygroundRequest"),
+            "responses": _responses("200", "400", "413", "422")}},
         "/api/events/stream": {"get": {
             "summary": "Events as server-sent events, one JSON object per data: line.",
             "responses": {"200": {"description": "text/event-stream",

@@ -25,14 +25,14 @@ from starlette.responses import (
     HTMLResponse,
     JSONResponse,
     PlainTextResponse,
-    RedirectResponse,
     Response,
     StreamingResponse,
 )
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fleet._config import ApplicationConfig, ManagementOptions
+from fleet._manage import dashboard, observe
 from fleet._manage.models import RollbackBody, ScaleBody
 from fleet._version import __version__
 
@@ -45,7 +45,7 @@ Handler = Callable[[Request, "Ops"], Awaitable[Response]]
 MAX_BODY_BYTES = 1 << 20        # a request body to the API: one application's config
 SSE_KEEPALIVE_S = 15.0
 STREAM_MAX_S = 3600.0           # an event stream ends after an hour; clients reconnect
-COOKIE = "fleet_token"
+COOKIE = dashboard.COOKIE        # the token, once the dashboard set it
 IMPORT_TIMEOUT_S = 120.0        # importing and building one application for a PUT
 MAX_CONNECTIONS = 256           # the management server's open connections (streams too)
 
@@ -548,13 +548,7 @@ async def get_docs(request: Request, ops: Ops) -> Response:
     return HTMLResponse(DOCS_PAGE)
 
 
-async def get_root(request: Request, ops: Ops) -> Response:
-    return HTMLResponse("<!doctype html><title>fleet</title><p>fleet instance. The API: "
-                        "<a href=\"/api/docs\">/api/docs</a>.</p>")
-
-
 ROUTES: list[tuple[str, str, Handler]] = [
-    ("GET", "/", get_root),
     ("GET", "/api/instance", get_instance),
     ("POST", "/api/instance/shutdown", shutdown_instance),
     ("GET", "/api/applications", list_applications),
@@ -626,23 +620,11 @@ class Guard:
         rid = secrets.token_hex(8)
         scope["fleet_request_id"] = rid
         path = scope["path"]
-        if path == "/" and scope["method"] == "GET":
-            from urllib.parse import parse_qs
-            given = (parse_qs(scope.get("query_string", b"").decode("latin-1"))
-                     .get("token") or [None])[0]
-            if given is not None:
-                if not hmac.compare_digest(given.encode(), self.token):
-                    await _error(401, "the token in the address is wrong; use the address "
-                                      "`fleet start` printed, or run `fleet dashboard`",
-                                 rid)(scope, receive, send)
-                    return
-                response = RedirectResponse("/", status_code=303)
-                response.set_cookie(COOKIE, given, httponly=True, samesite="strict",
-                                    secure=self.ops.scheme == "https")
-                await response(scope, receive, send)
-                return
-        public = path.startswith("/static/") or (path == "/metrics"
-                                                 and self.ops.options.metrics_public)
+        # the dashboard's page checks the token itself: with it (in the address or the
+        # cookie) the page, without it the sign-in page (fleet/_manage/dashboard.py)
+        public = path.startswith(dashboard.PUBLIC_PREFIXES) \
+            or (path == "/" and scope["method"] in ("GET", "HEAD")) \
+            or (path == "/metrics" and self.ops.options.metrics_public)
         if not public and not self._authorized(scope):
             await _error(401, "this fleet instance needs its token: send "
                               "'Authorization: Bearer <token>' (the CLI finds it in the "
@@ -691,11 +673,10 @@ def build_app(ops: Ops, extra: list[tuple[str, str, Handler]] | None = None) -> 
         return _error(500, f"internal error ({type(exc).__name__}); the instance's log has "
                            f"the traceback under request id {rid}", rid)
 
-    from fleet._manage import observe
-    routes = [Route(path, _endpoint(handler, ops), methods=[method])
-              for method, path, handler in [*ROUTES, *(extra or [])]]
-    # metrics, logs and top (fleet/_manage/observe.py)
+    routes: list[BaseRoute] = [Route(path, _endpoint(handler, ops), methods=[method])
+                               for method, path, handler in [*ROUTES, *(extra or [])]]
     routes += observe.routes(ops.controller)
+    routes += dashboard.routes(ops.token, lambda: dashboard.proxy_base(ops.controller.proxies))
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error,
                                                        Exception: crashed})
     return Guard(app, ops)
