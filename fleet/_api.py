@@ -25,7 +25,7 @@ from fleet._deployment import Application, build_plans
 from fleet._handle import DeploymentHandle
 from fleet._runtime import Runtime, set_current, set_starter
 from fleet._types import Backend
-from fleet._wire.listener import listen
+from fleet._wire.listener import bound_port, listen
 from fleet.drivers import prepare_app
 from fleet.exceptions import FleetError
 
@@ -60,9 +60,12 @@ class Instance:
     all on a background event loop thread."""
 
     def __init__(self, http_options: HTTPOptions, grpc_options: GRPCOptions,
-                 backend: Backend | None = None, register: bool = True) -> None:
+                 backend: Backend | None = None, register: bool = True,
+                 proxy_location: str = "EveryNode", ray_address: str | None = None) -> None:
         self.http_options = http_options
         self.grpc_options = grpc_options
+        self.proxy_location = proxy_location
+        self.ray_address = ray_address
         # sockets live in a private directory of their own inside the runtime directory
         self.dir = _socket_dir()
         self.secret = secrets.token_bytes(32)
@@ -98,16 +101,23 @@ class Instance:
     async def _start(self) -> None:
         self.controller = Controller(self.backend, self.secret, self.address,
                                      sys_path=list(sys.path), cwd=os.getcwd())
-        self._server = await listen(self.controller, self.secret, self.address)
+        host = self.backend.listen_host
+        if host:
+            # replicas and proxies on other nodes reach the controller over TCP
+            self._server = await listen(self.controller, self.secret, f"tcp:{host}:0")
+            self.address = f"tcp:{host}:{bound_port(self._server)}"
+            self.controller.address = self.address
+        else:
+            self._server = await listen(self.controller, self.secret, self.address)
         self.controller.on_shutdown_request = self._shutdown_requested
         self.controller.start()
         self.runtime = Runtime(self.loop, self.address, self.secret)
         await self.runtime.connect_controller(subscribe=True)
         set_current(self.runtime)
         waits = []
-        if self.http_options.enabled:
+        if self.http_options.enabled and self.proxy_location != "Disabled":
             waits.append(self._start_http_proxies(self.http_options))
-        if self.grpc_options.enabled:
+        if self.grpc_options.enabled and self.proxy_location != "Disabled":
             waits.append(self._start_grpc_proxies(self.grpc_options))
         for info in await asyncio.gather(*waits):
             if "error" in info:
@@ -115,7 +125,23 @@ class Instance:
         if self.register:
             self._write_instance_file()
 
+    async def _start_node_proxies(self, kind: str, options: Any) -> dict[str, Any]:
+        """On a cluster: a proxy per node (proxy_location EveryNode) or on the head node
+        only (HeadOnly), all on one port; nodes sharing a host share it (SO_REUSEPORT)."""
+        nodes = [n["node_id"] for n in self.backend.nodes()]
+        if self.proxy_location == "HeadOnly":
+            nodes = nodes[:1]
+        first = await self._start_proxy(kind, options, 0, node_id=nodes[0])
+        if "error" in first:
+            return first
+        same_port = options.model_copy(update={"port": first["port"]})
+        infos = await asyncio.gather(*[self._start_proxy(kind, same_port, index, node_id=node)
+                                       for index, node in enumerate(nodes[1:], 1)])
+        return next((i for i in infos if "error" in i), first)
+
     async def _start_http_proxies(self, options: HTTPOptions) -> dict[str, Any]:
+        if self.backend.listen_host:
+            return await self._start_node_proxies("http", options)
         count = proxy_count(options.num_proxies)
         if count == 1:
             return await self._start_proxy("http", options)
@@ -137,6 +163,8 @@ class Instance:
         return next((i for i in infos if "error" in i), infos[0])
 
     async def _start_grpc_proxies(self, options: GRPCOptions) -> dict[str, Any]:
+        if self.backend.listen_host:
+            return await self._start_node_proxies("grpc", options)
         count = proxy_count(options.num_proxies)
         if count == 1:
             return await self._start_proxy("grpc", options)
@@ -160,15 +188,16 @@ class Instance:
         return next((i for i in infos if "error" in i), first)
 
     async def _start_proxy(self, kind: str, options: Any, index: int = 0,
-                           listen_fd: int | None = None, shared: bool = False
-                           ) -> dict[str, Any]:
+                           listen_fd: int | None = None, shared: bool = False,
+                           node_id: str = "") -> dict[str, Any]:
         assert self.controller is not None
-        waiter = self.controller.expect_proxy(kind, index)
+        waiter = self.controller.expect_proxy(kind, index, node_id)
         boot = {"kind": kind, "controller_address": self.address, "secret": self.secret,
                 # the checked options' values, so the proxy process needs no pydantic
                 "options": cloudpickle.dumps(types.SimpleNamespace(**dict(options))),
                 "sys_path": list(sys.path),
-                "index": index, "listen_fd": listen_fd, "shared": shared}
+                "index": index, "listen_fd": listen_fd, "shared": shared,
+                "node_id": node_id}
         key = f"proxy-{kind}" if index == 0 else f"proxy-{kind}-{index}"
         proc = self.backend.spawn(key, "fleet._proxy", boot,
                                   () if listen_fd is None else (listen_fd,))
@@ -185,7 +214,9 @@ class Instance:
         _rundir.write_instance({"address": self.address, "secret": self.secret.hex(),
                                 "pid": os.getpid(), "started": time.time(),
                                 "options": {"http": _comparable(self.http_options),
-                                            "grpc": _comparable(self.grpc_options)}})
+                                            "grpc": _comparable(self.grpc_options)},
+                                "backend": self.backend.name,
+                                "ray_address": self.ray_address})
 
     def _shutdown_requested(self) -> None:
         # Called on the loop; shutting down joins the loop's thread, so not from it.
@@ -247,6 +278,8 @@ class AttachedInstance:
         self.runtime: Runtime | None = None
         self.closed = False
         self.grpc_options = GRPCOptions(enabled=bool(self.options["grpc"].get("enabled")))
+        self.backend_name = str(info.get("backend") or "local")
+        self.ray_address: str | None = info.get("ray_address")
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run coro on this process's loop for the instance and wait for it."""
@@ -373,18 +406,68 @@ def _differences(given: Any, running: dict[str, Any], section: str) -> list[str]
     return out
 
 
+BACKENDS = ("local", "ray")
+PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
+
+
+def make_backend(backend: str, ray_address: str | None) -> Backend:
+    """The backend named backend: "local" (child processes) or "ray" (actors of the Ray
+    cluster at ray_address)."""
+    if backend == "local":
+        if ray_address is not None:
+            raise ValueError("ray_address applies to backend='ray' only")
+        return LocalBackend()
+    if backend == "ray":
+        from fleet._backends.ray import RayBackend
+        return RayBackend(ray_address)
+    raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
+                     f"got {backend!r}")
+
+
+def _check_same_backend(inst: Instance | AttachedInstance, backend: str | None,
+                        ray_address: str | None) -> None:
+    """Refuse a start() that asks for another backend or cluster than the running one."""
+    running = inst.backend.name if isinstance(inst, Instance) else inst.backend_name
+    where = "this process" if isinstance(inst, Instance) else f"pid {inst.pid}"
+    if backend is not None and backend != running:
+        raise FleetError(f"a fleet instance with backend={running!r} already runs ({where}); "
+                         f"fleet.start(backend={backend!r}) cannot change it: stop it first "
+                         "(fleet.shutdown() or `fleet shutdown`)")
+    if ray_address is not None and ray_address != inst.ray_address:
+        raise FleetError(f"a fleet instance already runs ({where}) on the Ray cluster at "
+                         f"ray_address={inst.ray_address!r}; fleet.start(ray_address="
+                         f"{ray_address!r}) cannot move it: stop it first "
+                         "(fleet.shutdown() or `fleet shutdown`)")
+
+
 def start(http_options: dict[str, Any] | HTTPOptions | None = None,
-          grpc_options: dict[str, Any] | GRPCOptions | None = None) -> None:
-    """Start fleet's instance in this process: the controller, the local backend and the
+          grpc_options: dict[str, Any] | GRPCOptions | None = None,
+          backend: str | None = None, ray_address: str | None = None,
+          proxy_location: str = "EveryNode") -> None:
+    """Start fleet's instance in this process: the controller, the backend and the
     HTTP proxy (``http_options``: host, port, middlewares, request_timeout_s, root_path,
     max_body_bytes, access_log) and, when ``grpc_options`` is given, the gRPC proxy.
 
+    ``backend="local"`` (the default) runs replicas and proxies as child processes of
+    this one; ``backend="ray"`` runs them as actors of the Ray cluster at
+    ``ray_address`` (``"auto"``, ``"host:port"`` or ``"ray://host:10001"``; by default
+    ``RAY_ADDRESS``, else a Ray of its own, as ``ray.init`` does), with a proxy on every
+    node (``proxy_location="EveryNode"``), on the head node only (``"HeadOnly"``) or
+    none (``"Disabled"``).
+
     When an instance already runs on this machine (this process's, or another's, such as
     a ``fleet run``), this process uses it instead, and options that differ from the
-    running instance's raise a :class:`fleet.FleetError` naming the difference.
+    running instance's raise a :class:`fleet.FleetError` naming the difference; so does
+    asking for another backend or Ray address than it has.
     ``fleet.run`` calls it with defaults (HTTP on 127.0.0.1:8000) when needed.
     """
     global _instance
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"fleet.start: backend must be one of "
+                         f"{', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if proxy_location not in PROXY_LOCATIONS:
+        raise ValueError(f"fleet.start: proxy_location must be one of "
+                         f"{', '.join(map(repr, PROXY_LOCATIONS))}, got {proxy_location!r}")
     http = coerce_options(HTTPOptions, http_options, "http_options")
     grpc_given = grpc_options is not None
     grpc = coerce_options(GRPCOptions, grpc_options, "grpc_options")
@@ -394,6 +477,7 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
         if _instance is None or _instance.closed:
             _instance = _running_elsewhere()
         if _instance is not None:
+            _check_same_backend(_instance, backend, ray_address)
             if isinstance(_instance, AttachedInstance):
                 diff = (_differences(http, _instance.options["http"], "http_options")
                         + _differences(grpc, _instance.options["grpc"], "grpc_options"))
@@ -403,18 +487,22 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
                         f"with other options: {', '.join(diff)}; use it as it is, or stop "
                         "it first (fleet.shutdown() or `fleet shutdown`)")
             return
-        start_owned(http, grpc)
+        start_owned(http, grpc, backend or "local", ray_address, proxy_location)
 
 
-def start_owned(http: HTTPOptions, grpc: GRPCOptions) -> Instance:
+def start_owned(http: HTTPOptions, grpc: GRPCOptions, backend: str = "local",
+                ray_address: str | None = None,
+                proxy_location: str = "EveryNode") -> Instance:
     """Start an instance owned by this process, whatever else runs (``fleet run``)."""
     global _instance
     with _lock:
         if isinstance(_instance, Instance) and not _instance.closed:
+            _check_same_backend(_instance, backend, ray_address)
             return _instance
         if isinstance(_instance, AttachedInstance):
             _instance.detach()
-        inst = Instance(http, grpc)
+        inst = Instance(http, grpc, make_backend(backend, ray_address),
+                        proxy_location=proxy_location, ray_address=ray_address)
         inst.start()
         _instance = inst
         return inst
@@ -471,7 +559,8 @@ def ensure_grpc_proxy(port: int | None) -> None:
     if port is not None:
         update["port"] = port
     options = inst.grpc_options.model_copy(update=update)
-    info = inst.call(inst._start_proxy("grpc", options))
+    info = inst.call(inst._start_grpc_proxies(options) if inst.backend.listen_host
+                     else inst._start_proxy("grpc", options))
     if "error" in info:
         raise FleetError(info["error"])
     inst.grpc_options = options

@@ -248,6 +248,36 @@ def _yaml_line(node: Any, loc: tuple[Any, ...]) -> str:
     return f", line {line + 1}" if line is not None else ""
 
 
+def backend_options(fn: Any) -> Any:
+    """--backend, --ray-address and --proxy-location, for every command that starts an
+    instance (they override the config's backend, ray_address and proxy_location)."""
+    fn = click.option("--proxy-location", default=None,
+                      type=click.Choice(["EveryNode", "HeadOnly", "Disabled"]),
+                      help="On Ray: a proxy on every node (default), the head only, "
+                           "or none.")(fn)
+    fn = click.option("--ray-address", default=None,
+                      help="The Ray cluster for --backend ray: 'auto', host:port or "
+                           "ray://host:10001 (default: RAY_ADDRESS).")(fn)
+    fn = click.option("--backend", default=None, type=click.Choice(["local", "ray"]),
+                      help="Where replicas run: child processes here (local, the "
+                           "default) or actors of a Ray cluster (ray).")(fn)
+    return fn
+
+
+def apply_backend_options(config: FleetConfig, backend: str | None, ray_address: str | None,
+                          proxy_location: str | None) -> None:
+    """Put the backend options of the command line into config."""
+    if backend is not None:
+        config.backend = backend        # type: ignore[assignment]
+    if ray_address is not None:
+        config.ray_address = ray_address
+    if proxy_location is not None:
+        config.proxy_location = proxy_location      # type: ignore[assignment]
+    if config.ray_address is not None and config.backend != "ray":
+        raise CLIError("--ray-address (ray_address) applies to --backend ray (backend: ray) "
+                       "only")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fleet", prog_name="fleet")
 def cli() -> None:
@@ -266,9 +296,11 @@ def cli() -> None:
                                            "exception's type and message.")
 @click.option("--reload", is_flag=True, help="Redeploy what changed when the application's "
               "files change.")
+@backend_options
 def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | None,
         host: str | None, port: int | None, grpc_port: int | None, dev: bool,
-        reload: bool) -> None:
+        reload: bool, backend: str | None, ray_address: str | None,
+        proxy_location: str | None) -> None:
     """Run TARGET (MODULE:ATTR or CONFIG.yaml) in the foreground until Ctrl-C or SIGTERM."""
     from fleet._api import deploy, shutdown, start_owned
     from fleet._api import status as instance_status
@@ -306,6 +338,7 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
     if dev:
         config.http_options.expose_errors = True
         config.grpc_options.expose_errors = True
+    apply_backend_options(config, backend, ray_address, proxy_location)
     apps = _load_apps(config)
     if not apps:
         raise CLIError(f"{target!r} defines no applications")
@@ -334,7 +367,8 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
     signal.signal(signal.SIGINT, stop)
     try:
         # `fleet run` always serves an instance of its own, whatever else runs
-        inst = start_owned(config.http_options, config.grpc_options)
+        inst = start_owned(config.http_options, config.grpc_options, config.backend,
+                           config.ray_address, config.proxy_location)
         for app_cfg, app in apps:
             try:
                 deploy(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix,

@@ -71,6 +71,7 @@ class Controller:
         self.proxies: dict[str, dict[str, Any]] = {}
         self._proxy_parts: dict[str, dict[int, dict[str, Any]]] = {}   # kind -> index -> info
         self._proxy_waiters: dict[str, asyncio.Future[Any]] = {}
+        self._proxy_nodes: dict[tuple[str, int], str] = {}     # (kind, index) -> node id
         self.traffic: dict[str, Any] = {}
         self._closing = False
         # Open Inference Protocol models unloaded through the repository extension:
@@ -107,6 +108,8 @@ class Controller:
         for app in list(self.apps.values()):
             for dep in list(app.deployments.values()):
                 self._check_replicas(dep, now)
+                if dep.plan.config.is_driver_deployment and not dep.deleting:
+                    dep.target = len(self.backend.nodes())      # one replica per node
                 if dep.autoscaler is not None and not dep.deleting:
                     dep.autoscaler.tick(self, dep, now)
                 await self._reconcile(dep)
@@ -515,7 +518,11 @@ class Controller:
         first = parts[min(parts)]
         self.proxies[kind] = dict(first, pids=[parts[i].get("pid") for i in sorted(parts)])
 
-    def expect_proxy(self, kind: str, index: int = 0) -> asyncio.Future[Any]:
+    def expect_proxy(self, kind: str, index: int = 0, node_id: str = "") -> asyncio.Future[Any]:
+        """A future for the index-th proxy of kind's report; node_id: the cluster node it
+        is started on (status' proxies_by_node), when the backend has several."""
+        if node_id:
+            self._proxy_nodes[(kind, index)] = node_id
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._proxy_waiters[f"{kind}-{index}"] = fut
         return fut
@@ -737,7 +744,10 @@ class Controller:
                        "queued": queued})
 
     def status(self) -> dict[str, Any]:
-        return views.status(self.apps, self.proxies, self.traffic)
+        out = views.status(self.apps, self.proxies, self.traffic)
+        if self._proxy_nodes:
+            out["proxies_by_node"] = views.proxies_by_node(self._proxy_parts, self._proxy_nodes)
+        return out
 
     # -- traffic policies ------------------------------------------------------------
     async def rpc_set_traffic(self, conn: ServerConnection, route_prefix: str,

@@ -110,9 +110,10 @@ def status(apps: dict[str, AppState], proxies: dict[str, dict[str, Any]],
                 "status": dep.status.value,
                 "message": dep.message,
                 "target_replicas": dep.target,
-                "replicas": [{"replica_id": r.replica_id, "state": r.state.value,
+                "replicas": [{"replica_id": r.replica_id, "state": _state(r),
                               "pid": r.pid, "version": r.version,
-                              "message": r.message or _doing(r),
+                              "node_id": r.proc.node_id if r.proc is not None else "",
+                              "message": _pending(r) or r.message or _doing(r),
                               "uptime_s": round(now - r.started_at, 1),
                               "ongoing": r.ongoing, "batches": r.batches,
                               **({"models": list(r.models)} if r.models else {})}
@@ -129,6 +130,30 @@ def status(apps: dict[str, AppState], proxies: dict[str, dict[str, Any]],
                          "deployments": deps}
     return {"applications": out, "proxies": dict(proxies),
             "traffic": {p: dict(v) for p, v in traffic.items()}}
+
+
+def _pending(rec: ReplicaRecord) -> str | None:
+    """Why a starting replica is not placed yet (the Ray backend waits for resources)."""
+    if rec.state != ReplicaState.STARTING or rec.proc is None:
+        return None
+    return rec.proc.pending()
+
+
+def _state(rec: ReplicaRecord) -> str:
+    """A replica's state, PENDING while its backend has not placed it yet."""
+    return "PENDING" if _pending(rec) else rec.state.value
+
+
+def proxies_by_node(parts: dict[str, dict[int, dict[str, Any]]],
+                    nodes: dict[tuple[str, int], str]) -> dict[str, dict[str, Any]]:
+    """Each node's proxies: node id -> kind -> that proxy's info."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind, by_index in parts.items():
+        for index, info in sorted(by_index.items()):
+            node = nodes.get((kind, index))
+            if node and "error" not in info:
+                out.setdefault(node, {})[kind] = dict(info, pids=[info.get("pid")])
+    return out
 
 
 def _doing(rec: ReplicaRecord) -> str:
