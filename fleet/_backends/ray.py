@@ -249,17 +249,21 @@ class RayBackend:
         deadline = loop.time() + timeout_s
         while not proc.done and proc.actor is not None:
             if loop.time() > deadline:
+                if proc.killed:
+                    break           # Ray took it back; its references may never resolve
                 self.kill(proc)
                 deadline = loop.time() + 5
             await asyncio.sleep(0.02)
         self.kill(proc)             # the actor outlives its replica's return: free it
         proc.done = True
+        if proc.code is None:
+            proc.code = -9
         self.procs.pop(proc.replica_id, None)
 
     def terminate(self, proc: Any) -> None:
         assert isinstance(proc, RayProcess)
-        if proc.actor is None:
-            self.kill(proc)
+        if not proc.placed:
+            self.kill(proc)         # nothing runs yet, nothing to drain
         elif not proc.done:
             proc.actor.stop.remote()
 

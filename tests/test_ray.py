@@ -1,0 +1,212 @@
+"""The Ray backend on a real two-node Ray cluster on this machine (conftest's ray_cluster):
+placement by resources, PENDING replicas, a proxy per node on one port, driver
+deployments on every node, and the Ray-specific bad inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from helpers import replicas, wait_for
+
+import fleet
+from fleet._config import FleetConfig
+
+pytestmark = pytest.mark.ray
+
+
+@fleet.deployment
+class Where:
+    def __call__(self, request: Any = None) -> int:
+        return os.getpid()
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster: Any) -> Iterator[dict[str, Any]]:
+    """A fleet instance on the cluster, and the cluster's node ids by custom resource."""
+    import ray
+    fleet.shutdown()
+    fleet.start(backend="ray", ray_address=ray_cluster.address,
+                http_options={"host": "127.0.0.1", "port": 0})
+    nodes = {}
+    for node in ray.nodes():
+        if node["Alive"]:
+            for name in ("head", "worker"):
+                if name in node["Resources"]:
+                    nodes[name] = node["NodeID"]
+    try:
+        yield {"address": ray_cluster.address, "nodes": nodes}
+    finally:
+        fleet.shutdown()
+
+
+def test_replicas_are_placed_by_their_ray_actor_options_resources(cluster) -> None:
+    for name in ("worker", "head"):
+        app = Where.options(name=f"On{name}", num_replicas=2,
+                            ray_actor_options={"num_cpus": 0.5, "resources": {name: 0.1}})
+        handle = fleet.run(app.bind(), name=f"on-{name}", route_prefix=None)
+        reps = replicas(f"on-{name}", f"On{name}")
+        assert {r["node_id"] for r in reps} == {cluster["nodes"][name]}
+        assert all(r["state"] == "RUNNING" for r in reps)
+        assert handle.remote().result() in {r["pid"] for r in reps}
+        fleet.delete(f"on-{name}")
+
+
+def test_a_replica_no_node_can_hold_is_pending_naming_the_resources(cluster) -> None:
+    app = Where.options(name="Huge", ray_actor_options={"resources": {"tpu_pod": 1}})
+    thread = threading.Thread(target=lambda: _run_quietly(app, "huge"), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: "huge" in fleet.status()["applications"]
+                 and replicas("huge", "Huge"))
+        status = fleet.status()["applications"]["huge"]
+        rep = status["deployments"]["Huge"]["replicas"][0]
+        assert rep["state"] == "PENDING"
+        assert "tpu_pod=1" in rep["message"] and "CPU=1" in rep["message"], rep["message"]
+        assert status["deployments"]["Huge"]["status"] == "UPDATING"
+        assert status["status"] == "DEPLOYING"
+    finally:
+        fleet.delete("huge")
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_max_replicas_per_node_spreads_replicas_and_holds_the_rest_pending(cluster) -> None:
+    app = Where.options(name="Spread", num_replicas=3, max_replicas_per_node=1,
+                        ray_actor_options={"num_cpus": 0.1})
+    thread = threading.Thread(target=lambda: _run_quietly(app, "spread"), daemon=True)
+    thread.start()
+    try:
+        def settled() -> list[dict[str, Any]] | None:
+            reps = replicas("spread", "Spread") \
+                if "spread" in fleet.status()["applications"] else []
+            states = sorted(r["state"] for r in reps)
+            return reps if states == ["PENDING", "RUNNING", "RUNNING"] else None
+        reps = wait_for(settled, 60)
+        running = [r for r in reps if r["state"] == "RUNNING"]
+        assert {r["node_id"] for r in running} == set(cluster["nodes"].values())
+        pending = next(r for r in reps if r["state"] == "PENDING")
+        assert "max_replicas_per_node=1" in pending["message"]
+    finally:
+        fleet.delete("spread")
+        thread.join(30)
+
+
+def _run_quietly(app: Any, name: str) -> None:
+    try:
+        fleet.run(app.bind(), name=name, route_prefix=None)
+    except fleet.FleetError:
+        pass        # deleted while deploying, as the test does
+
+
+def test_a_driver_deployment_runs_one_replica_on_every_node(cluster) -> None:
+    app = Where.options(name="Everywhere", is_driver_deployment=True,
+                        ray_actor_options={"num_cpus": 0.1})
+    fleet.run(app.bind(), name="everywhere", route_prefix=None)
+    reps = replicas("everywhere", "Everywhere")
+    assert sorted(r["node_id"] for r in reps) == sorted(cluster["nodes"].values())
+    fleet.delete("everywhere")
+
+
+def test_every_node_has_a_proxy_and_they_share_one_port(cluster) -> None:
+    fleet.run(Where.options(ray_actor_options={"num_cpus": 0.1}).bind(), name="web",
+              route_prefix="/web")
+    status = fleet.status()
+    head = status["proxies"]["http"]
+    by_node = status["proxies_by_node"]
+    assert set(by_node) == set(cluster["nodes"].values())
+    assert by_node[cluster["nodes"]["head"]]["http"]["pid"] == head["pid"]
+    assert {p["http"]["port"] for p in by_node.values()} == {head["port"]}
+    pids = {p["http"]["pid"] for p in by_node.values()}
+    assert len(pids) == 2 and set(head["pids"]) == pids
+    for pid in pids:            # each proxy listens on the port itself (SO_REUSEPORT)
+        listening = [c for c in psutil.Process(pid).net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == head["port"]]
+        assert listening, pid
+    for _ in range(20):         # a new connection each time: either proxy answers
+        with httpx.Client() as client:
+            reply = client.get(f"http://127.0.0.1:{head['port']}/web")
+        assert reply.status_code == 200, reply.text
+    fleet.delete("web")
+
+
+def test_a_second_start_with_another_backend_or_cluster_raises(cluster) -> None:
+    with pytest.raises(fleet.FleetError, match="backend='ray' already runs"):
+        fleet.start(backend="local")
+    with pytest.raises(fleet.FleetError, match="cannot move it"):
+        fleet.start(backend="ray", ray_address="10.0.0.1:6379")
+    fleet.start(backend="ray", ray_address=cluster["address"])     # the same: fine
+
+
+def test_unknown_ray_actor_options_key_is_refused_with_the_valid_ones() -> None:
+    with pytest.raises(ValueError) as info:
+        fleet.deployment(ray_actor_options={"num_cpu": 1})(Where.func_or_class)
+    text = str(info.value)
+    assert "unknown key(s) 'num_cpu'" in text and "did you mean 'num_cpus'" in text
+    assert "valid keys are memory, num_cpus, num_gpus, resources, runtime_env" in text
+    with pytest.raises(ValueError, match="num_gpus must be a number >= 0"):
+        fleet.deployment(ray_actor_options={"num_gpus": -1})(Where.func_or_class)
+    with pytest.raises(ValueError, match="max_replicas_per_node must be >= 1"):
+        fleet.deployment(max_replicas_per_node=0)(Where.func_or_class)
+
+
+def test_yaml_names_the_backend_its_cluster_and_where_proxies_go() -> None:
+    config = FleetConfig(backend="ray", ray_address="auto", proxy_location="HeadOnly",
+                         applications=[{"import_path": "x:y", "deployments": [
+                             {"name": "A", "max_replicas_per_node": 2,
+                              "ray_actor_options": {"num_cpus": 2}}]}])
+    assert (config.backend, config.ray_address, config.proxy_location) == \
+        ("ray", "auto", "HeadOnly")
+    with pytest.raises(ValueError, match="backend"):
+        FleetConfig(backend="kubernetes")
+    with pytest.raises(ValueError, match="unknown key"):
+        FleetConfig(applications=[{"import_path": "x:y", "deployments": [
+            {"name": "A", "ray_actor_options": {"gpus": 1}}]}])
+
+
+def _driver(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **env})
+
+
+def test_no_cluster_at_the_address_is_one_line_within_30_s() -> None:
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'fleet[ray]'")
+    import socket
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    started = time.monotonic()
+    out = _driver(f"""
+        import fleet
+        try:
+            fleet.start(backend="ray", ray_address="127.0.0.1:{port}")
+        except fleet.FleetError as exc:
+            print("ERROR", exc)
+    """)
+    assert time.monotonic() - started < 30
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("ERROR"))
+    assert f"no Ray cluster answers at ray_address='127.0.0.1:{port}'" in line
+    assert "ray start --head" in line
+
+
+def test_ray_backend_without_ray_installed_says_how_to_install_it() -> None:
+    out = _driver("""
+        import sys
+        sys.modules["ray"] = None       # as if Ray were not installed
+        import fleet
+        try:
+            fleet.start(backend="ray")
+        except fleet.FleetError as exc:
+            print("ERROR", exc)
+    """)
+    assert "ERROR backend='ray' needs Ray, which is not installed here: " \
+           "pip install 'fleet[ray]'" in out.stdout, out.stdout + out.stderr
