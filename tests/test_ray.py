@@ -4,7 +4,9 @@ deployments on every node, and the Ray-specific bad inputs."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,7 +18,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from helpers import replicas, wait_for
+from helpers import http_port, replicas, wait_for
 
 import fleet
 from fleet._config import FleetConfig
@@ -180,10 +182,7 @@ def _driver(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 def test_no_cluster_at_the_address_is_one_line_within_30_s() -> None:
     pytest.importorskip("ray", reason="Ray is not installed: pip install 'fleet[ray]'")
-    import socket
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = _free_port()
     started = time.monotonic()
     out = _driver(f"""
         import fleet
@@ -210,3 +209,61 @@ def test_ray_backend_without_ray_installed_says_how_to_install_it() -> None:
     """)
     assert "ERROR backend='ray' needs Ray, which is not installed here: " \
            "pip install 'fleet[ray]'" in out.stdout, out.stdout + out.stderr
+
+
+HERE = os.path.dirname(__file__)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return int(free.getsockname()[1])
+
+
+def test_fleet_run_backend_ray_serves_from_the_cluster_and_fleet_status_reaches_it(
+        ray_cluster: Any) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleet", "run", "apps.cli_apps:app", "--app-dir", HERE,
+         "--port", "0", "--backend", "ray", "--ray-address", ray_cluster.address,
+         "--proxy-location", "HeadOnly"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
+        start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        port = http_port(proc.stdout)
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
+        out = subprocess.run([sys.executable, "-m", "fleet", "status", "--json"],
+                             capture_output=True, text=True, timeout=60, cwd=HERE)
+        status = json.loads(out.stdout)
+        assert status["applications"]["default"]["status"] == "RUNNING"
+        rep = status["applications"]["default"]["deployments"]["Hello"]["replicas"][0]
+        assert len(rep["node_id"]) == 56            # a Ray node id, in hex
+        assert len(status["proxies_by_node"]) == 1   # HeadOnly
+        actors = [psutil.Process(rep["pid"]), psutil.Process(status["proxies"]["http"]["pid"])]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert proc.returncode == 0
+    _, alive = psutil.wait_procs(actors, timeout=30)     # its actors ended with it
+    assert not alive, alive
+
+
+def test_fleet_run_with_no_cluster_at_the_address_is_one_line() -> None:
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'fleet[ray]'")
+    port = _free_port()
+    out = subprocess.run(
+        [sys.executable, "-m", "fleet", "run", "apps.cli_apps:app", "--app-dir", HERE,
+         "--port", "0", "--backend", "ray", "--ray-address", f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert out.returncode == 1
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("fleet: error")]
+    assert errors == [f"fleet: error: no Ray cluster answers at ray_address="
+                      f"'127.0.0.1:{port}' ([Errno 111] Connection refused); start one with "
+                      "`ray start --head` and pass its address (host:port), or 'auto' for "
+                      "the cluster this machine belongs to"], out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "fleet", "run", "apps.cli_apps:app", "--app-dir", HERE,
+         "--ray-address", "auto"], capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert out.returncode == 1
+    assert "--ray-address (ray_address) applies to --backend ray" in out.stderr

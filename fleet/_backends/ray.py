@@ -12,7 +12,9 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from typing import Any
 
@@ -67,12 +69,19 @@ def connect(address: str | None) -> tuple[Any, bool]:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
         _check_reachable(address, CONNECT_TIMEOUT_S)
+    # ray.init replaces the SIGTERM handler with one that exits at once; a `fleet run`
+    # (or a script's) handler must stay, so SIGTERM shuts down in order.
+    main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING,
                  configure_logging=False)
     except ConnectionError as exc:
         raise FleetError(f"cannot connect to a Ray cluster at ray_address={address!r}: "
                          f"{str(exc).splitlines()[0]}") from None
+    finally:
+        if main_thread and handler is not None:
+            signal.signal(signal.SIGTERM, handler)
     return ray, True
 
 
