@@ -4,6 +4,7 @@ deployments on every node, and the Ray-specific bad inputs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from conftest import RAY_NODE  # noqa: E402
 from helpers import http_port, replicas, wait_for
 
 import fleet
@@ -267,3 +269,57 @@ def test_fleet_run_with_no_cluster_at_the_address_is_one_line() -> None:
          "--ray-address", "auto"], capture_output=True, text=True, timeout=60, cwd=HERE)
     assert out.returncode == 1
     assert "--ray-address (ray_address) applies to --backend ray" in out.stderr
+
+
+@fleet.deployment(num_replicas=3, max_replicas_per_node=2, ray_actor_options={"num_cpus": 0.1})
+class Sleeper:
+    async def hang(self) -> None:
+        await asyncio.sleep(60)
+
+    def node(self) -> str:
+        import ray
+        return str(ray.get_runtime_context().get_node_id())
+
+
+def test_a_dead_node_fails_its_calls_and_its_replicas_move(cluster, ray_cluster) -> None:
+    """Last in this module: it adds a node and removes it."""
+    spare = ray_cluster.add_node(**RAY_NODE, resources={"spare": 1})
+    try:
+        spare_id = wait_for(lambda: next((n["NodeID"] for n in __import__("ray").nodes()
+                                          if n["Alive"] and "spare" in n["Resources"]), None))
+        handle = fleet.run(Sleeper.bind(), name="nodes", route_prefix=None)
+        reps = replicas("nodes", "Sleeper")
+        assert sorted(r["node_id"] for r in reps) == sorted([*cluster["nodes"].values(),
+                                                            spare_id])
+        doomed = next(r for r in reps if r["node_id"] == spare_id)
+        hanging = [handle.hang.remote() for _ in range(9)]
+        routers = fleet._runtime.current().routers
+        router = wait_for(lambda: routers.get("nodes#Sleeper"))
+        wait_for(lambda: sum(s.inflight for s in router.slots) == 9)
+        on_doomed = next(s.inflight for s in router.slots if s.replica_id == doomed["replica_id"])
+        assert on_doomed >= 1
+        ray_cluster.remove_node(spare)
+        spare = None
+        # the calls the dead node held fail (no hang); the others still run
+        wait_for(lambda: sum(r._cfut.done() for r in hanging) == on_doomed, 10)
+        for resp in hanging:
+            if resp._cfut.done():
+                with pytest.raises(fleet.ReplicaDiedError, match=doomed["replica_id"]):
+                    resp.result()
+        # within 2 s of the node's death no call goes there (here: at once)
+        started = time.monotonic()
+        assert all(handle.node.remote().result(timeout_s=10) != spare_id for _ in range(10))
+        assert time.monotonic() - started < 10
+
+        def moved() -> bool:
+            now = replicas("nodes", "Sleeper")
+            return len([r for r in now if r["state"] == "RUNNING"]) == 3 \
+                and spare_id not in {r["node_id"] for r in now}
+        wait_for(moved, 60)
+        assert set(fleet.status()["proxies_by_node"]) == set(cluster["nodes"].values())
+        for resp in hanging:
+            resp.cancel()
+    finally:
+        if spare is not None:
+            ray_cluster.remove_node(spare)
+        fleet.delete("nodes")
