@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import httpx
 import psutil
 import pytest
@@ -40,7 +41,8 @@ def cluster(ray_cluster: Any) -> Iterator[dict[str, Any]]:
     import ray
     fleet.shutdown()
     fleet.start(backend="ray", ray_address=ray_cluster.address,
-                http_options={"host": "127.0.0.1", "port": 0})
+                http_options={"host": "127.0.0.1", "port": 0},
+                grpc_options={"host": "127.0.0.1", "port": 0})
     nodes = {}
     for node in ray.nodes():
         if node["Alive"]:
@@ -141,6 +143,30 @@ def test_every_node_has_a_proxy_and_they_share_one_port(cluster) -> None:
             reply = client.get(f"http://127.0.0.1:{head['port']}/web")
         assert reply.status_code == 200, reply.text
     fleet.delete("web")
+
+
+def test_grpc_proxies_on_every_node_serve_a_driver_running_on_every_node(cluster) -> None:
+    from test_grpc_predict import Doubler, Summer
+
+    from fleet.dag import InputNode
+    from fleet.drivers import DefaultgRPCDriver
+    from fleet.generated import serve_pb2, serve_pb2_grpc
+    graph = Summer.options(ray_actor_options={"num_cpus": 0.1}).bind(
+        Doubler.options(ray_actor_options={"num_cpus": 0.1}).bind()).as_bytes.bind(InputNode())
+    fleet.run(DefaultgRPCDriver.options(ray_actor_options={"num_cpus": 0.1}).bind(graph),
+              name="predict", route_prefix="/predict")
+    status = fleet.status()
+    port = status["proxies"]["grpc"]["port"]
+    assert {p["grpc"]["port"] for p in status["proxies_by_node"].values()} == {port}
+    drivers = replicas("predict", "DefaultgRPCDriver")
+    assert sorted(r["node_id"] for r in drivers) == sorted(cluster["nodes"].values())
+    for _ in range(10):         # a new channel each time: either node's proxy answers
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = serve_pb2_grpc.PredictAPIsServiceStub(channel).Predict(
+                serve_pb2.PredictRequest(input={"a": b"4", "b": b"1"}),
+                metadata=(("application", "predict"),), timeout=10)
+        assert reply.prediction == b"10"
+    fleet.delete("predict")
 
 
 def test_a_second_start_with_another_backend_or_cluster_raises(cluster) -> None:
@@ -269,6 +295,15 @@ def test_fleet_run_with_no_cluster_at_the_address_is_one_line() -> None:
          "--ray-address", "auto"], capture_output=True, text=True, timeout=60, cwd=HERE)
     assert out.returncode == 1
     assert "--ray-address (ray_address) applies to --backend ray" in out.stderr
+
+
+def test_the_readme_example_runs_on_the_cluster_named_by_ray_address(ray_cluster) -> None:
+    root = os.path.dirname(HERE)
+    out = subprocess.run([sys.executable, os.path.join(root, "examples", "ray_cluster.py")],
+                         capture_output=True, text=True, timeout=120, cwd=root,
+                         env={**os.environ, "RAY_ADDRESS": ray_cluster.address})
+    assert out.returncode == 0, out.stderr
+    assert "2 replicas on 2 nodes, proxies on 2; a call answered from node" in out.stdout
 
 
 @fleet.deployment(num_replicas=3, max_replicas_per_node=2, ray_actor_options={"num_cpus": 0.1})
