@@ -410,16 +410,17 @@ BACKENDS = ("local", "ray")
 PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
 
 
-def make_backend(backend: str, ray_address: str | None) -> Backend:
+def make_backend(backend: str, ray_address: str | None,
+                 runtime_env: dict[str, Any] | None = None) -> Backend:
     """The backend named backend: "local" (child processes) or "ray" (actors of the Ray
-    cluster at ray_address)."""
+    cluster at ray_address, with runtime_env for all of them)."""
     if backend == "local":
         if ray_address is not None:
             raise ValueError("ray_address applies to backend='ray' only")
         return LocalBackend()
     if backend == "ray":
         from fleet._backends.ray import RayBackend
-        return RayBackend(ray_address)
+        return RayBackend(ray_address, runtime_env)
     raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
                      f"got {backend!r}")
 
@@ -491,8 +492,8 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
 
 
 def start_owned(http: HTTPOptions, grpc: GRPCOptions, backend: str = "local",
-                ray_address: str | None = None,
-                proxy_location: str = "EveryNode") -> Instance:
+                ray_address: str | None = None, proxy_location: str = "EveryNode",
+                runtime_env: dict[str, Any] | None = None) -> Instance:
     """Start an instance owned by this process, whatever else runs (``fleet run``)."""
     global _instance
     with _lock:
@@ -501,7 +502,7 @@ def start_owned(http: HTTPOptions, grpc: GRPCOptions, backend: str = "local",
             return _instance
         if isinstance(_instance, AttachedInstance):
             _instance.detach()
-        inst = Instance(http, grpc, make_backend(backend, ray_address),
+        inst = Instance(http, grpc, make_backend(backend, ray_address, runtime_env),
                         proxy_location=proxy_location, ray_address=ray_address)
         inst.start()
         _instance = inst

@@ -367,8 +367,11 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
     signal.signal(signal.SIGINT, stop)
     try:
         # `fleet run` always serves an instance of its own, whatever else runs
+        # on Ray, the application's directory goes to every node, as `serve run` does
+        runtime_env = {"working_dir": os.path.abspath(app_dir)} \
+            if config.backend == "ray" else None
         inst = start_owned(config.http_options, config.grpc_options, config.backend,
-                           config.ray_address, config.proxy_location)
+                           config.ray_address, config.proxy_location, runtime_env)
         for app_cfg, app in apps:
             try:
                 deploy(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix,

@@ -277,6 +277,47 @@ def test_fleet_run_backend_ray_serves_from_the_cluster_and_fleet_status_reaches_
     assert not alive, alive
 
 
+def test_fleet_run_ships_the_app_dir_to_nodes_whose_path_lacks_it(ray_cluster: Any,
+                                                                   tmp_path: Any) -> None:
+    app_dir = tmp_path / "shipped"
+    app_dir.mkdir()
+    (app_dir / "shipped_app.py").write_text(textwrap.dedent("""
+        import os
+        import sys
+
+        import fleet
+
+
+        @fleet.deployment(ray_actor_options={"num_cpus": 0.1})
+        class Source:
+            def __call__(self, request=None) -> dict:
+                return {"file": __file__, "cwd": os.getcwd(), "path": sys.path}
+
+
+        app = Source.bind()
+    """))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleet", "run", "shipped_app:app", "--app-dir", str(app_dir),
+         "--port", "0", "--backend", "ray", "--ray-address", ray_cluster.address,
+         "--proxy-location", "HeadOnly"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(app_dir),
+        start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        port = http_port(proc.stdout)
+        where = httpx.get(f"http://127.0.0.1:{port}/", timeout=10).json()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    # the replica imported the copy Ray shipped, from its working directory; the
+    # application's own directory is nowhere on its path
+    here = os.path.realpath(app_dir)
+    assert os.path.basename(where["file"]) == "shipped_app.py"
+    assert not os.path.realpath(where["file"]).startswith(here)
+    assert os.path.realpath(where["cwd"]) == os.path.dirname(os.path.realpath(where["file"]))
+    assert not any(os.path.realpath(p or ".") == here for p in where["path"])
+
+
 def test_fleet_run_with_no_cluster_at_the_address_is_one_line() -> None:
     pytest.importorskip("ray", reason="Ray is not installed: pip install 'fleet[ray]'")
     port = _free_port()

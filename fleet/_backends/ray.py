@@ -60,9 +60,11 @@ def _check_reachable(address: str, timeout_s: float) -> None:
                          "or 'auto' for the cluster this machine belongs to") from None
 
 
-def connect(address: str | None) -> tuple[Any, bool]:
+def connect(address: str | None, runtime_env: dict[str, Any] | None = None
+            ) -> tuple[Any, bool]:
     """Connect this process to Ray at address (None: RAY_ADDRESS, else a Ray of its
-    own on this machine, as ray.init does). Returns (ray, whether this call connected)."""
+    own on this machine, as ray.init does), with runtime_env for every actor it starts.
+    Returns (ray, whether this call connected)."""
     ray = import_ray()
     if ray.is_initialized():
         return ray, False
@@ -75,7 +77,7 @@ def connect(address: str | None) -> tuple[Any, bool]:
     handler = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING,
-                 configure_logging=False)
+                 configure_logging=False, runtime_env=runtime_env)
     except ConnectionError as exc:
         raise FleetError(f"cannot connect to a Ray cluster at ray_address={address!r}: "
                          f"{str(exc).splitlines()[0]}") from None
@@ -103,6 +105,20 @@ def _fits(demand: dict[str, float], resources: dict[str, float]) -> bool:
 
 def _describe(demand: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in sorted(demand.items())) or "no resources"
+
+
+def _from_working_dir(spec: ReplicaSpec, working_dir: Any) -> ReplicaSpec:
+    """The spec a replica with a working_dir gets: the driver's paths into that directory
+    left out, so the application is imported from the copy Ray shipped to the node (Ray
+    puts it on the path), never from a driver's directory that other nodes lack."""
+    import dataclasses
+    if not isinstance(working_dir, str) or "://" in working_dir:
+        return spec
+    root = os.path.realpath(working_dir)
+    paths = [p for p in spec.sys_path
+             if os.path.realpath(p or ".") != root
+             and not os.path.realpath(p or ".").startswith(root + os.sep)]
+    return dataclasses.replace(spec, sys_path=paths)
 
 
 class RayProcess:
@@ -168,8 +184,13 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None) -> None:
-        self.ray, self.owns_ray = connect(address)
+    def __init__(self, address: str | None = None,
+                 runtime_env: dict[str, Any] | None = None) -> None:
+        # the job's runtime_env (fleet run: the app's directory as working_dir), which
+        # Ray merges into every actor's own (ray.init rewrites the dict it is given)
+        given = dict(runtime_env or {})
+        self.ray, self.owns_ray = connect(address, dict(given) if runtime_env else None)
+        self.runtime_env = given if self.owns_ray else {}
         self.address = address or os.environ.get("RAY_ADDRESS") or ""
         self.listen_host: str = self.ray.util.get_node_ip_address()
         self.procs: dict[str, RayProcess] = {}
@@ -230,9 +251,12 @@ class RayBackend:
             actor_options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
             proc.node = node
             proc.waiting = ""
+        working_dir = (options.get("runtime_env") or {}).get("working_dir") \
+            or self.runtime_env.get("working_dir")
+        if working_dir:
+            spec = _from_working_dir(spec, working_dir)
         # Ray's working_dir becomes the actor's cwd; the driver's cwd may not exist there.
-        chdir = not (options.get("runtime_env") or {}).get("working_dir")
-        proc.actor = actor_class.options(**actor_options).remote(spec, chdir)
+        proc.actor = actor_class.options(**actor_options).remote(spec, not working_dir)
         proc.actor.ready.remote().future().add_done_callback(proc._on_ready)
         proc.actor.wait.remote().future().add_done_callback(proc._on_exit)
 
