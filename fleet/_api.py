@@ -694,7 +694,7 @@ class Progress:
             if running != self.ready.get(dep_name, 0) and running <= target:
                 self.ready[dep_name] = running
                 _say(f"{dep_name} {running}/{target} ready")
-            starting = [r for r in dep["replicas"] if r["state"] == "STARTING"]
+            starting = [r for r in dep["replicas"] if r["state"] in ("STARTING", "PENDING")]
             if not starting:
                 continue
             slowest = max(starting, key=lambda r: r.get("uptime_s", 0))

@@ -68,12 +68,14 @@ def test_replicas_are_placed_by_their_ray_actor_options_resources(cluster) -> No
 
 
 def test_a_replica_no_node_can_hold_is_pending_naming_the_resources(cluster) -> None:
-    app = Where.options(name="Huge", ray_actor_options={"resources": {"tpu_pod": 1}})
+    # startup_timeout_s counts from placement: waiting for a node is not a hung start
+    app = Where.options(name="Huge", ray_actor_options={"resources": {"tpu_pod": 1}},
+                        startup_timeout_s=1)
     thread = threading.Thread(target=lambda: _run_quietly(app, "huge"), daemon=True)
     thread.start()
     try:
         wait_for(lambda: "huge" in fleet.status()["applications"]
-                 and replicas("huge", "Huge"))
+                 and replicas("huge", "Huge") and replicas("huge", "Huge")[0]["uptime_s"] > 2)
         status = fleet.status()["applications"]["huge"]
         rep = status["deployments"]["Huge"]["replicas"][0]
         assert rep["state"] == "PENDING"

@@ -312,6 +312,11 @@ class RayBackend:
                 self.ray.kill(proc.actor, no_restart=True)
             except Exception:
                 pass
+        # ray.kill ends the actor at once; its references may resolve late or never, and
+        # a killed replica must not hold its node's room (max_replicas_per_node)
+        proc.done = True
+        proc.code = proc.code if proc.code is not None else -9
+        self.procs.pop(proc.replica_id, None)
 
     def alive(self, proc: Any) -> bool:
         assert isinstance(proc, RayProcess)

@@ -125,8 +125,12 @@ class Controller:
             if rec.proc is not None and not self.backend.alive(rec.proc):
                 self._replica_gone(dep, rec, "the replica process exited")
                 continue
+            if rec.state == ReplicaState.STARTING and rec.proc is not None \
+                    and rec.proc.pending():
+                rec.pending_until = now     # startup_timeout_s counts once it is placed
+                continue
             if rec.state == ReplicaState.STARTING and not rec.stopping \
-                    and now - rec.started_at > cfg.startup_timeout_s:
+                    and now - max(rec.started_at, rec.pending_until) > cfg.startup_timeout_s:
                 self._start_timed_out(dep, rec)
                 continue
             if rec.state != ReplicaState.RUNNING or rec.conn is None:
