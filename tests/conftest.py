@@ -55,6 +55,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         path = str(item.path)
         if path.startswith(MEMORY_DIR + os.sep) or item.path.name in MEMORY_MODULES:
             item.add_marker(pytest.mark.memory)
+    # The Ray tests last: their cluster lives until the session ends, and the tests that
+    # count this process's children or memory must not see its processes.
+    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
 
 
 @pytest.fixture(autouse=True)

@@ -80,6 +80,7 @@ def test_a_replica_no_node_can_hold_is_pending_naming_the_resources(cluster) -> 
         rep = status["deployments"]["Huge"]["replicas"][0]
         assert rep["state"] == "PENDING"
         assert "tpu_pod=1" in rep["message"] and "CPU=1" in rep["message"], rep["message"]
+        assert "no live node has that much" in rep["message"]
         assert status["deployments"]["Huge"]["status"] == "UPDATING"
         assert status["status"] == "DEPLOYING"
     finally:
@@ -177,6 +178,27 @@ def test_a_second_start_with_another_backend_or_cluster_raises(cluster) -> None:
     with pytest.raises(fleet.FleetError, match="cannot move it"):
         fleet.start(backend="ray", ray_address="10.0.0.1:6379")
     fleet.start(backend="ray", ray_address=cluster["address"])     # the same: fine
+
+
+def test_another_process_reaches_the_instance_and_calls_replicas_on_the_cluster(
+        cluster) -> None:
+    import tempfile
+    fleet.run(Where.options(name="Shared", ray_actor_options={"num_cpus": 0.1}).bind(),
+              name="shared", route_prefix=None)
+    pids = {r["pid"] for r in replicas("shared", "Shared")}
+    out = _driver(f"""
+        import fleet
+        fleet.start(backend="ray", ray_address={cluster["address"]!r})   # attaches
+        print("PID", fleet.get_app_handle("shared").remote().result())
+        try:
+            fleet.start(backend="local")
+        except fleet.FleetError as exc:
+            print("REFUSED", exc)
+    """, TMPDIR=tempfile.gettempdir())       # where this process's instance is recorded
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    assert int(lines["PID"]) in pids, out.stdout + out.stderr
+    assert "backend='ray' already runs (pid" in lines["REFUSED"]
+    fleet.delete("shared")
 
 
 def test_unknown_ray_actor_options_key_is_refused_with_the_valid_ones() -> None:

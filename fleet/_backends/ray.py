@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fleet._types import ReplicaSpec, deployment_key
@@ -140,6 +141,8 @@ class RayProcess:
         self.done = False
         self.code: int | None = None
         self.waiting = ""               # why no actor could be made yet
+        # whether no live node could ever hold it (set by the backend)
+        self.infeasible: Callable[[], bool] = lambda: False
         self.last_try = 0.0
         self.killed = False
 
@@ -162,7 +165,11 @@ class RayProcess:
             return None
         if self.waiting:
             return self.waiting
-        return f"waiting for Ray to place it on a node with {_describe(self.demand)} free"
+        text = f"waiting for Ray to place it on a node with {_describe(self.demand)} free"
+        if self.infeasible():
+            text += ("; no live node has that much: add such a node or lower the "
+                     "deployment's ray_actor_options")
+        return text
 
     def _on_ready(self, fut: concurrent.futures.Future[Any]) -> None:
         try:
@@ -191,7 +198,6 @@ class RayBackend:
         given = dict(runtime_env or {})
         self.ray, self.owns_ray = connect(address, dict(given) if runtime_env else None)
         self.runtime_env = given if self.owns_ray else {}
-        self.address = address or os.environ.get("RAY_ADDRESS") or ""
         self.listen_host: str = self.ray.util.get_node_ip_address()
         self.procs: dict[str, RayProcess] = {}
         self._nodes: list[dict[str, Any]] = []
@@ -222,6 +228,7 @@ class RayBackend:
             per_node = 1
         proc = RayProcess(spec.replica_id, deployment_key(spec.app_name, spec.deployment_name),
                           _demand(options), per_node, spec, options)
+        proc.infeasible = lambda: self.infeasible(proc)
         self.procs[spec.replica_id] = proc
         self._place(proc)
         return proc
