@@ -273,12 +273,21 @@ def _free_port() -> int:
         return int(free.getsockname()[1])
 
 
-def test_fleet_run_backend_ray_serves_from_the_cluster_and_fleet_status_reaches_it(
-        ray_cluster: Any) -> None:
+def test_fleet_run_of_a_yaml_config_with_backend_ray_serves_from_the_cluster(
+        ray_cluster: Any, tmp_path: Any) -> None:
+    config = tmp_path / "fleet.yaml"
+    config.write_text(textwrap.dedent(f"""
+        backend: ray
+        ray_address: {ray_cluster.address}
+        proxy_location: HeadOnly
+        http_options: {{host: 127.0.0.1, port: 0}}
+        applications:
+          - import_path: apps.cli_apps:app
+            deployments:
+              - {{name: Hello, ray_actor_options: {{num_cpus: 0.1}}}}
+    """))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleet", "run", "apps.cli_apps:app", "--app-dir", HERE,
-         "--port", "0", "--backend", "ray", "--ray-address", ray_cluster.address,
-         "--proxy-location", "HeadOnly"],
+        [sys.executable, "-m", "fleet", "run", str(config), "--app-dir", HERE],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
         start_new_session=True)
     try:
