@@ -32,6 +32,8 @@ from fleet.exceptions import FleetError
 T = TypeVar("T")
 
 PROXY_START_TIMEOUT_S = 30.0
+# How often an instance on a cluster looks for nodes that joined (EveryNode proxies).
+NODE_WATCH_S = 1.0
 
 
 def instance_file() -> str:
@@ -84,6 +86,10 @@ class Instance:
         self._server: asyncio.AbstractServer | None = None
         self.closed = False
         self.stopped = threading.Event()     # set once shut down, however that came about
+        # On a cluster: each kind's proxy options and the nodes that have its proxies.
+        self._node_proxies: dict[str, tuple[Any, set[str]]] = {}
+        self._node_watch: asyncio.Task[None] | None = None
+        self._proxy_starts: set[asyncio.Task[Any]] = set()
         self.owned = True
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
@@ -135,9 +141,29 @@ class Instance:
         if "error" in first:
             return first
         same_port = options.model_copy(update={"port": first["port"]})
+        self._node_proxies[kind] = (same_port, set(nodes))
         infos = await asyncio.gather(*[self._start_proxy(kind, same_port, index, node_id=node)
                                        for index, node in enumerate(nodes[1:], 1)])
+        if self.proxy_location == "EveryNode" and self._node_watch is None:
+            self._node_watch = self.loop.create_task(self._follow_nodes())
         return next((i for i in infos if "error" in i), first)
+
+    async def _follow_nodes(self) -> None:
+        """EveryNode: a node that joins the cluster gets its proxies too (a node that
+        leaves takes its proxies with it)."""
+        index = 1000        # above the indexes of the proxies started with the instance
+        while not self.closed:
+            await asyncio.sleep(NODE_WATCH_S)
+            live = {n["node_id"] for n in self.backend.nodes()}
+            for kind, (options, nodes) in self._node_proxies.items():
+                nodes &= live
+                for node in live - nodes:
+                    nodes.add(node)
+                    index += 1
+                    task = self.loop.create_task(self._start_proxy(kind, options, index,
+                                                                   node_id=node))
+                    self._proxy_starts.add(task)
+                    task.add_done_callback(self._proxy_starts.discard)
 
     async def _start_http_proxies(self, options: HTTPOptions) -> dict[str, Any]:
         if self.backend.listen_host:
@@ -241,6 +267,10 @@ class Instance:
         self.stopped.set()
 
     async def _shutdown(self) -> None:
+        if self._node_watch is not None:
+            self._node_watch.cancel()
+        for task in list(self._proxy_starts):
+            task.cancel()
         if self.runtime is not None:
             self.runtime.close("fleet was shut down before this call reached a replica")
         if self.controller is not None:

@@ -390,12 +390,15 @@ class Sleeper:
         return str(ray.get_runtime_context().get_node_id())
 
 
-def test_a_dead_node_fails_its_calls_and_its_replicas_move(cluster, ray_cluster) -> None:
+def test_a_node_that_joins_gets_a_proxy_and_one_that_dies_fails_its_calls_and_its_replicas_move(
+        cluster, ray_cluster) -> None:
     """Last in this module: it adds a node and removes it."""
     spare = ray_cluster.add_node(**RAY_NODE, resources={"spare": 1})
     try:
         spare_id = wait_for(lambda: next((n["NodeID"] for n in __import__("ray").nodes()
                                           if n["Alive"] and "spare" in n["Resources"]), None))
+        # a node that joins gets its proxy (EveryNode)
+        wait_for(lambda: spare_id in fleet.status()["proxies_by_node"], 30)
         handle = fleet.run(Sleeper.bind(), name="nodes", route_prefix=None)
         reps = replicas("nodes", "Sleeper")
         assert sorted(r["node_id"] for r in reps) == sorted([*cluster["nodes"].values(),
