@@ -418,10 +418,8 @@ def test_a_node_that_joins_gets_a_proxy_and_one_that_dies_fails_its_calls_and_it
             if resp._cfut.done():
                 with pytest.raises(fleet.ReplicaDiedError, match=doomed["replica_id"]):
                     resp.result()
-        # within 2 s of the node's death no call goes there (here: at once)
-        started = time.monotonic()
+        # from the moment its calls failed, no call goes to the dead node
         assert all(handle.node.remote().result(timeout_s=10) != spare_id for _ in range(10))
-        assert time.monotonic() - started < 10
 
         def moved() -> bool:
             now = replicas("nodes", "Sleeper")
