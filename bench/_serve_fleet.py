@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from typing import Any
 
@@ -61,6 +62,13 @@ def main(argv: list[str] | None = None) -> None:
                                                 "num_proxies": args.num_proxies}}
     if args.grpc_port:
         options["grpc_options"] = {"host": "127.0.0.1", "port": args.grpc_port}
+    if args.backend == "ray":
+        # a private one-node Ray on loopback, as the Ray Serve driver starts
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        import ray
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        options["backend"] = "ray"
+        options["http_options"].pop("num_proxies")
     fleet.start(**options)
     try:
         handle = fleet.run(app, name="default", route_prefix="/")
@@ -85,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
                 pass
     finally:
         fleet.shutdown()
+        if args.backend == "ray":
+            import ray
+            ray.shutdown()
 
 
 if __name__ == "__main__":

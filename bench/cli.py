@@ -50,6 +50,9 @@ def system_availability(systems: list[str]) -> dict[str, str | None]:
         if system == "fleet":
             err = _probe("import fleet; fleet.deployment; fleet.start; fleet.run; fleet.shutdown")
             out[system] = f"not available: {err}" if err else None
+        elif system == "fleet-ray":
+            err = _probe("import ray, fleet; fleet.start")
+            out[system] = "not installed: ray is not importable" if err else None
         elif system == "ray":
             err = _probe("import ray.serve")
             out[system] = "not installed: ray[serve] is not importable" if err else None

@@ -105,6 +105,7 @@ def server_setup(description: str | None,
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--grpc-port", type=int, default=0)
     parser.add_argument("--num-proxies", type=int, default=1)
+    parser.add_argument("--backend", default="local", choices=["local", "ray"])
     add_arguments(parser)
     args = parser.parse_args(argv)
     stop = threading.Event()

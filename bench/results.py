@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("fleet", "ray", "baseline")
-SYSTEM_TITLES = {"fleet": "fleet", "ray": "Ray Serve", "baseline": "baseline"}
+SYSTEMS = ("fleet", "fleet-ray", "ray", "baseline")
+SYSTEM_TITLES = {"fleet": "fleet", "fleet-ray": "fleet on Ray", "ray": "Ray Serve",
+                 "baseline": "baseline"}
 
 
 @dataclass

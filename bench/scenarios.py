@@ -38,6 +38,7 @@ from bench.results import Metric, Row
 Measured = dict[str, tuple[list[float], str]]
 SERVE_MODULE = {
     "fleet": "bench._serve_fleet",
+    "fleet-ray": "bench._serve_fleet",      # with --backend ray
     "ray": "bench._serve_ray",
     "baseline": "bench._serve_baseline",
 }
@@ -73,6 +74,8 @@ class Context:
 
 def _app_args(system: str, app: str) -> list[str]:
     """Per-system command-line arguments selecting app ``app``."""
+    if system == "fleet-ray":
+        return ["--app", app, "--backend", "ray"]
     if system != "baseline":
         return ["--app", app]
     if app in ("cpu1", "cpu2"):
@@ -516,6 +519,11 @@ SCENARIOS: dict[str, tuple[list[Metric], ScenarioFn]] = {
 }
 
 
+# What fleet on the Ray backend is measured on: fleet's data plane with Ray placing
+# the processes.
+FLEET_RAY_SCENARIOS = ("http", "handle")
+
+
 def run_scenario(ctx: Context, name: str, system: str, unavailable: str | None) -> list[Row]:
     """Run one scenario for one system and turn the outcome into report rows."""
     metrics, fn = SCENARIOS[name]
@@ -523,6 +531,8 @@ def run_scenario(ctx: Context, name: str, system: str, unavailable: str | None) 
         status, _, note = unavailable.partition(":")
         return [Row.unavailable(name, m, system, status.strip(), note.strip()) for m in metrics]
     try:
+        if system == "fleet-ray" and name not in FLEET_RAY_SCENARIOS:
+            raise Unavailable("skipped", "fleet on Ray runs the http and handle scenarios")
         measured = fn(ctx, system)
     except Unavailable as exc:
         return [Row.unavailable(name, m, system, exc.status, exc.note) for m in metrics]

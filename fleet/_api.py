@@ -33,13 +33,15 @@ from fleet._deployment import Application, build_plans
 from fleet._handle import DeploymentHandle
 from fleet._runtime import Runtime, set_current, set_starter
 from fleet._types import Backend
-from fleet._wire.listener import listen
+from fleet._wire.listener import bound_port, listen
 from fleet.drivers import prepare_app
 from fleet.exceptions import FleetError
 
 T = TypeVar("T")
 
 PROXY_START_TIMEOUT_S = 30.0
+# How often an instance on a cluster looks for nodes that joined (EveryNode proxies).
+NODE_WATCH_S = 1.0
 
 
 def instance_file() -> str:
@@ -71,13 +73,16 @@ class Instance:
                  backend: Backend | None = None, register: bool = True,
                  management: ManagementOptions | None = None,
                  management_fallback: bool = False,
-                 logging_config: LoggingConfig | None = None) -> None:
+                 logging_config: LoggingConfig | None = None,
+                 proxy_location: str = "EveryNode", ray_address: str | None = None) -> None:
         self.logging_config = logging_config or LoggingConfig()
         if not self.logging_config.enable_access_log:
             # one switch for the proxies' access log: http_options.access_log is an alias
             http_options = http_options.model_copy(update={"access_log": False})
         self.http_options = http_options
         self.grpc_options = grpc_options
+        self.proxy_location = proxy_location
+        self.ray_address = ray_address
         # the management server runs when asked (fleet run, fleet start, management_options)
         self.management = management
         self.management_fallback = management_fallback   # a free port if its port is taken
@@ -102,6 +107,10 @@ class Instance:
         self._server: asyncio.AbstractServer | None = None
         self.closed = False
         self.stopped = threading.Event()     # set once shut down, however that came about
+        # On a cluster: each kind's proxy options and the nodes that have its proxies.
+        self._node_proxies: dict[str, tuple[Any, set[str]]] = {}
+        self._node_watch: asyncio.Task[None] | None = None
+        self._proxy_starts: set[asyncio.Task[Any]] = set()
         self.owned = True
         # every process's log file goes here (fleet/_logs.py)
         self.logs_dir = _logs.instance_dir(os.path.basename(self.dir),
@@ -127,7 +136,14 @@ class Instance:
     async def _start(self) -> None:
         self.controller = Controller(self.backend, self.secret, self.address,
                                      sys_path=list(sys.path), cwd=os.getcwd())
-        self._server = await listen(self.controller, self.secret, self.address)
+        host = self.backend.listen_host
+        if host:
+            # replicas and proxies on other nodes reach the controller over TCP
+            self._server = await listen(self.controller, self.secret, f"tcp:{host}:0")
+            self.address = f"tcp:{host}:{bound_port(self._server)}"
+            self.controller.address = self.address
+        else:
+            self._server = await listen(self.controller, self.secret, self.address)
         self.controller.on_shutdown_request = self._shutdown_requested
         self.controller.logs_dir = self.logs_dir if self._log_handler is not None else ""
         self.controller.logging_config = self.logging_config.model_dump()
@@ -136,9 +152,9 @@ class Instance:
         await self.runtime.connect_controller(subscribe=True)
         set_current(self.runtime)
         waits = []
-        if self.http_options.enabled:
+        if self.http_options.enabled and self.proxy_location != "Disabled":
             waits.append(self._start_http_proxies(self.http_options))
-        if self.grpc_options.enabled:
+        if self.grpc_options.enabled and self.proxy_location != "Disabled":
             waits.append(self._start_grpc_proxies(self.grpc_options))
         for info in await asyncio.gather(*waits):
             if "error" in info:
@@ -153,7 +169,43 @@ class Instance:
         if self.register:
             self._write_instance_file()
 
+    async def _start_node_proxies(self, kind: str, options: Any) -> dict[str, Any]:
+        """On a cluster: a proxy per node (proxy_location EveryNode) or on the head node
+        only (HeadOnly), all on one port; nodes sharing a host share it (SO_REUSEPORT)."""
+        nodes = [n["node_id"] for n in self.backend.nodes()]
+        if self.proxy_location == "HeadOnly":
+            nodes = nodes[:1]
+        first = await self._start_proxy(kind, options, 0, node_id=nodes[0])
+        if "error" in first:
+            return first
+        same_port = options.model_copy(update={"port": first["port"]})
+        self._node_proxies[kind] = (same_port, set(nodes))
+        infos = await asyncio.gather(*[self._start_proxy(kind, same_port, index, node_id=node)
+                                       for index, node in enumerate(nodes[1:], 1)])
+        if self.proxy_location == "EveryNode" and self._node_watch is None:
+            self._node_watch = self.loop.create_task(self._follow_nodes())
+        return next((i for i in infos if "error" in i), first)
+
+    async def _follow_nodes(self) -> None:
+        """EveryNode: a node that joins the cluster gets its proxies too (a node that
+        leaves takes its proxies with it)."""
+        index = 1000        # above the indexes of the proxies started with the instance
+        while not self.closed:
+            await asyncio.sleep(NODE_WATCH_S)
+            live = {n["node_id"] for n in self.backend.nodes()}
+            for kind, (options, nodes) in self._node_proxies.items():
+                nodes &= live
+                for node in live - nodes:
+                    nodes.add(node)
+                    index += 1
+                    task = self.loop.create_task(self._start_proxy(kind, options, index,
+                                                                   node_id=node))
+                    self._proxy_starts.add(task)
+                    task.add_done_callback(self._proxy_starts.discard)
+
     async def _start_http_proxies(self, options: HTTPOptions) -> dict[str, Any]:
+        if self.backend.listen_host:
+            return await self._start_node_proxies("http", options)
         count = proxy_count(options.num_proxies)
         if count == 1:
             return await self._start_proxy("http", options)
@@ -175,6 +227,8 @@ class Instance:
         return next((i for i in infos if "error" in i), infos[0])
 
     async def _start_grpc_proxies(self, options: GRPCOptions) -> dict[str, Any]:
+        if self.backend.listen_host:
+            return await self._start_node_proxies("grpc", options)
         count = proxy_count(options.num_proxies)
         if count == 1:
             return await self._start_proxy("grpc", options)
@@ -198,17 +252,18 @@ class Instance:
         return next((i for i in infos if "error" in i), first)
 
     async def _start_proxy(self, kind: str, options: Any, index: int = 0,
-                           listen_fd: int | None = None, shared: bool = False
-                           ) -> dict[str, Any]:
+                           listen_fd: int | None = None, shared: bool = False,
+                           node_id: str = "") -> dict[str, Any]:
         assert self.controller is not None
-        waiter = self.controller.expect_proxy(kind, index)
+        waiter = self.controller.expect_proxy(kind, index, node_id)
         boot = {"kind": kind, "controller_address": self.address, "secret": self.secret,
                 # the checked options' values, so the proxy process needs no pydantic
                 "options": cloudpickle.dumps(types.SimpleNamespace(**dict(options))),
                 "sys_path": list(sys.path),
                 "index": index, "listen_fd": listen_fd, "shared": shared,
                 "logs_dir": self.logs_dir if self._log_handler is not None else "",
-                "logging_config": self.logging_config.model_dump()}
+                "logging_config": self.logging_config.model_dump(),
+                "node_id": node_id}
         key = f"proxy-{kind}" if index == 0 else f"proxy-{kind}-{index}"
         proc = self.backend.spawn(key, "fleet._proxy", boot,
                                   () if listen_fd is None else (listen_fd,))
@@ -225,7 +280,9 @@ class Instance:
         info: dict[str, Any] = {"address": self.address, "secret": self.secret.hex(),
                                 "pid": os.getpid(), "started": time.time(),
                                 "options": {"http": _comparable(self.http_options),
-                                            "grpc": _comparable(self.grpc_options)}}
+                                            "grpc": _comparable(self.grpc_options)},
+                                "backend": self.backend.name,
+                                "ray_address": self.ray_address}
         if self.ops is not None:
             info["management"] = {"host": self.ops.host, "port": self.ops.port,
                                   "scheme": self.ops.scheme, "url": self.ops.url()}
@@ -274,6 +331,10 @@ class Instance:
         if self._mgmt_server is not None:
             self.ops.closing.set()
             await self._mgmt_server.stop()
+        if self._node_watch is not None:
+            self._node_watch.cancel()
+        for task in list(self._proxy_starts):
+            task.cancel()
         if self.runtime is not None:
             self.runtime.close("fleet was shut down before this call reached a replica")
         if self.controller is not None:
@@ -314,6 +375,8 @@ class AttachedInstance:
         found = info.get("management")
         self.management_info = {"url": found["url"]} if isinstance(found, dict) \
             and "url" in found else None
+        self.backend_name = str(info.get("backend") or "local")
+        self.ray_address: str | None = info.get("ray_address")
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run coro on this process's loop for the instance and wait for it."""
@@ -440,19 +503,64 @@ def _differences(given: Any, running: dict[str, Any], section: str) -> list[str]
     return out
 
 
+BACKENDS = ("local", "ray")
+PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
+
+
+def make_backend(backend: str, ray_address: str | None,
+                 runtime_env: dict[str, Any] | None = None) -> Backend:
+    """The backend named backend: "local" (child processes) or "ray" (actors of the Ray
+    cluster at ray_address, with runtime_env for all of them)."""
+    if backend == "local":
+        if ray_address is not None:
+            raise ValueError("ray_address applies to backend='ray' only")
+        return LocalBackend()
+    if backend == "ray":
+        from fleet._backends.ray import RayBackend
+        return RayBackend(ray_address, runtime_env)
+    raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
+                     f"got {backend!r}")
+
+
+def _check_same_backend(inst: Instance | AttachedInstance, backend: str | None,
+                        ray_address: str | None) -> None:
+    """Refuse a start() that asks for another backend or cluster than the running one."""
+    running = inst.backend.name if isinstance(inst, Instance) else inst.backend_name
+    where = "this process" if isinstance(inst, Instance) else f"pid {inst.pid}"
+    if backend is not None and backend != running:
+        raise FleetError(f"a fleet instance with backend={running!r} already runs ({where}); "
+                         f"fleet.start(backend={backend!r}) cannot change it: stop it first "
+                         "(fleet.shutdown() or `fleet shutdown`)")
+    if ray_address is not None and ray_address != inst.ray_address:
+        raise FleetError(f"a fleet instance already runs ({where}) on the Ray cluster at "
+                         f"ray_address={inst.ray_address!r}; fleet.start(ray_address="
+                         f"{ray_address!r}) cannot move it: stop it first "
+                         "(fleet.shutdown() or `fleet shutdown`)")
+
+
 def start(http_options: dict[str, Any] | HTTPOptions | None = None,
           grpc_options: dict[str, Any] | GRPCOptions | None = None,
           management_options: dict[str, Any] | ManagementOptions | None = None,
-          logging_config: dict[str, Any] | LoggingConfig | None = None) -> None:
-    """Start fleet's instance in this process: the controller, the local backend and the
+          logging_config: dict[str, Any] | LoggingConfig | None = None,
+          backend: str | None = None, ray_address: str | None = None,
+          proxy_location: str = "EveryNode") -> None:
+    """Start fleet's instance in this process: the controller, the backend and the
     HTTP proxy (``http_options``: host, port, middlewares, request_timeout_s, root_path,
     max_body_bytes, access_log) and, when ``grpc_options`` is given, the gRPC proxy.
     ``logging_config`` (log_level, encoding, enable_access_log, logs_dir) is the
     instance's: the proxies', and every deployment's that sets none of its own.
 
+    ``backend="local"`` (the default) runs replicas and proxies as child processes of
+    this one; ``backend="ray"`` runs them as actors of the Ray cluster at
+    ``ray_address`` (``"auto"``, ``"host:port"`` or ``"ray://host:10001"``; by default
+    ``RAY_ADDRESS``, else a Ray of its own, as ``ray.init`` does), with a proxy on every
+    node (``proxy_location="EveryNode"``), on the head node only (``"HeadOnly"``) or
+    none (``"Disabled"``).
+
     When an instance already runs on this machine (this process's, or another's, such as
     a ``fleet run``), this process uses it instead, and options that differ from the
-    running instance's raise a :class:`fleet.FleetError` naming the difference.
+    running instance's raise a :class:`fleet.FleetError` naming the difference; so does
+    asking for another backend or Ray address than it has.
     ``fleet.run`` calls it with defaults (HTTP on 127.0.0.1:8000) when needed.
 
     ``management_options`` (host, port, metrics_public, token) also starts the
@@ -462,6 +570,12 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
     global _instance
     management = None if management_options is None else coerce_options(
         ManagementOptions, management_options, "management_options")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"fleet.start: backend must be one of "
+                         f"{', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if proxy_location not in PROXY_LOCATIONS:
+        raise ValueError(f"fleet.start: proxy_location must be one of "
+                         f"{', '.join(map(repr, PROXY_LOCATIONS))}, got {proxy_location!r}")
     http = coerce_options(HTTPOptions, http_options, "http_options")
     grpc_given = grpc_options is not None
     grpc = coerce_options(GRPCOptions, grpc_options, "grpc_options")
@@ -473,6 +587,7 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
         if _instance is None or _instance.closed:
             _instance = _running_elsewhere()
         if _instance is not None:
+            _check_same_backend(_instance, backend, ray_address)
             if isinstance(_instance, AttachedInstance):
                 diff = (_differences(http, _instance.options["http"], "http_options")
                         + _differences(grpc, _instance.options["grpc"], "grpc_options"))
@@ -485,24 +600,32 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
                 raise FleetError("this process's fleet instance runs no management server; "
                                  "pass management_options to the first fleet.start()")
             return
-        start_owned(http, grpc, management, logging_config=log_cfg)
+        start_owned(http, grpc, management, logging_config=log_cfg,
+                    backend=backend or "local", ray_address=ray_address,
+                    proxy_location=proxy_location)
 
 
 def start_owned(http: HTTPOptions, grpc: GRPCOptions,
                 management: ManagementOptions | None = None,
                 management_fallback: bool = False,
                 extra_info: dict[str, Any] | None = None,
-                logging_config: LoggingConfig | None = None) -> Instance:
+                logging_config: LoggingConfig | None = None,
+                backend: str = "local", ray_address: str | None = None,
+                proxy_location: str = "EveryNode",
+                runtime_env: dict[str, Any] | None = None) -> Instance:
     """Start an instance owned by this process, whatever else runs (``fleet run``)."""
     global _instance
     with _lock:
         if isinstance(_instance, Instance) and not _instance.closed:
+            _check_same_backend(_instance, backend, ray_address)
             return _instance
         if isinstance(_instance, AttachedInstance):
             _instance.detach()
-        inst = Instance(http, grpc, management=management,
+        inst = Instance(http, grpc, make_backend(backend, ray_address, runtime_env),
+                        management=management,
                         management_fallback=management_fallback,
-                        logging_config=logging_config)
+                        logging_config=logging_config,
+                        proxy_location=proxy_location, ray_address=ray_address)
         inst.extra_info = dict(extra_info or {})
         inst.start()
         _instance = inst
@@ -560,7 +683,8 @@ def ensure_grpc_proxy(port: int | None) -> None:
     if port is not None:
         update["port"] = port
     options = inst.grpc_options.model_copy(update=update)
-    info = inst.call(inst._start_proxy("grpc", options))
+    info = inst.call(inst._start_grpc_proxies(options) if inst.backend.listen_host
+                     else inst._start_proxy("grpc", options))
     if "error" in info:
         raise FleetError(info["error"])
     inst.grpc_options = options
@@ -693,7 +817,7 @@ class Progress:
             if running != self.ready.get(dep_name, 0) and running <= target:
                 self.ready[dep_name] = running
                 _say(f"{dep_name} {running}/{target} ready")
-            starting = [r for r in dep["replicas"] if r["state"] == "STARTING"]
+            starting = [r for r in dep["replicas"] if r["state"] in ("STARTING", "PENDING")]
             if not starting:
                 continue
             slowest = max(starting, key=lambda r: r.get("uptime_s", 0))

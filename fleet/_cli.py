@@ -22,6 +22,36 @@ from fleet._manage.commands import COMMANDS
 from fleet._manage.observe_cli import COMMANDS as OBSERVE_COMMANDS
 
 
+def backend_options(fn: Any) -> Any:
+    """--backend, --ray-address and --proxy-location, for every command that starts an
+    instance (they override the config's backend, ray_address and proxy_location)."""
+    fn = click.option("--proxy-location", default=None,
+                      type=click.Choice(["EveryNode", "HeadOnly", "Disabled"]),
+                      help="On Ray: a proxy on every node (default), the head only, "
+                           "or none.")(fn)
+    fn = click.option("--ray-address", default=None,
+                      help="The Ray cluster for --backend ray: 'auto', host:port or "
+                           "ray://host:10001 (default: RAY_ADDRESS).")(fn)
+    fn = click.option("--backend", default=None, type=click.Choice(["local", "ray"]),
+                      help="Where replicas run: child processes here (local, the "
+                           "default) or actors of a Ray cluster (ray).")(fn)
+    return fn
+
+
+def apply_backend_options(config: FleetConfig, backend: str | None, ray_address: str | None,
+                          proxy_location: str | None) -> None:
+    """Put the backend options of the command line into config."""
+    if backend is not None:
+        config.backend = backend        # type: ignore[assignment]
+    if ray_address is not None:
+        config.ray_address = ray_address
+    if proxy_location is not None:
+        config.proxy_location = proxy_location      # type: ignore[assignment]
+    if config.ray_address is not None and config.backend != "ray":
+        raise CLIError("--ray-address (ray_address) applies to --backend ray (backend: ray) "
+                       "only")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fleet", prog_name="fleet")
 def cli() -> None:
@@ -43,9 +73,11 @@ def cli() -> None:
 @click.option("--address", default=None, metavar="HOST:PORT",
               help="The management API's address (default: 127.0.0.1:8100, or a free "
                    "port when that one is taken).")
+@backend_options
 def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | None,
         host: str | None, port: int | None, grpc_port: int | None, dev: bool,
-        reload: bool, address: str | None) -> None:
+        reload: bool, address: str | None, backend: str | None, ray_address: str | None,
+        proxy_location: str | None) -> None:
     """Run TARGET (MODULE:ATTR or CONFIG.yaml) in the foreground until Ctrl-C or SIGTERM."""
     from fleet._api import deploy, shutdown, start_owned
     from fleet._api import status as instance_status
@@ -91,6 +123,7 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
     if dev:
         config.http_options.expose_errors = True
         config.grpc_options.expose_errors = True
+    apply_backend_options(config, backend, ray_address, proxy_location)
     apps = _load_apps(config)
     if not apps:
         raise CLIError(f"{target!r} defines no applications")
@@ -119,8 +152,13 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
     signal.signal(signal.SIGINT, stop)
     try:
         # `fleet run` always serves an instance of its own, whatever else runs
+        # on Ray, the application's directory goes to every node, as `serve run` does
+        runtime_env = {"working_dir": os.path.abspath(app_dir)} \
+            if config.backend == "ray" else None
         inst = start_owned(config.http_options, config.grpc_options, management,
-                           management_fallback=True, logging_config=config.logging_config)
+                           management_fallback=True, logging_config=config.logging_config,
+                           backend=config.backend, ray_address=config.ray_address,
+                           proxy_location=config.proxy_location, runtime_env=runtime_env)
         for app_cfg, app in apps:
             try:
                 deploy(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix,

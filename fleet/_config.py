@@ -18,6 +18,9 @@ from pydantic import (
     model_validator,
 )
 
+# What a replica may ask of Ray: its resources and its runtime environment.
+RAY_ACTOR_OPTIONS = frozenset({"num_cpus", "num_gpus", "memory", "resources", "runtime_env"})
+
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 9000
 
@@ -99,8 +102,36 @@ class DeploymentConfig(_Model):
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
     startup_timeout_s: float = Field(300.0, gt=0)
     ray_actor_options: dict[str, Any] | None = None
+    max_replicas_per_node: int | None = Field(None, ge=1)
     is_driver_deployment: bool = False
     logging_config: LoggingConfig | None = None
+
+    @field_validator("ray_actor_options")
+    @classmethod
+    def _check_ray_actor_options(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        unknown = sorted(set(value) - RAY_ACTOR_OPTIONS)
+        if unknown:
+            raise ValueError(f"ray_actor_options: unknown key(s) {', '.join(map(repr, unknown))}"
+                             f"{did_you_mean(unknown[0], sorted(RAY_ACTOR_OPTIONS))}; valid keys "
+                             f"are {', '.join(sorted(RAY_ACTOR_OPTIONS))}")
+        for key in ("num_cpus", "num_gpus", "memory"):
+            given = value.get(key)
+            if given is not None and (isinstance(given, bool)
+                                      or not isinstance(given, (int, float)) or given < 0):
+                raise ValueError(f"ray_actor_options: {key} must be a number >= 0, "
+                                 f"got {given!r}")
+        resources = value.get("resources")
+        if resources is not None and (not isinstance(resources, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and v >= 0 for k, v in resources.items())):
+            raise ValueError("ray_actor_options: resources must map resource names to "
+                             f"numbers >= 0, got {resources!r}")
+        env = value.get("runtime_env")
+        if env is not None and not isinstance(env, dict):
+            raise ValueError(f"ray_actor_options: runtime_env must be a mapping, got {env!r}")
+        return value
 
     @field_validator("num_replicas", mode="before")
     @classmethod
@@ -235,11 +266,10 @@ class ManagementOptions(_Model):
 # Ray Serve config keys fleet accepts so Ray users can bring their files, and ignores
 # (with one warning naming them): where in the file -> keys.
 RAY_ONLY_KEYS: dict[str, frozenset[str]] = {
-    "top": frozenset({"proxy_location", "target_capacity"}),
+    "top": frozenset({"target_capacity"}),
     "application": frozenset({"runtime_env", "external_scaler_enabled"}),
     "deployment": frozenset({"graceful_shutdown_wait_loop_s", "placement_group_bundles",
-                             "placement_group_strategy", "max_replicas_per_node",
-                             "request_router_config"}),
+                             "placement_group_strategy", "request_router_config"}),
 }
 
 
@@ -297,16 +327,22 @@ class TrafficConfig(_Model):
     shadow: dict[str, float] = Field(default_factory=dict)
 
 
-class FleetConfig(_Model):
-    """A whole instance as YAML: proxies and applications."""
+ProxyLocation = Literal["EveryNode", "HeadOnly", "Disabled"]
 
+
+class FleetConfig(_Model):
+    """A whole instance as YAML: proxies and applications; ``backend: ray`` runs it on
+    the Ray cluster at ``ray_address`` with proxies where ``proxy_location`` says."""
+
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    proxy_location: ProxyLocation = "EveryNode"
     http_options: HTTPOptions = Field(default_factory=HTTPOptions)
     grpc_options: GRPCOptions = Field(default_factory=GRPCOptions)
     applications: list[ApplicationConfig] = Field(default_factory=list)
     traffic: list[TrafficConfig] = Field(default_factory=list)
     logging_config: LoggingConfig | None = None
-    # Ray Serve keys, accepted and ignored (one node: proxies run where the instance does)
-    proxy_location: str | None = None
+    # Ray Serve keys, accepted and ignored
     target_capacity: float | None = None
 
     def ignored_keys(self) -> list[str]:

@@ -63,6 +63,9 @@ class ReplicaSpec:
     sys_path: list[str] = field(default_factory=list)
     cwd: str = ""
     logs_dir: str = ""             # the instance's log directory ("" = no log files)
+    # Where the replica listens: "" for a Unix socket beside the controller's; a host
+    # (a cluster node's address) for TCP on that host, which other nodes can reach.
+    listen_host: str = ""
 
 
 class _ReplicaAddress(TypedDict):
@@ -295,10 +298,20 @@ class ReplicaProcess(Protocol):
         """Its process id (this process's own for the memory backend), if it has one."""
         ...
 
+    @property
+    def node_id(self) -> str:
+        """The node it runs on ("" while not placed yet)."""
+        ...
+
     def alive(self) -> bool: ...
 
     def exit_code(self) -> int | None:
         """The exit status once it ended (negative: killed by that signal), else None."""
+        ...
+
+    def pending(self) -> str | None:
+        """Why it does not run yet (waiting for a node with the resources it asks for),
+        or None once it was placed."""
         ...
 
 
@@ -306,6 +319,9 @@ class Backend(Protocol):
     """The seam: the only code that knows how replica processes are made."""
 
     name: str
+    # "" when every process of the instance shares this machine (Unix sockets); else
+    # the address of this process's node, where the controller listens on TCP.
+    listen_host: str
 
     async def start_replica(self, spec: ReplicaSpec) -> ReplicaProcess:
         """Start a replica; it reports readiness to the controller itself."""

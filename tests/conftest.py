@@ -23,6 +23,8 @@ os.environ.pop("XDG_RUNTIME_DIR", None)
 # Log files (fleet/_logs.py) of every instance the tests start stay in it too.
 os.environ["XDG_STATE_HOME"] = os.path.join(_SESSION_TMP, "state")
 os.environ.pop("FLEET_LOGS_DIR", None)
+# Ray reads it when imported: every node of the tests' Ray cluster stays on 127.0.0.1.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
 
 import fleet  # noqa: E402
@@ -40,11 +42,25 @@ MEMORY_MODULES = {"test_layers.py", "test_proxy_traffic.py", "test_router.py",
                   "test_testing.py", "test_config.py", "test_history.py"}
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``both_backends`` run on the local backend and on Ray, through the
+    instance and shared_instance fixtures."""
+    if metafunc.definition.get_closest_marker("both_backends") is None:
+        return
+    if not {"instance", "shared_instance"} & set(metafunc.fixturenames):
+        return
+    metafunc.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.ray)],
+                         indirect=True, scope="module")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         path = str(item.path)
         if path.startswith(MEMORY_DIR + os.sep) or item.path.name in MEMORY_MODULES:
             item.add_marker(pytest.mark.memory)
+    # The Ray tests last: their cluster lives until the session ends, and the tests that
+    # count this process's children or memory must not see its processes.
+    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
 
 
 @pytest.fixture(autouse=True)
@@ -69,19 +85,64 @@ class Instance:
         return f"http://127.0.0.1:{self.http_port}"
 
 
-def start_instance(**http_options: Any) -> Instance:
+def start_instance(start: dict[str, Any] | None = None, **http_options: Any) -> Instance:
     opts = {"host": "127.0.0.1", "port": 0}
     opts.update(http_options)
-    fleet.start(http_options=opts)
+    fleet.start(http_options=opts, **(start or {}))
     port = fleet.status()["proxies"]["http"]["port"]
     return Instance(http_port=port)
 
 
+# The Ray cluster the Ray backend's tests run on: two nodes on this machine, each with a
+# custom resource of its own so tests can force where a replica goes, four logical CPUs
+# (replicas ask for one each by default) and a small object store (fleet puts nothing
+# in it). Started once per session, on first use, and always shut down.
+RAY_NODE = {"num_cpus": 4, "object_store_memory": 80 * 1024 * 1024}
+RAY_SKIP = "Ray is not installed: pip install 'fleet[ray]' to run the Ray backend's tests"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """A real multi-node Ray cluster (ray.cluster_utils.Cluster), this process its driver."""
+    ray = pytest.importorskip("ray", reason=RAY_SKIP)
+    from ray.cluster_utils import Cluster
+    cluster = Cluster()
+    # Ray's session directory holds Unix sockets: the test's deep TMPDIR is too long
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = ray_tmp
+    try:
+        cluster.add_node(**RAY_NODE, resources={"head": 1})
+        cluster.add_node(**RAY_NODE, resources={"worker": 1})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, namespace="fleet", logging_level="WARNING")
+        yield cluster
+    finally:
+        fleet.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+        os.environ.pop("RAY_TMPDIR", None)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def backend(request: pytest.FixtureRequest) -> str:
+    """The backend the instance fixtures start: "local" unless a test is marked
+    both_backends (then "local" and "ray" in turn)."""
+    return str(getattr(request, "param", "local"))
+
+
+def _start_on(backend: str, request: pytest.FixtureRequest) -> Instance:
+    if backend == "ray":
+        cluster = request.getfixturevalue("ray_cluster")
+        return start_instance({"backend": "ray", "ray_address": cluster.address})
+    return start_instance()
+
+
 @pytest.fixture
-def instance() -> Iterator[Instance]:
+def instance(backend: str, request: pytest.FixtureRequest) -> Iterator[Instance]:
     """A fresh instance per test; every process it started is gone afterwards."""
     fleet.shutdown()
-    inst = start_instance()
+    inst = _start_on(backend, request)
     try:
         yield inst
     finally:
@@ -89,10 +150,10 @@ def instance() -> Iterator[Instance]:
 
 
 @pytest.fixture(scope="module")
-def shared_instance() -> Iterator[Instance]:
+def shared_instance(backend: str, request: pytest.FixtureRequest) -> Iterator[Instance]:
     """One instance for a whole test module (tests deploy under their own app names)."""
     fleet.shutdown()
-    inst = start_instance()
+    inst = _start_on(backend, request)
     try:
         yield inst
     finally:

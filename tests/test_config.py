@@ -44,7 +44,7 @@ def test_every_deployment_option_is_an_override() -> None:
               "user_config": {"a": 1}, "autoscaling_config": None,
               "health_check_period_s": 1.0, "health_check_timeout_s": 2.0,
               "graceful_shutdown_timeout_s": 3.0, "startup_timeout_s": 4.0,
-              "ray_actor_options": {"num_cpus": 1},
+              "ray_actor_options": {"num_cpus": 1}, "max_replicas_per_node": 2,
               "is_driver_deployment": True,
               "logging_config": {"log_level": "DEBUG", "encoding": "JSON",
                                  "enable_access_log": True, "logs_dir": None}}

@@ -154,6 +154,7 @@ def _load(stop: threading.Event, call, results: list, errors: list) -> None:
             errors.append(repr(exc))
 
 
+@pytest.mark.both_backends
 def test_rolling_update_under_load_fails_no_request(instance) -> None:
     handle = fleet.run(Versioned.bind("v1"), name="roll", route_prefix="/roll")
     old_pids = {r["pid"] for r in _replicas("roll", "Versioned")}

@@ -317,6 +317,7 @@ def test_ray_keys_are_accepted_with_one_warning_and_unknown_keys_suggest(tmp_pat
     ray = tmp_path / "ray.yaml"
     ray.write_text(textwrap.dedent("""
         proxy_location: EveryNode
+        target_capacity: 100
         http_options: {host: 127.0.0.1, port: 8000}
         applications:
           - name: app1
@@ -327,12 +328,13 @@ def test_ray_keys_are_accepted_with_one_warning_and_unknown_keys_suggest(tmp_pat
               - name: Hello
                 num_replicas: 2
                 max_replicas_per_node: 1
+                graceful_shutdown_wait_loop_s: 2
     """))
     out = run("apply", str(ray), "--dry-run", "--address", f"127.0.0.1:{free_port()}")
     warnings = [x for x in out.stderr.splitlines() if "warning" in x]
     assert warnings == [f"fleet: warning: config {str(ray)!r}: fleet ignores these Ray Serve "
-                        "keys: proxy_location, applications.0.runtime_env, "
-                        "applications.0.deployments.0.max_replicas_per_node"]
+                        "keys: target_capacity, applications.0.runtime_env, "
+                        "applications.0.deployments.0.graceful_shutdown_wait_loop_s"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("applications:\n  - import_path: apps.cli_apps:app\n    deployments:\n"
                    "      - {name: Hello, num_replica: 2}\n")

@@ -28,6 +28,13 @@ class LocalProcess:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    @property
+    def node_id(self) -> str:
+        return "local"
+
+    def pending(self) -> str | None:
+        return None
+
     def exit_code(self) -> int | None:
         return self.popen.poll()
 
@@ -36,6 +43,7 @@ class LocalBackend:
     """Starts replicas (and the proxy) as ``python -m`` child processes."""
 
     name = "local"
+    listen_host = ""
 
     def __init__(self) -> None:
         self.procs: dict[str, LocalProcess] = {}

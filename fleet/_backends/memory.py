@@ -29,6 +29,13 @@ class MemoryReplica:
     def alive(self) -> bool:
         return not self.task.done()
 
+    @property
+    def node_id(self) -> str:
+        return "memory"
+
+    def pending(self) -> str | None:
+        return None
+
     def exit_code(self) -> int | None:
         if not self.task.done():
             return None
@@ -41,6 +48,7 @@ class MemoryBackend:
     """Starts replicas as tasks on the running loop; no processes, no proxies."""
 
     name = "memory"
+    listen_host = ""
 
     def __init__(self) -> None:
         self.procs: dict[str, MemoryReplica] = {}

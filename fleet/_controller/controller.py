@@ -73,6 +73,7 @@ class Controller:
         self.proxies: dict[str, dict[str, Any]] = {}
         self._proxy_parts: dict[str, dict[int, dict[str, Any]]] = {}   # kind -> index -> info
         self._proxy_waiters: dict[str, asyncio.Future[Any]] = {}
+        self._proxy_nodes: dict[tuple[str, int], str] = {}     # (kind, index) -> node id
         self.traffic: dict[str, Any] = {}
         self._closing = False
         # Open Inference Protocol models unloaded through the repository extension:
@@ -151,6 +152,8 @@ class Controller:
         for app in list(self.apps.values()):
             for dep in list(app.deployments.values()):
                 self._check_replicas(dep, now)
+                if dep.plan.config.is_driver_deployment and not dep.deleting:
+                    dep.target = len(self.backend.nodes())      # one replica per node
                 if dep.autoscaler is not None and not dep.deleting:
                     dep.autoscaler.tick(self, dep, now)
                 await self._reconcile(dep)
@@ -166,8 +169,12 @@ class Controller:
             if rec.proc is not None and not self.backend.alive(rec.proc):
                 self._replica_gone(dep, rec, "the replica process exited")
                 continue
+            if rec.state == ReplicaState.STARTING and rec.proc is not None \
+                    and rec.proc.pending():
+                rec.pending_until = now     # startup_timeout_s counts once it is placed
+                continue
             if rec.state == ReplicaState.STARTING and not rec.stopping \
-                    and now - rec.started_at > cfg.startup_timeout_s:
+                    and now - max(rec.started_at, rec.pending_until) > cfg.startup_timeout_s:
                 self._start_timed_out(dep, rec)
                 continue
             if rec.state != ReplicaState.RUNNING or rec.conn is None:
@@ -594,7 +601,11 @@ class Controller:
         first = parts[min(parts)]
         self.proxies[kind] = dict(first, pids=[parts[i].get("pid") for i in sorted(parts)])
 
-    def expect_proxy(self, kind: str, index: int = 0) -> asyncio.Future[Any]:
+    def expect_proxy(self, kind: str, index: int = 0, node_id: str = "") -> asyncio.Future[Any]:
+        """A future for the index-th proxy of kind's report; node_id: the cluster node it
+        is started on (status' proxies_by_node), when the backend has several."""
+        if node_id:
+            self._proxy_nodes[(kind, index)] = node_id
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._proxy_waiters[f"{kind}-{index}"] = fut
         return fut
@@ -919,8 +930,11 @@ class Controller:
     def status(self) -> dict[str, Any]:
         nodes = self.backend.nodes()
         node_id = str(nodes[0].get("node_id", "local")) if nodes else "local"
-        return views.status(self.apps, self.proxies, self.traffic, node_id,
-                            self.window_stats)
+        out = views.status(self.apps, self.proxies, self.traffic, node_id,
+                           self.window_stats)
+        if self._proxy_nodes:
+            out["proxies_by_node"] = views.proxies_by_node(self._proxy_parts, self._proxy_nodes)
+        return out
 
     def window_stats(self, app: str, deployment: str | None, window: float = 60.0
                      ) -> dict[str, Any]:

@@ -27,6 +27,7 @@ class ReplicaRecord:
     pid: int | None = None
     message: str = ""
     started_at: float = field(default_factory=time.monotonic)
+    pending_until: float = 0.0     # last seen waiting for its backend to place it
     health_sent: float | None = None
     health_id: int = 0
     last_health: float = field(default_factory=time.monotonic)

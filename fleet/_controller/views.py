@@ -129,9 +129,11 @@ def status(apps: dict[str, AppState], proxies: dict[str, dict[str, Any]],
                 "desired_replicas": desired,
                 "running_replicas": running,
                 "last_deployed_time_s": round(dep.last_deployed_at, 3),
-                "replicas": [{"replica_id": r.replica_id, "state": r.state.value,
-                              "pid": r.pid, "node_id": node_id, "version": r.version,
-                              "message": r.message or _doing(r),
+                "replicas": [{"replica_id": r.replica_id, "state": _state(r),
+                              "pid": r.pid, "version": r.version,
+                              "node_id": (r.proc.node_id if r.proc is not None
+                                          and r.proc.node_id else node_id),
+                              "message": _pending(r) or r.message or _doing(r),
                               "uptime_s": round(now - r.started_at, 1),
                               "ongoing": r.ongoing, "batches": r.batches,
                               **({"models": list(r.models)} if r.models else {})}
@@ -203,6 +205,28 @@ def reason(dep: DeploymentState, now: float) -> str:
     if dep.last_gone and running < dep.target:
         parts.append(f"last replaced: {dep.last_gone}")
     return "; ".join(parts)
+def _pending(rec: ReplicaRecord) -> str | None:
+    """Why a starting replica is not placed yet (the Ray backend waits for resources)."""
+    if rec.state != ReplicaState.STARTING or rec.proc is None:
+        return None
+    return rec.proc.pending()
+
+
+def _state(rec: ReplicaRecord) -> str:
+    """A replica's state, PENDING while its backend has not placed it yet."""
+    return "PENDING" if _pending(rec) else rec.state.value
+
+
+def proxies_by_node(parts: dict[str, dict[int, dict[str, Any]]],
+                    nodes: dict[tuple[str, int], str]) -> dict[str, dict[str, Any]]:
+    """Each node's proxies: node id -> kind -> that proxy's info."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind, by_index in parts.items():
+        for index, info in sorted(by_index.items()):
+            node = nodes.get((kind, index))
+            if node and "error" not in info:
+                out.setdefault(node, {})[kind] = dict(info, pids=[info.get("pid")])
+    return out
 
 
 def _doing(rec: ReplicaRecord) -> str:

@@ -55,13 +55,17 @@ def main() -> None:
     os._exit(code)
 
 
-async def _serve(kind: str, boot: dict[str, Any], loop: asyncio.AbstractEventLoop) -> int:
+async def _serve(kind: str, boot: dict[str, Any], loop: asyncio.AbstractEventLoop,
+                 stop: asyncio.Event | None = None) -> int:
+    """Serve as the proxy boot describes until stop is set (by SIGTERM when not given:
+    a proxy process of its own; a Ray actor passes the event it sets)."""
     runtime = Runtime(loop, boot["controller_address"], boot["secret"])
     runtime.ack_tables = True
     set_current(runtime)
-    stop = asyncio.Event()
+    if stop is None:
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
     runtime.on_controller_lost = stop.set
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
     await runtime.connect_controller(subscribe=True)
     options = cloudpickle.loads(boot["options"])
     if kind == "http":

@@ -23,7 +23,7 @@ from fleet._metrics import SIZE_BUCKETS, TIME_BUCKETS, Recorder
 from fleet._runtime import Runtime, set_current
 from fleet._types import CallMeta, ModelsMsg, ReplicaSpec, deployment_key
 from fleet._wire.errors import error_info
-from fleet._wire.listener import ServerConnection, listen
+from fleet._wire.listener import ServerConnection, bound_port, listen
 from fleet.exceptions import MethodNotFoundError, ReplicaDrainingError, ReplicaFullError
 
 log = logging.getLogger("fleet.replica")
@@ -151,10 +151,15 @@ class Replica:
         rt.ctrl_hooks["reconfigure"] = self._on_reconfigure
         rt.ctrl_hooks["logging"] = self._on_logging
         await rt.connect_controller(subscribe=True)
-        sock_dir = os.path.dirname(self.spec.controller_address[5:])
-        # a short name whatever the deployment's: a Unix socket's path has ~107 bytes
-        address = f"unix:{sock_dir}/r-{secrets.token_hex(4)}.sock"
-        server = await listen(self, self.spec.secret, address)
+        if self.spec.listen_host:
+            # on a cluster node: TCP on the node's address, port chosen by the kernel
+            server = await listen(self, self.spec.secret, f"tcp:{self.spec.listen_host}:0")
+            address = f"tcp:{self.spec.listen_host}:{bound_port(server)}"
+        else:
+            sock_dir = os.path.dirname(self.spec.controller_address[5:])
+            # a short name whatever the deployment's: a Unix socket's path has ~107 bytes
+            address = f"unix:{sock_dir}/r-{secrets.token_hex(4)}.sock"
+            server = await listen(self, self.spec.secret, address)
         try:
             await rt.call_controller("replica_starting", self.spec.replica_id,
                                      "constructor running")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from typing import Any, Protocol
 
 from fleet._types import CallMeta, ControlMessage
@@ -162,3 +163,9 @@ async def listen(handler: Handler, secret: bytes, address: str) -> asyncio.Abstr
         return server
     host, _, port = address[4:].rpartition(":")
     return await loop.create_server(factory, host, int(port))
+
+
+def bound_port(server: asyncio.AbstractServer) -> int:
+    """The TCP port a server from listen("tcp:host:0") got."""
+    sockets: list[socket.socket] = list(getattr(server, "sockets", None) or [])
+    return int(sockets[0].getsockname()[1])
