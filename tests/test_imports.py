@@ -61,3 +61,28 @@ def test_driver_of_a_plain_app_imports_no_grpc_nor_yaml() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert json.loads(out.stdout) == ["http", False, []]
+
+
+def test_replica_imports_user_deployments_without_pydantic(tmp_path) -> None:
+    # a replica imports the user's module (its class is pickled by reference), which runs
+    # @fleet.deployment again: there the options are kept unchecked until first use
+    (tmp_path / "userapp.py").write_text(
+        "import fleet\n\n"
+        "@fleet.deployment(num_replicas=2, max_ongoing_requests=7)\n"
+        "class Model:\n    pass\n\n"
+        "bad = fleet.deployment(num_replicas=-1)(lambda: None)\n"
+        "app = Model.options(name='Other').bind()\n")
+    code = ("import json, sys\n"
+            "from fleet._types import ProcessRole\n"
+            "ProcessRole.replica = True\n"
+            "import userapp\n"
+            "loaded = 'pydantic' in sys.modules\n"
+            "names = [userapp.Model.name, userapp.app.deployment.name]\n"
+            "limit = userapp.app.deployment.config.max_ongoing_requests  # checked now\n"
+            "try:\n    userapp.bad.config\nexcept ValueError as exc:\n    bad = str(exc)\n"
+            "print(json.dumps([loaded, names, limit, bad]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True, cwd=tmp_path)
+    loaded, names, limit, bad = json.loads(out.stdout)
+    assert (loaded, names, limit) == (False, ["Model", "Other"], 7)
+    assert "num_replicas" in bad
