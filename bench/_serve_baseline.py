@@ -2,8 +2,9 @@
 
 ``python -m bench._serve_baseline --app noop --port P [--workers N]`` serves a raw
 ASGI app on uvicorn (httptools + uvloop); ``--grpc-port G`` serves the FruitMarket
-Predict API on grpc.aio; ``--handle-bench`` measures framed-RPC calls to a worker
-process.  Each prints ``READY <json>`` once it serves.
+Predict API on grpc.aio (with ``--app predict``: the no-op Predict, as the
+``grpcnoop`` scenario's fleet deployment answers it); ``--handle-bench`` measures
+framed-RPC calls to a worker process.  Each prints ``READY <json>`` once it serves.
 """
 
 from __future__ import annotations
@@ -39,21 +40,25 @@ def _serve_http(app: str, port: int, workers: int) -> None:
     )
 
 
-def _serve_grpc(port: int) -> None:
+def _serve_grpc(port: int, app: str) -> None:
     from bench import baseline, predict_pb
-    from bench.models import GRPC_ORDER
+    from bench.models import GRPC_ORDER, PREDICT_INPUT
+
+    noop = app == "predict"
+    request = {k: v.encode() for k, v in PREDICT_INPUT.items()} if noop else GRPC_ORDER
 
     def ready() -> None:
         _ready(
             grpc_port=port,
             grpc_method=predict_pb.PREDICT_METHOD,
-            grpc_request_hex=predict_pb.sample_request(GRPC_ORDER).hex(),
+            grpc_request_hex=predict_pb.sample_request(request).hex(),
             grpc_metadata=[],
         )
 
     import uvloop
 
-    uvloop.run(baseline.serve_grpc(port, ready))
+    servicer = baseline.PredictServicer() if noop else baseline.FruitMarketServicer()
+    uvloop.run(baseline.serve_grpc(port, ready, servicer))
 
 
 def _handle_bench(args: argparse.Namespace) -> None:
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.handle_bench:
         _handle_bench(args)
     elif args.grpc_port:
-        _serve_grpc(args.grpc_port)
+        _serve_grpc(args.grpc_port, args.app)
     else:
         _serve_http(args.app, args.port, args.workers)
 

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         info: dict[str, Any] = {"port": args.port}
         if args.grpc_port:
             info.update(_grpc_info(args.grpc_port))
+        if args.app == "predict_grpc":
+            # The grpcnoop scenario: the Predict no-op alone, one deployment.
+            info["grpc_request_hex"] = _predict_request().hex()
         if args.app == "predict_http" and args.grpc_port:
             # The protocols scenario: the same handler as a gRPC Predict deployment.
             fleet.run(_load_app("predict_grpc"), name="grpc", route_prefix="/grpc")

@@ -149,14 +149,25 @@ class FruitMarketServicer:
         return predict_pb.PredictResponse(prediction=models.encode_price(price))
 
 
-async def serve_grpc(port: int, ready: Callable[[], None]) -> None:
-    """Serve the FruitMarket Predict API with grpc.aio until cancelled."""
+class PredictServicer:
+    """grpc.aio servicer answering Predict with the no-op handler (``grpcnoop``)."""
+
+    async def Predict(self, request: Any, context: Any) -> Any:  # noqa: N802
+        from bench import predict_pb
+
+        return predict_pb.PredictResponse(prediction=models.predict(request.input))
+
+
+async def serve_grpc(port: int, ready: Callable[[], None], servicer: Any = None) -> None:
+    """Serve the Predict API (FruitMarket unless servicer says otherwise) with grpc.aio
+    until cancelled."""
     import grpc
 
     from bench import predict_pb
 
     server = grpc.aio.server()
-    predict_pb.add_PredictAPIsServiceServicer_to_server(FruitMarketServicer(), server)
+    predict_pb.add_PredictAPIsServiceServicer_to_server(servicer or FruitMarketServicer(),
+                                                        server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     ready()

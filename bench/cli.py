@@ -21,8 +21,8 @@ from bench.models import calibrate_cpu_iterations
 from bench.procs import REPO_ROOT, bench_env
 from bench.scenarios import SCENARIOS, Context, run_scenario
 
-DEFAULT_SCENARIOS = ["http", "grpc", "protocols", "handle", "batch", "mlp", "scaling", "multiproxy",
-                     "coldstart"]
+DEFAULT_SCENARIOS = ["http", "grpc", "grpcnoop", "protocols", "handle", "batch", "mlp",
+                     "scaling", "multiproxy", "coldstart"]
 
 
 def _log(message: str) -> None:

@@ -80,6 +80,8 @@ def _app_args(system: str, app: str) -> list[str]:
         return ["--app", app]
     if app in ("cpu1", "cpu2"):
         return ["--app", "cpu", "--workers", app[-1]]
+    if app == "predict_grpc":
+        return ["--app", "predict"]
     return [] if app == "grpc_app" else ["--app", app]
 
 
@@ -188,9 +190,9 @@ GRPC_METRICS = [
 ]
 
 
-def scenario_grpc(ctx: Context, system: str) -> Measured:
-    """gRPC FruitMarket graph (driver -> market -> stand) through each gRPC front end."""
-    with start_server(ctx, system, "grpc_app", grpc=True) as server:
+def _grpc_runs(ctx: Context, system: str, app: str) -> Measured:
+    """Throughput and CPU with 32 concurrent calls, latency with one, of app's Predict."""
+    with start_server(ctx, system, app, grpc=True) as server:
         info = server.info
         port = int(info["grpc_port"])
         method = str(info["grpc_method"])
@@ -215,6 +217,19 @@ def scenario_grpc(ctx: Context, system: str) -> Measured:
     names = [m.name for m in GRPC_METRICS]
     values = [(rps, _error_note(errors)), (cpu, ""), (p50, ""), (p99, "")]
     return dict(zip(names, values, strict=True))
+
+
+def scenario_grpc(ctx: Context, system: str) -> Measured:
+    """gRPC FruitMarket graph (driver -> market -> stand) through each gRPC front end."""
+    return _grpc_runs(ctx, system, "grpc_app")
+
+
+def scenario_grpcnoop(ctx: Context, system: str) -> Measured:
+    """gRPC like for like: Predict answered by one deployment (a plain grpc.aio
+    servicer for the baseline), the handler of the protocols scenario."""
+    if system == "ray":
+        raise Unavailable("skipped", "no Ray Serve counterpart in this harness")
+    return _grpc_runs(ctx, system, "predict_grpc")
 
 
 PROTOCOL_METRICS = [
@@ -447,7 +462,7 @@ def _cli_argv(system: str, port: int, workdir: Path) -> list[str]:
     if system == "fleet":
         exe = shutil.which("fleet")
         prefix = [exe] if exe else [sys.executable, "-c", "from fleet._cli import main; main()"]
-        return [*prefix, "run", "bench.apps:noop", "--host", "127.0.0.1", "--port", str(port)]
+        return [*prefix, "run", "bench.noop_app:noop", "--host", "127.0.0.1", "--port", str(port)]
     if system == "ray":
         config = workdir / "serve_noop.yaml"
         config.write_text(
@@ -508,6 +523,7 @@ ScenarioFn = Callable[[Context, str], Measured]
 SCENARIOS: dict[str, tuple[list[Metric], ScenarioFn]] = {
     "http": (HTTP_METRICS, scenario_http),
     "grpc": (GRPC_METRICS, scenario_grpc),
+    "grpcnoop": (GRPC_METRICS, scenario_grpcnoop),
     "protocols": (PROTOCOL_METRICS, scenario_protocols),
     "handle": (HANDLE_METRICS, scenario_handle),
     "batch": (BATCH_METRICS, scenario_batch),

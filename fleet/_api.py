@@ -34,7 +34,6 @@ from fleet._handle import DeploymentHandle
 from fleet._runtime import Runtime, set_current, set_starter
 from fleet._types import Backend
 from fleet._wire.listener import bound_port, listen
-from fleet.drivers import prepare_app
 from fleet.exceptions import FleetError
 
 T = TypeVar("T")
@@ -701,6 +700,18 @@ def _ctl(method: str, *args: Any, create: bool = True) -> Any:
     return inst.call(inst.runtime.call_controller(method, *args))
 
 
+
+def _prepare_app(app: Application) -> tuple[Application, str, int | None, bool]:
+    """fleet.drivers' prepare_app, importing that module (and grpc with it) only when it
+    is loaded already: the driver classes live there, so until something imported it no
+    application can be a driver, and a plain HTTP app's process never loads grpc."""
+    if "fleet.drivers" in sys.modules:
+        from fleet.drivers import prepare_app
+        return prepare_app(app)
+    # an OIP model answers inference.GRPCInferenceService too
+    oip = getattr(app.deployment.func_or_class, "_fleet_oip", None) is not None
+    return app, "http", None, oip
+
 def run(app: Application, name: str = "default", route_prefix: str | None = "/",
         blocking: bool = False) -> DeploymentHandle:
     """Deploy app under name and wait until every replica is ready; returns the ingress
@@ -742,7 +753,7 @@ def deploy(app: Application, name: str, route_prefix: str | None,
                                      or not route_prefix.startswith("/")):
         raise ValueError(f"application {name!r}: route_prefix must start with '/' (or be None "
                          f"for no HTTP route), got {route_prefix!r}")
-    app, protocol, grpc_port, needs_grpc = prepare_app(app)  # drivers become plain apps
+    app, protocol, grpc_port, needs_grpc = _prepare_app(app)  # drivers become plain apps
     if needs_grpc:
         ensure_grpc_proxy(grpc_port)
     plans = build_plans(app, name)

@@ -7,14 +7,17 @@ import importlib
 import inspect
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import cloudpickle
 
-from fleet._config import DeploymentConfig, make_deployment_config
 from fleet._handle import DeploymentHandle
 from fleet._nodes import MethodBinder
 from fleet._plan import DeploymentPlan
+from fleet._types import ProcessRole
+
+if TYPE_CHECKING:
+    from fleet._config import DeploymentConfig
 
 T = TypeVar("T")
 
@@ -27,24 +30,35 @@ class Deployment:
     constructor's arguments and returns an :class:`Application`.
     """
 
-    def __init__(self, func_or_class: Callable[..., Any], config: DeploymentConfig) -> None:
+    def __init__(self, func_or_class: Callable[..., Any], config: DeploymentConfig | None,
+                 unchecked: dict[str, Any] | None = None) -> None:
         self.func_or_class = func_or_class
-        self.config = config
+        self._config = config
+        self._unchecked = unchecked       # the options, while config is not made yet
         self.__doc__ = getattr(func_or_class, "__doc__", None)
+
+    @property
+    def config(self) -> DeploymentConfig:
+        """The checked options (:class:`fleet.DeploymentConfig`)."""
+        if self._config is None:
+            self._config = _checked(self._unchecked or {})
+        return self._config
 
     @property
     def name(self) -> str:
         """The deployment's name (the class or function name unless set)."""
+        if self._config is None and self._unchecked is not None:
+            return str(self._unchecked["name"])
         return self.config.name
 
     def options(self, **options: Any) -> Deployment:
         """A copy with these options overridden (same names as :func:`fleet.deployment`)."""
-        merged = self.config.model_dump()
+        merged = dict(self._unchecked or {}) if self._config is None \
+            else self.config.model_dump()
         if "num_replicas" in options and "autoscaling_config" not in options:
             merged["autoscaling_config"] = None
         merged.update(options)
-        cfg = make_deployment_config(f"deployment {merged.get('name')!r}", **merged)
-        return Deployment(self.func_or_class, cfg)
+        return _make(self.func_or_class, merged)
 
     def bind(self, *args: Any, **kwargs: Any) -> Application:
         """Give the constructor's arguments; bound deployments among them become handles."""
@@ -108,12 +122,23 @@ def deployment(_func_or_class: Any = None, **options: Any) -> Any:
                             f"not {type(target).__name__}")
         opts = dict(options)
         opts.setdefault("name", getattr(target, "__name__", "deployment"))
-        cfg = make_deployment_config(f"deployment {opts['name']!r}", **opts)
-        return Deployment(target, cfg)
+        return _make(target, opts)
 
     if _func_or_class is not None:
         return wrap(_func_or_class)
     return wrap
+
+
+def _checked(options: dict[str, Any]) -> DeploymentConfig:
+    from fleet._config import make_deployment_config
+    return make_deployment_config(f"deployment {options.get('name')!r}", **options)
+
+
+def _make(target: Any, options: dict[str, Any]) -> Deployment:
+    if ProcessRole.replica:
+        # checked on first use of .config, which a replica never makes
+        return Deployment(target, None, options)
+    return Deployment(target, _checked(options))
 
 
 # -- flattening an application into deployment plans -------------------------------

@@ -12,7 +12,6 @@ import sys
 from typing import Any
 
 import click
-import yaml
 from pydantic import ValidationError
 
 from fleet._config import FleetConfig, describe_errors
@@ -208,6 +207,7 @@ def load_config(path: str) -> FleetConfig:
             text = f.read()
     except OSError as exc:
         raise CLIError(f"cannot read config {path!r}: {exc.strerror}") from None
+    import yaml  # only configs need it: not imported on `fleet run module:app`
     try:
         raw = yaml.safe_load(text) or {}
         root = yaml.compose(text)
@@ -234,6 +234,7 @@ def load_config(path: str) -> FleetConfig:
 
 def _yaml_line(node: Any, loc: tuple[Any, ...]) -> str:
     """``, line N`` of the YAML node at loc (the key's line for a mapping entry)."""
+    import yaml
     line = None
     for part in loc:
         if isinstance(node, yaml.MappingNode):

@@ -22,8 +22,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import psutil
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 # The HTTP header and gRPC metadata key carrying a request's model id (Ray Serve's name;
@@ -207,6 +205,7 @@ def _changed(owner: Any) -> None:
 
 
 def _rss() -> int:
+    import psutil  # only loaders with max_model_memory_bytes measure: not on every start
     return int(psutil.Process().memory_info().rss)
 
 

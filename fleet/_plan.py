@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fleet._config import DeploymentConfig
+if TYPE_CHECKING:
+    from fleet._config import DeploymentConfig
 
 # Options whose change does not need new replicas.
 LIVE_OPTIONS = frozenset({"num_replicas", "user_config", "autoscaling_config",

@@ -18,6 +18,15 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+class ProcessRole:
+    """What this process is, for the little that differs by process: a replica sets
+    ``replica`` before it imports the user's code, whose ``@fleet.deployment`` lines then
+    keep their options unchecked (the replica's own come checked in its spec), so a
+    replica never loads pydantic."""
+
+    replica = False
+
+
 class ReplicaState(str, enum.Enum):
     """A replica's life: STARTING -> RUNNING -> STOPPING -> (gone); or UNHEALTHY/DEAD."""
 

@@ -13,7 +13,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import click
-import yaml
 
 from fleet._imports import CLIError, load_config
 
@@ -277,6 +276,7 @@ def _render(snapshot: dict[str, Any], fmt: str) -> str:
         return json.dumps(snapshot, indent=2)
     if fmt == "table":
         return _table(snapshot)
+    import yaml
     return yaml.safe_dump(snapshot, sort_keys=False).rstrip()
 
 
@@ -364,6 +364,8 @@ def _shown(options: dict[str, Any], key: str) -> str:
 
 def _diff_text(old: Any, new: Any, name: str) -> str:
     import difflib
+
+    import yaml
     a = yaml.safe_dump(old, sort_keys=False).splitlines() if old is not None else []
     b = yaml.safe_dump(new, sort_keys=False).splitlines()
     return "\n".join(difflib.unified_diff(a, b, f"live/{name}", f"file/{name}", lineterm=""))
@@ -499,6 +501,7 @@ def config_cmd(app: str | None, address: str | None, token: str | None) -> None:
             raise CLIError(f"no application named {app!r}; running: "
                            f"{[a['name'] for a in config['applications']] or 'none'}")
         config = {"applications": found}
+    import yaml
     click.echo(yaml.safe_dump(config, sort_keys=False).rstrip())
 
 
@@ -585,6 +588,7 @@ def build(targets: tuple[str, ...], output: str, app_dir: str) -> None:
               "grpc_options": _every_option(GRPCOptions()),
               "applications": applications}
     FleetConfig(**config)           # what is written is read back the same way
+    import yaml
     text = yaml.safe_dump(config, sort_keys=False)
     if output == "-":
         click.echo(text.rstrip())

@@ -13,7 +13,7 @@ from typing import Any
 
 from fleet._backends import lifeline
 from fleet._logformat import DATEFMT, log_format
-from fleet._types import ReplicaSpec
+from fleet._types import ProcessRole, ReplicaSpec
 
 
 def _setup_loop() -> asyncio.AbstractEventLoop:
@@ -26,6 +26,7 @@ def _setup_loop() -> asyncio.AbstractEventLoop:
 
 def main() -> None:
     lifeline.hold(sys.argv)
+    ProcessRole.replica = True         # before any user code is imported
     spec: ReplicaSpec = pickle.loads(sys.stdin.buffer.read())
     sys.stdin.close()
     logging.basicConfig(level=logging.INFO, datefmt=DATEFMT,
