@@ -26,12 +26,14 @@ import fleet  # noqa: E402
 
 # Test modules define deployments at module level; replicas import them by name.
 sys.path.insert(0, os.path.dirname(__file__))
+from helpers import MemoryInstance  # noqa: E402
 
 # Every test below hands the processes it starts a temporary directory of their own.
 
 
 # The in-memory layer (`python -m pytest -m memory`, seconds): everything under
-# tests/memory, and these modules, which start no process and open no socket.
+# tests/memory, these modules, which start no process and open no socket, and every test
+# on the `memory_instance` fixture (replicas as tasks of this process: no process starts).
 MEMORY_DIR = os.path.join(os.path.dirname(__file__), "memory")
 MEMORY_MODULES = {"test_layers.py", "test_proxy_traffic.py", "test_router.py",
                   "test_testing.py", "test_config.py"}
@@ -40,7 +42,8 @@ MEMORY_MODULES = {"test_layers.py", "test_proxy_traffic.py", "test_router.py",
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         path = str(item.path)
-        if path.startswith(MEMORY_DIR + os.sep) or item.path.name in MEMORY_MODULES:
+        if (path.startswith(MEMORY_DIR + os.sep) or item.path.name in MEMORY_MODULES
+                or "memory_instance" in getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.memory)
 
 
@@ -94,3 +97,16 @@ def shared_instance() -> Iterator[Instance]:
         yield inst
     finally:
         fleet.shutdown()
+
+
+@pytest.fixture
+def memory_instance() -> Iterator[MemoryInstance]:
+    """A fresh instance on the memory backend (no process starts): fleet.run, handles,
+    fleet.status and fleet.delete reach it as they reach a real one; `.http()` is an
+    HTTP client for the proxy's app."""
+    fleet.shutdown()
+    mem = MemoryInstance().start()
+    try:
+        yield mem
+    finally:
+        mem.shutdown()
