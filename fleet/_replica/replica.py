@@ -12,6 +12,7 @@ import os
 import secrets
 import time
 import types
+import weakref
 from typing import Any
 
 import cloudpickle
@@ -83,10 +84,15 @@ class Replica:
         self.where = (f"deployment {spec.deployment_name!r} of application "
                       f"{spec.app_name!r}, replica {spec.replica_id}")
         self.runtime = Runtime(loop, spec.controller_address, spec.secret)
+        # Its callers' connections, when it shares a process (the memory backend): they
+        # close when it ends, as a process's exit closes them, so no caller hangs.
+        self._accepted: weakref.WeakSet[ServerConnection] | None = None
         if own_process:
             # Handles made in this process route through this replica's runtime. A
             # replica sharing a process (the memory backend) leaves the driver's in place.
             set_current(self.runtime)
+        else:
+            self._accepted = weakref.WeakSet()
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(4, min(64, self.config.max_ongoing_requests)),
             thread_name_prefix=f"fleet-{spec.deployment_name}")
@@ -118,7 +124,17 @@ class Replica:
         sock_dir = os.path.dirname(self.spec.controller_address[5:])
         # a short name whatever the deployment's: a Unix socket's path has ~107 bytes
         address = f"unix:{sock_dir}/r-{secrets.token_hex(4)}.sock"
-        server = await listen(self, self.spec.secret, address)
+        server = await listen(self, self.spec.secret, address, self._accepted)
+        try:
+            return await self._serve_until_stopped(server, address)
+        finally:
+            if self._accepted is not None:
+                server.close()
+                for conn in list(self._accepted):
+                    conn.close()
+
+    async def _serve_until_stopped(self, server: asyncio.AbstractServer, address: str) -> int:
+        rt = self.runtime
         try:
             await rt.call_controller("replica_starting", self.spec.replica_id,
                                      "constructor running")
