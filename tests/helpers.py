@@ -100,6 +100,14 @@ class MemoryInstance:
         self._clients.append(client)
         return client
 
+    def async_http(self, **http_options: Any) -> httpx.AsyncClient:
+        """An httpx.AsyncClient for the proxy's app, for a loop of the test's own."""
+        from fleet._config import HTTPOptions
+        if self._asgi is None:
+            self.call(self._start_proxy(HTTPOptions(**http_options)))
+        return httpx.AsyncClient(transport=_AsyncMemoryTransport(self),
+                                 base_url="http://testserver", timeout=60)
+
     async def _start_proxy(self, options: Any) -> None:
         from fleet._proxy.http import build_app
         from fleet._runtime import Runtime
@@ -143,4 +151,17 @@ class _MemoryTransport(httpx.BaseTransport):
         body = request.read()
         fut = asyncio.run_coroutine_threadsafe(self.mem.send(request, body), self.mem.inst.loop)
         status, headers, content = fut.result(60)
+        return httpx.Response(status, headers=headers, content=content, request=request)
+
+
+class _AsyncMemoryTransport(httpx.AsyncBaseTransport):
+    """The same from another event loop: each request runs on the instance's loop."""
+
+    def __init__(self, mem: MemoryInstance) -> None:
+        self.mem = mem
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        fut = asyncio.run_coroutine_threadsafe(self.mem.send(request, body), self.mem.inst.loop)
+        status, headers, content = await asyncio.wait_for(asyncio.wrap_future(fut), 60)
         return httpx.Response(status, headers=headers, content=content, request=request)
