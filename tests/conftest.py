@@ -33,7 +33,8 @@ from helpers import MemoryInstance  # noqa: E402
 
 # The in-memory layer (`python -m pytest -m memory`, seconds): everything under
 # tests/memory, these modules, which start no process and open no socket, and every test
-# on the `memory_instance` fixture (replicas as tasks of this process: no process starts).
+# on the `memory_instance` or `shared_memory_instance` fixtures (replicas as tasks of this
+# process: no process starts).
 MEMORY_DIR = os.path.join(os.path.dirname(__file__), "memory")
 MEMORY_MODULES = {"test_layers.py", "test_proxy_traffic.py", "test_router.py",
                   "test_testing.py", "test_config.py"}
@@ -43,7 +44,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         path = str(item.path)
         if (path.startswith(MEMORY_DIR + os.sep) or item.path.name in MEMORY_MODULES
-                or "memory_instance" in getattr(item, "fixturenames", ())):
+                or {"memory_instance", "shared_memory_instance"}
+                & set(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.memory)
 
 
@@ -104,6 +106,17 @@ def memory_instance() -> Iterator[MemoryInstance]:
     """A fresh instance on the memory backend (no process starts): fleet.run, handles,
     fleet.status and fleet.delete reach it as they reach a real one; `.http()` is an
     HTTP client for the proxy's app."""
+    fleet.shutdown()
+    mem = MemoryInstance().start()
+    try:
+        yield mem
+    finally:
+        mem.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shared_memory_instance() -> Iterator[MemoryInstance]:
+    """One memory-backend instance for a whole test module."""
     fleet.shutdown()
     mem = MemoryInstance().start()
     try:
