@@ -1,4 +1,4 @@
-"""fleet.get and fleet.wait over real replicas, with Ray's semantics: order kept, errors
+"""fleet.get and fleet.wait over replicas on the memory backend, with Ray's semantics: order kept, errors
 raised in list order, GetTimeoutError past the timeout, (ready, not_ready) from wait,
 from sync code, from async code on another loop and inside a replica."""
 
@@ -52,7 +52,7 @@ class Fanout:
 
 
 @pytest.fixture(scope="module")
-def gate(shared_instance):
+def gate(shared_memory_instance):
     handle = fleet.run(Gate.bind(), name="gate", route_prefix=None)
     yield handle
     handle.open.remote().result()
