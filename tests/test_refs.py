@@ -1,6 +1,7 @@
-"""fleet.get and fleet.wait over replicas on the memory backend, with Ray's semantics: order kept, errors
-raised in list order, GetTimeoutError past the timeout, (ready, not_ready) from wait,
-from sync code, from async code on another loop and inside a replica."""
+"""fleet.get and fleet.wait over replicas on the memory backend, with Ray's semantics:
+order kept, errors raised in list order, GetTimeoutError past the timeout, (ready,
+not_ready) from wait, from sync code, from async code on another loop and inside a
+replica."""
 
 from __future__ import annotations
 
