@@ -96,3 +96,52 @@ def test_the_runtime_starts_an_instance_only_through_the_registered_starter(
     sentinel: Any = object()
     _runtime.set_starter(start)
     assert _runtime.current() is sentinel and started == [True]
+
+
+@fleet.deployment
+class Inner:
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def __call__(self) -> str:
+        return self.tag
+
+
+@fleet.deployment
+class Outer:
+    def __init__(self, inner: fleet.DeploymentHandle) -> None:
+        self.inner = inner
+
+    async def __call__(self) -> str:
+        return f"outer of {await self.inner.remote()}"
+
+
+async def _call_outer() -> str:
+    return str(await fleet.DeploymentHandle("Outer", "app").remote())
+
+
+def test_two_instances_side_by_side_each_reach_their_own_replicas() -> None:
+    from helpers import MemoryInstance
+    fleet.shutdown()
+    first = MemoryInstance().start()
+    second: MemoryInstance | None = None
+    try:
+        fleet.run(Outer.bind(Inner.bind("first")), name="app", route_prefix=None)
+        second = MemoryInstance().start()      # the process's instance from now on
+        fleet.run(Outer.bind(Inner.bind("second")), name="app", route_prefix=None)
+        # code on each instance's loop (its replicas' handles included) reaches its own
+        assert first.call(_call_outer()) == "outer of first"
+        assert second.call(_call_outer()) == "outer of second"
+        assert fleet.DeploymentHandle("Outer", "app").remote().result(timeout_s=30) == \
+            "outer of second"
+        second.shutdown()
+        # the first goes on alone, and is the process's again (nothing new is started)
+        assert fleet.DeploymentHandle("Outer", "app").remote().result(timeout_s=30) == \
+            "outer of first"
+        assert first.call(_call_outer()) == "outer of first"
+    finally:
+        if second is not None:
+            second.shutdown()
+        first.shutdown()
+    from fleet import _runtime
+    assert not _runtime._bound and _runtime._current is None
