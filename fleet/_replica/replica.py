@@ -112,6 +112,7 @@ class Replica:
         self.grpc: Any = None       # fleet/_replica/grpc.py, made on the first gRPC call
         # Connections of callers that sent model calls: told when the held models change.
         self._model_conns: set[ServerConnection] = set()
+        self.models = _multiplex.ModelScope(self._models_changed)
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self) -> int:
@@ -156,7 +157,7 @@ class Replica:
                 task.cancel()
         server.close()
         await self.http.shutdown(self._grace or 1.0)
-        _multiplex.unwatch(self.instance)
+        self.models.close()
         await self._run_del()
         return 0
 
@@ -175,7 +176,8 @@ class Replica:
             self.is_function = True
             self.instance = functools.partial(target, *args, **kwargs) if (args or kwargs) \
                 else target
-        _multiplex.watch(self.instance, self._models_changed)
+        if not self.is_function:
+            _multiplex.watch(self.instance, self.models)
         self.http = HTTPAdapter(self)
         await self.http.startup()       # an ingress app's lifespan
         if self.config.user_config is not None:
@@ -241,7 +243,7 @@ class Replica:
         return {"type": "models", "key": deployment_key(self.spec.app_name,
                                                         self.spec.deployment_name),
                 "replica_id": self.spec.replica_id,
-                "models": _multiplex.held_ids(self.instance)}
+                "models": self.models.held_ids()}
 
     def _models_changed(self) -> None:
         """A loader loaded or evicted: tell the callers that route models here, and the
@@ -250,7 +252,7 @@ class Replica:
         for conn in self._model_conns:
             conn.ctrl(msg)
         self.runtime.send_ctrl({"type": "models", "replica_id": self.spec.replica_id,
-                                "models": _multiplex.held(self.instance)})
+                                "models": self.models.held()})
 
     def _model_call(self, conn: ServerConnection, model: str) -> None:
         if conn not in self._model_conns:
@@ -375,7 +377,8 @@ class Replica:
             conn.flush()
         started = time.perf_counter()
         if meta is not None and "model" in meta:
-            _multiplex.set_model_id(meta["model"])     # this task's context only
+            # this task's context only
+            _multiplex.enter_call(meta["model"], self.models)
         try:
             if meta is not None and "http" in meta:
                 await self.http.serve_http(conn, call_id, method, args[0], meta)
