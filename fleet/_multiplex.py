@@ -269,14 +269,14 @@ def multiplexed(_fn: F | None = None, *, max_num_models_per_replica: int = 3,
         free: dict[int, ModelCache] = {}
 
         def cache_for(owner: Any) -> ModelCache:
-            # The replica's scope: through its user object for a method, through the
-            # call's context for a plain function; none outside a replica.
+            # The replica's scope: through its user object for a method (else, as for a
+            # plain function, through the model call's context); none outside a replica.
             if owner is _NO_OWNER:
                 scope = _scope.get()
                 caches = scope.free if scope is not None else free
                 cache = caches.get(id(fn))
             else:
-                scope = owner.__dict__.get(_SCOPE_ATTR)
+                scope = owner.__dict__.get(_SCOPE_ATTR) or _scope.get()
                 cache = owner.__dict__.get(attr)
             if cache is None or cache.loop is not asyncio.get_running_loop():
                 cache = ModelCache(fn, owner, name, max_num_models_per_replica,

@@ -11,7 +11,6 @@ import asyncio
 import functools
 import os
 import threading
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,9 +33,9 @@ _current: Runtime | None = None
 _current_lock = threading.Lock()
 # The runtime of each instance that runs in this process, by the loop it runs on: code
 # running on that loop (a replica of the memory backend, a coroutine the instance runs)
-# reaches its own instance's runtime even when another instance started later.
-_bound: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = \
-    weakref.WeakKeyDictionary()
+# reaches its own instance's runtime even when another instance started later. A plain
+# dict (a weak one costs a weakref per lookup): an instance's shutdown removes its entry.
+_bound: dict[asyncio.AbstractEventLoop, Runtime] = {}
 
 MAX_ATTEMPTS = 4
 # How often callers report their load on autoscaling deployments to the controller.
@@ -57,7 +56,9 @@ def set_starter(start: Callable[[], object]) -> None:
 def current() -> Runtime:
     """The runtime of the instance whose loop runs the caller, else this process's
     runtime; in a driver, starts an instance if none runs."""
-    if _bound:          # only in a process that runs instances (a driver)
+    # With one instance (or none) in the process, it is the process's: the loop is looked
+    # up only where several run side by side (tests), off the common handle path.
+    if len(_bound) > 1:
         loop = asyncio._get_running_loop()
         if loop is not None:
             found = _bound.get(loop)
