@@ -114,6 +114,12 @@ _scope: contextvars.ContextVar[ModelScope | None] = contextvars.ContextVar(
 _SCOPE_ATTR = "_fleet_model_scope"
 
 
+def _call_scope() -> ModelScope | None:
+    # A function, not the variable, in loaders: a class defined in __main__ travels by
+    # value with its loader's closure, and a ContextVar cannot be pickled.
+    return _scope.get()
+
+
 def watch(owner: Any, scope: ModelScope) -> None:
     """Make scope the one of owner's loaders (owner: a replica's user object)."""
     try:
@@ -272,11 +278,11 @@ def multiplexed(_fn: F | None = None, *, max_num_models_per_replica: int = 3,
             # The replica's scope: through its user object for a method (else, as for a
             # plain function, through the model call's context); none outside a replica.
             if owner is _NO_OWNER:
-                scope = _scope.get()
+                scope = _call_scope()
                 caches = scope.free if scope is not None else free
                 cache = caches.get(id(fn))
             else:
-                scope = owner.__dict__.get(_SCOPE_ATTR) or _scope.get()
+                scope = owner.__dict__.get(_SCOPE_ATTR) or _call_scope()
                 cache = owner.__dict__.get(attr)
             if cache is None or cache.loop is not asyncio.get_running_loop():
                 cache = ModelCache(fn, owner, name, max_num_models_per_replica,

@@ -216,3 +216,19 @@ def test_a_plain_function_loader_keeps_one_cache_per_replica_scope() -> None:
     assert first.held_ids() == ["a"] and second.held_ids() == ["a"]
     first.close()
     assert first.held_ids() == [] and second.held_ids() == ["a"]
+
+
+def test_a_class_with_a_loader_defined_in_a_function_travels_by_value(
+        memory_instance) -> None:
+    # pickled by value with its loader's closure: what that closure reaches must pickle
+    @fleet.deployment
+    class Local:
+        @fleet.multiplexed(max_num_models_per_replica=1)
+        async def get_model(self, model_id: str) -> str:
+            return model_id.upper()
+
+        async def __call__(self, x: int) -> str:
+            return await self.get_model(fleet.get_multiplexed_model_id())
+
+    handle = fleet.run(Local.bind(), name="local", route_prefix=None)
+    assert handle.options(multiplexed_model_id="a").remote(1).result(timeout_s=30) == "A"
