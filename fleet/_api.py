@@ -31,7 +31,7 @@ from fleet._config import (
 from fleet._controller.controller import Controller
 from fleet._deployment import Application, build_plans
 from fleet._handle import DeploymentHandle
-from fleet._runtime import Runtime, set_current, set_starter
+from fleet._runtime import Runtime, bind, set_starter, unbind
 from fleet._types import Backend
 from fleet._wire.listener import bound_port, listen
 from fleet.exceptions import FleetError
@@ -149,7 +149,7 @@ class Instance:
         self.controller.start()
         self.runtime = Runtime(self.loop, self.address, self.secret)
         await self.runtime.connect_controller(subscribe=True)
-        set_current(self.runtime)
+        bind(self.runtime)
         waits = []
         if self.http_options.enabled and self.proxy_location != "Disabled":
             waits.append(self._start_http_proxies(self.http_options))
@@ -321,7 +321,8 @@ class Instance:
             logging.getLogger("fleet").removeHandler(self._log_handler)
             self._log_handler.close_file()
             self._log_handler = None
-        set_current(None)
+        if self.runtime is not None:
+            unbind(self.runtime)
         _rundir.remove_instance()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.stopped.set()
@@ -398,7 +399,7 @@ class AttachedInstance:
             proxy = status.get("proxies", {}).get(kind)
             if proxy:
                 self.options[kind].update(host=proxy["host"], port=proxy["port"])
-        set_current(self.runtime)
+        bind(self.runtime)
 
     def _lost(self) -> None:
         self.closed = True              # the owner stopped: the next call looks again
@@ -420,8 +421,8 @@ class AttachedInstance:
                 pass
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
-        if _runtime_is(self.runtime):
-            set_current(None)
+        if self.runtime is not None:
+            unbind(self.runtime)
 
     def shutdown(self) -> None:
         """Stop the instance itself (its owner shuts it down), then detach."""
@@ -432,11 +433,6 @@ class AttachedInstance:
                 pass
             _wait_gone(self.pid, 60)
         self.detach()
-
-
-def _runtime_is(rt: Runtime | None) -> bool:
-    from fleet import _runtime
-    return rt is not None and _runtime._current is rt
 
 
 def _wait_gone(pid: int, timeout_s: float) -> None:

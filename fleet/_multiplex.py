@@ -75,22 +75,83 @@ class _Loaded:
         self.calls = 0
 
 
+class ModelScope:
+    """The models one replica holds: its loaders' caches and whom to tell when they
+    change. The replica owns it, and it goes with the replica: nothing about models is
+    kept per process, so replicas sharing one (the memory backend) share nothing."""
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
+        self.on_change = on_change
+        self.caches: list[ModelCache] = []
+        # caches of loaders that are plain functions, by id() of the loader
+        self.free: dict[int, ModelCache] = {}
+
+    def held(self) -> list[dict[str, Any]]:
+        """Every model this replica's loaders hold, for status."""
+        return [m for cache in self.caches for m in cache.describe()]
+
+    def held_ids(self) -> list[str]:
+        """The ids this replica's loaders hold or are loading, for routers."""
+        out: list[str] = []
+        for cache in self.caches:
+            out.extend(cache.models)
+            out.extend(cache.loading)
+        return out
+
+    def close(self) -> None:
+        """The replica stopped: forget its caches."""
+        self.caches.clear()
+        self.free.clear()
+
+
+# The scope of the replica a call runs in, set in the task of each call that carries a
+# model id (a loader that is a plain function has no owner to find it through).
+_scope: contextvars.ContextVar[ModelScope | None] = contextvars.ContextVar(
+    "fleet_model_scope", default=None)
+# Where a replica's scope hangs on its user object, for loaders that are its methods.
+_SCOPE_ATTR = "_fleet_model_scope"
+
+
+def _call_scope() -> ModelScope | None:
+    # A function, not the variable, in loaders: a class defined in __main__ travels by
+    # value with its loader's closure, and a ContextVar cannot be pickled.
+    return _scope.get()
+
+
+def watch(owner: Any, scope: ModelScope) -> None:
+    """Make scope the one of owner's loaders (owner: a replica's user object)."""
+    try:
+        vars(owner)[_SCOPE_ATTR] = scope
+    except TypeError:           # no __dict__ (__slots__): its calls' context says
+        pass
+
+
+def enter_call(model_id: str, scope: ModelScope) -> None:
+    """The current call (the replica calls it in the call's task) carries model_id and
+    runs in scope's replica."""
+    _model_id.set(model_id)
+    _scope.set(scope)
+
+
 class ModelCache:
     """The models one loader holds in one replica, least recently used first."""
 
     def __init__(self, fn: Callable[..., Any], owner: Any, name: str, max_models: int,
-                 max_bytes: int | None) -> None:
+                 max_bytes: int | None, scope: ModelScope | None) -> None:
         self.fn = fn
         self.owner = owner
         self.name = name
         self.max_models = max_models
         self.max_bytes = max_bytes
+        self.scope = scope
         self.loop = asyncio.get_running_loop()
         self.models: OrderedDict[str, _Loaded] = OrderedDict()
         self.loading: dict[str, asyncio.Task[Any]] = {}
+        self.unloading: set[asyncio.Task[Any]] = set()     # async __del__ of evicted ones
         self.loads = 0
         self.evictions = 0
-        _caches.setdefault(id(owner), []).append(self)
+        if scope is not None:
+            scope.caches.append(self)
 
     async def get(self, model_id: str) -> Any:
         if not isinstance(model_id, str) or not model_id:
@@ -130,7 +191,8 @@ class ModelCache:
         loaded.calls = 1
         self.models[model_id] = loaded
         self._evict()
-        _changed(self.owner)
+        if self.scope is not None:
+            self.scope.on_change()
         return model
 
     def _evict(self) -> None:
@@ -148,8 +210,8 @@ class ModelCache:
         fn = getattr(type(model), "__del__", None)
         if fn is not None and inspect.iscoroutinefunction(fn):
             task = self.loop.create_task(fn(model))
-            _unloading.add(task)
-            task.add_done_callback(_unloading.discard)
+            self.unloading.add(task)
+            task.add_done_callback(self.unloading.discard)
 
     def describe(self) -> list[dict[str, Any]]:
         """The held models, most recently used last, for status."""
@@ -157,51 +219,6 @@ class ModelCache:
                  "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(m.loaded_at)),
                  "load_s": round(m.load_s, 4), "bytes": m.bytes, "calls": m.calls}
                 for mid, m in self.models.items()]
-
-
-_unloading: set[asyncio.Task[Any]] = set()
-# Caches and change listeners by id() of the object owning the loader (the replica's
-# user object; 0-keyed _NO_OWNER for a loader that is a plain function).
-_caches: dict[int, list[ModelCache]] = {}
-_watchers: dict[int, Callable[[], None]] = {}
-
-
-def watch(owner: Any, on_change: Callable[[], None]) -> None:
-    """Call on_change whenever a loader of owner (a replica's user object) loads or
-    evicts; loaders that are plain functions report to the last watcher too."""
-    _watchers[id(owner)] = on_change
-    _watchers[id(_NO_OWNER)] = on_change
-
-
-def unwatch(owner: Any) -> None:
-    """Forget owner's caches and listener (its replica stopped)."""
-    _watchers.pop(id(owner), None)
-    _caches.pop(id(owner), None)
-
-
-def held(owner: Any) -> list[dict[str, Any]]:
-    """Every model owner's loaders hold (and the plain-function loaders')."""
-    out: list[dict[str, Any]] = []
-    for key in (id(owner), id(_NO_OWNER)):
-        for cache in _caches.get(key, ()):
-            out.extend(cache.describe())
-    return out
-
-
-def held_ids(owner: Any) -> list[str]:
-    """The ids owner's loaders hold or are loading, for routers."""
-    out: list[str] = []
-    for key in (id(owner), id(_NO_OWNER)):
-        for cache in _caches.get(key, ()):
-            out.extend(cache.models)
-            out.extend(cache.loading)
-    return out
-
-
-def _changed(owner: Any) -> None:
-    cb = _watchers.get(id(owner))
-    if cb is not None:
-        cb()
 
 
 def _rss() -> int:
@@ -257,15 +274,20 @@ def multiplexed(_fn: F | None = None, *, max_num_models_per_replica: int = 3,
         free: dict[int, ModelCache] = {}
 
         def cache_for(owner: Any) -> ModelCache:
+            # The replica's scope: through its user object for a method (else, as for a
+            # plain function, through the model call's context); none outside a replica.
             if owner is _NO_OWNER:
-                cache = free.get(0)
+                scope = _call_scope()
+                caches = scope.free if scope is not None else free
+                cache = caches.get(id(fn))
             else:
+                scope = owner.__dict__.get(_SCOPE_ATTR) or _call_scope()
                 cache = owner.__dict__.get(attr)
             if cache is None or cache.loop is not asyncio.get_running_loop():
                 cache = ModelCache(fn, owner, name, max_num_models_per_replica,
-                                   max_model_memory_bytes)
+                                   max_model_memory_bytes, scope)
                 if owner is _NO_OWNER:
-                    free[0] = cache
+                    caches[id(fn)] = cache
                 else:
                     owner.__dict__[attr] = cache
             return cache

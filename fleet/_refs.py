@@ -135,7 +135,8 @@ def wait(responses: Sequence[Any], num_returns: int = 1, timeout: float | None =
 
 def get(responses: Any, timeout: float | None = None) -> Any:
     """The results of responses: one response gives its value, a list gives a list of
-    values in the same order. Raises the first call's error (in list order), and
+    values in the same order. Raises the first call's error (in list order; for a
+    cancelled call, :class:`fleet.RequestCancelledError`), and
     :class:`fleet.exceptions.GetTimeoutError` when the results are not all in after
     ``timeout`` seconds (the calls go on running).
 
@@ -167,6 +168,8 @@ def get(responses: Any, timeout: float | None = None) -> Any:
 def _value(resp: DeploymentResponse) -> Any:
     """The result of a finished call (its error raised)."""
     fut: Any = resp._task if resp._task is not None else resp._cfut
+    if fut.cancelled():     # response.cancel(): what awaiting it raises, not CancelledError
+        raise resp._cancelled_error()
     return fut.result()
 
 

@@ -32,6 +32,11 @@ from fleet.exceptions import (
 
 _current: Runtime | None = None
 _current_lock = threading.Lock()
+# The runtime of each instance that runs in this process, by the loop it runs on: code
+# running on that loop (a replica of the memory backend, a coroutine the instance runs)
+# reaches its own instance's runtime even when another instance started later. A plain
+# dict (a weak one costs a weakref per lookup): an instance's shutdown removes its entry.
+_bound: dict[asyncio.AbstractEventLoop, Runtime] = {}
 
 MAX_ATTEMPTS = 4
 # How often callers report their load on autoscaling deployments to the controller.
@@ -50,7 +55,16 @@ def set_starter(start: Callable[[], object]) -> None:
 
 
 def current() -> Runtime:
-    """This process's runtime; in a driver, starts an instance if none runs."""
+    """The runtime of the instance whose loop runs the caller, else this process's
+    runtime; in a driver, starts an instance if none runs."""
+    # With one instance (or none) in the process, it is the process's: the loop is looked
+    # up only where several run side by side (tests), off the common handle path.
+    if len(_bound) > 1:
+        loop = asyncio._get_running_loop()
+        if loop is not None:
+            found = _bound.get(loop)
+            if found is not None:
+                return found
     rt = _current
     if rt is not None:
         return rt
@@ -66,6 +80,26 @@ def set_current(rt: Runtime | None) -> None:
     global _current
     with _current_lock:
         _current = rt
+
+
+def bind(rt: Runtime) -> None:
+    """An instance started in this process: calls made on its loop use rt, and so do
+    this process's other calls (the newest instance is the process's)."""
+    global _current
+    with _current_lock:
+        _bound[rt.loop] = rt
+        _current = rt
+
+
+def unbind(rt: Runtime) -> None:
+    """rt's instance stopped: it is no one's runtime any more. When it was the
+    process's, the process's is the newest instance still running, if any."""
+    global _current
+    with _current_lock:
+        if _bound.get(rt.loop) is rt:
+            del _bound[rt.loop]
+        if _current is rt:
+            _current = list(_bound.values())[-1] if _bound else None
 
 
 class Runtime:

@@ -120,7 +120,8 @@ class MethodNotFoundError(FleetError, AttributeError):
 
 class RequestCancelledError(FleetError):
     """The call was cancelled by its caller: ``response.cancel()`` was called, and
-    awaiting the response (or ``response.result()``) raises this."""
+    awaiting the response (in a driver or inside a replica), ``response.result()`` or
+    ``fleet.get`` of it raises this."""
 
 
 class FrameTooLargeError(FleetError, ValueError):

@@ -61,7 +61,6 @@ class _Session:
         self.asgi: ASGIApp | None = None
         self.ingress = ""
         self.legacy_refs = False
-        self._previous: Any = None
         self._proxy: _runtime.Runtime | None = None
 
     @property
@@ -74,7 +73,6 @@ class _Session:
         app, protocol, grpc_port, _ = prepare_app(self.app)
         plans = build_plans(app, self.name)
         self.ingress, self.legacy_refs = plans[0].name, plans[0].legacy_refs
-        self._previous = _runtime._current
         inst = Instance(HTTPOptions(enabled=False), GRPCOptions(enabled=False),
                         backend=MemoryBackend(), register=False)
         self.instance = inst
@@ -106,7 +104,6 @@ class _Session:
             if self._proxy is not None and self._proxy.controller is not None:
                 inst.loop.call_soon_threadsafe(self._proxy.controller.close)
             inst.shutdown()
-        _runtime.set_current(self._previous)
 
     async def send(self, request: httpx.Request, body: bytes) -> tuple[int, Any, bytes]:
         """Runs on the instance's loop: one request through the proxy's ASGI app."""

@@ -31,12 +31,15 @@ import fleet  # noqa: E402
 
 # Test modules define deployments at module level; replicas import them by name.
 sys.path.insert(0, os.path.dirname(__file__))
+from helpers import MemoryInstance  # noqa: E402
 
 # Every test below hands the processes it starts a temporary directory of their own.
 
 
 # The in-memory layer (`python -m pytest -m memory`, seconds): everything under
-# tests/memory, and these modules, which start no process and open no socket.
+# tests/memory, these modules, which start no process and open no socket, and every test
+# on the `memory_instance` or `shared_memory_instance` fixtures (replicas as tasks of this
+# process: no process starts).
 MEMORY_DIR = os.path.join(os.path.dirname(__file__), "memory")
 MEMORY_MODULES = {"test_layers.py", "test_proxy_traffic.py", "test_router.py",
                   "test_testing.py", "test_config.py", "test_history.py"}
@@ -56,7 +59,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         path = str(item.path)
-        if path.startswith(MEMORY_DIR + os.sep) or item.path.name in MEMORY_MODULES:
+        if (path.startswith(MEMORY_DIR + os.sep) or item.path.name in MEMORY_MODULES
+                or {"memory_instance", "shared_memory_instance"}
+                & set(getattr(item, "fixturenames", ()))):
             item.add_marker(pytest.mark.memory)
     # The Ray tests last: their cluster lives until the session ends, and the tests that
     # count this process's children or memory must not see its processes.
@@ -158,3 +163,27 @@ def shared_instance(backend: str, request: pytest.FixtureRequest) -> Iterator[In
         yield inst
     finally:
         fleet.shutdown()
+
+
+@pytest.fixture
+def memory_instance() -> Iterator[MemoryInstance]:
+    """A fresh instance on the memory backend (no process starts): fleet.run, handles,
+    fleet.status and fleet.delete reach it as they reach a real one; `.http()` is an
+    HTTP client for the proxy's app."""
+    fleet.shutdown()
+    mem = MemoryInstance().start()
+    try:
+        yield mem
+    finally:
+        mem.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shared_memory_instance() -> Iterator[MemoryInstance]:
+    """One memory-backend instance for a whole test module."""
+    fleet.shutdown()
+    mem = MemoryInstance().start()
+    try:
+        yield mem
+    finally:
+        mem.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+import httpx
 import psutil
 
 import fleet
@@ -51,3 +53,115 @@ def stop_family(proc: subprocess.Popen[str]) -> None:
     proc.wait(30)
     _, alive = psutil.wait_procs(family, timeout=10)
     assert not alive, f"left behind: {alive}"
+
+
+class MemoryInstance:
+    """A fleet instance on the memory backend in this process, as fleet.start() would
+    make one: fleet.run, fleet.status, handles and fleet.shutdown reach it, every
+    replica is a task on its loop (no process starts), and :meth:`http` speaks HTTP to
+    the HTTP proxy's own ASGI app with a runtime of its own, as a proxy process has."""
+
+    def __init__(self) -> None:
+        from fleet import _api
+        from fleet._backends.memory import MemoryBackend
+        from fleet._config import GRPCOptions, HTTPOptions
+        self.inst = _api.Instance(HTTPOptions(enabled=False), GRPCOptions(enabled=False),
+                                  backend=MemoryBackend(), register=False)
+        self._proxy: Any = None
+        self._asgi: Any = None
+        self._clients: list[Any] = []
+
+    def start(self) -> MemoryInstance:
+        from fleet import _api
+        self.inst.start()
+        with _api._lock:
+            _api._instance = self.inst
+        return self
+
+    @property
+    def controller(self) -> Any:
+        return self.inst.controller
+
+    @property
+    def backend(self) -> Any:
+        return self.inst.backend
+
+    def call(self, coro: Any, timeout: float = 60.0) -> Any:
+        """Run a coroutine on the instance's loop and wait for it."""
+        return self.inst.call(coro, timeout)
+
+    def http(self, **http_options: Any) -> httpx.Client:
+        """An httpx.Client for the proxy's app (one proxy, built on first use)."""
+        from fleet._config import HTTPOptions
+        if self._asgi is None:
+            self.call(self._start_proxy(HTTPOptions(**http_options)))
+        client = httpx.Client(transport=_MemoryTransport(self), base_url="http://testserver",
+                              timeout=60)
+        self._clients.append(client)
+        return client
+
+    def async_http(self, **http_options: Any) -> httpx.AsyncClient:
+        """An httpx.AsyncClient for the proxy's app, for a loop of the test's own."""
+        from fleet._config import HTTPOptions
+        if self._asgi is None:
+            self.call(self._start_proxy(HTTPOptions(**http_options)))
+        return httpx.AsyncClient(transport=_AsyncMemoryTransport(self),
+                                 base_url="http://testserver", timeout=60)
+
+    async def _start_proxy(self, options: Any) -> None:
+        from fleet._proxy.http import build_app
+        from fleet._runtime import Runtime
+        proxy = Runtime(self.inst.loop, self.inst.address, self.inst.secret)
+        await proxy.connect_controller(subscribe=True)
+        self._proxy = proxy
+        self._asgi = build_app(proxy, options)
+
+    async def send(self, request: httpx.Request, body: bytes) -> tuple[int, Any, bytes]:
+        rt = self.inst.runtime
+        # what fleet.run returned after is in the driver's tables: the proxy follows
+        if rt is not None and rt.tables is not None:
+            await asyncio.wait_for(self._proxy.wait_tables(rt.tables["version"]), 30)
+        transport = httpx.ASGITransport(app=self._asgi)
+        inner = httpx.Request(request.method, request.url, headers=request.headers,
+                              content=body)
+        response = await transport.handle_async_request(inner)
+        content = await response.aread()
+        return response.status_code, response.headers.raw, content
+
+    def shutdown(self) -> None:
+        from fleet import _api
+        for client in self._clients:
+            client.close()
+        proxy = self._proxy
+        if proxy is not None and proxy.controller is not None and self.inst.thread.is_alive():
+            self.inst.loop.call_soon_threadsafe(proxy.controller.close)
+        with _api._lock:
+            if _api._instance is self.inst:
+                _api._instance = None
+        self.inst.shutdown()
+
+
+class _MemoryTransport(httpx.BaseTransport):
+    """An httpx transport that runs each request on the instance's loop."""
+
+    def __init__(self, mem: MemoryInstance) -> None:
+        self.mem = mem
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        fut = asyncio.run_coroutine_threadsafe(self.mem.send(request, body), self.mem.inst.loop)
+        status, headers, content = fut.result(60)
+        return httpx.Response(status, headers=headers, content=content, request=request)
+
+
+class _AsyncMemoryTransport(httpx.AsyncBaseTransport):
+    """The same from another event loop: each request runs on the instance's loop."""
+
+    def __init__(self, mem: MemoryInstance) -> None:
+        self.mem = mem
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        fut = asyncio.run_coroutine_threadsafe(self.mem.send(request, body), self.mem.inst.loop)
+        status, headers, content = await asyncio.wait_for(asyncio.wrap_future(fut), 60)
+        return httpx.Response(status, headers=headers, content=content, request=request)

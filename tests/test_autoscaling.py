@@ -1,4 +1,5 @@
-"""Autoscaling against real replicas: scale up on queued load, down when idle, to zero
+"""Autoscaling on the memory backend (the controller's decisions, the callers' load
+reports, HTTP through the proxy's app): scale up on queued load, down when idle, to zero
 and back; each decision logged with its reason in status."""
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ import asyncio
 import logging
 import time
 
-import httpx
 import yaml
 
 import fleet
@@ -77,9 +77,9 @@ def _running(app: str, name: str) -> int:
     return len([r for r in _dep(app, name)["replicas"] if r["state"] == "RUNNING"])
 
 
-def test_scales_up_on_queued_calls_and_down_when_idle(instance, caplog) -> None:
+def test_scales_up_on_queued_calls_and_down_when_idle(memory_instance, caplog) -> None:
     caplog.set_level(logging.INFO, logger="fleet.autoscaler")
-    controller = fleet._api._instance.controller
+    controller = memory_instance.controller
     reported: list[str] = []
     on_load = controller._on_load
     controller._on_load = lambda msg: (reported.append(msg["key"]), on_load(msg))
@@ -128,7 +128,7 @@ applications:
             a.downscale_delay_s, a.look_back_period_s) == (2, 5, 4, 1, 7, 2)
 
 
-def test_scale_to_zero_and_back_for_handles_and_http(instance) -> None:
+def test_scale_to_zero_and_back_for_handles_and_http(memory_instance) -> None:
     handle = fleet.run(Sleepy.bind(), name="sleepy", route_prefix="/sleepy")
     assert _dep("sleepy", "Sleepy")["replicas"] == []
     started = time.monotonic()
@@ -137,7 +137,7 @@ def test_scale_to_zero_and_back_for_handles_and_http(instance) -> None:
     assert "scaled to zero" in _dep("sleepy", "Sleepy")["scaling_log"][0]["reason"]
     _wait_for(lambda: _dep("sleepy", "Sleepy")["target_replicas"] == 0)
     _wait_for(lambda: _dep("sleepy", "Sleepy")["replicas"] == [])
-    r = httpx.get(instance.http_url + "/sleepy", timeout=30)
+    r = memory_instance.http().get("/sleepy")
     assert (r.status_code, r.text) == (200, "awake")
     assert woke_in < 15
 

@@ -1,6 +1,7 @@
-"""Backpressure and timeouts against real replicas: refusals past max_queued_requests
-(handles and HTTP), flat memory under a sustained 10x overload, and timeouts that
-cancel the replica's call."""
+"""Backpressure and timeouts on the memory backend (the routers' and replicas' logic,
+HTTP through the proxy's app): refusals past max_queued_requests (handles and HTTP),
+flat memory under a sustained 10x overload, and timeouts that cancel the replica's
+call. Over real sockets: test_http_limits, test_grpc_limits."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def _wait_for(cond, timeout_s: float = 10.0):
     return wait_for(cond, timeout_s)
 
 
-def test_handle_calls_past_max_queued_fail_at_once(instance) -> None:
+def test_handle_calls_past_max_queued_fail_at_once(memory_instance) -> None:
     gate = fleet.run(Gate.bind(), name="gate", route_prefix=None)
     handle = fleet.run(Narrow.bind(gate), name="narrow", route_prefix=None)
     calls = [handle.remote() for _ in range(10)]
@@ -80,12 +81,12 @@ def test_handle_calls_past_max_queued_fail_at_once(instance) -> None:
     assert accepted == ["ok"] * 3
 
 
-def test_http_past_max_queued_gets_503_with_retry_after(instance) -> None:
+def test_http_past_max_queued_gets_503_with_retry_after(memory_instance) -> None:
     gate = fleet.run(Gate.bind(), name="gate", route_prefix=None)
     fleet.run(Narrow.bind(gate), name="narrow", route_prefix="/narrow")
 
     async def go() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=instance.http_url, timeout=20) as client:
+        async with memory_instance.async_http() as client:
             tasks = [asyncio.ensure_future(client.get("/narrow")) for _ in range(10)]
             while sum(t.done() for t in tasks) < 7:     # the refusals come back first
                 await asyncio.wait([t for t in tasks if not t.done()],
@@ -112,7 +113,7 @@ def _rss_mb() -> float:
     return total / 2 ** 20
 
 
-def test_sustained_10x_overload_keeps_memory_flat_and_completes_accepted(instance) -> None:
+def test_sustained_10x_overload_keeps_memory_flat_and_completes_accepted(memory_instance) -> None:
     handle = fleet.run(Busy.bind(), name="busy", route_prefix=None)
     accepted = refused = 0
     inflight: list = []
@@ -154,7 +155,7 @@ def test_sustained_10x_overload_keeps_memory_flat_and_completes_accepted(instanc
     assert max(samples[2:]) - warm < 40, samples
 
 
-def test_timeout_raises_and_cancels_the_replica_call(instance) -> None:
+def test_timeout_raises_and_cancels_the_replica_call(memory_instance) -> None:
     handle = fleet.run(Slow.bind(), name="slow", route_prefix=None)
     started = time.monotonic()
     with pytest.raises(fleet.RequestTimeoutError, match="timeout_s=0.3"):

@@ -1,12 +1,12 @@
-"""@fleet.batch against real replicas: grouping, timeouts, errors, cancellation,
-HTTP method calls, streaming, and batch sizes in status."""
+"""@fleet.batch on the memory backend (HTTP through the proxy's app): grouping,
+timeouts, errors, cancellation, HTTP method calls, streaming, and batch sizes in
+status. The example script runs it for real."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-import httpx
 import pytest
 
 import fleet
@@ -106,7 +106,7 @@ class Gated:
 
 
 @pytest.mark.parametrize("method,concurrent", [("_serial", 1), ("_parallel", 2)])
-def test_at_most_max_concurrent_batches_run_at_once(shared_instance, method, concurrent):
+def test_at_most_max_concurrent_batches_run_at_once(shared_memory_instance, method, concurrent):
     handle = fleet.run(Gated.bind(), name=f"gated{concurrent}", route_prefix=None)
     calls = [handle.call.remote(method, 0), handle.call.remote(method, 1)]
     _wait_for(lambda: handle.state.remote().result()[1])    # the first batch runs
@@ -126,9 +126,9 @@ def test_at_most_max_concurrent_batches_run_at_once(shared_instance, method, con
 
 
 @pytest.fixture(scope="module")
-def doubler(shared_instance):
+def doubler(shared_memory_instance):
     handle = fleet.run(Doubler.bind(), name="batching", route_prefix="/batch")
-    yield handle, shared_instance
+    yield handle, shared_memory_instance
 
 
 def test_batch_runs_as_soon_as_it_is_full(doubler) -> None:
@@ -197,7 +197,7 @@ def test_batched_method_reached_by_http_method_header(doubler) -> None:
     _, inst = doubler
 
     async def go() -> list[dict]:
-        async with httpx.AsyncClient(base_url=inst.http_url, timeout=20) as client:
+        async with inst.async_http() as client:
             rs = await asyncio.gather(*[
                 client.post("/batch", json={"x": i},
                             headers={"X-SERVE-CALL-METHOD": "predict"}) for i in range(4)])
@@ -213,7 +213,7 @@ def test_batched_async_generator_streams_each_http_client_its_element(doubler) -
     _, inst = doubler
 
     async def go() -> list[str]:
-        async with httpx.AsyncClient(base_url=inst.http_url, timeout=20) as client:
+        async with inst.async_http() as client:
             rs = await asyncio.gather(*[
                 client.get("/batch", params={"name": n},
                            headers={"X-SERVE-CALL-METHOD": "words"}) for n in "abcd"])

@@ -301,14 +301,14 @@ def test_other_methods_via_attribute_and_options(instance):
     assert fleet.get_app_handle("adder").remote(5).result() == 15
 
 
-def test_function_deployments_with_and_without_options(instance):
+def test_function_deployments_with_and_without_options(memory_instance):
     assert fleet.run(double.bind(), name="d", route_prefix="/d").remote(4).result() == 8
     h = fleet.run(triple.bind(factor=5), name="t", route_prefix="/t")
     assert h.remote(2).result() == 10
     assert "tripler" in fleet.status()["applications"]["t"]["deployments"]
 
 
-def test_nested_bound_deployments_arrive_as_handles(instance):
+def test_nested_bound_deployments_arrive_as_handles(memory_instance):
     app = Nested.bind([double.bind(), Adder.bind(1)], {"d": triple.bind()},
                       (Adder.options(name="A3").bind(3), double.options(name="d2").bind()))
     h = fleet.run(app)
@@ -316,14 +316,14 @@ def test_nested_bound_deployments_arrive_as_handles(instance):
     assert h.kinds.remote().result() == ["DeploymentHandle"] * 3
 
 
-def test_response_passed_as_argument_is_resolved(instance):
+def test_response_passed_as_argument_is_resolved(memory_instance):
     h = fleet.run(Adder.bind(1))
     assert h.remote(h.remote(1)).result() == 3
     caller = fleet.run(Caller.bind(Adder.bind(100)), name="c", route_prefix="/c")
     assert caller.chained.remote(1).result() == 201
 
 
-def test_handles_from_threads_from_sync_replica_code_and_pickled(instance):
+def test_handles_from_threads_from_sync_replica_code_and_pickled(memory_instance):
     h = fleet.run(Caller.bind(Adder.bind(1)))
     assert h.sync_call.remote(1).result() == 2
     results: list[int] = []
@@ -341,7 +341,7 @@ def test_handles_from_threads_from_sync_replica_code_and_pickled(instance):
     assert clone.sync_call.remote(41).result() == 42
 
 
-def test_handles_in_async_driver_code(instance):
+def test_handles_in_async_driver_code(memory_instance):
     h = fleet.run(Adder.bind(1))
 
     async def main() -> list[int]:
@@ -350,7 +350,7 @@ def test_handles_in_async_driver_code(instance):
     assert asyncio.run(main()) == [i + 1 for i in range(20)]
 
 
-def test_async_methods_run_concurrently(instance):
+def test_async_methods_run_concurrently(memory_instance):
     h = fleet.run(Sleeper.bind())
     h.ping.remote().result()
     start = time.monotonic()
@@ -360,7 +360,7 @@ def test_async_methods_run_concurrently(instance):
     assert h.get_peak.remote().result() == 10
 
 
-def test_sync_methods_do_not_block_the_replica_loop(instance):
+def test_sync_methods_do_not_block_the_replica_loop(memory_instance):
     h = fleet.run(Sleeper.bind())
     blocked = h.block.remote(1.0)
     start = time.monotonic()
@@ -369,7 +369,7 @@ def test_sync_methods_do_not_block_the_replica_loop(instance):
     assert blocked.result() == "blocked"
 
 
-def test_streaming_sync_and_async_generators(instance):
+def test_streaming_sync_and_async_generators(memory_instance):
     h = fleet.run(Streamer.bind())
     assert list(h.options(stream=True).count.remote(4)) == [0, 1, 2, 3]
 
@@ -381,14 +381,14 @@ def test_streaming_sync_and_async_generators(instance):
         h.count.remote(2).result()
 
 
-def test_router_never_exceeds_max_ongoing_requests(instance):
+def test_router_never_exceeds_max_ongoing_requests(memory_instance):
     h = fleet.run(Counter.bind())
     peaks = [r.result() for r in [h.remote() for _ in range(30)]]
     assert max(peaks) <= 3
     assert max(peaks) == 3
 
 
-def test_back_pressure_past_max_queued_requests(instance):
+def test_back_pressure_past_max_queued_requests(memory_instance):
     h = fleet.run(Narrow.bind())
     running = h.remote(1.0)   # occupies the only slot
     router = router_of("default#Narrow")
@@ -414,7 +414,7 @@ def test_user_exception_keeps_its_type_and_remote_traceback(instance):
     assert h.ok.remote().result() == "ok"
 
 
-def test_unpicklable_arguments_and_results_name_the_type(instance):
+def test_unpicklable_arguments_and_results_name_the_type(memory_instance):
     h = fleet.run(Faulty.bind())
     with pytest.raises(TypeError, match="_thread.lock"):
         h.take.remote(threading.Lock()).result()
@@ -423,7 +423,7 @@ def test_unpicklable_arguments_and_results_name_the_type(instance):
     assert h.ok.remote().result() == "ok"
 
 
-def test_missing_method_names_deployment_and_method(instance):
+def test_missing_method_names_deployment_and_method(memory_instance):
     h = fleet.run(Faulty.bind())
     with pytest.raises(fleet.MethodNotFoundError, match="'Faulty' has no method 'nope'"):
         h.nope.remote().result()
@@ -488,12 +488,12 @@ def test_killed_replica_fails_its_calls_fast_and_is_replaced(instance):
         resp.cancel()
 
 
-def test_redeploy_keeps_unchanged_deployments_and_replaces_changed(instance):
+def test_redeploy_keeps_unchanged_deployments_and_replaces_changed(memory_instance):
     fleet.run(Ensemble.bind(Adder.bind(1), Adder.options(name="Adder2").bind(2)))
 
-    def pids(name: str) -> set[int]:
+    def pids(name: str) -> set[str]:
         reps = fleet.status()["applications"]["default"]["deployments"][name]["replicas"]
-        return {r["pid"] for r in reps}
+        return {r["replica_id"] for r in reps}
 
     before_a, before_b = pids("Adder"), pids("Adder2")
     h = fleet.run(Ensemble.bind(Adder.bind(1), Adder.options(name="Adder2").bind(5)))
@@ -505,7 +505,7 @@ def test_redeploy_keeps_unchanged_deployments_and_replaces_changed(instance):
         time.sleep(0.05)
 
 
-def test_delete_removes_application(instance):
+def test_delete_removes_application(memory_instance):
     fleet.run(double.bind(), name="gone", route_prefix="/gone")
     fleet.delete("gone")
     assert "gone" not in fleet.status()["applications"]
@@ -513,7 +513,7 @@ def test_delete_removes_application(instance):
         fleet.get_app_handle("gone")
 
 
-def test_unknown_app_or_deployment_handle_errors(instance):
+def test_unknown_app_or_deployment_handle_errors(memory_instance):
     fleet.run(double.bind())
     with pytest.raises(fleet.FleetError, match="no deployment 'nope'"):
         fleet.get_deployment_handle("nope")
@@ -535,7 +535,7 @@ def test_shutdown_leaves_no_process_behind():
     assert not alive
 
 
-def test_stop_iteration_from_a_sync_method_reaches_the_caller(instance):
+def test_stop_iteration_from_a_sync_method_reaches_the_caller(memory_instance):
     h = fleet.run(EdgeCases.bind())
     with pytest.raises(RuntimeError, match="StopIteration") as info:
         h.stop_iteration.remote().result(timeout_s=5)
@@ -543,7 +543,7 @@ def test_stop_iteration_from_a_sync_method_reaches_the_caller(instance):
     assert h.ok.remote().result(timeout_s=5) == "ok"
 
 
-def test_result_the_caller_cannot_rebuild_fails_only_that_call(instance):
+def test_result_the_caller_cannot_rebuild_fails_only_that_call(memory_instance):
     h = fleet.run(Sleeper.bind())
     napping = h.nap.remote(0.3)     # in flight on the same connection meanwhile
     router = router_of("default#Sleeper")
@@ -554,7 +554,7 @@ def test_result_the_caller_cannot_rebuild_fails_only_that_call(instance):
     assert h.ping.remote().result(timeout_s=5) == "pong"
 
 
-def test_exception_whose_str_fails_still_reaches_the_caller(instance):
+def test_exception_whose_str_fails_still_reaches_the_caller(memory_instance):
     h = fleet.run(EdgeCases.bind())
     with pytest.raises(Exception) as info:
         h.unprintable.remote().result(timeout_s=5)
@@ -563,7 +563,7 @@ def test_exception_whose_str_fails_still_reaches_the_caller(instance):
     assert h.ok.remote().result(timeout_s=5) == "ok"
 
 
-def test_leaving_a_stream_early_cancels_it_and_frees_the_replica(instance):
+def test_leaving_a_stream_early_cancels_it_and_frees_the_replica(memory_instance):
     h = fleet.run(EdgeCases.bind())
     for method in ("endless", "endless_sync", "endless"):
         for i, _ in enumerate(h.options(stream=True, method_name=method).remote()):
@@ -580,7 +580,7 @@ def test_leaving_a_stream_early_cancels_it_and_frees_the_replica(instance):
     wait_until(lambda: h.closed_streams.remote().result(timeout_s=5) == 4)
 
 
-def test_result_timeout_names_the_call_which_goes_on(instance):
+def test_result_timeout_names_the_call_which_goes_on(memory_instance):
     h = fleet.run(Sleeper.bind())
     resp = h.nap.remote(0.5)
     with pytest.raises(fleet.RequestTimeoutError,
@@ -589,7 +589,7 @@ def test_result_timeout_names_the_call_which_goes_on(instance):
     assert resp.result(timeout_s=5) == 0.5
 
 
-def test_shutdown_finishes_running_calls_and_fails_waiting_ones(instance):
+def test_shutdown_finishes_running_calls_and_fails_waiting_ones(memory_instance):
     h = fleet.run(Narrow.bind())
     running = h.remote(0.5)
     router = router_of("default#Narrow")

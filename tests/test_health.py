@@ -1,5 +1,7 @@
-"""Health checks and crashes against real replicas: a failing or hanging check_health
-gets the replica replaced, a SIGKILLed replica fails its calls at once and is replaced."""
+"""Health checks and crashes: a failing or hanging check_health gets the replica
+replaced (on the memory backend: the controller's logic), a SIGKILLed replica process
+fails its calls at once and is replaced (real processes). Memory replicas share this
+process's pid, so each object makes a token that tells replicas apart."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import asyncio
 import os
 import signal
 import time
+import uuid
 
 import pytest
 from helpers import replicas as _replicas
@@ -21,6 +24,7 @@ class Fragile:
     def __init__(self) -> None:
         self.broken = False
         self.checks = 0
+        self.token = uuid.uuid4().hex
 
     def check_health(self) -> None:
         self.checks += 1
@@ -33,12 +37,12 @@ class Fragile:
     async def hold(self) -> None:
         await asyncio.Event().wait()
 
-    def break_health(self) -> int:
+    def break_health(self) -> str:
         self.broken = True
-        return os.getpid()
+        return self.token
 
-    def pid(self) -> int:
-        return os.getpid()
+    def ident(self) -> str:
+        return self.token
 
 
 @fleet.deployment(health_check_period_s=0.1, health_check_timeout_s=0.3,
@@ -46,17 +50,18 @@ class Fragile:
 class Stuck:
     def __init__(self) -> None:
         self.stuck = False
+        self.token = uuid.uuid4().hex
 
     async def check_health(self) -> None:
         if self.stuck:
             await asyncio.sleep(3600)
 
-    async def get_stuck(self) -> int:
+    async def get_stuck(self) -> str:
         self.stuck = True
-        return os.getpid()
+        return self.token
 
-    async def pid(self) -> int:
-        return os.getpid()
+    async def ident(self) -> str:
+        return self.token
 
 
 @fleet.deployment(num_replicas=2, health_check_period_s=0.2)
@@ -76,36 +81,47 @@ def _wait_for(cond, timeout_s: float = 15.0):
 
 
 
-def _replaced(app: str, dep: str, old_pid: int):
+def _only_replica(app: str, dep: str) -> str:
+    (rep,) = _replicas(app, dep)
+    return str(rep["replica_id"])
+
+
+def _replaced(app: str, dep: str, old_id: str):
     def check():
         running = [r for r in _replicas(app, dep) if r["state"] == "RUNNING"]
-        return running if running and all(r["pid"] != old_pid for r in running) else None
+        return running if running and all(r["replica_id"] != old_id for r in running) \
+            else None
     return check
 
 
-def test_raising_check_health_marks_unhealthy_and_replaces_the_replica(instance) -> None:
+def test_raising_check_health_marks_unhealthy_and_replaces_the_replica(
+        memory_instance) -> None:
     handle = fleet.run(Fragile.bind(), name="fragile", route_prefix=None)
+    old_id = _only_replica("fragile", "Fragile")
     # called every health_check_period_s=0.1
     _wait_for(lambda: handle.health_checks.remote().result() >= 3, 2.0)
     held = handle.hold.remote()     # keeps the unhealthy replica draining for a while
     old = handle.break_health.remote().result()
     unhealthy = _wait_for(lambda: [r for r in _replicas("fragile", "Fragile")
-                                   if r["pid"] == old and r["state"] == "UNHEALTHY"])
+                                   if r["replica_id"] == old_id
+                                   and r["state"] == "UNHEALTHY"])
     assert unhealthy[0]["message"] == \
         "check_health raised RuntimeError: model weights went missing"
     # routing stopped at once: new calls reach the replacement only
-    _wait_for(_replaced("fragile", "Fragile", old))
-    assert old not in {handle.pid.remote().result() for _ in range(5)}
+    _wait_for(_replaced("fragile", "Fragile", old_id))
+    assert old not in {handle.ident.remote().result() for _ in range(5)}
     # its call was given graceful_shutdown_timeout_s=0.5 to finish, then cut
     with pytest.raises(fleet.ReplicaDiedError):
         held.result(timeout_s=5)
 
 
-def test_hanging_async_check_health_times_out_and_replica_is_replaced(instance) -> None:
+def test_hanging_async_check_health_times_out_and_replica_is_replaced(
+        memory_instance) -> None:
     handle = fleet.run(Stuck.bind(), name="stuck", route_prefix=None)
+    old_id = _only_replica("stuck", "Stuck")
     old = handle.get_stuck.remote().result()
-    _wait_for(_replaced("stuck", "Stuck", old))
-    assert handle.pid.remote().result() != old
+    _wait_for(_replaced("stuck", "Stuck", old_id))
+    assert handle.ident.remote().result() != old
 
 
 def test_sigkilled_replica_fails_its_call_fast_and_is_replaced(instance, tmp_path) -> None:
@@ -132,26 +148,22 @@ def test_sigkilled_replica_fails_its_call_fast_and_is_replaced(instance, tmp_pat
 class ExitsInHealthCheck:
     def __init__(self) -> None:
         self.checks = 0
+        self.token = uuid.uuid4().hex
 
     def check_health(self) -> None:
         self.checks += 1
         if self.checks == 2:
             raise SystemExit("the user's code called sys.exit")
 
-    def pid(self) -> int:
-        import os
-        return os.getpid()
+    def ident(self) -> str:
+        return self.token
 
 
 def test_system_exit_in_check_health_marks_unhealthy_not_silent(instance):
+    # Real processes: a SystemExit out of user code ends the replica's event loop, which
+    # only a process of its own survives (on the memory backend it is the instance's).
     h = fleet.run(ExitsInHealthCheck.bind(), name="sysexit", route_prefix=None)
-    first = h.pid.remote().result()
-    deadline = time.monotonic() + 20
-    while True:
-        dep = fleet.status()["applications"]["sysexit"]["deployments"]["ExitsInHealthCheck"]
-        running = [r for r in dep["replicas"] if r["state"] == "RUNNING"]
-        if running and running[0]["pid"] != first:
-            break
-        assert time.monotonic() < deadline, dep
-        time.sleep(0.05)
-    assert h.pid.remote().result() != first
+    first_id = _only_replica("sysexit", "ExitsInHealthCheck")
+    first = h.ident.remote().result()
+    _wait_for(_replaced("sysexit", "ExitsInHealthCheck", first_id), 20)
+    assert h.ident.remote().result() != first

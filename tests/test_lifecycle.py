@@ -1,11 +1,14 @@
 """Graceful shutdown, __del__, user_config/reconfigure and rolling updates under load,
-against real replicas."""
+on the memory backend (the controller's logic; what processes add is in test_health and
+test_core). Replicas are told apart by their replica ids, and by a token each object
+makes, since they share this process's pid."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import threading
+import uuid
 
 import httpx
 import pytest
@@ -19,30 +22,33 @@ import fleet
 class Finisher:
     def __init__(self, marks: str) -> None:
         self.marks = marks
+        self.token = uuid.uuid4().hex
+        open(os.path.join(self.marks, f"init-{self.token}"), "w").close()
 
     async def slow(self, seconds: float) -> str:
-        open(os.path.join(self.marks, f"started-{os.getpid()}"), "w").close()
+        open(os.path.join(self.marks, f"started-{self.token}"), "w").close()
         await asyncio.sleep(seconds)    # the work a draining replica must finish
         return "finished"
 
-    async def pid(self) -> int:
-        return os.getpid()
+    async def ident(self) -> str:
+        return self.token
 
     def __del__(self) -> None:
-        open(os.path.join(self.marks, f"del-{os.getpid()}"), "w").close()
+        open(os.path.join(self.marks, f"del-{self.token}"), "w").close()
 
 
 @fleet.deployment(graceful_shutdown_timeout_s=2)
 class AsyncFinisher:
     def __init__(self, marks: str) -> None:
         self.marks = marks
+        self.token = uuid.uuid4().hex
 
-    async def pid(self) -> int:
-        return os.getpid()
+    async def ident(self) -> str:
+        return self.token
 
     async def __del__(self) -> None:
         await asyncio.sleep(0)
-        open(os.path.join(self.marks, f"adel-{os.getpid()}"), "w").close()
+        open(os.path.join(self.marks, f"adel-{self.token}"), "w").close()
 
 
 @fleet.deployment(num_replicas=2, user_config={"threshold": 1})
@@ -57,8 +63,8 @@ class Tunable:
             raise ValueError("threshold must be >= 0")
         self.config = config
 
-    def get(self) -> tuple[int, dict, int]:
-        return os.getpid(), self.config, self.calls
+    def get(self) -> tuple[dict, int]:
+        return self.config, self.calls
 
 
 @fleet.deployment(num_replicas=2, max_ongoing_requests=8, graceful_shutdown_timeout_s=5)
@@ -77,73 +83,72 @@ def _wait_for(cond, timeout_s: float = 15.0):
 
 
 
-def test_delete_finishes_in_flight_calls_then_runs_del(instance, tmp_path) -> None:
+def _ids(app: str, dep: str) -> set[str]:
+    return {r["replica_id"] for r in _replicas(app, dep)}
+
+
+def _marks(path, kind: str) -> set[str]:
+    return {p.name.partition("-")[2] for p in path.iterdir() if p.name.startswith(kind + "-")}
+
+
+def test_delete_finishes_in_flight_calls_then_runs_del(memory_instance, tmp_path) -> None:
     handle = fleet.run(Finisher.bind(str(tmp_path)), name="finish", route_prefix=None)
-    pid = handle.pid.remote().result()
+    token = handle.ident.remote().result()
     resp = handle.slow.remote(0.5)
-    _wait_for(lambda: (tmp_path / f"started-{pid}").exists())
+    _wait_for(lambda: (tmp_path / f"started-{token}").exists())
     fleet.delete("finish")
     assert resp.result(timeout_s=10) == "finished"
-    assert (tmp_path / f"del-{pid}").exists()
+    assert (tmp_path / f"del-{token}").exists()
 
 
-def test_scale_down_drains_one_replica_and_runs_its_del(instance, tmp_path) -> None:
+def test_scale_down_drains_one_replica_and_runs_its_del(memory_instance, tmp_path) -> None:
     app = Finisher.options(num_replicas=2).bind(str(tmp_path))
     handle = fleet.run(app, name="shrink", route_prefix=None)
-    pids = {r["pid"] for r in _replicas("shrink", "Finisher")}
-    assert len(pids) == 2
+    ids, tokens = _ids("shrink", "Finisher"), _marks(tmp_path, "init")
+    assert len(ids) == len(tokens) == 2
     fleet.run(Finisher.options(num_replicas=1).bind(str(tmp_path)), name="shrink",
               route_prefix=None)
-    left = _wait_for(lambda: len(_replicas("shrink", "Finisher")) == 1
-                     and {r["pid"] for r in _replicas("shrink", "Finisher")})
-    assert left < pids      # the survivor is one of the two: a live change, no restart
-    gone = (pids - left).pop()
-    _wait_for(lambda: (tmp_path / f"del-{gone}").exists())
-    assert handle.pid.remote().result() in left
+    left = _wait_for(lambda: len(_ids("shrink", "Finisher")) == 1 and _ids("shrink", "Finisher"))
+    assert left < ids       # the survivor is one of the two: a live change, no restart
+    gone = _wait_for(lambda: _marks(tmp_path, "del"))
+    survivor = handle.ident.remote().result()
+    assert gone == tokens - {survivor} and _marks(tmp_path, "init") == tokens
 
 
-def test_async_del_runs_on_shutdown(tmp_path) -> None:
+def test_async_del_runs_on_shutdown(memory_instance, tmp_path) -> None:
+    handle = fleet.run(AsyncFinisher.bind(str(tmp_path)), name="adel", route_prefix=None)
+    token = handle.ident.remote().result()
     fleet.shutdown()
-    fleet.start(http_options={"port": 0})
-    try:
-        handle = fleet.run(AsyncFinisher.bind(str(tmp_path)), name="adel", route_prefix=None)
-        pid = handle.pid.remote().result()
-    finally:
-        fleet.shutdown()
-    assert (tmp_path / f"adel-{pid}").exists()
+    assert (tmp_path / f"adel-{token}").exists()
 
 
-def test_user_config_change_reconfigures_live_replicas_without_restart(instance) -> None:
+def test_user_config_change_reconfigures_live_replicas_without_restart(memory_instance) -> None:
     handle = fleet.run(Tunable.bind(), name="tune", route_prefix=None)
-    before = {r["pid"] for r in _replicas("tune", "Tunable")}
+    before = _ids("tune", "Tunable")
     for _ in range(10):
-        pid, config, calls = handle.get.remote().result()
-        assert (config, calls) == ({"threshold": 1}, 1)     # called once at start
+        assert handle.get.remote().result() == ({"threshold": 1}, 1)   # called once at start
     fleet.run(Tunable.options(user_config={"threshold": 7}).bind(), name="tune",
               route_prefix=None)
-    after = {r["pid"] for r in _replicas("tune", "Tunable")}
-    assert after == before
+    assert _ids("tune", "Tunable") == before
     for _ in range(10):
-        pid, config, calls = handle.get.remote().result()
-        assert pid in before
-        assert config == {"threshold": 7}
-        assert calls == 2          # once at start, once for the change
+        # once at start, once for the change
+        assert handle.get.remote().result() == ({"threshold": 7}, 2)
 
 
-def test_failing_reconfigure_fails_the_deploy_and_keeps_the_old_config(instance) -> None:
+def test_failing_reconfigure_fails_the_deploy_and_keeps_the_old_config(memory_instance) -> None:
     handle = fleet.run(Tunable.bind(), name="tune", route_prefix=None)
-    before = {r["pid"] for r in _replicas("tune", "Tunable")}
+    before = _ids("tune", "Tunable")
     with pytest.raises(fleet.DeploymentFailedError,
                        match="reconfigure raised ValueError: threshold must be >= 0"):
         fleet.run(Tunable.options(user_config={"threshold": -1}).bind(), name="tune",
                   route_prefix=None)
     dep = fleet.status()["applications"]["tune"]["deployments"]["Tunable"]
     assert dep["status"] == "DEPLOY_FAILED" and "previous user_config" in dep["message"]
-    assert {handle.get.remote().result()[1]["threshold"] for _ in range(6)} == {1}
+    assert {handle.get.remote().result()[0]["threshold"] for _ in range(6)} == {1}
     fleet.run(Tunable.options(user_config={"threshold": 3}).bind(), name="tune",
               route_prefix=None)
-    assert {r["pid"] for r in _replicas("tune", "Tunable")} == before
-    assert {handle.get.remote().result()[1]["threshold"] for _ in range(6)} == {3}
+    assert _ids("tune", "Tunable") == before
+    assert {handle.get.remote().result()[0]["threshold"] for _ in range(6)} == {3}
 
 
 def _load(stop: threading.Event, call, results: list, errors: list) -> None:
@@ -157,7 +162,7 @@ def _load(stop: threading.Event, call, results: list, errors: list) -> None:
 @pytest.mark.both_backends
 def test_rolling_update_under_load_fails_no_request(instance) -> None:
     handle = fleet.run(Versioned.bind("v1"), name="roll", route_prefix="/roll")
-    old_pids = {r["pid"] for r in _replicas("roll", "Versioned")}
+    old_ids = _ids("roll", "Versioned")
     stop = threading.Event()
     results: list[str] = []
     errors: list[str] = []
@@ -204,5 +209,4 @@ def test_rolling_update_under_load_fails_no_request(instance) -> None:
     # a few at a time (a quarter of 2, at least one) and never below the target
     assert samples and min(r for r, _ in samples) >= 2
     assert max(s for _, s in samples) == 1, samples
-    new_pids = {r["pid"] for r in _replicas("roll", "Versioned")}
-    assert not new_pids & old_pids
+    assert not _ids("roll", "Versioned") & old_ids

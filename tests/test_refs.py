@@ -1,6 +1,7 @@
-"""fleet.get and fleet.wait over real replicas, with Ray's semantics: order kept, errors
-raised in list order, GetTimeoutError past the timeout, (ready, not_ready) from wait,
-from sync code, from async code on another loop and inside a replica."""
+"""fleet.get and fleet.wait over replicas on the memory backend, with Ray's semantics:
+order kept, errors raised in list order, GetTimeoutError past the timeout, (ready,
+not_ready) from wait, from sync code, from async code on another loop and inside a
+replica."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class Fanout:
 
 
 @pytest.fixture(scope="module")
-def gate(shared_instance):
+def gate(shared_memory_instance):
     handle = fleet.run(Gate.bind(), name="gate", route_prefix=None)
     yield handle
     handle.open.remote().result()

@@ -1,5 +1,6 @@
-"""Traffic policies over real HTTP: weighted splits changed live under load, shadow
-copies whose failures never reach the client, validation, status and YAML."""
+"""Traffic policies on the memory backend, HTTP through the proxy's app: weighted splits
+changed live under load, shadow copies whose failures never reach the client,
+validation, status and YAML. The example script runs them for real."""
 
 from __future__ import annotations
 
@@ -46,11 +47,11 @@ class Shadow:
 
 
 @pytest.fixture(scope="module")
-def apps(shared_instance):
+def apps(shared_memory_instance):
     fleet.run(Version.bind("v1"), name="app_v1", route_prefix="/svc")
     fleet.run(Version.bind("v2"), name="app_v2", route_prefix=None)
     shadow = fleet.run(Shadow.bind(), name="app_v3", route_prefix=None)
-    with httpx.Client(base_url=shared_instance.http_url, timeout=20) as client:
+    with shared_memory_instance.http() as client:
         yield client, shadow
     fleet.set_traffic("/svc", None)
 
@@ -81,13 +82,14 @@ def _wait_for_more(results: list, n: int, timeout_s: float = 20.0) -> None:
         time.sleep(0.01)
 
 
-def test_weights_change_live_under_load_without_failed_requests(apps, shared_instance) -> None:
+def test_weights_change_live_under_load_without_failed_requests(
+        apps, shared_memory_instance) -> None:
     stop = threading.Event()
     results: list[str] = []
     errors: list[str] = []
 
     def load() -> None:
-        with httpx.Client(base_url=shared_instance.http_url, timeout=20) as c:
+        with shared_memory_instance.http() as c:
             while not stop.is_set():
                 r = c.get("/svc")
                 (results if r.status_code == 200 else errors).append(r.text)

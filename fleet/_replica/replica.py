@@ -12,6 +12,7 @@ import os
 import secrets
 import time
 import types
+import weakref
 from bisect import bisect_left
 from typing import Any
 
@@ -85,10 +86,15 @@ class Replica:
         self.where = (f"deployment {spec.deployment_name!r} of application "
                       f"{spec.app_name!r}, replica {spec.replica_id}")
         self.runtime = Runtime(loop, spec.controller_address, spec.secret)
+        # Its callers' connections, when it shares a process (the memory backend): they
+        # close when it ends, as a process's exit closes them, so no caller hangs.
+        self._accepted: weakref.WeakSet[ServerConnection] | None = None
         if own_process:
             # Handles made in this process route through this replica's runtime. A
             # replica sharing a process (the memory backend) leaves the driver's in place.
             set_current(self.runtime)
+        else:
+            self._accepted = weakref.WeakSet()
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(4, min(64, self.config.max_ongoing_requests)),
             thread_name_prefix=f"fleet-{spec.deployment_name}")
@@ -108,6 +114,7 @@ class Replica:
         self.grpc: Any = None       # fleet/_replica/grpc.py, made on the first gRPC call
         # Connections of callers that sent model calls: told when the held models change.
         self._model_conns: set[ServerConnection] = set()
+        self.models = _multiplex.ModelScope(self._models_changed)
         # This replica's metric cells (None when metrics are off): updated in place per
         # call, sent by the runtime every second.
         self.tracer = _otel.tracer("replica") if own_process else None
@@ -153,13 +160,24 @@ class Replica:
         await rt.connect_controller(subscribe=True)
         if self.spec.listen_host:
             # on a cluster node: TCP on the node's address, port chosen by the kernel
-            server = await listen(self, self.spec.secret, f"tcp:{self.spec.listen_host}:0")
+            server = await listen(self, self.spec.secret, f"tcp:{self.spec.listen_host}:0",
+                                  self._accepted)
             address = f"tcp:{self.spec.listen_host}:{bound_port(server)}"
         else:
             sock_dir = os.path.dirname(self.spec.controller_address[5:])
             # a short name whatever the deployment's: a Unix socket's path has ~107 bytes
             address = f"unix:{sock_dir}/r-{secrets.token_hex(4)}.sock"
-            server = await listen(self, self.spec.secret, address)
+            server = await listen(self, self.spec.secret, address, self._accepted)
+        try:
+            return await self._serve_until_stopped(server, address)
+        finally:
+            if self._accepted is not None:
+                server.close()
+                for conn in list(self._accepted):
+                    conn.close()
+
+    async def _serve_until_stopped(self, server: asyncio.AbstractServer, address: str) -> int:
+        rt = self.runtime
         try:
             await rt.call_controller("replica_starting", self.spec.replica_id,
                                      "constructor running")
@@ -182,7 +200,7 @@ class Replica:
         server.close()
         self.runtime.send_metrics()     # the calls of its last second count too
         await self.http.shutdown(self._grace or 1.0)
-        _multiplex.unwatch(self.instance)
+        self.models.close()
         await self._run_del()
         return 0
 
@@ -201,7 +219,8 @@ class Replica:
             self.is_function = True
             self.instance = functools.partial(target, *args, **kwargs) if (args or kwargs) \
                 else target
-        _multiplex.watch(self.instance, self._models_changed)
+        if not self.is_function:
+            _multiplex.watch(self.instance, self.models)
         self.http = HTTPAdapter(self)
         await self.http.startup()       # an ingress app's lifespan
         if self.config.user_config is not None:
@@ -267,7 +286,7 @@ class Replica:
         return {"type": "models", "key": deployment_key(self.spec.app_name,
                                                         self.spec.deployment_name),
                 "replica_id": self.spec.replica_id,
-                "models": _multiplex.held_ids(self.instance)}
+                "models": self.models.held_ids()}
 
     def _models_changed(self) -> None:
         """A loader loaded or evicted: tell the callers that route models here, and the
@@ -276,7 +295,7 @@ class Replica:
         for conn in self._model_conns:
             conn.ctrl(msg)
         self.runtime.send_ctrl({"type": "models", "replica_id": self.spec.replica_id,
-                                "models": _multiplex.held(self.instance)})
+                                "models": self.models.held()})
 
     def _model_call(self, conn: ServerConnection, model: str) -> None:
         if conn not in self._model_conns:
@@ -424,7 +443,8 @@ class Replica:
             if tp is not None:
                 _context.set_traceparent(tp)
             if "model" in meta:
-                _multiplex.set_model_id(meta["model"])
+                # this task's context only
+                _multiplex.enter_call(meta["model"], self.models)
         try:
             if meta is not None and "http" in meta:
                 await self.http.serve_http(conn, call_id, method, args[0], meta)

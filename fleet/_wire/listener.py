@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import MutableSet
 from typing import Any, Protocol
 
 from fleet._types import CallMeta, ControlMessage
@@ -147,12 +148,20 @@ class ServerConnection(Connection):
         self.send(frames.encode(frames.CTRL, 0, msg))
 
 
-async def listen(handler: Handler, secret: bytes, address: str) -> asyncio.AbstractServer:
-    """Serve on "unix:/path" or "tcp:host:port" (port 0 picks one; see server.sockets)."""
+async def listen(handler: Handler, secret: bytes, address: str,
+                 accepted: MutableSet[ServerConnection] | None = None
+                 ) -> asyncio.AbstractServer:
+    """Serve on "unix:/path" or "tcp:host:port" (port 0 picks one; see server.sockets).
+
+    Every accepted connection is added to ``accepted`` when given (a server sharing its
+    process closes them itself when it ends, as a process's exit would)."""
     loop = asyncio.get_running_loop()
 
     def factory() -> ServerConnection:
-        return ServerConnection(handler, secret)
+        conn = ServerConnection(handler, secret)
+        if accepted is not None:
+            accepted.add(conn)
+        return conn
 
     if address.startswith("unix:"):
         path = address[5:]

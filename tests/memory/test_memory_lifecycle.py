@@ -5,6 +5,7 @@ tests that start them."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +33,9 @@ class Model:
 
     def fail(self, message: str) -> None:
         raise ValueError(message)
+
+    async def hold(self) -> None:
+        await asyncio.Event().wait()
 
 
 @fleet.deployment(health_check_period_s=0.05)
@@ -113,6 +117,20 @@ def test_a_dead_replica_fails_no_later_call_and_is_replaced(mem: Memory) -> None
     assert len(after - before) == 1
     handle = mem.client.get_handle()
     assert [handle.remote(i).result(timeout_s=30)["x"] for i in range(6)] == list(range(6))
+
+
+def test_a_killed_replica_fails_its_calls_in_flight_at_once(mem: Memory) -> None:
+    # as a process's exit closes its sockets, an ended memory replica closes its callers'
+    # connections: a call it held fails, it does not hang
+    handle = mem.client.get_handle()
+    held = [handle.hold.remote() for _ in range(2)]
+    assert handle.remote(1).result(timeout_s=30)["x"] == 1
+    backend = mem.inst.backend
+    for proc in list(backend.procs.values()):
+        mem.inst.loop.call_soon_threadsafe(backend.kill, proc)
+    for call in held:
+        with pytest.raises(fleet.ReplicaDiedError):
+            call.result(timeout_s=10)
 
 
 def test_a_new_version_replaces_every_replica_and_a_count_change_keeps_them(
