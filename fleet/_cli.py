@@ -13,6 +13,7 @@ from fleet._config import FleetConfig
 from fleet._imports import (  # noqa: F401  (re-exported)
     CLIError,
     apply_overrides,
+    backend_options,
     config_overrides,
     import_attr,
     load_config,
@@ -20,22 +21,6 @@ from fleet._imports import (  # noqa: F401  (re-exported)
 )
 from fleet._manage.commands import COMMANDS
 from fleet._manage.observe_cli import COMMANDS as OBSERVE_COMMANDS
-
-
-def backend_options(fn: Any) -> Any:
-    """--backend, --ray-address and --proxy-location, for every command that starts an
-    instance (they override the config's backend, ray_address and proxy_location)."""
-    fn = click.option("--proxy-location", default=None,
-                      type=click.Choice(["EveryNode", "HeadOnly", "Disabled"]),
-                      help="On Ray: a proxy on every node (default), the head only, "
-                           "or none.")(fn)
-    fn = click.option("--ray-address", default=None,
-                      help="The Ray cluster for --backend ray: 'auto', host:port or "
-                           "ray://host:10001 (default: RAY_ADDRESS).")(fn)
-    fn = click.option("--backend", default=None, type=click.Choice(["local", "ray"]),
-                      help="Where replicas run: child processes here (local, the "
-                           "default) or actors of a Ray cluster (ray).")(fn)
-    return fn
 
 
 def apply_backend_options(config: FleetConfig, backend: str | None, ray_address: str | None,

@@ -296,3 +296,19 @@ def config_overrides(app: Any, config: Any) -> dict[str, dict[str, Any]]:
                 overrides.setdefault(name, {}).setdefault("logging_config",
                                                           logging_config.model_dump())
     return overrides
+
+
+def backend_options(fn: Any) -> Any:
+    """--backend, --ray-address and --proxy-location, for every command that starts an
+    instance (they override the config's backend, ray_address and proxy_location)."""
+    fn = click.option("--proxy-location", default=None,
+                      type=click.Choice(["EveryNode", "HeadOnly", "Disabled"]),
+                      help="On Ray: a proxy on every node (default), the head only, "
+                           "or none.")(fn)
+    fn = click.option("--ray-address", default=None,
+                      help="The Ray cluster for --backend ray: 'auto', host:port or "
+                           "ray://host:10001 (default: RAY_ADDRESS).")(fn)
+    fn = click.option("--backend", default=None, type=click.Choice(["local", "ray"]),
+                      help="Where replicas run: child processes here (local, the "
+                           "default) or actors of a Ray cluster (ray).")(fn)
+    return fn

@@ -310,6 +310,56 @@ def test_fleet_run_of_a_yaml_config_with_backend_ray_serves_from_the_cluster(
     assert not alive, alive
 
 
+def test_fleet_start_on_the_cluster_then_apply_status_and_shutdown(ray_cluster: Any,
+                                                                   tmp_path: Any) -> None:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fleet", *args], capture_output=True,
+                              text=True, timeout=120, cwd=HERE)
+
+    out = cli("start", "--backend", "ray", "--ray-address", ray_cluster.address,
+              "--proxy-location", "HeadOnly", "--port", "0", "--address", address)
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stderr.splitlines() if "started instance pid" in x)
+    daemon = psutil.Process(int(line.split("pid ")[1].split(";")[0]))
+    try:
+        config = tmp_path / "fleet.yaml"
+        config.write_text(textwrap.dedent("""
+            applications:
+              - import_path: apps.cli_apps:app
+                deployments:
+                  - {name: Hello, ray_actor_options: {num_cpus: 0.1}}
+        """))
+        out = cli("apply", str(config), "--app-dir", HERE, "--address", address)
+        assert out.returncode == 0, out.stderr
+        out = cli("status", "-o", "json", "--address", address)
+        assert out.returncode == 0, out.stderr
+        status = json.loads(out.stdout)
+        rep = status["applications"]["default"]["deployments"]["Hello"]["replicas"][0]
+        assert len(rep["node_id"]) == 56            # a Ray node id, in hex: on the cluster
+        assert len(status["proxies_by_node"]) == 1   # HeadOnly
+        actor = psutil.Process(rep["pid"])
+        out = cli("shutdown", "--address", address)
+        assert out.returncode == 0, out.stderr
+    finally:
+        if daemon.is_running():
+            daemon.terminate()
+    _, alive = psutil.wait_procs([daemon, actor], timeout=60)
+    assert not alive, alive
+
+
+def test_fleet_start_ray_address_without_backend_ray_is_one_line() -> None:
+    out = subprocess.run([sys.executable, "-m", "fleet", "start", "--ray-address", "auto"],
+                         capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "fleet: error: --ray-address applies to --backend ray only"]
+
+
 def test_fleet_run_ships_the_app_dir_to_nodes_whose_path_lacks_it(ray_cluster: Any,
                                                                    tmp_path: Any) -> None:
     app_dir = tmp_path / "shipped"

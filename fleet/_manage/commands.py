@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from fleet._imports import CLIError, load_config
+from fleet._imports import CLIError, backend_options, load_config
 
 if TYPE_CHECKING:       # httpx is imported by the commands that talk to an instance
     from fleet._manage.client import Client
@@ -66,8 +66,10 @@ def get(client: Client, path: str, **kwargs: Any) -> Any:
 @address_option
 @click.option("--max-log-bytes", default=MAX_LOG_BYTES, type=click.IntRange(min=4096),
               hidden=True, help="Cut the instance's log file back past this size.")
+@backend_options
 def start(host: str | None, port: int | None, grpc_port: int | None,
-          address: str | None, max_log_bytes: int) -> None:
+          address: str | None, max_log_bytes: int, backend: str | None,
+          ray_address: str | None, proxy_location: str | None) -> None:
     """Start an instance in the background; returns once it serves. Deploy with
     `fleet apply`, stop with `fleet shutdown`."""
     from fleet import _rundir
@@ -77,6 +79,8 @@ def start(host: str | None, port: int | None, grpc_port: int | None,
     for flag, value in (("--port", port), ("--grpc-port", grpc_port)):
         if value is not None and not 0 <= value <= 65535:
             raise CLIError(f"{flag} must be a port number from 0 to 65535, got {value}")
+    if ray_address is not None and backend != "ray":
+        raise CLIError("--ray-address applies to --backend ray only")
     mhost, mport = ("127.0.0.1", DEFAULT_MANAGEMENT_PORT)
     if address is not None:
         try:
@@ -101,7 +105,9 @@ def start(host: str | None, port: int | None, grpc_port: int | None,
                                        f"{os.getpid()}.log")
     args = {"host": host, "port": port, "grpc_port": grpc_port, "log": log_path,
             "max_log_bytes": max_log_bytes,
-            "management": {"host": mhost, "port": mport}}
+            "management": {"host": mhost, "port": mport},
+            "backend": backend or "local", "ray_address": ray_address,
+            "proxy_location": proxy_location or "EveryNode"}
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     read_end, write_end = os.pipe()
     try:
@@ -183,7 +189,10 @@ def daemon(args: str, ready_fd: int) -> None:
             pass
     try:
         inst = start_owned(http, grpc, ManagementOptions(**opts["management"]),
-                           extra_info={"background": True, "log": opts.get("log")})
+                           extra_info={"background": True, "log": opts.get("log")},
+                           backend=opts.get("backend", "local"),
+                           ray_address=opts.get("ray_address"),
+                           proxy_location=opts.get("proxy_location", "EveryNode"))
     except (FleetError, KeyboardInterrupt, ValueError) as exc:
         tell({"error": str(exc)})
         shutdown()
@@ -248,8 +257,11 @@ def _snapshot(client: Client) -> dict[str, Any]:
         for key in ("name", "converged", "revision", "deployed_at"):
             app.pop(key, None)
     instance = get(client, "/api/instance")
-    return {"applications": apps, "proxies": instance["proxies"],
-            "traffic": instance.get("traffic", {})}
+    out = {"applications": apps, "proxies": instance["proxies"],
+           "traffic": instance.get("traffic", {})}
+    if "proxies_by_node" in instance:
+        out["proxies_by_node"] = instance["proxies_by_node"]
+    return out
 
 
 def _table(snapshot: dict[str, Any]) -> str:

@@ -334,13 +334,16 @@ def _int_param(request: Request, name: str, default: float) -> float:
 
 async def get_instance(request: Request, ops: Ops) -> Response:
     inst = ops.instance
-    return ok(request, {"instance_id": os.path.basename(inst.dir), "pid": os.getpid(),
-                        "version": __version__, "backend": "local",
-                        "started_at": ops.started_at,
-                        "management": {"host": ops.host, "port": ops.port,
-                                       "scheme": ops.scheme},
-                        "proxies": ops.controller.status()["proxies"],
-                        "traffic": ops.controller.status()["traffic"]})
+    everything = ops.controller.status()
+    body = {"instance_id": os.path.basename(inst.dir), "pid": os.getpid(),
+            "version": __version__, "backend": inst.backend.name,
+            "ray_address": getattr(inst, "ray_address", None),
+            "started_at": ops.started_at,
+            "management": {"host": ops.host, "port": ops.port, "scheme": ops.scheme},
+            "proxies": everything["proxies"], "traffic": everything["traffic"]}
+    if "proxies_by_node" in everything:       # on a cluster: each node's proxies
+        body["proxies_by_node"] = everything["proxies_by_node"]
+    return ok(request, body)
 
 
 async def list_applications(request: Request, ops: Ops) -> Response:
