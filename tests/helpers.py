@@ -18,16 +18,16 @@ import fleet
 T = TypeVar("T")
 
 
-def wait_for(cond: Callable[[], T], timeout_s: float = 15.0) -> T:
+def wait_for(cond: Callable[[], T], timeout_s: float = 15.0, what: str = "") -> T:
     """Poll state that fleet changes in other processes until cond() is truthy; fail
-    after timeout_s. Returns the truthy value."""
+    after timeout_s, naming what it waited for. Returns the truthy value."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = cond()
         if value:
             return value
         time.sleep(0.02)
-    raise AssertionError("condition not met in time")
+    raise AssertionError(f"condition not met in {timeout_s:g} s: {what or cond}")
 
 
 def replicas(app: str, deployment: str) -> list[dict[str, Any]]:

@@ -57,9 +57,20 @@ class CodeSetter(pb_grpc.EchoServiceServicer, gRPCIngress):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return _free_ports(1)[0]
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: the sockets stay bound until all are chosen, so the
+    kernel cannot hand the same port out twice."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +189,15 @@ class Named:
 
 
 def test_driver_port_is_served_beside_the_proxys_and_released(grpc_port: int) -> None:
-    first, second = _free_port(), _free_port()
+    first, second = _free_ports(2)
+    try:
+        _serve_two_drivers(first, second, grpc_port)
+    finally:            # a failure here must not leave two gRPC apps for the next test
+        for app in ("first", "second"):
+            fleet.delete(app)
+
+
+def _serve_two_drivers(first: int, second: int, grpc_port: int) -> None:
     fleet.run(DefaultgRPCDriver.bind(Named.bind("first").name_of.bind(InputNode()), port=first),
               name="first", route_prefix="/first")
     fleet.run(DefaultgRPCDriver.bind(Named.bind("second").name_of.bind(InputNode()), port=second),
@@ -199,7 +218,6 @@ def test_driver_port_is_served_beside_the_proxys_and_released(grpc_port: int) ->
         _predict(first, timeout=2)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert _predict(second) == b"second"
-    fleet.delete("second")
 
 
 def test_driver_port_taken_by_another_process_fails_run_with_the_reason(grpc_port: int
@@ -220,7 +238,8 @@ def test_bring_your_own_example_and_its_client_run(grpc_port: int) -> None:
     from examples import grpc_test_service, grpc_test_service_client
     fleet.run(grpc_test_service.my_deployment, name="test_service",
               route_prefix="/test_service")
-    for other in ("codes", "echo"):     # one gRPC application: the client sends no metadata
+    # one gRPC application: the client sends no metadata
+    for other in set(fleet.status()["applications"]) - {"test_service"}:
         fleet.delete(other)
     grpc_test_service_client.ADDRESS = f"127.0.0.1:{grpc_port}"
     results = asyncio.run(grpc_test_service_client.main())

@@ -445,10 +445,13 @@ def test_a_node_that_joins_gets_a_proxy_and_one_that_dies_fails_its_calls_and_it
     """Last in this module: it adds a node and removes it."""
     spare = ray_cluster.add_node(**RAY_NODE, resources={"spare": 1})
     try:
+        # A node's raylet takes seconds to start on a loaded 2-core machine.
         spare_id = wait_for(lambda: next((n["NodeID"] for n in __import__("ray").nodes()
-                                          if n["Alive"] and "spare" in n["Resources"]), None))
+                                          if n["Alive"] and "spare" in n["Resources"]), None),
+                            60, "the spare node registers with Ray")
         # a node that joins gets its proxy (EveryNode)
-        wait_for(lambda: spare_id in fleet.status()["proxies_by_node"], 30)
+        wait_for(lambda: spare_id in fleet.status()["proxies_by_node"], 60,
+                 "a proxy on the spare node")
         handle = fleet.run(Sleeper.bind(), name="nodes", route_prefix=None)
         reps = replicas("nodes", "Sleeper")
         assert sorted(r["node_id"] for r in reps) == sorted([*cluster["nodes"].values(),
@@ -456,14 +459,16 @@ def test_a_node_that_joins_gets_a_proxy_and_one_that_dies_fails_its_calls_and_it
         doomed = next(r for r in reps if r["node_id"] == spare_id)
         hanging = [handle.hang.remote() for _ in range(9)]
         routers = fleet._runtime.current().routers
-        router = wait_for(lambda: routers.get("nodes#Sleeper"))
-        wait_for(lambda: sum(s.inflight for s in router.slots) == 9)
+        router = wait_for(lambda: routers.get("nodes#Sleeper"), what="the handle's router")
+        wait_for(lambda: sum(s.inflight for s in router.slots) == 9, 30,
+                 "nine calls in flight")
         on_doomed = next(s.inflight for s in router.slots if s.replica_id == doomed["replica_id"])
         assert on_doomed >= 1
         ray_cluster.remove_node(spare)
         spare = None
         # the calls the dead node held fail (no hang); the others still run
-        wait_for(lambda: sum(r._cfut.done() for r in hanging) == on_doomed, 10)
+        wait_for(lambda: sum(r._cfut.done() for r in hanging) == on_doomed, 20,
+                 f"the {on_doomed} calls on the dead node fail")
         for resp in hanging:
             if resp._cfut.done():
                 with pytest.raises(fleet.ReplicaDiedError, match=doomed["replica_id"]):
@@ -475,7 +480,7 @@ def test_a_node_that_joins_gets_a_proxy_and_one_that_dies_fails_its_calls_and_it
             now = replicas("nodes", "Sleeper")
             return len([r for r in now if r["state"] == "RUNNING"]) == 3 \
                 and spare_id not in {r["node_id"] for r in now}
-        wait_for(moved, 60)
+        wait_for(moved, 90, "three replicas running, none on the dead node")
         assert set(fleet.status()["proxies_by_node"]) == set(cluster["nodes"].values())
         for resp in hanging:
             resp.cancel()
