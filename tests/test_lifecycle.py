@@ -210,3 +210,41 @@ def test_rolling_update_under_load_fails_no_request(instance) -> None:
     assert samples and min(r for r, _ in samples) >= 2
     assert max(s for _, s in samples) == 1, samples
     assert not _ids("roll", "Versioned") & old_ids
+
+
+@fleet.deployment(graceful_shutdown_timeout_s=1)
+class WaitsForFile:
+    """A constructor that waits (at most 60 s) for a file the test writes."""
+
+    def __init__(self, path: str) -> None:
+        import time
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def test_run_fails_when_its_application_is_deleted_while_it_deploys(instance, tmp_path
+                                                                    ) -> None:
+    go = tmp_path / "go"
+    outcome: list[BaseException | None] = []
+
+    def deploy() -> None:
+        try:
+            fleet.run(WaitsForFile.bind(str(go)), name="doomed", route_prefix="/doomed")
+            outcome.append(None)
+        except BaseException as exc:     # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    runner = threading.Thread(target=deploy)
+    runner.start()
+    try:
+        wait_for(lambda: "doomed" in fleet.status()["applications"]
+                 and _replicas("doomed", "WaitsForFile"), 30, "the replica starting")
+        fleet.delete("doomed")
+    finally:
+        go.touch()
+        runner.join(60)
+    assert not runner.is_alive()
+    assert isinstance(outcome[0], fleet.FleetError), outcome
+    assert "'doomed' was deleted while deploying" in str(outcome[0])
+    assert "doomed" not in fleet.status()["applications"]

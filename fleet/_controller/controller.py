@@ -725,9 +725,12 @@ class Controller:
                 del self._deploying[name]
 
     async def _wait_ready(self, name: str) -> None:
+        deploying = self.apps.get(name)
         while True:
             app = self.apps.get(name)
-            if app is None:
+            # Deleted (or deleted and deployed anew) since this deploy: its deployments
+            # are all marked deleting, which must not read as "every one is healthy".
+            if app is None or app is not deploying or app.deleting:
                 raise FleetError(f"application {name!r} was deleted while deploying")
             for dep in app.deployments.values():
                 if dep.status == DeploymentStatus.DEPLOY_FAILED:
