@@ -267,7 +267,7 @@ class ManagementOptions(_Model):
 # (with one warning naming them): where in the file -> keys.
 RAY_ONLY_KEYS: dict[str, frozenset[str]] = {
     "top": frozenset({"target_capacity"}),
-    "application": frozenset({"runtime_env", "external_scaler_enabled"}),
+    "application": frozenset({"external_scaler_enabled"}),
     "deployment": frozenset({"graceful_shutdown_wait_loop_s", "placement_group_bundles",
                              "placement_group_strategy", "request_router_config"}),
 }
@@ -312,9 +312,23 @@ class ApplicationConfig(_Model):
     deployments: list[DeploymentOverride] = Field(default_factory=list)
     # every deployment of the application that sets none of its own
     logging_config: LoggingConfig | None = None
-    # Ray Serve keys, accepted and ignored (the local backend has no runtime environments)
+    # On Ray: every deployment's runtime_env, under what its own ray_actor_options set
+    # (see merge_runtime_env); the local backend ignores it as it ignores ray_actor_options
     runtime_env: dict[str, Any] | None = None
+    # a Ray Serve key, accepted and ignored
     external_scaler_enabled: bool | None = None
+
+
+def merge_runtime_env(application: dict[str, Any], deployment: dict[str, Any] | None
+                      ) -> dict[str, Any]:
+    """A deployment's runtime_env under its application's, as Ray Serve merges them: the
+    deployment's keys win, except ``env_vars``, which are merged (the deployment's value
+    wins for a variable both set)."""
+    own = dict(deployment or {})
+    merged = {**application, **own}
+    if "env_vars" in application and "env_vars" in own:
+        merged["env_vars"] = {**application["env_vars"], **own["env_vars"]}
+    return merged
 
 
 class TrafficConfig(_Model):

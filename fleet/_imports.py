@@ -253,12 +253,11 @@ def _yaml_line(node: Any, loc: tuple[Any, ...]) -> str:
     return f", line {line + 1}" if line is not None else ""
 
 
-def deployment_names(app: Any) -> dict[str, bool]:
-    """Every deployment bound in an application's graph: name -> whether its code sets
-    a logging_config of its own."""
+def deployments_in(app: Any) -> dict[str, Any]:
+    """Every deployment bound in an application's graph, by name."""
     from fleet._deployment import Application
     from fleet.dag import MethodNode
-    names: dict[str, bool] = {}
+    names: dict[str, Any] = {}
     seen: set[int] = set()
 
     def walk(value: Any) -> None:
@@ -271,7 +270,7 @@ def deployment_names(app: Any) -> dict[str, bool]:
             walk(value.kwargs)
         elif isinstance(value, Application):
             dep = value.deployment
-            names[dep.name] = dep.config.logging_config is not None
+            names[dep.name] = dep
             walk(value.args)
             walk(value.kwargs)
         elif isinstance(value, list | tuple):
@@ -287,14 +286,21 @@ def deployment_names(app: Any) -> dict[str, bool]:
 
 def config_overrides(app: Any, config: Any) -> dict[str, dict[str, Any]]:
     """An application config's per-deployment overrides, with its ``logging_config``
-    given to every deployment that sets none of its own (in code or in the config)."""
+    given to every deployment that sets none of its own (in code or in the config), and
+    its ``runtime_env`` under every deployment's own (see merge_runtime_env)."""
+    from fleet._config import merge_runtime_env
     overrides = {d.name: d.overrides() for d in config.deployments}
     logging_config = getattr(config, "logging_config", None)
-    if logging_config is not None:
-        for name, has_own in deployment_names(app).items():
-            if not has_own:
-                overrides.setdefault(name, {}).setdefault("logging_config",
-                                                          logging_config.model_dump())
+    runtime_env = getattr(config, "runtime_env", None)
+    for name, dep in deployments_in(app).items():
+        if logging_config is not None and dep.config.logging_config is None:
+            overrides.setdefault(name, {}).setdefault("logging_config",
+                                                      logging_config.model_dump())
+        if runtime_env:
+            mine = overrides.setdefault(name, {})
+            actor = dict(mine.get("ray_actor_options") or dep.config.ray_actor_options or {})
+            actor["runtime_env"] = merge_runtime_env(runtime_env, actor.get("runtime_env"))
+            mine["ray_actor_options"] = actor
     return overrides
 
 

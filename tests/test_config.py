@@ -12,6 +12,7 @@ import fleet
 from fleet._cli import apply_overrides
 from fleet._config import DEPLOYMENT_OPTIONS, DeploymentOverride, FleetConfig
 from fleet._deployment import build_plans
+from fleet._imports import config_overrides
 
 
 @fleet.deployment
@@ -58,3 +59,43 @@ def test_unknown_option_and_bad_value_name_the_deployment() -> None:
         _config("      - {name: Plain, num_replica: 2}")
     with pytest.raises(ValidationError, match="deployment 'Plain'.*max_ongoing_requests"):
         _config("      - {name: Plain, max_ongoing_requests: 0}")
+
+
+@fleet.deployment(ray_actor_options={"num_cpus": 0.5,
+                                     "runtime_env": {"env_vars": {"MODE": "own", "B": "b"},
+                                                     "pip": ["own-package"]}})
+class WithEnv:
+    def __call__(self) -> str:
+        return "with env"
+
+
+def test_an_applications_runtime_env_goes_under_each_deployments_own() -> None:
+    text = """
+applications:
+  - import_path: test_config:app
+    runtime_env: {env_vars: {MODE: app, A: a}, working_dir: ., pip: [app-package]}
+    deployments:
+      - {name: Plain, ray_actor_options: {num_cpus: 0.1}}
+"""
+    app_cfg = FleetConfig(**yaml.safe_load(text)).applications[0]
+    assert FleetConfig(**yaml.safe_load(text)).ignored_keys() == []
+    graph = WithEnv.bind(Plain.bind())
+    overrides = config_overrides(graph, app_cfg)
+    # the config's own ray_actor_options for Plain, plus the application's runtime_env
+    assert overrides["Plain"]["ray_actor_options"] == {
+        "num_cpus": 0.1,
+        "runtime_env": {"env_vars": {"MODE": "app", "A": "a"}, "working_dir": ".",
+                        "pip": ["app-package"]}}
+    # the code's options for WithEnv: its keys win, env_vars merge (its value wins)
+    assert overrides["WithEnv"]["ray_actor_options"] == {
+        "num_cpus": 0.5,
+        "runtime_env": {"env_vars": {"MODE": "own", "A": "a", "B": "b"},
+                        "working_dir": ".", "pip": ["own-package"]}}
+    plans = build_plans(apply_overrides(graph, overrides), "yaml")
+    envs = {p.name: p.config.ray_actor_options["runtime_env"]["env_vars"] for p in plans}
+    assert envs == {"WithEnv": {"MODE": "own", "A": "a", "B": "b"},
+                    "Plain": {"MODE": "app", "A": "a"}}
+    assert config_overrides(graph, FleetConfig(**yaml.safe_load(
+        text.replace("    runtime_env: {env_vars: {MODE: app, A: a}, working_dir: ., "
+                     "pip: [app-package]}\n", ""))).applications[0]) == {
+        "Plain": {"ray_actor_options": {"num_cpus": 0.1}}}

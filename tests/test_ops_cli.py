@@ -333,7 +333,7 @@ def test_ray_keys_are_accepted_with_one_warning_and_unknown_keys_suggest(tmp_pat
     out = run("apply", str(ray), "--dry-run", "--address", f"127.0.0.1:{free_port()}")
     warnings = [x for x in out.stderr.splitlines() if "warning" in x]
     assert warnings == [f"fleet: warning: config {str(ray)!r}: fleet ignores these Ray Serve "
-                        "keys: target_capacity, applications.0.runtime_env, "
+                        "keys: target_capacity, "
                         "applications.0.deployments.0.graceful_shutdown_wait_loop_s"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("applications:\n  - import_path: apps.cli_apps:app\n    deployments:\n"

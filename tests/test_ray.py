@@ -285,6 +285,12 @@ def test_fleet_run_of_a_yaml_config_with_backend_ray_serves_from_the_cluster(
           - import_path: apps.cli_apps:app
             deployments:
               - {{name: Hello, ray_actor_options: {{num_cpus: 0.1}}}}
+          - name: env
+            route_prefix: /env
+            import_path: apps.cli_apps:env
+            runtime_env: {{env_vars: {{FLEET_TEST_FROM: the application's runtime_env}}}}
+            deployments:
+              - {{name: Env, ray_actor_options: {{num_cpus: 0.1}}}}
     """))
     proc = subprocess.Popen(
         [sys.executable, "-m", "fleet", "run", str(config), "--app-dir", HERE],
@@ -294,6 +300,9 @@ def test_fleet_run_of_a_yaml_config_with_backend_ray_serves_from_the_cluster(
         assert proc.stdout is not None
         port = http_port(proc.stdout)
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
+        # an application's runtime_env reaches its replicas (the job's working_dir too)
+        assert httpx.get(f"http://127.0.0.1:{port}/env/FLEET_TEST_FROM",
+                         timeout=10).text == "the application's runtime_env"
         out = subprocess.run([sys.executable, "-m", "fleet", "status", "--json"],
                              capture_output=True, text=True, timeout=60, cwd=HERE)
         status = json.loads(out.stdout)

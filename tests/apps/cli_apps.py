@@ -20,7 +20,17 @@ class Broken:
         raise ValueError("weights not found at /models/x.bin")
 
 
+@fleet.deployment
+class Env:
+    """Answers with the value of the environment variable the request's path names."""
+
+    def __call__(self, request) -> str:
+        import os
+        return os.environ.get(request.url.path.rsplit("/", 1)[-1], "unset")
+
+
 app = Hello.bind()
+env = Env.bind()
 broken = Broken.bind()
 not_an_app = Hello
 number = 42
