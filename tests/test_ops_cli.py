@@ -185,6 +185,34 @@ def test_start_apply_status_history_rollback_config_shutdown(started, tmp_path):
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+def test_shutdown_leaves_no_instance_file_behind(tmp_path):
+    """`fleet shutdown` returns once the instance has removed its instance file and its
+    socket directory, so the next command finds no instance instead of a dead one."""
+    rundir = tmp_path / "run"
+    rundir.mkdir(mode=0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(rundir))
+    env.pop("FLEET_ADDRESS", None)
+    address = f"127.0.0.1:{free_port()}"
+    out = run("start", "--port", "0", "--address", address, env=env)
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stderr.splitlines() if "started instance pid" in x)
+    proc = psutil.Process(int(line.split("pid ")[1].split(";")[0]))
+    family = [proc, *proc.children(recursive=True)]
+    try:
+        assert (rundir / "fleet" / f"instance-{proc.pid}.json").exists()
+        out = run("shutdown", env=env)
+        assert out.returncode == 0, out.stderr
+        left = sorted(p.name for p in (rundir / "fleet").iterdir()
+                      if not p.name.startswith("start-"))      # the log file stays
+        assert left == [], left
+    finally:
+        for p in family:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                p.kill()
+        _, alive = psutil.wait_procs(family, timeout=30)
+        assert not alive, f"left behind: {alive}"
+
+
 def test_no_instance_bad_address_bad_token(tmp_path):
     nothing = f"127.0.0.1:{free_port()}"
     config = tmp_path / "fleet.yaml"

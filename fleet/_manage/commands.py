@@ -210,6 +210,9 @@ def daemon(args: str, ready_fd: int) -> None:
             _bound_log(opts.get("log"), int(opts.get("max_log_bytes") or MAX_LOG_BYTES))
     finally:
         shutdown()
+        # A shutdown asked for over the API runs in a daemon thread of its own; wait for
+        # it to finish, else leaving here ends it before it removes the instance file.
+        inst.stopped.wait(120)
 
 
 def _bound_log(path: str | None, limit: int) -> None:
