@@ -86,3 +86,14 @@ def test_replica_imports_user_deployments_without_pydantic(tmp_path) -> None:
     loaded, names, limit, bad = json.loads(out.stdout)
     assert (loaded, names, limit) == (False, ["Model", "Other"], 7)
     assert "num_replicas" in bad
+
+
+def test_the_management_server_loads_no_http_client() -> None:
+    # httpx imports its command line's click, rich and pygments (about 7 MiB) when they
+    # are installed: the management server of every `fleet run` and `fleet start`
+    # loads it only once the dashboard's playground relays a request
+    code = ("import json, sys, fleet._api, fleet._cli, fleet._manage.server\n"
+            "print(json.dumps([m for m in ('httpx', 'rich', 'pygments') if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert json.loads(out.stdout) == []

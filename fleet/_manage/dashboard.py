@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
@@ -176,6 +175,9 @@ _NO_STORE = {"cache-control": "no-store"}
 
 async def relay(base: str, spec: PlaygroundRequest) -> Response:
     """Send spec to the HTTP proxy at base; the reply as the page shows it."""
+    # httpx (and with it its command line's click, rich and pygments: about 7 MiB) only
+    # once the playground is used, not in every management server
+    import httpx
     headers = {k: v for k, v in spec.headers.items() if k.lower() not in _HOP_BY_HOP}
     started = time.perf_counter()
     try:

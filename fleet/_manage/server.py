@@ -700,7 +700,9 @@ class _Server:
                 return contextlib.nullcontext()
 
         http = ops.instance.http_options
-        config = uvicorn.Config(app, loop="none", lifespan="off", access_log=False,
+        # no websockets: the API and the dashboard are plain HTTP (and not loading a
+        # websocket implementation keeps the driver smaller)
+        config = uvicorn.Config(app, loop="none", lifespan="off", access_log=False, ws="none",
                                 log_level="warning", timeout_graceful_shutdown=2,
                                 limit_concurrency=MAX_CONNECTIONS,
                                 ssl_keyfile=http.ssl_keyfile, ssl_certfile=http.ssl_certfile)
