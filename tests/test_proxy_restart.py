@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -124,7 +125,7 @@ def test_a_killed_grpc_proxy_is_replaced_and_predict_answers_on_the_same_port(se
         fleet.delete("predict")
 
 
-def test_a_proxy_that_cannot_start_again_is_retried_with_a_growing_delay(
+def test_a_proxy_that_cannot_start_again_is_retried_with_a_growing_delay_saying_why(
         served, caplog, monkeypatch) -> None:
     caplog.set_level(logging.INFO, logger="fleet.proxies")
     before = _proxy("http")
@@ -150,7 +151,17 @@ def test_a_proxy_that_cannot_start_again_is_retried_with_a_growing_delay(
     assert "http" not in fleet.status()["proxies"]
     with pytest.raises(httpx.ConnectError):
         httpx.get(url, timeout=5)
-    monkeypatch.delenv(REFUSE_ENV)          # the next try starts
+    # another process takes the port meanwhile: the tries say so, and go on
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", before["port"]))
+        taken.listen()
+        monkeypatch.delenv(REFUSE_ENV)
+        wait_for(lambda: any("Address already in use" in m for m in failures()), 60,
+                 "a failed start that names the taken port")
+        assert "http" not in fleet.status()["proxies"]
+    finally:
+        taken.close()                       # the port is free: the next try serves it
     after = wait_for(lambda: _proxy("http").get("pid") and _proxy("http"), 30,
                      "the HTTP proxy serving again")
     assert after["port"] == before["port"]
