@@ -439,6 +439,31 @@ def test_the_readme_example_runs_on_the_cluster_named_by_ray_address(ray_cluster
     assert "2 replicas on 2 nodes, proxies on 2; a call answered from node" in out.stdout
 
 
+def test_a_killed_proxy_actor_on_a_live_node_is_started_again_on_its_port(cluster) -> None:
+    fleet.run(Where.options(ray_actor_options={"num_cpus": 0.1}).bind(), name="again",
+              route_prefix="/again")
+    try:
+        worker = cluster["nodes"]["worker"]
+        before = fleet.status()["proxies_by_node"][worker]["http"]
+        os.kill(before["pid"], signal.SIGKILL)      # the proxy actor's worker process
+
+        def replaced() -> dict[str, Any] | None:
+            info = fleet.status()["proxies_by_node"].get(worker, {}).get("http")
+            return info if info and info["pid"] != before["pid"] else None
+        after = wait_for(replaced, 60, "the worker node's HTTP proxy in proxies_by_node again")
+        assert after["port"] == before["port"]
+        assert set(fleet.status()["proxies_by_node"]) == set(cluster["nodes"].values())
+        listening = [c for c in psutil.Process(after["pid"]).net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == before["port"]]
+        assert listening
+        for _ in range(10):         # a new connection each time: either node's proxy answers
+            with httpx.Client(timeout=20) as client:
+                reply = client.get(f"http://127.0.0.1:{before['port']}/again")
+            assert reply.status_code == 200, reply.text
+    finally:
+        fleet.delete("again")
+
+
 @fleet.deployment(num_replicas=3, max_replicas_per_node=2, ray_actor_options={"num_cpus": 0.1})
 class Sleeper:
     async def hang(self) -> None:
