@@ -464,6 +464,38 @@ def test_a_killed_proxy_actor_on_a_live_node_is_started_again_on_its_port(cluste
         fleet.delete("again")
 
 
+def test_a_replica_lost_with_its_node_before_it_started_is_placed_again() -> None:
+    """Pinned (max_replicas_per_node) to a node Ray still listed but that was leaving,
+    a replica's actor fails to schedule or dies of the node: nothing of the user's ran, so
+    the backend places it again instead of reporting a replica that failed to start. An
+    error of its own (in the actor's creation) still ends it."""
+    import concurrent.futures
+
+    from ray import exceptions
+
+    from fleet._backends.ray import MAX_REPLACEMENTS, RayProcess
+
+    def lost(exc: BaseException, node: str = "n1", replaced: int = 0) -> RayProcess:
+        proc = RayProcess("r-1", "app#Dep", {"CPU": 1.0}, 2, spec=object(),  # type: ignore[arg-type]
+                          options={})
+        proc.actor, proc.node, proc.replaced = object(), node, replaced
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        fut.set_exception(exc)
+        proc._on_exit(fut)
+        return proc
+
+    unschedulable = exceptions.ActorUnschedulableError("the node is gone")
+    proc = lost(unschedulable)
+    assert proc.alive() and proc.actor is None and proc.replaced == 1
+    assert "its node left the cluster" in (proc.pending() or "")
+    died = exceptions.RayActorError(actor_init_failed=False)
+    assert lost(died).alive()
+    assert not lost(died, node="").alive()               # not pinned: Ray's own business
+    failed = lost(exceptions.RayActorError(actor_init_failed=True))
+    assert not failed.alive() and failed.exit_code() == -9
+    assert not lost(unschedulable, replaced=MAX_REPLACEMENTS).alive()   # bounded
+
+
 @fleet.deployment(num_replicas=3, max_replicas_per_node=2, ray_actor_options={"num_cpus": 0.1})
 class Sleeper:
     async def hang(self) -> None:
