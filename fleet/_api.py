@@ -84,6 +84,14 @@ class ProxySlot:
         return f"{label} proxy {self.index}{where}"
 
 
+def _proxies_on(options: Any, node: dict[str, Any]) -> int:
+    """How many proxies of options' kind a cluster node runs: num_proxies ("auto": one
+    per CPU the node has)."""
+    if options.num_proxies == "auto":
+        return max(1, int(node.get("cpus") or 1))
+    return max(1, int(options.num_proxies))
+
+
 def instance_file() -> str:
     """Where this process's instance records its address, for ``fleet status`` and
     friends (one file per instance, in fleet's private runtime directory)."""
@@ -216,18 +224,22 @@ class Instance:
             self._write_instance_file()
 
     async def _start_node_proxies(self, kind: str, options: Any) -> dict[str, Any]:
-        """On a cluster: a proxy per node (proxy_location EveryNode) or on the head node
-        only (HeadOnly), all on one port; nodes sharing a host share it (SO_REUSEPORT)."""
-        nodes = [n["node_id"] for n in self.backend.nodes()]
+        """On a cluster: num_proxies proxies per node (proxy_location EveryNode) or on the
+        head node only (HeadOnly), all on one port; proxies sharing a host share it
+        (SO_REUSEPORT), so the kernel spreads a node's connections over its proxies."""
+        nodes = self.backend.nodes()
         if self.proxy_location == "HeadOnly":
             nodes = nodes[:1]
-        first = await self._start_proxy(kind, options, 0, node_id=nodes[0])
+        first = await self._start_proxy(kind, options, 0, node_id=nodes[0]["node_id"])
         if "error" in first:
             return first
         same_port = options.model_copy(update={"port": first["port"]})
-        self._node_proxies[kind] = (same_port, set(nodes))
-        infos = await asyncio.gather(*[self._start_proxy(kind, same_port, index, node_id=node)
-                                       for index, node in enumerate(nodes[1:], 1)])
+        self._node_proxies[kind] = (same_port, {n["node_id"] for n in nodes})
+        wanted = [(node["node_id"], j) for node in nodes
+                  for j in range(_proxies_on(options, node))][1:]   # the first one runs
+        infos = await asyncio.gather(*[
+            self._start_proxy(kind, same_port, index, node_id=node_id)
+            for index, (node_id, _) in enumerate(wanted, 1)])
         if self.proxy_location == "EveryNode" and self._node_watch is None:
             self._node_watch = self.loop.create_task(self._follow_nodes())
         return next((i for i in infos if "error" in i), first)
@@ -235,19 +247,20 @@ class Instance:
     async def _follow_nodes(self) -> None:
         """EveryNode: a node that joins the cluster gets its proxies too (a node that
         leaves takes its proxies with it)."""
-        index = 1000        # above the indexes of the proxies started with the instance
+        index = 100_000     # above the indexes of the proxies started with the instance
         while not self.closed:
             await asyncio.sleep(NODE_WATCH_S)
-            live = {n["node_id"] for n in self.backend.nodes()}
+            live = {n["node_id"]: n for n in self.backend.nodes()}
             for kind, (options, nodes) in self._node_proxies.items():
-                nodes &= live
-                for node in live - nodes:
-                    nodes.add(node)
-                    index += 1
-                    task = self.loop.create_task(self._start_proxy(kind, options, index,
-                                                                   node_id=node))
-                    self._proxy_starts.add(task)
-                    task.add_done_callback(self._proxy_starts.discard)
+                nodes &= set(live)
+                for node_id in set(live) - nodes:
+                    nodes.add(node_id)
+                    for _ in range(_proxies_on(options, live[node_id])):
+                        index += 1
+                        task = self.loop.create_task(self._start_proxy(kind, options, index,
+                                                                       node_id=node_id))
+                        self._proxy_starts.add(task)
+                        task.add_done_callback(self._proxy_starts.discard)
 
     async def _start_http_proxies(self, options: HTTPOptions) -> dict[str, Any]:
         if self.backend.listen_host:

@@ -280,7 +280,7 @@ def test_fleet_run_of_a_yaml_config_with_backend_ray_serves_from_the_cluster(
         backend: ray
         ray_address: {ray_cluster.address}
         proxy_location: HeadOnly
-        http_options: {{host: 127.0.0.1, port: 0}}
+        http_options: {{host: 127.0.0.1, port: 0, num_proxies: 2}}
         applications:
           - import_path: apps.cli_apps:app
             deployments:
@@ -310,7 +310,14 @@ def test_fleet_run_of_a_yaml_config_with_backend_ray_serves_from_the_cluster(
         rep = status["applications"]["default"]["deployments"]["Hello"]["replicas"][0]
         assert len(rep["node_id"]) == 56            # a Ray node id, in hex
         assert len(status["proxies_by_node"]) == 1   # HeadOnly
-        actors = [psutil.Process(rep["pid"]), psutil.Process(status["proxies"]["http"]["pid"])]
+        # num_proxies: two proxy actors on the node, both listening on the one port
+        (head,) = status["proxies_by_node"].values()
+        pids = head["http"]["pids"]
+        assert len(set(pids)) == 2, head
+        for pid in pids:
+            assert any(c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                       for c in psutil.Process(pid).net_connections("tcp")), pid
+        actors = [psutil.Process(rep["pid"]), *(psutil.Process(pid) for pid in pids)]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -462,6 +469,16 @@ def test_a_killed_proxy_actor_on_a_live_node_is_started_again_on_its_port(cluste
             assert reply.status_code == 200, reply.text
     finally:
         fleet.delete("again")
+
+
+def test_num_proxies_on_a_cluster_counts_per_node_and_auto_is_the_nodes_cpus() -> None:
+    import types
+
+    from fleet._api import _proxies_on
+    node = {"node_id": "n", "cpus": 6.0}
+    assert _proxies_on(types.SimpleNamespace(num_proxies=2), node) == 2
+    assert _proxies_on(types.SimpleNamespace(num_proxies="auto"), node) == 6
+    assert _proxies_on(types.SimpleNamespace(num_proxies="auto"), {"cpus": 0}) == 1
 
 
 def test_a_replica_lost_with_its_node_before_it_started_is_placed_again() -> None:
