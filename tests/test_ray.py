@@ -316,20 +316,18 @@ def test_fleet_run_of_a_yaml_config_with_backend_ray_serves_from_the_cluster(
 
 def test_fleet_start_on_the_cluster_then_apply_status_and_shutdown(ray_cluster: Any,
                                                                    tmp_path: Any) -> None:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
-
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "fleet", *args], capture_output=True,
                               text=True, timeout=120, cwd=HERE)
 
     out = cli("start", "--backend", "ray", "--ray-address", ray_cluster.address,
-              "--proxy-location", "HeadOnly", "--port", "0", "--address", address)
+              "--proxy-location", "HeadOnly", "--port", "0", "--address", "127.0.0.1:0")
     assert out.returncode == 0, out.stderr
     line = next(x for x in out.stderr.splitlines() if "started instance pid" in x)
     daemon = psutil.Process(int(line.split("pid ")[1].split(";")[0]))
+    # the management API's port, bound by the instance and read back (one chosen here
+    # beforehand could be taken by another process in between)
+    address = line.split("management API at http://")[1].split()[0]
     try:
         config = tmp_path / "fleet.yaml"
         config.write_text(textwrap.dedent("""
