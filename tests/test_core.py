@@ -534,7 +534,7 @@ def test_shutdown_leaves_no_process_behind():
     children = [p for p in psutil.Process().children(recursive=True) if p not in before]
     assert len(children) >= 3       # proxy and two replicas
     fleet.shutdown()
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive
 
 
@@ -638,9 +638,9 @@ def test_run_blocking_serves_until_sigterm_then_shuts_down():
         assert r.json() == {"x": 1, "total": 5}
         family = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert proc.wait(60) == 0
         assert proc.stdout.read() == "returned after shutdown\n"
-        _, alive = psutil.wait_procs(family, timeout=10)
+        _, alive = psutil.wait_procs(family, timeout=30)
         assert not alive
     finally:
         if proc.poll() is None:
