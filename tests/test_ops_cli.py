@@ -193,8 +193,7 @@ def test_shutdown_leaves_no_instance_file_behind(tmp_path):
     rundir.mkdir(mode=0o700)
     env = dict(os.environ, XDG_RUNTIME_DIR=str(rundir))
     env.pop("FLEET_ADDRESS", None)
-    address = f"127.0.0.1:{free_port()}"
-    out = run("start", "--port", "0", "--address", address, env=env)
+    out = run("start", "--port", "0", "--address", "127.0.0.1:0", env=env)
     assert out.returncode == 0, out.stderr
     line = next(x for x in out.stderr.splitlines() if "started instance pid" in x)
     proc = psutil.Process(int(line.split("pid ")[1].split(";")[0]))
