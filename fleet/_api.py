@@ -220,6 +220,12 @@ class Instance:
                                                           self.management_fallback)
             except OSError as exc:
                 raise FleetError(str(exc)) from None
+            # beyond this machine's instance file (on Ray: a named actor of the cluster)
+            why = await self.loop.run_in_executor(None, self.backend.publish, {
+                "pid": os.getpid(), "node": self.backend.listen_host, "started": time.time(),
+                "management": self._management_record(), "token": self.ops.token})
+            if why:
+                logging.getLogger("fleet.instance").warning("%s", why)
         if self.register:
             self._write_instance_file()
 
@@ -427,11 +433,15 @@ class Instance:
                                 "backend": self.backend.name,
                                 "ray_address": self.ray_address}
         if self.ops is not None:
-            info["management"] = {"host": self.ops.host, "port": self.ops.port,
-                                  "scheme": self.ops.scheme, "url": self.ops.url()}
+            info["management"] = self._management_record()
             info["token"] = self.ops.token
         info.update(self.extra_info)
         _rundir.write_instance(info)
+
+    def _management_record(self) -> dict[str, Any]:
+        """Where the management API listens, as other processes find it."""
+        return {"host": self.ops.host, "port": self.ops.port, "scheme": self.ops.scheme,
+                "url": self.ops.url()}
 
     @property
     def management_info(self) -> dict[str, Any] | None:

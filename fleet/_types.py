@@ -370,3 +370,9 @@ class Backend(Protocol):
     def kill_all(self) -> None:
         """Last resort at interpreter exit, from any thread: end everything now."""
         ...
+
+    def publish(self, info: dict[str, Any]) -> str | None:
+        """Make the instance findable where its processes run, beyond this machine's
+        instance files (where its management API answers, and its token); None when
+        published or when the backend has no such place, else why not."""
+        ...

@@ -361,13 +361,33 @@ def test_fleet_start_on_the_cluster_then_apply_status_and_shutdown(ray_cluster: 
         assert len(rep["node_id"]) == 56            # a Ray node id, in hex: on the cluster
         assert len(status["proxies_by_node"]) == 1   # HeadOnly
         actor = psutil.Process(rep["pid"])
-        out = cli("shutdown", "--address", address)
+        # found through the cluster, by a process that has no instance file to read
+        elsewhere = {k: v for k, v in os.environ.items()
+                     if k not in ("FLEET_ADDRESS", "FLEET_TOKEN", "RAY_ADDRESS")}
+        elsewhere["XDG_RUNTIME_DIR"] = str(tmp_path / "empty")
+        os.mkdir(elsewhere["XDG_RUNTIME_DIR"], 0o700)
+        found = subprocess.run([sys.executable, "-m", "fleet", "status", "-o", "json",
+                                "--ray-address", ray_cluster.address], capture_output=True,
+                               text=True, timeout=120, cwd=HERE, env=elsewhere)
+        assert found.returncode == 0, found.stderr
+        assert json.loads(found.stdout)["applications"]["default"]["status"] == "RUNNING"
+        out = subprocess.run([sys.executable, "-m", "fleet", "shutdown"], capture_output=True,
+                             text=True, timeout=120, cwd=HERE,
+                             env=dict(elsewhere, RAY_ADDRESS=ray_cluster.address))
         assert out.returncode == 0, out.stderr
     finally:
         if daemon.is_running():
             daemon.terminate()
     _, alive = psutil.wait_procs([daemon, actor], timeout=60)
     assert not alive, alive
+    gone = subprocess.run([sys.executable, "-m", "fleet", "status", "--ray-address",
+                           ray_cluster.address], capture_output=True, text=True,
+                          timeout=120, cwd=HERE, env=elsewhere)
+    assert gone.returncode == 1
+    assert gone.stderr.strip().splitlines() == [
+        f"fleet: error: no fleet instance runs on the Ray cluster at ray_address="
+        f"{ray_cluster.address!r}; start one with `fleet start --backend ray "
+        f"--ray-address {ray_cluster.address}`"]
 
 
 def test_fleet_start_ray_address_without_backend_ray_is_one_line() -> None:

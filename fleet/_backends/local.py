@@ -115,6 +115,10 @@ class LocalBackend:
                 self.kill(proc)
         self.procs.clear()
 
+    def publish(self, info: dict[str, Any]) -> str | None:
+        """Nothing to do: the instance file on this machine is how others find it."""
+        return None
+
     def kill_all(self) -> None:
         """Last resort at interpreter exit: nothing is left behind."""
         for proc in list(self.procs.values()):

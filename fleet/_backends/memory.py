@@ -96,5 +96,9 @@ class MemoryBackend:
             await self.stop_replica(proc, 5.0)
         self.procs.clear()
 
+    def publish(self, info: dict[str, Any]) -> str | None:
+        """Nothing to do: the instance file on this machine is how others find it."""
+        return None
+
     def kill_all(self) -> None:
         """Nothing to do: the tasks end with the instance's loop."""

@@ -34,6 +34,9 @@ DEFAULT_NUM_CPUS = 1.0
 # Threads of an actor: one waits for the replica's end, the others answer ready and stop.
 ACTOR_CONCURRENCY = 4
 NODES_TTL_S = 0.5
+# Where an instance on a cluster can be found (see RayBackend.publish).
+DIRECTORY_NAME = "fleet-controller"
+DIRECTORY_NAMESPACE = "fleet"
 
 
 def import_ray() -> Any:
@@ -86,6 +89,27 @@ def connect(address: str | None, runtime_env: dict[str, Any] | None = None
         if main_thread and handler is not None:
             signal.signal(signal.SIGTERM, handler)
     return ray, True
+
+
+def find_instance(address: str) -> dict[str, Any]:
+    """What the instance on the Ray cluster at address published (RayBackend.publish);
+    one-line FleetError when Ray is missing, no cluster answers or no instance runs."""
+    ray, joined = connect(address)
+    try:
+        try:
+            directory = ray.get_actor(DIRECTORY_NAME, namespace=DIRECTORY_NAMESPACE)
+        except ValueError:
+            raise FleetError(f"no fleet instance runs on the Ray cluster at ray_address="
+                             f"{address!r}; start one with `fleet start --backend ray "
+                             f"--ray-address {address}`") from None
+        try:
+            return dict(ray.get(directory.info.remote(), timeout=CONNECT_TIMEOUT_S))
+        except Exception as exc:  # noqa: BLE001 - its owner is exiting
+            raise FleetError(f"the fleet instance on the Ray cluster at ray_address="
+                             f"{address!r} does not answer: {type(exc).__name__}") from None
+    finally:
+        if joined:
+            ray.shutdown()
 
 
 def _demand(options: dict[str, Any]) -> dict[str, float]:
@@ -232,6 +256,7 @@ class RayBackend:
         self.procs: dict[str, RayProcess] = {}
         self._nodes: list[dict[str, Any]] = []
         self._nodes_at = 0.0
+        self._directory: Any = None     # the named actor publish() made
 
     # -- nodes -------------------------------------------------------------------------
     def nodes(self) -> list[dict[str, Any]]:
@@ -386,14 +411,45 @@ class RayBackend:
 
     # -- the end ----------------------------------------------------------------------
     async def shutdown(self) -> None:
+        self._unpublish()
         for proc in list(self.procs.values()):
             self.terminate(proc)
         await asyncio.gather(*[self.stop_replica(p, 5.0) for p in list(self.procs.values())],
                              return_exceptions=True)
         self.procs.clear()
 
+    def publish(self, info: dict[str, Any]) -> str | None:
+        """A named actor (DIRECTORY_NAME in DIRECTORY_NAMESPACE) holding info, so that
+        ``fleet status --ray-address ...`` finds the instance from any process that can
+        join the cluster. It belongs to this process and ends with it. A cluster holds
+        one: when another instance's is there, say so and leave it."""
+        from fleet._backends import ray_actors
+        actor_class: Any = ray_actors.InstanceDirectory
+        try:
+            self._directory = actor_class.options(
+                name=DIRECTORY_NAME, namespace=DIRECTORY_NAMESPACE, num_cpus=0,
+                max_restarts=0).remote(info)
+            self.ray.get(self._directory.info.remote(), timeout=30)
+        except ValueError:      # the name is taken
+            self._directory = None
+            return (f"another fleet instance on this Ray cluster holds the name "
+                    f"{DIRECTORY_NAME!r}: --ray-address finds that one, not this one")
+        except Exception as exc:  # noqa: BLE001 - a cluster that cannot make it
+            self._directory = None
+            return f"could not publish the instance on the Ray cluster: {exc}"
+        return None
+
+    def _unpublish(self) -> None:
+        directory, self._directory = self._directory, None
+        if directory is not None:
+            try:
+                self.ray.kill(directory)
+            except Exception:  # noqa: BLE001 - Ray is leaving already
+                pass
+
     def kill_all(self) -> None:
         """Last resort at exit: kill every actor; leave Ray if this backend joined it."""
+        self._unpublish()
         for proc in list(self.procs.values()):
             self.kill(proc)
         self.procs.clear()

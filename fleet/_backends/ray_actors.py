@@ -92,6 +92,18 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 
 
 @ray.remote
+class InstanceDirectory:
+    """Where the fleet instance of this cluster answers: its management API's address
+    and token, the owner's pid and node. Owned by the instance's driver."""
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        self._info = dict(info)
+
+    def info(self) -> dict[str, Any]:
+        return self._info
+
+
+@ray.remote
 class ProxyActor:
     """One HTTP or gRPC proxy on its node."""
 

@@ -1,9 +1,11 @@
 """How the ``fleet`` command finds an instance and talks to its management API.
 
 The instance is found in this order, the first source present winning: ``--address``,
-``FLEET_ADDRESS``, the instance files in the user's private runtime directory (the
-newest live one), and the default address 127.0.0.1:8100. The token comes from
-``--token``, else ``FLEET_TOKEN``, else the instance file of the instance at that address.
+``FLEET_ADDRESS``, ``--ray-address`` or ``RAY_ADDRESS`` (the instance that published
+itself on that Ray cluster), the instance files in the user's private runtime directory
+(the newest live one), and the default address 127.0.0.1:8100. The token comes from
+``--token``, else ``FLEET_TOKEN``, else the instance file of the instance at that address
+(or what it published on Ray).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def _url(scheme: str, host: str, port: int) -> str:
 
 
 def find(address: str | None = None, token: str | None = None,
-         say: Any = None) -> Target:
+         say: Any = None, ray_address: str | None = None) -> Target:
     """The instance to talk to (see the module's docstring); say(line) reports a choice
     among several live instances."""
     token = token or os.environ.get("FLEET_TOKEN") or None
@@ -72,6 +74,9 @@ def find(address: str | None = None, token: str | None = None,
         chosen, source = address, "--address"
     elif os.environ.get("FLEET_ADDRESS"):
         chosen, source = os.environ["FLEET_ADDRESS"], "FLEET_ADDRESS"
+    elif ray_address or os.environ.get("RAY_ADDRESS"):
+        return _on_ray(ray_address or os.environ["RAY_ADDRESS"],
+                       "--ray-address" if ray_address else "RAY_ADDRESS", token, ca)
     files = _files()
     if chosen is not None:
         host, port = split_address(chosen, source)
@@ -96,6 +101,19 @@ def find(address: str | None = None, token: str | None = None,
                       int(info["pid"]))
     host, port = split_address(DEFAULT_ADDRESS, "default address")
     return Target(_url("http", host, port), "default", token, ca or True)
+
+
+def _on_ray(address: str, source: str, token: str | None, ca: str | None) -> Target:
+    """The instance that published itself on the Ray cluster at address."""
+    from fleet._backends.ray import find_instance
+    from fleet.exceptions import FleetError
+    try:
+        info = find_instance(address)
+    except FleetError as exc:
+        raise ClientError(str(exc)) from None
+    m = info["management"]
+    return Target(_url(m.get("scheme", "http"), m["host"], int(m["port"])), source,
+                  token or info.get("token"), ca or False, int(info["pid"]))
 
 
 class Client:

@@ -29,8 +29,23 @@ address_option = click.option("--address", default=None, metavar="HOST:PORT",
                               help="The instance's management address (default: "
                                    "FLEET_ADDRESS, else the newest instance of yours on "
                                    "this machine, else 127.0.0.1:8100).")
-token_option = click.option("--token", default=None, help="The instance's token (default: "
-                            "FLEET_TOKEN, else read from the runtime directory).")
+_token_option = click.option("--token", default=None, help="The instance's token (default: "
+                             "FLEET_TOKEN, else read from the runtime directory).")
+
+
+def _remember_ray_address(ctx: click.Context, _param: Any, value: str | None) -> None:
+    ctx.meta["fleet.ray_address"] = value
+
+
+_ray_lookup_option = click.option(
+    "--ray-address", default=None, expose_value=False, callback=_remember_ray_address,
+    help="Find the instance on this Ray cluster (default: RAY_ADDRESS), after --address "
+         "and FLEET_ADDRESS.")
+
+
+def token_option(fn: Any) -> Any:
+    """--token and --ray-address, for every command that talks to a running instance."""
+    return _token_option(_ray_lookup_option(fn))
 
 
 def _say(line: str) -> None:
@@ -39,8 +54,10 @@ def _say(line: str) -> None:
 
 def connect(address: str | None, token: str | None) -> Client:
     from fleet._manage.client import Client, ClientError, find
+    ctx = click.get_current_context(silent=True)
+    ray_address = ctx.meta.get("fleet.ray_address") if ctx is not None else None
     try:
-        return Client(find(address, token, say=_say))
+        return Client(find(address, token, say=_say, ray_address=ray_address))
     except ClientError as exc:
         raise CLIError(str(exc)) from None
 
