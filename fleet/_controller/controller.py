@@ -41,6 +41,8 @@ log = logging.getLogger("fleet.controller")
 
 TICK_S = 0.2
 MAX_START_FAILURES = 3
+# How long fleet.run and fleet.delete wait for connected proxies to apply new routes.
+PROXY_CATCH_UP_S = 30.0
 # How much of a request error's message and traceback status keeps.
 ERROR_TEXT_MAX = 8192
 # A replica leaves the routing tables before it is told to drain; subscribers get this
@@ -798,12 +800,19 @@ class Controller:
                 pass
 
     async def _proxies_caught_up(self) -> None:
-        """Wait until every proxy applied the current tables, so routes are live."""
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
+        """Wait until every connected proxy applied the current tables, so routes are
+        live (a proxy that died is not waited for: its connection closed). One that is
+        connected but does not catch up within PROXY_CATCH_UP_S is named in the log."""
+        deadline = time.monotonic() + PROXY_CATCH_UP_S
+        while True:
             lagging = [c for c in self.subscribers if isinstance(c.tag, tuple)
                        and c.tag[0] == "proxy" and (c.acked or 0) < self.version]
             if not lagging:
+                return
+            if time.monotonic() >= deadline:
+                log.warning("proxies %s have not applied routing tables version %s after "
+                            "%g s; their routes may lag", [c.tag[1:] for c in lagging],
+                            self.version, PROXY_CATCH_UP_S)
                 return
             try:
                 await asyncio.wait_for(self._changed.wait(), 0.5)
