@@ -41,7 +41,8 @@ log = logging.getLogger("fleet.controller")
 
 TICK_S = 0.2
 MAX_START_FAILURES = 3
-# How long fleet.run and fleet.delete wait for connected proxies to apply new routes.
+# How long fleet.run and fleet.delete wait for connected proxies to apply new routes (and
+# fleet.run for the gRPC proxy to open the port a driver asked for).
 PROXY_CATCH_UP_S = 30.0
 # How much of a request error's message and traceback status keeps.
 ERROR_TEXT_MAX = 8192
@@ -781,7 +782,7 @@ class Controller:
 
     async def _grpc_port_open(self, port: int) -> None:
         """Wait until the gRPC proxy listens on the port a driver asked for."""
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + PROXY_CATCH_UP_S
         while True:
             info = self.proxies.get("grpc", {})
             if port in info.get("ports", ()):
@@ -793,7 +794,7 @@ class Controller:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise FleetError(f"the gRPC proxy did not start listening on port {port} "
-                                 "within 10 s; see its log")
+                                 f"within {PROXY_CATCH_UP_S:g} s; see its log")
             try:
                 await asyncio.wait_for(self._changed.wait(), left)
             except asyncio.TimeoutError:
