@@ -401,6 +401,17 @@ def test_grpc_options_alone_do_not_start_the_grpc_proxy(tmp_path, grpc, expected
         assert not alive
 
 
+def test_start_help_says_where_its_management_api_listens():
+    # fleet start makes an instance: its --address is where the API listens, not the
+    # FLEET_ADDRESS or newest instance the other commands look for
+    out = run("start", "--help")
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "--address HOST:PORT Where the management API listens (default: 127.0.0.1:8100;" \
+        in text, text
+    assert "FLEET_ADDRESS" not in text and "newest instance" not in text
+
+
 def test_start_that_cannot_serve_says_why_in_one_line():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

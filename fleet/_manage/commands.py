@@ -63,7 +63,9 @@ def get(client: Client, path: str, **kwargs: Any) -> Any:
 @click.option("--host", default=None, help="HTTP host (default: 127.0.0.1).")
 @click.option("--port", default=None, type=int, help="HTTP port (default: 8000).")
 @click.option("--grpc-port", default=None, type=int, help="Also serve gRPC on this port.")
-@address_option
+@click.option("--address", default=None, metavar="HOST:PORT",
+              help="Where the management API listens (default: 127.0.0.1:8100; "
+                   "0.0.0.0:PORT listens everywhere).")
 @click.option("--max-log-bytes", default=MAX_LOG_BYTES, type=click.IntRange(min=4096),
               hidden=True, help="Cut the instance's log file back past this size.")
 @backend_options
