@@ -867,8 +867,18 @@ class StopSignals:
 
     def __call__(self, signum: int, _frame: Any) -> None:
         self.event.set()
+        _going_down()
         if not self._serving:
             raise KeyboardInterrupt(f"signal {signum} while starting")
+
+
+def _going_down() -> None:
+    """A stop signal reached this process: its own instance's controller replaces no
+    replica from now on (a signal to the process group stops them too, on their own),
+    before the main thread gets to shut it down."""
+    inst = _instance
+    if isinstance(inst, Instance) and inst.controller is not None:
+        inst.controller.going_down = True
 
 
 def _stop_on_sigterm() -> StopSignals:

@@ -76,6 +76,10 @@ class Controller:
         self._proxy_nodes: dict[tuple[str, int], str] = {}     # (kind, index) -> node id
         self.traffic: dict[str, Any] = {}
         self._closing = False
+        # Set from any thread once the instance is about to shut down (a stop signal
+        # reached its process): replicas that exit from then on, as the ones a signal to
+        # the whole process group stops, are not replaced nor reported as failures.
+        self.going_down = False
         # Open Inference Protocol models unloaded through the repository extension:
         # model -> the deploy call that brings it back.
         self._unloaded: dict[str, tuple[str, str | None, list[DeploymentPlan], str]] = {}
@@ -148,6 +152,8 @@ class Controller:
         self.metrics.inc(name, labels)
 
     async def _reconcile_all(self) -> None:
+        if self.going_down:         # shutdown() stops what runs; nothing new starts
+            return
         now = time.monotonic()
         for app in list(self.apps.values()):
             for dep in list(app.deployments.values()):
@@ -318,6 +324,12 @@ class Controller:
         if rec.proc is not None:
             self.backend.kill(rec.proc)
         code = rec.proc.exit_code() if rec.proc is not None else None
+        if self.going_down or self._closing:
+            log.info("replica %s of %s/%s stopped as the instance shuts down",
+                     rec.replica_id, dep.app, dep.name)
+            self.metrics.forget("replica", rec.replica_id)
+            self._notify()
+            return
         log.warning("replica %s of %s/%s is gone: %s (exit code %s); replacing it",
                     rec.replica_id, dep.app, dep.name, why, code)
         self._count("fleet_replica_failures_total", dep)
