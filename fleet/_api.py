@@ -859,8 +859,10 @@ class StopSignals:
     ``event`` for the main loop to stop."""
 
     def __init__(self) -> None:
+        from fleet import _signals
         self.event = threading.Event()
         self._serving = False
+        _signals.watch()    # the controller sees the signal before this handler runs
 
     def serving(self) -> None:
         self._serving = True

@@ -101,6 +101,43 @@ def test_run_ctrl_c_stops_cleanly():
     assert not alive
 
 
+def test_a_stop_signal_is_seen_from_other_threads_before_its_handler_runs():
+    # SIGTERM to fleet run's process group stops the replicas on their own while the
+    # driver's handler waits for the main thread; the controller's thread reads the
+    # signal from the wakeup pipe at once, so it replaces none of them
+    script = textwrap.dedent("""
+        import os, signal, threading
+        from fleet import _signals
+        from fleet._api import StopSignals
+        stop = StopSignals()
+        stop.serving()
+        signal.signal(signal.SIGTERM, stop)
+        seen = []
+        main_blocks = threading.Event()
+        def other_thread():
+            main_blocks.wait(10)
+            seen.append(_signals.stop_signalled())
+            # the main thread blocks SIGTERM, so the kernel runs the C-level handler on
+            # this thread before kill() returns; the Python handler waits for main
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen.append(_signals.stop_signalled())
+            seen.append(_signals.stop_signalled())  # it stays seen
+            seen.append(stop.event.is_set())
+        t = threading.Thread(target=other_thread)
+        t.start()
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+        main_blocks.set()
+        t.join()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+        stop.event.wait(10)
+        print(seen, stop.event.is_set())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[False, True, True, False] True"
+
+
 def test_run_yaml_config_with_args_and_overrides(tmp_path):
     config = tmp_path / "fleet.yaml"
     config.write_text(textwrap.dedent("""

@@ -20,6 +20,7 @@ from fleet._controller.history import Events, Revisions
 from fleet._controller.metrics import Store, summary
 from fleet._controller.state import AppState, DeploymentState, ReplicaRecord
 from fleet._plan import DeploymentPlan
+from fleet._signals import stop_signalled
 from fleet._types import (
     Backend,
     ControlMessage,
@@ -151,8 +152,13 @@ class Controller:
             labels += (("replica", rec.replica_id),)
         self.metrics.inc(name, labels)
 
+    def _is_going_down(self) -> bool:
+        if not self.going_down and stop_signalled():
+            self.going_down = True
+        return self.going_down
+
     async def _reconcile_all(self) -> None:
-        if self.going_down:         # shutdown() stops what runs; nothing new starts
+        if self._is_going_down():   # shutdown() stops what runs; nothing new starts
             return
         now = time.monotonic()
         for app in list(self.apps.values()):
@@ -324,7 +330,7 @@ class Controller:
         if rec.proc is not None:
             self.backend.kill(rec.proc)
         code = rec.proc.exit_code() if rec.proc is not None else None
-        if self.going_down or self._closing:
+        if self._closing or self._is_going_down():
             log.info("replica %s of %s/%s stopped as the instance shuts down",
                      rec.replica_id, dep.app, dep.name)
             self.metrics.forget("replica", rec.replica_id)
