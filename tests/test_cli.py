@@ -70,6 +70,8 @@ def test_version_and_help():
     assert out.returncode == 0 and "0.1.0" in out.stdout
     out = run_to_end("--help")
     assert out.returncode == 0 and "run" in out.stdout and "status" in out.stdout
+    out = run_to_end("run", "--help")      # where a config file's import paths are found
+    assert "(default: the current one, for a config file too)" in " ".join(out.stdout.split())
 
 
 def test_run_serves_and_sigterm_leaves_no_process_behind():
