@@ -310,6 +310,43 @@ def test_run_takes_a_free_management_port_when_its_own_is_taken(tmp_path):
             assert not alive
 
 
+def test_apply_says_which_proxy_options_of_the_file_it_does_not_apply(started, tmp_path):
+    _pid, http, _address = started
+    config = tmp_path / "proxies.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        http_options:
+          host: 127.0.0.1
+          port: {free_port()}
+        grpc_options:
+          grpc_servicer_functions:
+            - protos.fleet_greet_pb2_grpc.add_GreetServiceServicer_to_server
+        applications:
+          - name: app
+            route_prefix: /app
+            import_path: apps.cli_apps:app
+    """))
+    out = run("apply", str(config), "--app-dir", HERE)
+    assert out.returncode == 0, out.stderr
+    notes = [ln for ln in out.stderr.splitlines() if "not applied" in ln]
+    assert notes == [
+        f"fleet: {config}: not applied, as fleet apply changes applications only: "
+        "http_options.port, grpc_options (no gRPC proxy runs) (the running instance's "
+        f"differ); proxy options take effect when an instance starts (`fleet run {config}`, "
+        "or `fleet start` with --host, --port, --grpc-port)"], out.stderr
+    assert httpx.get(f"{http}/app").status_code == 200
+    # options the instance has already, and a file without any, say nothing
+    config.write_text(textwrap.dedent("""\
+        http_options:
+          host: 127.0.0.1
+        applications:
+          - name: app
+            route_prefix: /app
+            import_path: apps.cli_apps:app
+    """))
+    out = run("apply", str(config), "--app-dir", HERE)
+    assert out.returncode == 0 and "not applied" not in out.stderr, out.stderr
+
+
 def test_build_writes_a_config_apply_takes_back_unchanged(started, tmp_path):
     _pid, http, _address = started
     out_file = tmp_path / "built.yaml"
