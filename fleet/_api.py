@@ -211,12 +211,11 @@ class Instance:
         # Several proxies share one listening socket, bound here once: a port another
         # process holds fails as it does for one proxy, and nothing else can join it
         # (SO_REUSEPORT would let a second instance share the port silently).
-        from fleet._proxy.startup import bind_socket
+        from fleet._proxy.startup import bind_socket, cannot_listen
         try:
             sock = bind_socket(options.host, options.port)
         except OSError as exc:
-            return {"error": f"the HTTP proxy cannot listen on {options.host}:"
-                             f"{options.port}: {exc}"}
+            return {"error": cannot_listen("HTTP", options.host, options.port, exc)}
         try:
             infos = await asyncio.gather(*[
                 self._start_proxy("http", options, index, sock.fileno())
@@ -229,18 +228,18 @@ class Instance:
         if self.backend.listen_host:
             return await self._start_node_proxies("grpc", options)
         count = proxy_count(options.num_proxies)
-        if count == 1:
-            return await self._start_proxy("grpc", options)
-        # grpc.aio binds its ports itself, so the proxies share the port with
-        # SO_REUSEPORT; a port another process holds is found first, with a socket
-        # that asks for no sharing, so it fails as it does for one proxy.
+        # grpc.aio binds its ports itself: several proxies share the port with
+        # SO_REUSEPORT, and a port another process holds makes grpc's core log its own
+        # lines before it fails. So that port is found first, with a socket that asks
+        # for no sharing, and is one line.
         if options.port:
-            from fleet._proxy.startup import bind_socket
+            from fleet._proxy.startup import bind_socket, cannot_listen
             try:
                 bind_socket(options.host, options.port).close()
             except OSError as exc:
-                return {"error": f"the gRPC proxy cannot listen on {options.host}:"
-                                 f"{options.port}: {exc}"}
+                return {"error": cannot_listen("gRPC", options.host, options.port, exc)}
+        if count == 1:
+            return await self._start_proxy("grpc", options)
         first = await self._start_proxy("grpc", options, 0, shared=True)
         if "error" in first:
             return first

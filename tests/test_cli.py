@@ -140,6 +140,23 @@ def test_a_stop_signal_is_seen_from_other_threads_before_its_handler_runs():
     assert out.stdout.strip() == "[False, True, True, False] True"
 
 
+@pytest.mark.parametrize("kind,flags", [("HTTP", ["--port"]),
+                                        ("gRPC", ["--port", "0", "--grpc-port"])])
+def test_a_port_another_process_holds_is_one_line_saying_what_to_do(kind, flags):
+    # grpc's core logs lines of its own when its bind fails: the port is checked first
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run_to_end("run", "apps.cli_apps:app", "--app-dir", HERE, *flags, str(port))
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        f"fleet: error: the {kind} proxy cannot listen on 127.0.0.1:{port}: [Errno 98] "
+        "Address already in use; stop what uses it or pick another port (0 picks a free "
+        "one)"], out.stderr
+
+
 def test_run_yaml_config_with_args_and_overrides(tmp_path):
     config = tmp_path / "fleet.yaml"
     config.write_text(textwrap.dedent("""
