@@ -14,6 +14,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import cloudpickle
@@ -41,6 +42,54 @@ T = TypeVar("T")
 PROXY_START_TIMEOUT_S = 30.0
 # How often an instance on a cluster looks for nodes that joined (EveryNode proxies).
 NODE_WATCH_S = 1.0
+# How often the instance checks that the proxies it started still run.
+PROXY_WATCH_S = 0.1
+# A proxy that died is started again after a delay that doubles with each failure in a
+# row, from the first to the last; a proxy that served this long counts as well again.
+PROXY_RESTART_FIRST_S = 0.1
+PROXY_RESTART_MAX_S = 5.0
+PROXY_STABLE_S = 30.0
+
+log = logging.getLogger("fleet.proxies")
+
+
+def restart_delay(failures: int, first_s: float = PROXY_RESTART_FIRST_S,
+                  max_s: float = PROXY_RESTART_MAX_S) -> float:
+    """How long to wait before starting a proxy again after failures deaths or failed
+    starts in a row (0 for the first): first_s doubling up to max_s."""
+    return min(max_s, first_s * 2.0 ** min(max(failures, 0), 32))
+
+
+@dataclass
+class ProxySlot:
+    """A proxy the instance started and keeps running: how to start it again on the same
+    port (and node), the process that runs it now and how it has fared."""
+
+    kind: str
+    index: int
+    options: Any                  # with the port it listens on (never 0 once serving)
+    listen_fd: int | None         # the listening socket it shares (several HTTP proxies)
+    shared: bool                  # SO_REUSEPORT with its siblings (gRPC, num_proxies > 1)
+    node_id: str
+    proc: Any
+    pid: int | None
+    serving_since: float          # loop time it reported serving
+    failures: int = 0             # deaths and failed starts in a row
+    restarting: bool = False
+
+    @property
+    def name(self) -> str:
+        label = "HTTP" if self.kind == "http" else "gRPC"
+        where = f" on node {self.node_id}" if self.node_id else ""
+        return f"{label} proxy {self.index}{where}"
+
+
+def _proxies_on(options: Any, node: dict[str, Any]) -> int:
+    """How many proxies of options' kind a cluster node runs: num_proxies ("auto": one
+    per CPU the node has)."""
+    if options.num_proxies == "auto":
+        return max(1, int(node.get("cpus") or 1))
+    return max(1, int(options.num_proxies))
 
 
 def instance_file() -> str:
@@ -110,6 +159,12 @@ class Instance:
         self._node_proxies: dict[str, tuple[Any, set[str]]] = {}
         self._node_watch: asyncio.Task[None] | None = None
         self._proxy_starts: set[asyncio.Task[Any]] = set()
+        # every proxy this instance started, by (kind, index): watched and started again
+        # when it dies; the listening sockets several HTTP proxies share are kept open here
+        # for the instance's life, so that a replacement gets the same socket
+        self._proxy_slots: dict[tuple[str, int], ProxySlot] = {}
+        self._proxy_watch: asyncio.Task[None] | None = None
+        self._shared_sockets: list[Any] = []
         self.owned = True
         # every process's log file goes here (fleet/_logs.py)
         self.logs_dir = _logs.instance_dir(os.path.basename(self.dir),
@@ -169,18 +224,22 @@ class Instance:
             self._write_instance_file()
 
     async def _start_node_proxies(self, kind: str, options: Any) -> dict[str, Any]:
-        """On a cluster: a proxy per node (proxy_location EveryNode) or on the head node
-        only (HeadOnly), all on one port; nodes sharing a host share it (SO_REUSEPORT)."""
-        nodes = [n["node_id"] for n in self.backend.nodes()]
+        """On a cluster: num_proxies proxies per node (proxy_location EveryNode) or on the
+        head node only (HeadOnly), all on one port; proxies sharing a host share it
+        (SO_REUSEPORT), so the kernel spreads a node's connections over its proxies."""
+        nodes = self.backend.nodes()
         if self.proxy_location == "HeadOnly":
             nodes = nodes[:1]
-        first = await self._start_proxy(kind, options, 0, node_id=nodes[0])
+        first = await self._start_proxy(kind, options, 0, node_id=nodes[0]["node_id"])
         if "error" in first:
             return first
         same_port = options.model_copy(update={"port": first["port"]})
-        self._node_proxies[kind] = (same_port, set(nodes))
-        infos = await asyncio.gather(*[self._start_proxy(kind, same_port, index, node_id=node)
-                                       for index, node in enumerate(nodes[1:], 1)])
+        self._node_proxies[kind] = (same_port, {n["node_id"] for n in nodes})
+        wanted = [(node["node_id"], j) for node in nodes
+                  for j in range(_proxies_on(options, node))][1:]   # the first one runs
+        infos = await asyncio.gather(*[
+            self._start_proxy(kind, same_port, index, node_id=node_id)
+            for index, (node_id, _) in enumerate(wanted, 1)])
         if self.proxy_location == "EveryNode" and self._node_watch is None:
             self._node_watch = self.loop.create_task(self._follow_nodes())
         return next((i for i in infos if "error" in i), first)
@@ -188,19 +247,20 @@ class Instance:
     async def _follow_nodes(self) -> None:
         """EveryNode: a node that joins the cluster gets its proxies too (a node that
         leaves takes its proxies with it)."""
-        index = 1000        # above the indexes of the proxies started with the instance
+        index = 100_000     # above the indexes of the proxies started with the instance
         while not self.closed:
             await asyncio.sleep(NODE_WATCH_S)
-            live = {n["node_id"] for n in self.backend.nodes()}
+            live = {n["node_id"]: n for n in self.backend.nodes()}
             for kind, (options, nodes) in self._node_proxies.items():
-                nodes &= live
-                for node in live - nodes:
-                    nodes.add(node)
-                    index += 1
-                    task = self.loop.create_task(self._start_proxy(kind, options, index,
-                                                                   node_id=node))
-                    self._proxy_starts.add(task)
-                    task.add_done_callback(self._proxy_starts.discard)
+                nodes &= set(live)
+                for node_id in set(live) - nodes:
+                    nodes.add(node_id)
+                    for _ in range(_proxies_on(options, live[node_id])):
+                        index += 1
+                        task = self.loop.create_task(self._start_proxy(kind, options, index,
+                                                                       node_id=node_id))
+                        self._proxy_starts.add(task)
+                        task.add_done_callback(self._proxy_starts.discard)
 
     async def _start_http_proxies(self, options: HTTPOptions) -> dict[str, Any]:
         if self.backend.listen_host:
@@ -216,12 +276,11 @@ class Instance:
             sock = bind_socket(options.host, options.port)
         except OSError as exc:
             return {"error": cannot_listen("HTTP", options.host, options.port, exc)}
-        try:
-            infos = await asyncio.gather(*[
-                self._start_proxy("http", options, index, sock.fileno())
-                for index in range(count)])
-        finally:
-            sock.close()        # the proxies hold their own copies
+        # kept open until shutdown: a proxy that dies is replaced on this same socket
+        self._shared_sockets.append(sock)
+        infos = await asyncio.gather(*[
+            self._start_proxy("http", options, index, sock.fileno())
+            for index in range(count)])
         return next((i for i in infos if "error" in i), infos[0])
 
     async def _start_grpc_proxies(self, options: GRPCOptions) -> dict[str, Any]:
@@ -252,6 +311,27 @@ class Instance:
     async def _start_proxy(self, kind: str, options: Any, index: int = 0,
                            listen_fd: int | None = None, shared: bool = False,
                            node_id: str = "") -> dict[str, Any]:
+        """Start a proxy and wait until it serves (or says why it cannot); from then on
+        it is watched and started again, on the same port, whenever it dies."""
+        info, proc = await self._spawn_proxy(kind, options, index, listen_fd, shared,
+                                             node_id)
+        if "error" in info or self.closed:
+            return info
+        if not getattr(options, "port", 0) and info.get("port"):
+            options = options.model_copy(update={"port": info["port"]})
+        self._proxy_slots[(kind, index)] = ProxySlot(
+            kind, index, options, listen_fd, shared, node_id, proc, info.get("pid"),
+            self.loop.time())
+        if self._proxy_watch is None:
+            self._proxy_watch = self.loop.create_task(self._watch_proxies())
+        return info
+
+    async def _spawn_proxy(self, kind: str, options: Any, index: int,
+                           listen_fd: int | None, shared: bool, node_id: str,
+                           timeout_s: float | None = None) -> tuple[dict[str, Any], Any]:
+        """Start one proxy process (or actor) and wait for its report: (what it reported
+        or an "error", the process). With timeout_s, one that neither serves nor exits by
+        then is killed."""
         assert self.controller is not None
         waiter = self.controller.expect_proxy(kind, index, node_id)
         boot = {"kind": kind, "controller_address": self.address, "secret": self.secret,
@@ -265,13 +345,77 @@ class Instance:
         key = f"proxy-{kind}" if index == 0 else f"proxy-{kind}-{index}"
         proc = self.backend.spawn(key, "fleet._proxy", boot,
                                   () if listen_fd is None else (listen_fd,))
+        deadline = None if timeout_s is None else self.loop.time() + timeout_s
         while True:
             try:
-                return await asyncio.wait_for(asyncio.shield(waiter), 0.1)
+                return await asyncio.wait_for(asyncio.shield(waiter), 0.1), proc
             except asyncio.TimeoutError:
                 if not proc.alive():
                     return {"error": f"the {kind} proxy process exited with code "
-                                     f"{proc.exit_code()} before serving; see its output above"}
+                                     f"{proc.exit_code()} before serving; see its output "
+                                     "above"}, proc
+                if deadline is not None and self.loop.time() > deadline:
+                    self.backend.kill(proc)
+                    return {"error": f"the {kind} proxy did not report serving within "
+                                     f"{timeout_s:g} s; it was killed"}, proc
+
+    async def _watch_proxies(self) -> None:
+        """Start again every proxy that died, each in a task of its own (none waits for
+        another): a local process that exited, a Ray actor that died on a live node."""
+        while not self.closed:
+            await asyncio.sleep(PROXY_WATCH_S)
+            for slot in list(self._proxy_slots.values()):
+                if self.closed:
+                    return
+                if slot.restarting or slot.proc.alive():
+                    continue
+                slot.restarting = True
+                task = self.loop.create_task(self._restart_proxy(slot))
+                self._proxy_starts.add(task)
+                task.add_done_callback(self._proxy_starts.discard)
+
+    def _node_is_live(self, node_id: str) -> bool:
+        return not node_id or any(n["node_id"] == node_id for n in self.backend.nodes())
+
+    async def _restart_proxy(self, slot: ProxySlot) -> None:
+        """Start a proxy that died again, with its kind, index, options, port (and node),
+        backing off while it keeps failing; until it serves, or the instance closes, or
+        its node is gone."""
+        port = slot.options.port
+        code = slot.proc.exit_code()
+        if self.loop.time() - slot.serving_since >= PROXY_STABLE_S:
+            slot.failures = 0
+        delay = restart_delay(slot.failures)
+        log.warning("the %s (pid %s) exited with code %s; starting a new one on port %s "
+                    "in %.1f s", slot.name, slot.pid, code, port, delay)
+        while not self.closed:
+            await asyncio.sleep(delay)
+            if self.closed:
+                return
+            if not self._node_is_live(slot.node_id):
+                log.info("the %s is not started again: its node left the cluster", slot.name)
+                self._proxy_slots.pop((slot.kind, slot.index), None)
+                return
+            slot.failures += 1
+            info, proc = await self._spawn_proxy(slot.kind, slot.options, slot.index,
+                                                 slot.listen_fd, slot.shared, slot.node_id,
+                                                 PROXY_START_TIMEOUT_S)
+            if self.closed:
+                return
+            slot.proc = proc
+            if "error" not in info:
+                old_pid, slot.pid = slot.pid, info.get("pid")
+                slot.serving_since = self.loop.time()
+                slot.restarting = False
+                message = (f"the {slot.name} (pid {old_pid}) exited with code {code}; "
+                           f"pid {slot.pid} serves port {info.get('port', port)} now")
+                log.info("%s", message)
+                if self.controller is not None:
+                    self.controller.events.add("proxy_restarted", message=message)
+                return
+            delay = restart_delay(slot.failures)
+            log.warning("the %s could not start again on port %s: %s; trying again in "
+                        "%.1f s", slot.name, port, info["error"], delay)
 
     def _write_instance_file(self) -> None:
         _rundir.live_instances()        # removes the files of instances that are gone
@@ -316,6 +460,9 @@ class Instance:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
         self.backend.kill_all()
+        for sock in self._shared_sockets:
+            sock.close()
+        self._shared_sockets.clear()
         if self._log_handler is not None:
             logging.getLogger("fleet").removeHandler(self._log_handler)
             self._log_handler.close_file()
@@ -332,6 +479,8 @@ class Instance:
             await self._mgmt_server.stop()
         if self._node_watch is not None:
             self._node_watch.cancel()
+        if self._proxy_watch is not None:
+            self._proxy_watch.cancel()
         for task in list(self._proxy_starts):
             task.cancel()
         if self.runtime is not None:

@@ -50,8 +50,8 @@ def stop_family(proc: subprocess.Popen[str]) -> None:
     """SIGTERM a `fleet run` (or a driver script) and check it left no process behind."""
     family = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
-    _, alive = psutil.wait_procs(family, timeout=10)
+    proc.wait(60)
+    _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, f"left behind: {alive}"
 
 

@@ -40,8 +40,8 @@ def served(env):
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        _, alive = psutil.wait_procs(family, timeout=10)
+        proc.wait(60)
+        _, alive = psutil.wait_procs(family, timeout=30)
         assert not alive
 
 
@@ -97,13 +97,18 @@ def test_start_with_other_options_names_the_difference(served, env, tmp_path):
 
 def test_shutdown_from_another_process_stops_the_instance(served, env, tmp_path):
     proc, port = served
+    family = psutil.Process(proc.pid).children(recursive=True)
     out = script(env, tmp_path, """
         fleet.status()
         fleet.shutdown()
         print("stopped")
     """)
     assert out.returncode == 0 and out.stdout.strip() == "stopped", out.stderr
-    assert proc.wait(30) == 0
+    assert proc.wait(60) == 0
+    # the proxy is gone too (its exit is its own, a moment after fleet run's): only then
+    # is the port surely closed
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"left behind: {alive}"
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/")
 

@@ -23,7 +23,9 @@ class Doubler:
     async def full_only(self, items: list[int]) -> list[tuple[int, int]]:
         return [(x * 2, len(items)) for x in items]
 
-    @fleet.batch(max_batch_size=8, batch_wait_timeout_s=0.2)
+    # a second: the three calls of the partial-batch test arrive within it even when a
+    # loaded machine pauses the caller between them
+    @fleet.batch(max_batch_size=8, batch_wait_timeout_s=1.0)
     async def __call__(self, items: list[int]) -> list[tuple[int, int]]:
         return [(x * 2, len(items)) for x in items]
 
@@ -147,7 +149,7 @@ def test_partial_batch_runs_after_the_wait_timeout_and_each_caller_gets_its_elem
     results = [r.result(timeout_s=10) for r in responses]
     assert [v for v, _ in results] == [0, 2, 4]
     assert sum(1 for _, size in results if size > 1) >= 2   # grouped
-    assert time.monotonic() - started >= 0.2 - 0.05     # waited for the timeout
+    assert time.monotonic() - started >= 1.0 - 0.05     # waited for the timeout
 
 
 def test_exception_fails_every_call_of_the_batch(doubler) -> None:
@@ -166,9 +168,11 @@ def test_wrong_length_result_fails_every_caller_with_both_lengths(doubler) -> No
         with pytest.raises(ValueError) as info:
             r.result(timeout_s=10)
         messages.append(str(info.value))
-    n = int(messages[0].split("batch of ")[1].split()[0])
-    assert n >= 1
-    assert all(f"returned {n - 1} results for a batch of {n} calls" in m for m in messages)
+    # how the three calls group depends on when they arrive: each caller's message names
+    # its own batch's two lengths
+    for m in messages:
+        n = int(m.split("batch of ")[1].split()[0])
+        assert n >= 1 and f"returned {n - 1} results for a batch of {n} calls" in m, m
 
 
 def _wait_for(cond, timeout_s: float = 10.0):

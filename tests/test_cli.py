@@ -52,8 +52,8 @@ def start(*args: str) -> tuple[subprocess.Popen[str], int]:
 def stop(proc: subprocess.Popen[str]) -> None:
     family = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
-    _, alive = psutil.wait_procs(family, timeout=10)
+    proc.wait(60)
+    _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, f"left behind: {alive}"
 
 
@@ -98,8 +98,8 @@ def test_run_ctrl_c_stops_cleanly():
     assert len([p for p in family if "fleet._proxy" in " ".join(p.cmdline())]) == 2
     assert httpx.get(f"http://127.0.0.1:{port}/hi").text == "hi from fleet"
     os.killpg(proc.pid, signal.SIGINT)     # what a terminal's Ctrl-C does
-    assert proc.wait(30) == 0
-    _, alive = psutil.wait_procs(family, timeout=10)
+    assert proc.wait(60) == 0
+    _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive
 
 

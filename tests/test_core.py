@@ -250,8 +250,10 @@ class Pair:
 
     async def __call__(self) -> tuple[float, float]:
         await self.blocker.work.remote(0.01)     # the replica learns the method is slow
-        first = self.blocker.work.remote(0.3)    # both frames leave in one write
-        second = self.blocker.work.remote(0.3)
+        # both frames leave in one write; a second apart, so a caller slowed by a loaded
+        # machine still receives the first reply before the second call ends
+        first = self.blocker.work.remote(1.0)
+        second = self.blocker.work.remote(1.0)
         await first
         first_received = time.time()
         second_done = await second
@@ -353,19 +355,19 @@ def test_handles_in_async_driver_code(memory_instance):
 def test_async_methods_run_concurrently(memory_instance):
     h = fleet.run(Sleeper.bind())
     h.ping.remote().result()
-    start = time.monotonic()
     responses = [h.nap.remote(0.5) for _ in range(10)]
     assert [r.result() for r in responses] == [0.5] * 10
-    assert time.monotonic() - start < 0.95
+    # all ten were running at once (a bound on the elapsed time would be the machine's
+    # speed, not fleet's)
     assert h.get_peak.remote().result() == 10
 
 
 def test_sync_methods_do_not_block_the_replica_loop(memory_instance):
     h = fleet.run(Sleeper.bind())
-    blocked = h.block.remote(1.0)
-    start = time.monotonic()
+    blocked = h.block.remote(3.0)
     assert h.ping.remote().result() == "pong"
-    assert time.monotonic() - start < 0.5
+    # answered while the sync method still runs: a blocked loop would answer after it
+    assert not blocked._cfut.done()
     assert blocked.result() == "blocked"
 
 
@@ -445,7 +447,7 @@ def test_constructor_failure_raises_deployment_failed_error(instance):
     assert dep["status"] == "DEPLOY_FAILED"
     assert "the model file is missing" in dep["message"]
     # it does not keep retrying: no replica is left starting
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 15
     while fleet.status()["applications"]["broken"]["deployments"]["BrokenInit"]["replicas"]:
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -465,8 +467,9 @@ def test_killed_replica_fails_its_calls_fast_and_is_replaced(instance):
     on_victim = next(s.inflight for s in router.slots if s.replica_id == victim_id)
     assert on_victim >= 1
     os.kill(victim, signal.SIGKILL)
-    # exactly the calls the victim held fail, within a second; the others still run
-    wait_until(lambda: sum(r._cfut.done() for r in hanging) == on_victim, timeout=1.0)
+    # exactly the calls the victim held fail (they would hang for ever were its death not
+    # noticed); the others still run
+    wait_until(lambda: sum(r._cfut.done() for r in hanging) == on_victim, timeout=15.0)
     for resp in hanging:
         if resp._cfut.done():
             with pytest.raises(fleet.ReplicaDiedError,
@@ -531,7 +534,7 @@ def test_shutdown_leaves_no_process_behind():
     children = [p for p in psutil.Process().children(recursive=True) if p not in before]
     assert len(children) >= 3       # proxy and two replicas
     fleet.shutdown()
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive
 
 
@@ -635,9 +638,9 @@ def test_run_blocking_serves_until_sigterm_then_shuts_down():
         assert r.json() == {"x": 1, "total": 5}
         family = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert proc.wait(60) == 0
         assert proc.stdout.read() == "returned after shutdown\n"
-        _, alive = psutil.wait_procs(family, timeout=10)
+        _, alive = psutil.wait_procs(family, timeout=30)
         assert not alive
     finally:
         if proc.poll() is None:

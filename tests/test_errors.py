@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -244,25 +243,29 @@ def test_expose_errors_adds_type_and_message_over_http_and_grpc():
 
 
 def test_fleet_run_dev_exposes_errors(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     here = __file__.rsplit("/", 1)[0]
+    # port 0, read back from its output: a port chosen here and released could be taken
+    # by another process before fleet run binds it
     proc = subprocess.Popen([sys.executable, "-m", "fleet", "run", "apps.cli_apps:failing",
-                             "--app-dir", here, "--port", str(port), "--dev"],
+                             "--app-dir", here, "--port", "0", "--dev"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**__import__("os").environ, "TMPDIR": str(tmp_path)})
     try:
         assert proc.stdout is not None
+        port = None
         for line in proc.stdout:
+            m = re.search(r"fleet: HTTP on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
             if "press Ctrl-C" in line:
                 break
+        assert port, "fleet run exited before serving"
         r = httpx.get(f"http://127.0.0.1:{port}/")
         assert r.status_code == 500 and r.json()["type"] == "KeyError"
         assert "secret table" in r.json()["message"]
     finally:
         proc.terminate()
-        proc.wait(30)
+        proc.wait(60)
 
 
 def test_error_table_has_a_row_for_every_fleet_exception():

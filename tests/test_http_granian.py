@@ -38,20 +38,21 @@ class Echo:
 def granian_url():
     fleet.shutdown()
     fleet.start(http_options={
-        "port": 0, "server": "granian", "request_timeout_s": 1.0, "access_log": False,
+        # seconds: every request here goes through it on a possibly loaded machine
+        "port": 0, "server": "granian", "request_timeout_s": 3.0, "access_log": False,
         "middlewares": [Middleware(CORSMiddleware, allow_origins=["*"],
                                    allow_methods=["*"])]})
-    proxy = fleet.status()["proxies"]["http"]
-    assert proxy["server"] == "granian"
-    fleet.run(Echo.bind(), route_prefix="/echo")
     try:
+        proxy = fleet.status()["proxies"]["http"]
+        assert proxy["server"] == "granian"
+        fleet.run(Echo.bind(), route_prefix="/echo")
         yield f"http://127.0.0.1:{proxy['port']}"
     finally:
         fleet.shutdown()
 
 
 def test_granian_proxy_serves_requests_streams_and_errors(granian_url):
-    with httpx.Client(base_url=granian_url) as c:
+    with httpx.Client(base_url=granian_url, timeout=30) as c:
         r = c.post("/echo/a?b=1", content=b"payload")
         assert r.json() == {"path": "/echo/a", "root": "/echo", "query": {"b": "1"},
                             "body": "payload"}

@@ -204,7 +204,7 @@ def test_websocket_route_through_the_proxy(url):
 
 def _wait_for_event(event: str) -> None:
     handle = fleet.get_app_handle("counter")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while event not in handle.events.remote().result():
         assert time.monotonic() < deadline, f"no {event!r} in {handle.events.remote().result()}"
         time.sleep(0.02)
@@ -262,7 +262,7 @@ def test_fastapi_lifespan_runs_in_the_replica_and_its_state_reaches_requests(url
     assert marker.read_text() == "started"          # before the replica was ready
     assert httpx.get(f"{url}/lived/").json() == {"state": "set by the lifespan"}
     fleet.delete("lived")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while marker.read_text() != "stopped":
         assert time.monotonic() < deadline, "the lifespan's shutdown never ran"
         time.sleep(0.02)

@@ -19,8 +19,10 @@ from starlette.requests import Request
 import fleet
 from fleet._proxy.http import LOG_PATH_CHARS, _log_path
 
+# header_timeout_s is seconds: the max_connections test holds 20 idle connections open
+# while it makes one more, which a loaded machine may take a while to do
 LIMITS = {"max_header_bytes": 4096, "max_headers": 20, "max_request_line_bytes": 1024,
-          "header_timeout_s": 1.0, "keep_alive_timeout_s": 0.5, "max_connections": 20,
+          "header_timeout_s": 3.0, "keep_alive_timeout_s": 0.5, "max_connections": 20,
           "max_body_bytes": 800 * 1024, "max_buffered_body_bytes": 1024 * 1024}
 
 
@@ -76,9 +78,9 @@ def _refused(sock: socket.socket, status: bytes) -> bytes:
 def test_a_normal_request_with_a_large_body_in_one_write_passes(setup):
     body = b"b" * (600 * 1024)      # head and body arrive together, over max_header_bytes
     with _connect(setup["port"]) as sock:
-        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
-                     + body)
-        reply = sock.recv(65536)
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n" % len(body) + body)
+        reply = _read_all(sock)     # head and body may come in two reads
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'{"bytes":614400}')
 
 
@@ -109,7 +111,7 @@ def test_head_trickled_byte_by_byte_gets_408_at_the_header_timeout(setup):
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
         sock.settimeout(0.1)
         reply = b""
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while not reply:
             assert time.monotonic() < deadline, "the slow head was never cut off"
             try:

@@ -11,6 +11,7 @@ import grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from helpers import wait_for
 from protos import fleet_echo_pb2 as pb
 from protos import fleet_echo_pb2_grpc as pb_grpc
 from protos import fleet_greet_pb2 as greet_pb
@@ -69,8 +70,10 @@ def test_a_second_instance_reflects_its_own_grpc_services_only() -> None:
                 greet_pb.GreetRequest(name="two"), metadata=(("application", "greet"),),
                 timeout=30)
         assert greeted.text == "hello two"
-        second = _reflected(_grpc_port())
-        assert "fleettest2.GreetService" in second
+        # the proxy learns the service from the replica, on its own schedule
+        second = wait_for(lambda: (got := _reflected(_grpc_port()))
+                          and "fleettest2.GreetService" in got and got,
+                          what="reflection listing the replica's GreetService")
         assert "fleettest.EchoService" not in second
         assert [s for s in second if not SERVICE_NAME.match(s)] == []
         assert list(fleet.status()["applications"]) == ["greet"]

@@ -189,7 +189,7 @@ def test_two_instances_keep_their_own_files_and_status_says_which_it_uses(rundir
         for proc in procs:
             proc.terminate()
         for proc in procs:
-            proc.wait(30)
+            proc.wait(60)
     assert not [p for p in os.listdir(rundir) if p.startswith("instance-")]
 
 

@@ -386,6 +386,6 @@ def test_fleet_status_command_shows_the_models_each_replica_holds(tmp_path: Any)
     finally:
         family = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        _, alive = psutil.wait_procs(family, timeout=10)
+        proc.wait(60)
+        _, alive = psutil.wait_procs(family, timeout=30)
         assert not alive

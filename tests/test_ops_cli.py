@@ -38,22 +38,23 @@ def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _management_address(line: str) -> str:
+    """HOST:PORT of the management API that `fleet start` names: asked for on port 0,
+    the port the server bound is read back (one chosen beforehand could be taken by
+    another process before the instance binds it)."""
+    return line.split("management API at http://")[1].split()[0]
 
 
 @pytest.fixture
 def started(tmp_path):
-    """`fleet start` on free ports; yields (pid, http url); every process it started is
-    gone afterwards."""
-    address = f"127.0.0.1:{free_port()}"
-    out = run("start", "--port", "0", "--address", address)
+    """`fleet start` on free ports; yields (pid, http url, management address); every
+    process it started is gone afterwards."""
+    out = run("start", "--port", "0", "--address", "127.0.0.1:0")
     assert out.returncode == 0, out.stderr
     line = next(x for x in out.stderr.splitlines() if "started instance pid" in x)
     pid = int(line.split("pid ")[1].split(";")[0])
     http = line.split("HTTP on ")[1].split(";")[0]
+    address = _management_address(line)
     assert any(x.startswith(f"fleet: dashboard: http://{address}/?token=")
                for x in out.stderr.splitlines())
     proc = psutil.Process(pid)
@@ -192,8 +193,7 @@ def test_shutdown_leaves_no_instance_file_behind(tmp_path):
     rundir.mkdir(mode=0o700)
     env = dict(os.environ, XDG_RUNTIME_DIR=str(rundir))
     env.pop("FLEET_ADDRESS", None)
-    address = f"127.0.0.1:{free_port()}"
-    out = run("start", "--port", "0", "--address", address, env=env)
+    out = run("start", "--port", "0", "--address", "127.0.0.1:0", env=env)
     assert out.returncode == 0, out.stderr
     line = next(x for x in out.stderr.splitlines() if "started instance pid" in x)
     proc = psutil.Process(int(line.split("pid ")[1].split(";")[0]))
@@ -214,7 +214,14 @@ def test_shutdown_leaves_no_instance_file_behind(tmp_path):
 
 
 def test_no_instance_bad_address_bad_token(tmp_path):
-    nothing = f"127.0.0.1:{free_port()}"
+    # bound but not listening: connections are refused, and no other process can take
+    # the port while the test runs
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        _no_instance_bad_address_bad_token(tmp_path, f"127.0.0.1:{held.getsockname()[1]}")
+
+
+def _no_instance_bad_address_bad_token(tmp_path, nothing: str) -> None:
     config = tmp_path / "fleet.yaml"
     config.write_text("applications:\n  - {name: x, import_path: 'apps.cli_apps:app'}\n")
     line = one_line_error(run("apply", str(config), "--address", nothing))
@@ -305,8 +312,8 @@ def test_run_takes_a_free_management_port_when_its_own_is_taken(tmp_path):
         finally:
             family = psutil.Process(proc.pid).children(recursive=True)
             proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-            _, alive = psutil.wait_procs(family, timeout=10)
+            proc.wait(60)
+            _, alive = psutil.wait_procs(family, timeout=30)
             assert not alive
 
 
@@ -395,7 +402,10 @@ def test_ray_keys_are_accepted_with_one_warning_and_unknown_keys_suggest(tmp_pat
                 max_replicas_per_node: 1
                 graceful_shutdown_wait_loop_s: 2
     """))
-    out = run("apply", str(ray), "--dry-run", "--address", f"127.0.0.1:{free_port()}")
+    with socket.socket() as held:      # nothing answers there: a dry run needs no one
+        held.bind(("127.0.0.1", 0))
+        out = run("apply", str(ray), "--dry-run", "--address",
+                  f"127.0.0.1:{held.getsockname()[1]}")
     warnings = [x for x in out.stderr.splitlines() if "warning" in x]
     assert warnings == [f"fleet: warning: config {str(ray)!r}: fleet ignores these Ray Serve "
                         "keys: target_capacity, "
@@ -433,8 +443,8 @@ def test_grpc_options_alone_do_not_start_the_grpc_proxy(tmp_path, grpc, expected
     finally:
         family = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        _, alive = psutil.wait_procs(family, timeout=10)
+        proc.wait(60)
+        _, alive = psutil.wait_procs(family, timeout=30)
         assert not alive
 
 
@@ -454,7 +464,7 @@ def test_start_that_cannot_serve_says_why_in_one_line():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = run("start", "--port", str(port), "--address", f"127.0.0.1:{free_port()}")
+        out = run("start", "--port", str(port), "--address", "127.0.0.1:0")
     line = one_line_error(out)
     assert f"the HTTP proxy cannot listen on 127.0.0.1:{port}" in line and "(log: " in line
 
@@ -473,8 +483,8 @@ def test_shutdown_stops_a_fleet_run_too(tmp_path):
         out = run("shutdown")
         assert out.returncode == 0, out.stderr
         assert f"instance pid {proc.pid} stopped" in out.stderr
-        assert proc.wait(30) == 0
-        _, alive = psutil.wait_procs(family, timeout=10)
+        assert proc.wait(60) == 0
+        _, alive = psutil.wait_procs(family, timeout=30)
         assert not alive
     finally:
         if proc.poll() is None:
@@ -483,9 +493,9 @@ def test_shutdown_stops_a_fleet_run_too(tmp_path):
 
 
 def test_the_background_log_is_bounded(tmp_path):
-    address = f"127.0.0.1:{free_port()}"
-    out = run("start", "--port", "0", "--address", address, "--max-log-bytes", "10000")
+    out = run("start", "--port", "0", "--address", "127.0.0.1:0", "--max-log-bytes", "10000")
     assert out.returncode == 0, out.stderr
+    address = _management_address(out.stderr)
     pid = int(out.stderr.split("started instance pid ")[1].split(";")[0])
     log = out.stderr.split("(log: ")[1].split(")")[0]
     family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]

@@ -100,9 +100,17 @@ def test_spans_follow_the_request_through_proxy_replicas_and_batches(collector):
     handle = fleet.run(Batched.bind(), name="tbatch", route_prefix=None)
     assert [x.result(timeout_s=30) for x in [handle.remote(i) for i in range(4)]] == \
         [0, 2, 4, 6]
-    batches = wait_for(lambda: _named(collector, "fleet.batch"))
-    calls = {s["span_id"] for s in _named(collector, "fleet.replica",
-                                          **{"fleet.deployment": "Batched"})}
+    # the spans reach the collector in the exporter's own batches: wait for every batch
+    # span (their sizes add up to the 4 calls) and for the calls' spans they link to
+    def exported() -> tuple[list, set] | None:
+        batches = _named(collector, "fleet.batch")
+        calls = {s["span_id"] for s in _named(collector, "fleet.replica",
+                                              **{"fleet.deployment": "Batched"})}
+        linked = {link for b in batches for link in b["links"]}
+        done = sum(b["attributes"]["fleet.batch_size"].int_value for b in batches) >= 4 \
+            and linked <= calls
+        return (batches, calls) if done else None
+    batches, calls = wait_for(exported, what="the batch spans and the call spans they link")
     linked = {link for b in batches for link in b["links"]}
     assert linked and linked <= calls
     assert sum(b["attributes"]["fleet.batch_size"].int_value for b in batches) == 4

@@ -86,8 +86,8 @@ def test_quick_start_command_serves_and_status_shows_every_replica_running(tmp_p
     finally:
         family = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        _, alive = psutil.wait_procs(family, timeout=10)
+        proc.wait(60)
+        _, alive = psutil.wait_procs(family, timeout=30)
         assert not alive
 
 

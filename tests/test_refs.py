@@ -75,8 +75,10 @@ def test_get_raises_the_first_error_in_list_order(gate) -> None:
 def test_get_past_its_timeout_raises_get_timeout_error(gate) -> None:
     gate.close.remote().result()
     blocked = gate.wait_open.remote(1)
+    quick = gate.echo.remote(0)
+    assert quick.result(timeout_s=30) == 0      # done before the 0.05 s start counting
     with pytest.raises(GetTimeoutError, match="1 of 2 calls") as err:
-        fleet.get([gate.echo.remote(0), blocked], timeout=0.05)
+        fleet.get([quick, blocked], timeout=0.05)
     assert isinstance(err.value, TimeoutError)
     gate.open.remote().result()
     assert fleet.get(blocked, timeout=30) == 1      # the call went on running

@@ -41,7 +41,16 @@ SOURCE = textwrap.dedent('''\
 
 
 def write(path, answer: str, init: str = "pass") -> None:
-    path.write_text(SOURCE.format(answer=answer, init=init))
+    replace(path, SOURCE.format(answer=answer, init=init))
+
+
+def replace(path, text: str) -> None:
+    """Write the file whole, as an editor saving it does: the watcher polls modification
+    times, and a write in place could be seen truncated (an empty module) by a poll that
+    falls between the truncation and the write on a slow machine."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 @pytest.fixture
@@ -69,8 +78,8 @@ def served(tmp_path, monkeypatch):
     finally:
         family = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        _, alive = psutil.wait_procs(family, timeout=10)
+        proc.wait(60)
+        _, alive = psutil.wait_procs(family, timeout=30)
         assert not alive
 
 
@@ -99,7 +108,7 @@ def test_reload_rolls_only_the_changed_deployment(served):
 
 
 @pytest.mark.parametrize("broken,why", [
-    (lambda m: m.write_text("import fleet\ndef broken(:\n"), "SyntaxError"),
+    (lambda m: replace(m, "import fleet\ndef broken(:\n"), "SyntaxError"),
     (lambda m: write(m, "v3", init="raise RuntimeError('no weights')"),
      "raised RuntimeError: no weights"),
 ])

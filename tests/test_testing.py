@@ -118,7 +118,9 @@ def test_http_options_middlewares_apply():
 
 @fleet.deployment(max_ongoing_requests=32)
 class Batched:
-    @fleet.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    # eight calls fill a batch, which then runs at once: the wait only has to outlast a
+    # pause of the caller on a loaded machine
+    @fleet.batch(max_batch_size=8, batch_wait_timeout_s=1.0)
     async def __call__(self, values: list[int]) -> list[int]:
         return [len(values)] * len(values)
 

@@ -145,6 +145,7 @@ class RayProcess:
         self.infeasible: Callable[[], bool] = lambda: False
         self.last_try = 0.0
         self.killed = False
+        self.replaced = 0               # times placed again: its node left before it started
 
     @property
     def pid(self) -> int | None:
@@ -181,9 +182,38 @@ class RayProcess:
     def _on_exit(self, fut: concurrent.futures.Future[Any]) -> None:
         try:
             self.code = int(fut.result())
-        except BaseException:  # noqa: BLE001 - the actor or its node died
+        except BaseException as exc:  # noqa: BLE001 - the actor or its node died
+            if self.spec is not None and _never_started(self, exc):
+                # Pinned to a node that left the cluster (Ray listed it a moment longer),
+                # or lost with it before it ran: nothing of the user's failed. Place it
+                # again (alive() does) instead of reporting a replica that failed to start.
+                log.info("replica %s was lost before it started (%s); placing it again",
+                         self.replica_id, type(exc).__name__)
+                self.replaced += 1
+                self.actor = None
+                self.waiting = ("its node left the cluster before it started; placing it "
+                                "on another")
+                return
             self.code = -9
         self.done = True
+
+
+# How often one replica is placed again because its node went away before it started.
+MAX_REPLACEMENTS = 20
+
+
+def _never_started(proc: RayProcess, exc: BaseException) -> bool:
+    """Whether the actor was lost before it reported ready for a reason of the cluster's:
+    Ray could not schedule it on the node it was pinned to (the node is gone), or it died
+    of a system failure, not an error of its own, while pinned to a node (max_replicas_per
+    _node pins each replica to a node that nodes() listed, which may be leaving)."""
+    if proc.placed or proc.killed or proc.replaced >= MAX_REPLACEMENTS:
+        return False
+    from ray import exceptions
+    if isinstance(exc, exceptions.ActorUnschedulableError):
+        return True
+    return bool(proc.node) and isinstance(exc, exceptions.RayActorError) \
+        and not exc.actor_init_failed
 
 
 class RayBackend:

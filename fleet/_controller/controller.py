@@ -75,6 +75,8 @@ class Controller:
         self._proxy_parts: dict[str, dict[int, dict[str, Any]]] = {}   # kind -> index -> info
         self._proxy_waiters: dict[str, asyncio.Future[Any]] = {}
         self._proxy_nodes: dict[tuple[str, int], str] = {}     # (kind, index) -> node id
+        # (kind, index) -> the connection of the proxy that reported it (the latest one)
+        self._proxy_conns: dict[tuple[str, int], ServerConnection] = {}
         self.traffic: dict[str, Any] = {}
         self._closing = False
         # Set from any thread once the instance is about to shut down (a stop signal
@@ -532,8 +534,13 @@ class Controller:
             if found is not None:
                 self._replica_gone(found[0], found[1], "its connection to the controller closed")
         elif isinstance(tag, tuple) and tag[0] == "proxy":
-            self._proxy_parts.get(tag[1], {}).pop(tag[2], None)
-            self._merge_proxies(tag[1])
+            # only its own part: a proxy started again in its place may have reported
+            # before this connection's end was seen
+            if self._proxy_conns.get((tag[1], tag[2])) is conn:
+                del self._proxy_conns[(tag[1], tag[2])]
+                self._proxy_parts.get(tag[1], {}).pop(tag[2], None)
+                self._merge_proxies(tag[1])
+                self._notify()
 
     def _find(self, rid: str) -> tuple[DeploymentState, ReplicaRecord] | None:
         for app in self.apps.values():
@@ -602,10 +609,12 @@ class Controller:
     async def rpc_proxy_ready(self, conn: ServerConnection, kind: str, info: dict[str, Any]
                               ) -> None:
         index = int(info.get("index", 0))
-        conn.tag = ("proxy", kind, index)
-        self._proxy_parts.setdefault(kind, {})[index] = info
-        self._merge_proxies(kind)
-        self._notify()
+        if "error" not in info:        # one that cannot serve is not a part of status
+            conn.tag = ("proxy", kind, index)
+            self._proxy_conns[(kind, index)] = conn
+            self._proxy_parts.setdefault(kind, {})[index] = info
+            self._merge_proxies(kind)
+            self._notify()
         waiter = self._proxy_waiters.pop(f"{kind}-{index}", None)
         if waiter is not None and not waiter.done():
             waiter.set_result(info)

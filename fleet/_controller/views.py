@@ -225,7 +225,11 @@ def proxies_by_node(parts: dict[str, dict[int, dict[str, Any]]],
         for index, info in sorted(by_index.items()):
             node = nodes.get((kind, index))
             if node and "error" not in info:
-                out.setdefault(node, {})[kind] = dict(info, pids=[info.get("pid")])
+                mine = out.setdefault(node, {})
+                if kind in mine:            # num_proxies > 1: one entry, every pid
+                    mine[kind]["pids"].append(info.get("pid"))
+                else:
+                    mine[kind] = dict(info, pids=[info.get("pid")])
     return out
 
 

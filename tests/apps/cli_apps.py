@@ -50,7 +50,19 @@ def failing_build(args: dict) -> fleet.Application:
 
 @fleet.deployment(num_replicas=2)
 class BrokenTwice:
+    """With FLEET_TEST_BARRIER (a directory) set, each replica waits there for the other
+    before it raises, so both fail together however unevenly a loaded machine starts
+    them (the error then counts both)."""
+
     def __init__(self) -> None:
+        import os
+        import time
+        barrier = os.environ.get("FLEET_TEST_BARRIER")
+        if barrier:
+            open(os.path.join(barrier, str(os.getpid())), "w").close()
+            deadline = time.monotonic() + 60
+            while len(os.listdir(barrier)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
         raise ValueError("weights not found at /models/y.bin")
 
 
