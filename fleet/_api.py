@@ -367,6 +367,8 @@ class Instance:
             for slot in list(self._proxy_slots.values()):
                 if self.closed:
                     return
+                if self.controller is not None and self.controller.is_going_down():
+                    return      # a stop signal to the process group stops proxies too
                 if slot.restarting or slot.proc.alive():
                     continue
                 slot.restarting = True

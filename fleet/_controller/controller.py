@@ -154,13 +154,14 @@ class Controller:
             labels += (("replica", rec.replica_id),)
         self.metrics.inc(name, labels)
 
-    def _is_going_down(self) -> bool:
+    def is_going_down(self) -> bool:
+        """Whether the instance is about to shut down (see ``going_down``)."""
         if not self.going_down and stop_signalled():
             self.going_down = True
         return self.going_down
 
     async def _reconcile_all(self) -> None:
-        if self._is_going_down():   # shutdown() stops what runs; nothing new starts
+        if self.is_going_down():   # shutdown() stops what runs; nothing new starts
             return
         now = time.monotonic()
         for app in list(self.apps.values()):
@@ -332,7 +333,7 @@ class Controller:
         if rec.proc is not None:
             self.backend.kill(rec.proc)
         code = rec.proc.exit_code() if rec.proc is not None else None
-        if self._closing or self._is_going_down():
+        if self._closing or self.is_going_down():
             log.info("replica %s of %s/%s stopped as the instance shuts down",
                      rec.replica_id, dep.app, dep.name)
             self.metrics.forget("replica", rec.replica_id)
