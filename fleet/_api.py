@@ -277,12 +277,11 @@ class Instance:
         # Several proxies share one listening socket, bound here once: a port another
         # process holds fails as it does for one proxy, and nothing else can join it
         # (SO_REUSEPORT would let a second instance share the port silently).
-        from fleet._proxy.startup import bind_socket
+        from fleet._proxy.startup import bind_socket, cannot_listen
         try:
             sock = bind_socket(options.host, options.port)
         except OSError as exc:
-            return {"error": f"the HTTP proxy cannot listen on {options.host}:"
-                             f"{options.port}: {exc}"}
+            return {"error": cannot_listen("HTTP", options.host, options.port, exc)}
         # kept open until shutdown: a proxy that dies is replaced on this same socket
         self._shared_sockets.append(sock)
         infos = await asyncio.gather(*[
@@ -294,18 +293,18 @@ class Instance:
         if self.backend.listen_host:
             return await self._start_node_proxies("grpc", options)
         count = proxy_count(options.num_proxies)
-        if count == 1:
-            return await self._start_proxy("grpc", options)
-        # grpc.aio binds its ports itself, so the proxies share the port with
-        # SO_REUSEPORT; a port another process holds is found first, with a socket
-        # that asks for no sharing, so it fails as it does for one proxy.
+        # grpc.aio binds its ports itself: several proxies share the port with
+        # SO_REUSEPORT, and a port another process holds makes grpc's core log its own
+        # lines before it fails. So that port is found first, with a socket that asks
+        # for no sharing, and is one line.
         if options.port:
-            from fleet._proxy.startup import bind_socket
+            from fleet._proxy.startup import bind_socket, cannot_listen
             try:
                 bind_socket(options.host, options.port).close()
             except OSError as exc:
-                return {"error": f"the gRPC proxy cannot listen on {options.host}:"
-                                 f"{options.port}: {exc}"}
+                return {"error": cannot_listen("gRPC", options.host, options.port, exc)}
+        if count == 1:
+            return await self._start_proxy("grpc", options)
         first = await self._start_proxy("grpc", options, 0, shared=True)
         if "error" in first:
             return first
@@ -374,6 +373,8 @@ class Instance:
             for slot in list(self._proxy_slots.values()):
                 if self.closed:
                     return
+                if self.controller is not None and self.controller.is_going_down():
+                    return      # a stop signal to the process group stops proxies too
                 if slot.restarting or slot.proc.alive():
                     continue
                 slot.restarting = True
@@ -1018,16 +1019,28 @@ class StopSignals:
     ``event`` for the main loop to stop."""
 
     def __init__(self) -> None:
+        from fleet import _signals
         self.event = threading.Event()
         self._serving = False
+        _signals.watch()    # the controller sees the signal before this handler runs
 
     def serving(self) -> None:
         self._serving = True
 
     def __call__(self, signum: int, _frame: Any) -> None:
         self.event.set()
+        _going_down()
         if not self._serving:
             raise KeyboardInterrupt(f"signal {signum} while starting")
+
+
+def _going_down() -> None:
+    """A stop signal reached this process: its own instance's controller replaces no
+    replica from now on (a signal to the process group stops them too, on their own),
+    before the main thread gets to shut it down."""
+    inst = _instance
+    if isinstance(inst, Instance) and inst.controller is not None:
+        inst.controller.going_down = True
 
 
 def _stop_on_sigterm() -> StopSignals:

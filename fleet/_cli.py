@@ -45,7 +45,8 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("target")
-@click.option("--app-dir", default=None, help="Directory to import the application from.")
+@click.option("--app-dir", default=None, help="Directory to import the application from "
+              "(default: the current one, for a config file too).")
 @click.option("--name", default=None, help="Application name (default: 'default').")
 @click.option("--route-prefix", default=None, help="HTTP route prefix (default: '/').")
 @click.option("--host", default=None, help="HTTP host (default: 127.0.0.1).")

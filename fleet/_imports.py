@@ -70,8 +70,9 @@ def _applications(module: Any) -> list[str]:
                   if isinstance(v, Application) and not n.startswith("_"))
 
 
-def _near_miss(module: Any, module_name: str, attr: str) -> str:
-    """A hint when ``pkg.mod`` was meant as a module, or the module defines other apps."""
+def _near_miss(module: Any, module_name: str, attr: str, shown: str | None = None) -> str:
+    """A hint when ``pkg.mod`` was meant as a module, or the module defines other apps
+    (named ``shown:app``: the path as the user gave it, a file's path say)."""
     candidates: list[str] = []
     try:
         sub = importlib.import_module(f"{module_name}.{attr}")
@@ -82,7 +83,7 @@ def _near_miss(module: Any, module_name: str, attr: str) -> str:
     if not candidates:
         apps = _applications(module)
         apps = difflib.get_close_matches(attr, apps, n=1, cutoff=0.6) or apps
-        candidates = [f"{module_name}:{n}" for n in apps]
+        candidates = [f"{shown or module_name}:{n}" for n in apps]
     if not candidates:
         return ""
     return f"; did you mean {' or '.join(candidates)}?"
@@ -105,7 +106,7 @@ def _import_file(path: str, attr: str | None) -> Any:
     if attr:
         if not hasattr(module, attr):
             raise CLIError(f"{path!r} has no attribute {attr!r}"
-                           f"{_near_miss(module, module_name, attr)}")
+                           f"{_near_miss(module, module_name, attr, shown=path)}")
         return getattr(module, attr)
     apps = _applications(module)
     if len(apps) == 1:

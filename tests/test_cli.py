@@ -70,6 +70,8 @@ def test_version_and_help():
     assert out.returncode == 0 and "0.1.0" in out.stdout
     out = run_to_end("--help")
     assert out.returncode == 0 and "run" in out.stdout and "status" in out.stdout
+    out = run_to_end("run", "--help")      # where a config file's import paths are found
+    assert "(default: the current one, for a config file too)" in " ".join(out.stdout.split())
 
 
 def test_run_serves_and_sigterm_leaves_no_process_behind():
@@ -99,6 +101,60 @@ def test_run_ctrl_c_stops_cleanly():
     assert proc.wait(60) == 0
     _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive
+
+
+def test_a_stop_signal_is_seen_from_other_threads_before_its_handler_runs():
+    # SIGTERM to fleet run's process group stops the replicas on their own while the
+    # driver's handler waits for the main thread; the controller's thread reads the
+    # signal from the wakeup pipe at once, so it replaces none of them
+    script = textwrap.dedent("""
+        import os, signal, threading
+        from fleet import _signals
+        from fleet._api import StopSignals
+        stop = StopSignals()
+        stop.serving()
+        signal.signal(signal.SIGTERM, stop)
+        seen = []
+        main_blocks = threading.Event()
+        def other_thread():
+            main_blocks.wait(10)
+            seen.append(_signals.stop_signalled())
+            # the main thread blocks SIGTERM, so the kernel runs the C-level handler on
+            # this thread before kill() returns; the Python handler waits for main
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen.append(_signals.stop_signalled())
+            seen.append(_signals.stop_signalled())  # it stays seen
+            seen.append(stop.event.is_set())
+        t = threading.Thread(target=other_thread)
+        t.start()
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+        main_blocks.set()
+        t.join()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+        stop.event.wait(10)
+        print(seen, stop.event.is_set())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[False, True, True, False] True"
+
+
+@pytest.mark.parametrize("kind,flags", [("HTTP", ["--port"]),
+                                        ("gRPC", ["--port", "0", "--grpc-port"])])
+def test_a_port_another_process_holds_is_one_line_saying_what_to_do(kind, flags):
+    # grpc's core logs lines of its own when its bind fails: the port is checked first
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run_to_end("run", "apps.cli_apps:app", "--app-dir", HERE, *flags, str(port))
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        f"fleet: error: the {kind} proxy cannot listen on 127.0.0.1:{port}: [Errno 98] "
+        "Address already in use; stop what uses it or pick another port (0 picks a free "
+        "one)"], out.stderr
 
 
 def test_run_yaml_config_with_args_and_overrides(tmp_path):

@@ -129,6 +129,9 @@ def test_override_of_a_deployment_that_does_not_exist_names_the_real_ones(tmp_pa
     (("apps.cli_apps:ap", "--port", "0"),
      "fleet: error: module 'apps.cli_apps' has no attribute 'ap'; did you mean "
      "apps.cli_apps:app?"),
+    (("apps/files/several.py:firs", "--port", "0"),      # the hint keeps the file's path
+     "fleet: error: 'apps/files/several.py' has no attribute 'firs'; did you mean "
+     "apps/files/several.py:first?"),
     (("apps/files/several.py", "--port", "0"),
      "fleet: error: 'apps/files/several.py' defines 2 applications (first, second); pick "
      "one, e.g. apps/files/several.py:first"),

@@ -248,3 +248,33 @@ def test_run_fails_when_its_application_is_deleted_while_it_deploys(instance, tm
     assert isinstance(outcome[0], fleet.FleetError), outcome
     assert "'doomed' was deleted while deploying" in str(outcome[0])
     assert "doomed" not in fleet.status()["applications"]
+
+
+@fleet.deployment(num_replicas=2)
+class Pid:
+    def __call__(self) -> int:
+        return os.getpid()
+
+
+def test_replicas_a_stop_signal_also_reached_are_not_replaced(instance, caplog) -> None:
+    # SIGTERM to `fleet run`'s whole process group (systemd's default, `timeout`, a
+    # supervisor's killpg) reaches its replicas too, and each stops on its own. Once the
+    # driver has seen the signal, their exits are part of the shutdown: no replacement,
+    # no "replacing it" warning, no replica_died event. (How the controller learns of
+    # the signal before the main thread runs its handler: test_cli.)
+    import signal
+
+    from fleet import _api
+    fleet.run(Pid.bind(), name="sig", route_prefix=None)
+    pids = [r["pid"] for r in _replicas("sig", "Pid")]
+    assert len(pids) == 2
+    _api._going_down()                  # what the driver's handler does first
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not _replicas("sig", "Pid"), 30, "both replicas gone from status")
+    assert "replacing it" not in caplog.text
+    owned = _api._instance
+    assert isinstance(owned, _api.Instance) and owned.controller is not None
+    assert owned.controller.going_down
+    kinds = [e["kind"] for e in owned.controller.events.since()]
+    assert "replica_died" not in kinds, kinds

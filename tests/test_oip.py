@@ -283,3 +283,20 @@ def test_model_declaration_errors() -> None:
     with pytest.raises(TypeError, match="under @fleet.deployment"):
         fleet.oip.model(name="m", inputs=[{"name": "x", "datatype": "FP32", "shape": [1]}],
                         outputs=[{"name": "y", "datatype": "FP32", "shape": [1]}])(Digits)
+
+
+def test_grpc_proxy_without_numpy_says_how_to_serve_the_protocol(monkeypatch, caplog) -> None:
+    # fleet itself needs no NumPy; without it the gRPC proxy serves everything but
+    # inference.GRPCInferenceService, and its one line says how to get that too
+    import logging
+    import sys
+
+    from fleet._proxy import grpc as grpc_proxy
+    monkeypatch.setitem(sys.modules, "fleet._oip.grpc", None)    # import fails as without NumPy
+    with caplog.at_level(logging.INFO, logger=grpc_proxy.log.name):
+        grpc_proxy._add_oip(None, None, None, None)
+    lines = [r.getMessage() for r in caplog.records if r.name == grpc_proxy.log.name]
+    assert len(lines) == 1
+    assert lines[0].startswith("inference.GRPCInferenceService (the Open Inference Protocol) "
+                               "is not served: ")
+    assert lines[0].endswith("; pip install 'fleet[examples]' to serve it")

@@ -317,6 +317,43 @@ def test_run_takes_a_free_management_port_when_its_own_is_taken(tmp_path):
             assert not alive
 
 
+def test_apply_says_which_proxy_options_of_the_file_it_does_not_apply(started, tmp_path):
+    _pid, http, _address = started
+    config = tmp_path / "proxies.yaml"
+    config.write_text(textwrap.dedent("""\
+        http_options:
+          host: 127.0.0.1
+          port: 1
+        grpc_options:
+          grpc_servicer_functions:
+            - protos.fleet_greet_pb2_grpc.add_GreetServiceServicer_to_server
+        applications:
+          - name: app
+            route_prefix: /app
+            import_path: apps.cli_apps:app
+    """))
+    out = run("apply", str(config), "--app-dir", HERE)     # port 1: never the instance's
+    assert out.returncode == 0, out.stderr
+    notes = [ln for ln in out.stderr.splitlines() if "not applied" in ln]
+    assert notes == [
+        f"fleet: {config}: not applied, as fleet apply changes applications only: "
+        "http_options.port, grpc_options (no gRPC proxy runs) (the running instance's "
+        f"differ); proxy options take effect when an instance starts (`fleet run {config}`, "
+        "or `fleet start` with --host, --port, --grpc-port)"], out.stderr
+    assert httpx.get(f"{http}/app").status_code == 200
+    # options the instance has already, and a file without any, say nothing
+    config.write_text(textwrap.dedent("""\
+        http_options:
+          host: 127.0.0.1
+        applications:
+          - name: app
+            route_prefix: /app
+            import_path: apps.cli_apps:app
+    """))
+    out = run("apply", str(config), "--app-dir", HERE)
+    assert out.returncode == 0 and "not applied" not in out.stderr, out.stderr
+
+
 def test_build_writes_a_config_apply_takes_back_unchanged(started, tmp_path):
     _pid, http, _address = started
     out_file = tmp_path / "built.yaml"
@@ -409,6 +446,17 @@ def test_grpc_options_alone_do_not_start_the_grpc_proxy(tmp_path, grpc, expected
         proc.wait(60)
         _, alive = psutil.wait_procs(family, timeout=30)
         assert not alive
+
+
+def test_start_help_says_where_its_management_api_listens():
+    # fleet start makes an instance: its --address is where the API listens, not the
+    # FLEET_ADDRESS or newest instance the other commands look for
+    out = run("start", "--help")
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "--address HOST:PORT Where the management API listens (default: 127.0.0.1:8100;" \
+        in text, text
+    assert "FLEET_ADDRESS" not in text and "newest instance" not in text
 
 
 def test_start_that_cannot_serve_says_why_in_one_line():

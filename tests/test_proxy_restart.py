@@ -181,6 +181,29 @@ def test_a_shutdown_does_not_restart_the_proxies_it_stops(caplog) -> None:
     assert inst.backend.procs == {} and inst._shared_sockets == []
 
 
+def test_a_proxy_a_stop_signal_also_reached_is_not_restarted(caplog) -> None:
+    # SIGTERM to fleet run's whole process group stops its proxies too; once the driver
+    # has the signal, the watch starts none again before the shutdown that follows
+    caplog.set_level(logging.INFO, logger="fleet.proxies")
+    fleet.shutdown()
+    fleet.start(http_options={"host": "127.0.0.1", "port": 0})
+    inst = _api._instance
+    assert isinstance(inst, _api.Instance)
+    try:
+        pid = _proxy("http")["pid"]
+        watch = inst._proxy_watch
+        assert watch is not None and not watch.done()
+        _api._going_down()                  # what the driver's signal handler does first
+        os.kill(pid, signal.SIGTERM)
+        wait_for(watch.done, 30, "the proxy watch to end")
+        assert _restart_messages(caplog, logging.WARNING) == []
+        assert inst.controller is not None
+        kinds = [e["kind"] for e in inst.controller.events.since()]
+        assert "proxy_restarted" not in kinds, kinds
+    finally:
+        fleet.shutdown()
+
+
 def test_one_of_two_http_proxies_killed_the_port_answers_throughout(caplog) -> None:
     fleet.shutdown()
     fleet.start(http_options={"host": "127.0.0.1", "port": 0, "num_proxies": 2,

@@ -114,3 +114,19 @@ def test_instances_started_with_defaults_serve_http_on_localhost_8000():
     from fleet._config import HTTPOptions
     assert "HTTP on 127.0.0.1:8000" in _section("Running applications")
     assert (HTTPOptions().host, HTTPOptions().port) == ("127.0.0.1", 8000)
+
+
+def test_management_api_snippet_runs_as_a_script_outside_the_repository(tmp_path):
+    # pasted into a file of its own, run from the repository root as the text says: the
+    # script's directory, not the root, is on its sys.path, so app_dir must reach the server
+    text = _section("Operating fleet")
+    start = text.index("```python\nimport os\nimport secrets\n")
+    snippet = text[start + len("```python\n"):text.index("```", start + 3)]
+    script = tmp_path / "manage.py"
+    script.write_text(snippet)
+    env = dict(os.environ, TMPDIR=str(tmp_path))     # this instance's record, and no other
+    env.pop("XDG_RUNTIME_DIR", None)
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120,
+                         start_new_session=True)
+    assert out.returncode == 0, out.stderr

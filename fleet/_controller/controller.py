@@ -20,6 +20,7 @@ from fleet._controller.history import Events, Revisions
 from fleet._controller.metrics import Store, summary
 from fleet._controller.state import AppState, DeploymentState, ReplicaRecord
 from fleet._plan import DeploymentPlan
+from fleet._signals import stop_signalled
 from fleet._types import (
     Backend,
     ControlMessage,
@@ -81,6 +82,10 @@ class Controller:
         self._proxy_conns: dict[tuple[str, int], ServerConnection] = {}
         self.traffic: dict[str, Any] = {}
         self._closing = False
+        # Set from any thread once the instance is about to shut down (a stop signal
+        # reached its process): replicas that exit from then on, as the ones a signal to
+        # the whole process group stops, are not replaced nor reported as failures.
+        self.going_down = False
         # Open Inference Protocol models unloaded through the repository extension:
         # model -> the deploy call that brings it back.
         self._unloaded: dict[str, tuple[str, str | None, list[DeploymentPlan], str]] = {}
@@ -152,7 +157,15 @@ class Controller:
             labels += (("replica", rec.replica_id),)
         self.metrics.inc(name, labels)
 
+    def is_going_down(self) -> bool:
+        """Whether the instance is about to shut down (see ``going_down``)."""
+        if not self.going_down and stop_signalled():
+            self.going_down = True
+        return self.going_down
+
     async def _reconcile_all(self) -> None:
+        if self.is_going_down():   # shutdown() stops what runs; nothing new starts
+            return
         now = time.monotonic()
         for app in list(self.apps.values()):
             for dep in list(app.deployments.values()):
@@ -323,6 +336,12 @@ class Controller:
         if rec.proc is not None:
             self.backend.kill(rec.proc)
         code = rec.proc.exit_code() if rec.proc is not None else None
+        if self._closing or self.is_going_down():
+            log.info("replica %s of %s/%s stopped as the instance shuts down",
+                     rec.replica_id, dep.app, dep.name)
+            self.metrics.forget("replica", rec.replica_id)
+            self._notify()
+            return
         log.warning("replica %s of %s/%s is gone: %s (exit code %s); replacing it",
                     rec.replica_id, dep.app, dep.name, why, code)
         self._count("fleet_replica_failures_total", dep)

@@ -80,7 +80,9 @@ def get(client: Client, path: str, **kwargs: Any) -> Any:
 @click.option("--host", default=None, help="HTTP host (default: 127.0.0.1).")
 @click.option("--port", default=None, type=int, help="HTTP port (default: 8000).")
 @click.option("--grpc-port", default=None, type=int, help="Also serve gRPC on this port.")
-@address_option
+@click.option("--address", default=None, metavar="HOST:PORT",
+              help="Where the management API listens (default: 127.0.0.1:8100; "
+                   "0.0.0.0:PORT listens everywhere).")
 @click.option("--max-log-bytes", default=MAX_LOG_BYTES, type=click.IntRange(min=4096),
               hidden=True, help="Cut the instance's log file back past this size.")
 @backend_options
@@ -365,6 +367,28 @@ def _app_configs(path: str) -> list[dict[str, Any]]:
     return out
 
 
+def options_not_applied(path: str, live: dict[str, Any]) -> list[str]:
+    """The file's http_options/grpc_options keys that differ from the running instance's:
+    fleet apply changes applications only, so they would be silently left out."""
+    from fleet._config import GRPCOptions, HTTPOptions
+    config = load_config(path)
+    out: list[str] = []
+    for key, options, default in (("http_options", config.http_options, HTTPOptions()),
+                                  ("grpc_options", config.grpc_options, GRPCOptions())):
+        given = options.model_dump(mode="json", include=options.model_fields_set,
+                                   exclude={"middlewares", "enabled"})
+        if key == "grpc_options":
+            if not (config.grpc_options.enabled or config.grpc_options.grpc_servicer_functions):
+                continue            # grpc_options alone start no gRPC proxy
+            if key not in live:
+                out.append("grpc_options (no gRPC proxy runs)")
+                continue
+        defaults = default.model_dump(mode="json")
+        running = live.get(key) or {}
+        out += [f"{key}.{k}" for k, v in given.items() if running.get(k, defaults.get(k)) != v]
+    return out
+
+
 def changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[str, str]]:
     """(what changed, "in place" or "rolling restart") for one application."""
     if old is None:
@@ -423,8 +447,15 @@ def apply(config_file: str, prune: bool, dry_run: bool, no_wait: bool, app_dir: 
     wanted = _app_configs(config_file)
     app_dir = os.path.abspath(app_dir or os.path.dirname(os.path.abspath(config_file)))
     with connect(address, token) as client:
-        live = {a["name"]: a for a in get(client, "/api/config")["applications"]}
+        live_config = get(client, "/api/config")
+        live = {a["name"]: a for a in live_config["applications"]}
         plan = [(a, changes(live.get(a["name"]), a)) for a in wanted]
+        not_applied = options_not_applied(config_file, live_config)
+        if not_applied:
+            _say(f"{config_file}: not applied, as fleet apply changes applications only: "
+                 f"{', '.join(not_applied)} (the running instance's differ); proxy options "
+                 f"take effect when an instance starts (`fleet run {config_file}`, or "
+                 "`fleet start` with --host, --port, --grpc-port)")
         doomed = sorted(set(live) - {a["name"] for a in wanted}) if prune else []
         if dry_run:
             for app, what in plan:

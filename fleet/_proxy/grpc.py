@@ -597,7 +597,8 @@ def _add_oip(server: Any, runtime: Runtime, options: GRPCOptions, proxy: GRPCPro
     try:
         from fleet._oip.grpc import SERVICE, add_service
     except ImportError as exc:
-        log.info("inference.GRPCInferenceService is not served: %s", exc)
+        log.info("inference.GRPCInferenceService (the Open Inference Protocol) is not "
+                 "served: %s; pip install 'fleet[examples]' to serve it", exc)
         return
     add_service(server, runtime, options.request_timeout_s)
     proxy.services.add(SERVICE)

@@ -31,7 +31,7 @@ from fleet._metrics import TIME_BUCKETS
 from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
 from fleet._proxy.routes import RouteTable
-from fleet._proxy.startup import bind_socket, proxy_failed
+from fleet._proxy.startup import bind_socket, cannot_listen, proxy_failed
 from fleet._runtime import Runtime
 from fleet._types import ASGIApp, CallMeta, Tables
 from fleet._wire import frames
@@ -791,8 +791,8 @@ async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event
         try:
             sock = bind_socket(options.host, options.port)
         except OSError as exc:
-            return await proxy_failed(runtime, "http", f"the HTTP proxy cannot listen on "
-                                                       f"{options.host}:{options.port}: {exc}")
+            return await proxy_failed(runtime, "http", cannot_listen(
+                "HTTP", options.host, options.port, exc))
     port = sock.getsockname()[1]
     from fleet._proxy.uvicorn_protocol import HeadLimits, LimitedHttpToolsProtocol
     loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@ entry (process.py) imports the servers, never the other way round."""
 
 from __future__ import annotations
 
+import errno
 import socket
 
 from fleet._runtime import Runtime
@@ -18,6 +19,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def cannot_listen(kind: str, host: str, port: int, exc: OSError) -> str:
+    """The one line for a proxy whose address cannot be bound: what, where, what to do."""
+    hint = "; stop what uses it or pick another port (0 picks a free one)" \
+        if exc.errno == errno.EADDRINUSE else ""
+    return f"the {kind} proxy cannot listen on {host}:{port}: {exc}{hint}"
 
 
 async def proxy_failed(runtime: Runtime, kind: str, message: str, index: int = 0) -> int:
