@@ -220,7 +220,8 @@ def _serve_two_drivers(first: int, second: int, grpc_port: int) -> None:
     assert _predict(second) == b"second"
 
 
-def test_driver_port_taken_by_another_process_fails_run_with_the_reason(grpc_port: int
+def test_driver_port_taken_by_another_process_fails_run_with_the_reason(grpc_port: int,
+                                                                        echo_app: str
                                                                         ) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -231,7 +232,7 @@ def test_driver_port_taken_by_another_process_fails_run_with_the_reason(grpc_por
             fleet.run(DefaultgRPCDriver.bind(node, port=port), name="taken",
                       route_prefix="/taken")
     fleet.delete("taken")
-    assert _predict(grpc_port, app="echo") == b"k=v"     # the proxy serves on
+    assert _predict(grpc_port, app=echo_app) == b"k=v"    # the proxy serves on
 
 
 def test_bring_your_own_example_and_its_client_run(grpc_port: int) -> None:

@@ -338,8 +338,8 @@ def test_apply_says_which_proxy_options_of_the_file_it_does_not_apply(started, t
     assert notes == [
         f"fleet: {config}: not applied, as fleet apply changes applications only: "
         "http_options.port, grpc_options (no gRPC proxy runs) (the running instance's "
-        f"differ); proxy options take effect when an instance starts (`fleet run {config}`, "
-        "or `fleet start` with --host, --port, --grpc-port)"], out.stderr
+        f"differ); proxy options take effect when an instance starts (`fleet run {config}` "
+        f"or `fleet start {config}`)"], out.stderr
     assert httpx.get(f"{http}/app").status_code == 200
     # options the instance has already, and a file without any, say nothing
     config.write_text(textwrap.dedent("""\
@@ -509,3 +509,62 @@ def test_the_background_log_is_bounded(tmp_path):
         assert run("shutdown", "--address", address).returncode == 0
         _, alive = psutil.wait_procs(family, timeout=30)
         assert not alive
+
+
+def test_start_with_a_config_serves_its_proxy_options_and_applications(tmp_path):
+    """`fleet start fleet.yaml`: the file's grpc_options (a schema of the user's, which
+    `fleet apply` cannot add to a running instance) start with the instance, and its
+    applications are applied."""
+    import grpc
+    from protos import fleet_echo_pb2 as pb
+    from protos import fleet_echo_pb2_grpc as pb_grpc
+    (tmp_path / "echo_app.py").write_text(textwrap.dedent("""
+        import fleet
+        from apps.observe_apps import GrpcEcho
+
+        echo = GrpcEcho.bind()
+    """))
+    config = tmp_path / "fleet.yaml"
+    config.write_text(textwrap.dedent("""
+        http_options: {host: 127.0.0.1, port: 0}
+        grpc_options:
+          port: 0
+          grpc_servicer_functions: [protos.fleet_echo_pb2_grpc.add_EchoServiceServicer_to_server]
+        applications:
+          - name: echo
+            route_prefix: /echo
+            import_path: echo_app:echo
+    """))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    out = run("start", str(config), "--address", "127.0.0.1:0", env=env)
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stderr.splitlines() if "started instance pid" in x)
+    proc = psutil.Process(int(line.split("pid ")[1].split(";")[0]))
+    family = [proc, *proc.children(recursive=True)]
+    address = _management_address(line)
+    try:
+        status = json.loads(run("status", "-o", "json", "--address", address).stdout)
+        assert status["applications"]["echo"]["status"] == "RUNNING"
+        port = status["proxies"]["grpc"]["port"]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = pb_grpc.EchoServiceStub(channel).Say(
+                pb.EchoRequest(text="hi"), metadata=(("application", "echo"),), timeout=30)
+        assert reply.text.split()[0]          # the call's request id: it ran in the app
+        assert run("shutdown", "--address", address).returncode == 0
+    finally:
+        if proc.is_running():
+            proc.terminate()
+        _, alive = psutil.wait_procs(family, timeout=30)
+        for p in alive:
+            p.kill()
+    assert not alive, alive
+
+
+def test_start_with_a_bad_config_starts_nothing_and_says_why(tmp_path):
+    config = tmp_path / "fleet.yaml"
+    config.write_text("http_options:\n  prot: 0\n")
+    out = run("start", str(config), "--address", "127.0.0.1:0")
+    assert out.returncode == 1
+    line = one_line_error(out)
+    assert "line 2" in line and "did you mean 'port'?" in line
+    assert "started instance" not in out.stderr

@@ -77,6 +77,7 @@ def get(client: Client, path: str, **kwargs: Any) -> Any:
 # -- start / shutdown -------------------------------------------------------------------
 
 @click.command()
+@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--host", default=None, help="HTTP host (default: 127.0.0.1).")
 @click.option("--port", default=None, type=int, help="HTTP port (default: 8000).")
 @click.option("--grpc-port", default=None, type=int, help="Also serve gRPC on this port.")
@@ -86,11 +87,15 @@ def get(client: Client, path: str, **kwargs: Any) -> Any:
 @click.option("--max-log-bytes", default=MAX_LOG_BYTES, type=click.IntRange(min=4096),
               hidden=True, help="Cut the instance's log file back past this size.")
 @backend_options
-def start(host: str | None, port: int | None, grpc_port: int | None,
-          address: str | None, max_log_bytes: int, backend: str | None,
-          ray_address: str | None, proxy_location: str | None) -> None:
+def start(config_file: str | None, host: str | None, port: int | None,
+          grpc_port: int | None, address: str | None, max_log_bytes: int,
+          backend: str | None, ray_address: str | None, proxy_location: str | None) -> None:
     """Start an instance in the background; returns once it serves. Deploy with
-    `fleet apply`, stop with `fleet shutdown`."""
+    `fleet apply`, stop with `fleet shutdown`.
+
+    With CONFIG_FILE (a fleet.yaml), the instance starts with the file's http_options,
+    grpc_options, logging_config, backend and proxy_location (the flags given win), and
+    the file's applications are then applied as `fleet apply CONFIG_FILE` does."""
     from fleet import _rundir
     from fleet._config import DEFAULT_MANAGEMENT_PORT
     from fleet._manage.client import ClientError, split_address
@@ -98,7 +103,16 @@ def start(host: str | None, port: int | None, grpc_port: int | None,
     for flag, value in (("--port", port), ("--grpc-port", grpc_port)):
         if value is not None and not 0 <= value <= 65535:
             raise CLIError(f"{flag} must be a port number from 0 to 65535, got {value}")
-    if ray_address is not None and backend != "ray":
+    config_path = None
+    if config_file is not None:
+        from fleet._cli import apply_backend_options
+        from fleet._imports import load_config
+        config = load_config(config_file)       # its errors before anything starts
+        apply_backend_options(config, backend, ray_address, proxy_location)
+        backend, ray_address = config.backend, config.ray_address
+        proxy_location = config.proxy_location
+        config_path = os.path.abspath(config_file)
+    elif ray_address is not None and backend != "ray":
         raise CLIError("--ray-address applies to --backend ray only")
     mhost, mport = ("127.0.0.1", DEFAULT_MANAGEMENT_PORT)
     if address is not None:
@@ -126,7 +140,7 @@ def start(host: str | None, port: int | None, grpc_port: int | None,
             "max_log_bytes": max_log_bytes,
             "management": {"host": mhost, "port": mport},
             "backend": backend or "local", "ray_address": ray_address,
-            "proxy_location": proxy_location or "EveryNode"}
+            "proxy_location": proxy_location or "EveryNode", "config": config_path}
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     read_end, write_end = os.pipe()
     try:
@@ -148,6 +162,10 @@ def start(host: str | None, port: int | None, grpc_port: int | None,
     _say(f"started instance pid {proc.pid}; HTTP on {message.get('http', '-')}; "
          f"management API at {message['url']} (log: {log_path})")
     _say(f"dashboard: {message['dashboard']}")
+    if config_file is not None:
+        ctx = click.get_current_context()
+        ctx.invoke(apply, config_file=config_file,
+                   address=message["url"].split("://", 1)[1].rstrip("/"))
 
 
 def _read_ready(fd: int, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
@@ -189,6 +207,16 @@ def daemon(args: str, ready_fd: int) -> None:
     opts = json.loads(args)
     http = HTTPOptions()
     grpc = GRPCOptions()
+    logging_config = None
+    if opts.get("config"):
+        # the file `fleet start` checked: its proxies' and logging options (the flags,
+        # applied below, win); its applications come through the API afterwards
+        from fleet._imports import load_config
+        config = load_config(opts["config"])
+        http, grpc, logging_config = config.http_options, config.grpc_options, \
+            config.logging_config
+        if grpc.grpc_servicer_functions:
+            grpc.enabled = True
     if opts.get("host") is not None:
         http.host = opts["host"]
     if opts.get("port") is not None:
@@ -211,7 +239,8 @@ def daemon(args: str, ready_fd: int) -> None:
                            extra_info={"background": True, "log": opts.get("log")},
                            backend=opts.get("backend", "local"),
                            ray_address=opts.get("ray_address"),
-                           proxy_location=opts.get("proxy_location", "EveryNode"))
+                           proxy_location=opts.get("proxy_location", "EveryNode"),
+                           logging_config=logging_config)
     except (FleetError, KeyboardInterrupt, ValueError) as exc:
         tell({"error": str(exc)})
         shutdown()
@@ -454,8 +483,8 @@ def apply(config_file: str, prune: bool, dry_run: bool, no_wait: bool, app_dir: 
         if not_applied:
             _say(f"{config_file}: not applied, as fleet apply changes applications only: "
                  f"{', '.join(not_applied)} (the running instance's differ); proxy options "
-                 f"take effect when an instance starts (`fleet run {config_file}`, or "
-                 "`fleet start` with --host, --port, --grpc-port)")
+                 f"take effect when an instance starts (`fleet run {config_file}` or "
+                 f"`fleet start {config_file}`)")
         doomed = sorted(set(live) - {a["name"] for a in wanted}) if prune else []
         if dry_run:
             for app, what in plan:
