@@ -12,6 +12,7 @@ import click
 from fleet._config import FleetConfig
 from fleet._imports import (  # noqa: F401  (re-exported)
     CLIError,
+    apply_backend_options,
     apply_overrides,
     backend_options,
     config_overrides,
@@ -21,20 +22,6 @@ from fleet._imports import (  # noqa: F401  (re-exported)
 )
 from fleet._manage.commands import COMMANDS
 from fleet._manage.observe_cli import COMMANDS as OBSERVE_COMMANDS
-
-
-def apply_backend_options(config: FleetConfig, backend: str | None, ray_address: str | None,
-                          proxy_location: str | None) -> None:
-    """Put the backend options of the command line into config."""
-    if backend is not None:
-        config.backend = backend        # type: ignore[assignment]
-    if ray_address is not None:
-        config.ray_address = ray_address
-    if proxy_location is not None:
-        config.proxy_location = proxy_location      # type: ignore[assignment]
-    if config.ray_address is not None and config.backend != "ray":
-        raise CLIError("--ray-address (ray_address) applies to --backend ray (backend: ray) "
-                       "only")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -319,3 +319,17 @@ def backend_options(fn: Any) -> Any:
                       help="Where replicas run: child processes here (local, the "
                            "default) or actors of a Ray cluster (ray).")(fn)
     return fn
+
+
+def apply_backend_options(config: Any, backend: str | None, ray_address: str | None,
+                          proxy_location: str | None) -> None:
+    """Put the backend options of the command line into config."""
+    if backend is not None:
+        config.backend = backend        # type: ignore[assignment]
+    if ray_address is not None:
+        config.ray_address = ray_address
+    if proxy_location is not None:
+        config.proxy_location = proxy_location      # type: ignore[assignment]
+    if config.ray_address is not None and config.backend != "ray":
+        raise CLIError("--ray-address (ray_address) applies to --backend ray (backend: ray) "
+                       "only")

@@ -105,8 +105,7 @@ def start(config_file: str | None, host: str | None, port: int | None,
             raise CLIError(f"{flag} must be a port number from 0 to 65535, got {value}")
     config_path = None
     if config_file is not None:
-        from fleet._cli import apply_backend_options
-        from fleet._imports import load_config
+        from fleet._imports import apply_backend_options, load_config
         config = load_config(config_file)       # its errors before anything starts
         apply_backend_options(config, backend, ray_address, proxy_location)
         backend, ray_address = config.backend, config.ray_address
