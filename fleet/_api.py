@@ -371,12 +371,11 @@ class Instance:
         while not self.closed:
             await asyncio.sleep(PROXY_WATCH_S)
             for slot in list(self._proxy_slots.values()):
-                if self.closed:
-                    return
-                if self.controller is not None and self.controller.is_going_down():
-                    return      # a stop signal to the process group stops proxies too
                 if slot.restarting or slot.proc.alive():
                     continue
+                if self.closed or (self.controller is not None
+                                   and self.controller.is_going_down()):
+                    return      # a stop signal to the process group stops proxies too
                 slot.restarting = True
                 task = self.loop.create_task(self._restart_proxy(slot))
                 self._proxy_starts.add(task)

@@ -201,8 +201,9 @@ def apply_overrides(app: Any, overrides: dict[str, dict[str, Any]]) -> Any:
     return result
 
 
-def load_config(path: str) -> FleetConfig:
-    """Read and validate a YAML config; every problem is one line naming file and line."""
+def load_config(path: str, warn: bool = True) -> FleetConfig:
+    """Read and validate a YAML config; every problem is one line naming file and line.
+    With warn, one line on stderr names the Ray Serve keys it has that fleet ignores."""
     try:
         with open(path) as f:
             text = f.read()
@@ -226,7 +227,7 @@ def load_config(path: str) -> FleetConfig:
         problems = [f"config {path!r}{_yaml_line(root, loc)}: {text}"
                     for loc, text in describe_errors(exc)]
         raise CLIError("; ".join(problems)) from None
-    ignored = config.ignored_keys()
+    ignored = config.ignored_keys() if warn else []
     if ignored:
         click.echo(f"fleet: warning: config {path!r}: fleet ignores these Ray Serve keys: "
                    f"{', '.join(ignored)}", err=True)

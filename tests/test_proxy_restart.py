@@ -168,12 +168,19 @@ def test_a_proxy_that_cannot_start_again_is_retried_with_a_growing_delay_saying_
     assert httpx.get(url, timeout=20).status_code == 200
 
 
-def test_a_shutdown_does_not_restart_the_proxies_it_stops(caplog) -> None:
+def _fresh_instance(caplog: Any) -> _api.Instance:
+    """A new instance of this process's own (the module's is stopped), with the proxy
+    watch's log captured."""
     caplog.set_level(logging.INFO, logger="fleet.proxies")
     fleet.shutdown()
     fleet.start(http_options={"host": "127.0.0.1", "port": 0})
     inst = _api._instance
     assert isinstance(inst, _api.Instance)
+    return inst
+
+
+def test_a_shutdown_does_not_restart_the_proxies_it_stops(caplog) -> None:
+    inst = _fresh_instance(caplog)
     pid = _proxy("http")["pid"]
     fleet.shutdown()
     assert not psutil.pid_exists(pid)
@@ -184,11 +191,7 @@ def test_a_shutdown_does_not_restart_the_proxies_it_stops(caplog) -> None:
 def test_a_proxy_a_stop_signal_also_reached_is_not_restarted(caplog) -> None:
     # SIGTERM to fleet run's whole process group stops its proxies too; once the driver
     # has the signal, the watch starts none again before the shutdown that follows
-    caplog.set_level(logging.INFO, logger="fleet.proxies")
-    fleet.shutdown()
-    fleet.start(http_options={"host": "127.0.0.1", "port": 0})
-    inst = _api._instance
-    assert isinstance(inst, _api.Instance)
+    inst = _fresh_instance(caplog)
     try:
         pid = _proxy("http")["pid"]
         watch = inst._proxy_watch

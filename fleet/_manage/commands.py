@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from fleet._imports import CLIError, backend_options, load_config
+from fleet._imports import CLIError, apply_backend_options, backend_options, load_config
 
 if TYPE_CHECKING:       # httpx is imported by the commands that talk to an instance
+    from fleet._config import FleetConfig
     from fleet._manage.client import Client
 
 START_TIMEOUT_S = 120.0
@@ -105,8 +106,8 @@ def start(config_file: str | None, host: str | None, port: int | None,
             raise CLIError(f"{flag} must be a port number from 0 to 65535, got {value}")
     config_path = None
     if config_file is not None:
-        from fleet._imports import apply_backend_options, load_config
-        config = load_config(config_file)       # its errors before anything starts
+        # its errors before anything starts (its warnings come with the apply below)
+        config = load_config(config_file, warn=False)
         apply_backend_options(config, backend, ray_address, proxy_location)
         backend, ray_address = config.backend, config.ray_address
         proxy_location = config.proxy_location
@@ -210,8 +211,7 @@ def daemon(args: str, ready_fd: int) -> None:
     if opts.get("config"):
         # the file `fleet start` checked: its proxies' and logging options (the flags,
         # applied below, win); its applications come through the API afterwards
-        from fleet._imports import load_config
-        config = load_config(opts["config"])
+        config = load_config(opts["config"], warn=False)
         http, grpc, logging_config = config.http_options, config.grpc_options, \
             config.logging_config
         if grpc.grpc_servicer_functions:
@@ -380,8 +380,7 @@ IN_PLACE = frozenset({"num_replicas", "user_config", "autoscaling_config",
                       "logging_config"})
 
 
-def _app_configs(path: str) -> list[dict[str, Any]]:
-    config = load_config(path)
+def _app_configs(path: str, config: FleetConfig) -> list[dict[str, Any]]:
     out = []
     for app in config.applications:
         d = app.model_dump(mode="json", exclude_defaults=True)
@@ -395,11 +394,10 @@ def _app_configs(path: str) -> list[dict[str, Any]]:
     return out
 
 
-def options_not_applied(path: str, live: dict[str, Any]) -> list[str]:
+def options_not_applied(config: FleetConfig, live: dict[str, Any]) -> list[str]:
     """The file's http_options/grpc_options keys that differ from the running instance's:
     fleet apply changes applications only, so they would be silently left out."""
     from fleet._config import GRPCOptions, HTTPOptions
-    config = load_config(path)
     out: list[str] = []
     for key, options, default in (("http_options", config.http_options, HTTPOptions()),
                                   ("grpc_options", config.grpc_options, GRPCOptions())):
@@ -472,13 +470,14 @@ def apply(config_file: str, prune: bool, dry_run: bool, no_wait: bool, app_dir: 
           timeout: float, address: str | None, token: str | None) -> None:
     """Deploy the applications CONFIG_FILE names; leave the others running (unless
     --prune). Waits until every change is done, printing progress."""
-    wanted = _app_configs(config_file)
+    config = load_config(config_file)
+    wanted = _app_configs(config_file, config)
     app_dir = os.path.abspath(app_dir or os.path.dirname(os.path.abspath(config_file)))
     with connect(address, token) as client:
         live_config = get(client, "/api/config")
         live = {a["name"]: a for a in live_config["applications"]}
         plan = [(a, changes(live.get(a["name"]), a)) for a in wanted]
-        not_applied = options_not_applied(config_file, live_config)
+        not_applied = options_not_applied(config, live_config)
         if not_applied:
             _say(f"{config_file}: not applied, as fleet apply changes applications only: "
                  f"{', '.join(not_applied)} (the running instance's differ); proxy options "
