@@ -33,7 +33,7 @@ from fleet._controller.controller import Controller
 from fleet._deployment import Application, build_plans
 from fleet._handle import DeploymentHandle
 from fleet._runtime import Runtime, bind, set_starter, unbind
-from fleet._types import Backend
+from fleet._types import Adopting, Backend
 from fleet._wire.listener import bound_port, listen
 from fleet.exceptions import FleetError
 
@@ -82,6 +82,11 @@ class ProxySlot:
         label = "HTTP" if self.kind == "http" else "gRPC"
         where = f" on node {self.node_id}" if self.node_id else ""
         return f"{label} proxy {self.index}{where}"
+
+
+def _proxy_key(kind: str, index: int) -> str:
+    """The backend's key of a proxy (a Ray actor's name ends with it)."""
+    return f"proxy-{kind}" if index == 0 else f"proxy-{kind}-{index}"
 
 
 def _proxies_on(options: Any, node: dict[str, Any]) -> int:
@@ -170,6 +175,14 @@ class Instance:
         self.logs_dir = _logs.instance_dir(os.path.basename(self.dir),
                                            self.logging_config.logs_dir)
         self._log_handler: _logs.SinkHandler | None = None
+        # A detached controller's (fleet/_backends/ray_controller.py): the state it left
+        # when it died, to recover; set once it listens; where each checkpoint goes.
+        self.recover: dict[str, Any] | None = None
+        self.listening: threading.Event | None = None
+        self.save_state: Callable[[bytes], None] | None = None
+        self.adopter: Adopting | None = None        # the backend, as one that adopts
+        self._saving: asyncio.Task[None] | None = None
+        self._save_again = False
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run coro on the instance's loop and wait for it from this thread."""
@@ -190,6 +203,13 @@ class Instance:
     async def _start(self) -> None:
         self.controller = Controller(self.backend, self.secret, self.address,
                                      sys_path=list(sys.path), cwd=os.getcwd())
+        adopted: list[str] = []
+        if self.recover is not None:
+            from fleet._controller import checkpoint
+            assert self.adopter is not None
+            adopted = checkpoint.restore(self.controller, self.recover, self.adopter.adopt)
+            log.info("recovered %d application(s); adopted %d live replica(s)",
+                     len(self.controller.apps), len(adopted))
         host = self.backend.listen_host
         if host:
             # replicas and proxies on other nodes reach the controller over TCP
@@ -198,7 +218,11 @@ class Instance:
             self.controller.address = self.address
         else:
             self._server = await listen(self.controller, self.secret, self.address)
+        if self.listening is not None:
+            self.listening.set()
         self.controller.on_shutdown_request = self._shutdown_requested
+        if self.save_state is not None:
+            self.controller.on_state_change = self._save_soon
         self.controller.logs_dir = self.logs_dir if self._log_handler is not None else ""
         self.controller.logging_config = self.logging_config.model_dump()
         self.controller.start()
@@ -206,9 +230,17 @@ class Instance:
         await self.runtime.connect_controller(subscribe=True)
         bind(self.runtime)
         waits = []
-        if self.http_options.enabled and self.proxy_location != "Disabled":
+        if self.recover is not None:
+            adopted += self._adopt_proxies(self.recover.get("proxies", []))
+            assert self.adopter is not None
+            killed = await self.loop.run_in_executor(None, self.adopter.kill_orphans,
+                                                     set(adopted))
+            if killed:
+                log.info("stopped %d actor(s) no record held: %s", len(killed), killed)
+        elif self.http_options.enabled and self.proxy_location != "Disabled":
             waits.append(self._start_http_proxies(self.http_options))
-        if self.grpc_options.enabled and self.proxy_location != "Disabled":
+        if self.grpc_options.enabled and self.proxy_location != "Disabled" \
+                and self.recover is None:
             waits.append(self._start_grpc_proxies(self.grpc_options))
         for info in await asyncio.gather(*waits):
             if "error" in info:
@@ -228,6 +260,77 @@ class Instance:
                 logging.getLogger("fleet.instance").warning("%s", why)
         if self.register:
             self._write_instance_file()
+
+    # -- a detached controller's state ---------------------------------------------
+    def _snapshot(self) -> dict[str, Any]:
+        """What a restarted detached controller needs: the controller's state
+        (checkpoint.snapshot) and the proxies it keeps running."""
+        from fleet._controller import checkpoint
+        assert self.controller is not None
+        state = checkpoint.snapshot(self.controller)
+        state["proxies"] = [{"kind": s.kind, "index": s.index, "options": s.options,
+                             "shared": s.shared, "node_id": s.node_id, "pid": s.pid,
+                             "key": _proxy_key(s.kind, s.index)}
+                            for s in self._proxy_slots.values()]
+        state["node_proxies"] = {kind: (options, sorted(nodes))
+                                 for kind, (options, nodes) in self._node_proxies.items()}
+        return state
+
+    def _save_soon(self) -> None:
+        """Save a checkpoint off the loop; one write at a time, the latest state last."""
+        if self._saving is not None:
+            self._save_again = True
+            return
+        self._saving = self.loop.create_task(self._save())
+
+    async def _save(self) -> None:
+        assert self.save_state is not None
+        try:
+            while True:
+                self._save_again = False
+                blob = cloudpickle.dumps(self._snapshot())
+                try:
+                    await self.loop.run_in_executor(None, self.save_state, blob)
+                except Exception:  # noqa: BLE001 - the next change tries again
+                    log.exception("could not save the controller's checkpoint")
+                if not self._save_again or self.closed:
+                    return
+        finally:
+            self._saving = None
+
+    def _adopt_proxies(self, saved: list[dict[str, Any]]) -> list[str]:
+        """A restarted controller keeps the proxies that still run (they reconnect and
+        report themselves again) and starts the others again; the keys adopted."""
+        assert self.recover is not None and self.controller is not None
+        assert self.adopter is not None
+        adopt = self.adopter.adopt
+        adopted = []
+        for p in saved:
+            kind, index, node_id = p["kind"], p["index"], p["node_id"]
+            proc = adopt(p["key"], "")
+            if proc is None:
+                if not self._node_is_live(node_id):
+                    continue
+                task = self.loop.create_task(self._start_proxy(kind, p["options"], index,
+                                                               shared=p["shared"],
+                                                               node_id=node_id))
+                self._proxy_starts.add(task)
+                task.add_done_callback(self._proxy_starts.discard)
+                continue
+            adopted.append(p["key"])
+            if node_id:
+                self.controller.place_proxy(kind, index, node_id)
+            self._proxy_slots[(kind, index)] = ProxySlot(
+                kind, index, p["options"], None, p["shared"], node_id, proc, p["pid"],
+                self.loop.time())
+        for kind, (options, nodes) in (self.recover.get("node_proxies") or {}).items():
+            self._node_proxies[kind] = (options, set(nodes))
+        if self._proxy_slots and self._proxy_watch is None:
+            self._proxy_watch = self.loop.create_task(self._watch_proxies())
+        if self._node_proxies and self.proxy_location == "EveryNode" \
+                and self._node_watch is None:
+            self._node_watch = self.loop.create_task(self._follow_nodes())
+        return adopted
 
     async def _start_node_proxies(self, kind: str, options: Any) -> dict[str, Any]:
         """On a cluster: num_proxies proxies per node (proxy_location EveryNode) or on the
@@ -253,7 +356,8 @@ class Instance:
     async def _follow_nodes(self) -> None:
         """EveryNode: a node that joins the cluster gets its proxies too (a node that
         leaves takes its proxies with it)."""
-        index = 100_000     # above the indexes of the proxies started with the instance
+        # above the indexes of the proxies started with the instance (or adopted)
+        index = max([100_000, *(i for _, i in self._proxy_slots)])
         while not self.closed:
             await asyncio.sleep(NODE_WATCH_S)
             live = {n["node_id"]: n for n in self.backend.nodes()}
@@ -328,6 +432,8 @@ class Instance:
         self._proxy_slots[(kind, index)] = ProxySlot(
             kind, index, options, listen_fd, shared, node_id, proc, info.get("pid"),
             self.loop.time())
+        if self.save_state is not None:
+            self._save_soon()
         if self._proxy_watch is None:
             self._proxy_watch = self.loop.create_task(self._watch_proxies())
         return info
@@ -348,8 +454,7 @@ class Instance:
                 "logs_dir": self.logs_dir if self._log_handler is not None else "",
                 "logging_config": self.logging_config.model_dump(),
                 "node_id": node_id}
-        key = f"proxy-{kind}" if index == 0 else f"proxy-{kind}-{index}"
-        proc = self.backend.spawn(key, "fleet._proxy", boot,
+        proc = self.backend.spawn(_proxy_key(kind, index), "fleet._proxy", boot,
                                   () if listen_fd is None else (listen_fd,))
         deadline = None if timeout_s is None else self.loop.time() + timeout_s
         while True:
@@ -414,6 +519,8 @@ class Instance:
                 old_pid, slot.pid = slot.pid, info.get("pid")
                 slot.serving_since = self.loop.time()
                 slot.restarting = False
+                if self.save_state is not None:
+                    self._save_soon()
                 message = (f"the {slot.name} (pid {old_pid}) exited with code {code}; "
                            f"pid {slot.pid} serves port {info.get('port', port)} now")
                 log.info("%s", message)
@@ -426,6 +533,11 @@ class Instance:
 
     def _write_instance_file(self) -> None:
         _rundir.live_instances()        # removes the files of instances that are gone
+        _rundir.write_instance(self.record())
+
+    def record(self) -> dict[str, Any]:
+        """How another process reaches this instance (its instance file's content):
+        the controller's address and secret, the proxies' options, the management API."""
         info: dict[str, Any] = {"address": self.address, "secret": self.secret.hex(),
                                 "pid": os.getpid(), "started": time.time(),
                                 "options": {"http": _comparable(self.http_options),
@@ -436,7 +548,7 @@ class Instance:
             info["management"] = self._management_record()
             info["token"] = self.ops.token
         info.update(self.extra_info)
-        _rundir.write_instance(info)
+        return info
 
     def _management_record(self) -> dict[str, Any]:
         """Where the management API listens, as other processes find it."""
@@ -536,6 +648,9 @@ class AttachedInstance:
             and "url" in found else None
         self.backend_name = str(info.get("backend") or "local")
         self.ray_address: str | None = info.get("ray_address")
+        # a detached controller on Ray: this process rejoins it when it restarts, and
+        # shutdown() ends it (its actor) rather than a process of this machine
+        self.detached = bool(info.get("detached"))
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run coro on this process's loop for the instance and wait for it."""
@@ -552,6 +667,9 @@ class AttachedInstance:
     async def _connect(self) -> None:
         self.runtime = Runtime(self.loop, self.address, self.secret)
         self.runtime.on_controller_lost = self._lost
+        if self.detached:
+            from fleet._backends.ray_actors import find_controller
+            self.runtime.find_controller = find_controller
         await self.runtime.connect_controller(subscribe=True)
         status = await self.runtime.call_controller("status")
         for kind in ("http", "grpc"):       # where it actually listens (port 0 picks one)
@@ -571,6 +689,7 @@ class AttachedInstance:
         if self.thread.is_alive():
             async def close() -> None:
                 if self.runtime is not None:
+                    self.runtime.stop_rejoining()
                     self.runtime.close("this process detached from the fleet instance")
                     if self.runtime.controller is not None:
                         self.runtime.controller.close()
@@ -586,11 +705,20 @@ class AttachedInstance:
     def shutdown(self) -> None:
         """Stop the instance itself (its owner shuts it down), then detach."""
         if not self.closed and self.runtime is not None:
+            runtime = self.runtime
+
+            async def ask() -> None:
+                runtime.stop_rejoining()
+                await runtime.call_controller("shutdown_instance")
             try:
-                self.call(self.runtime.call_controller("shutdown_instance"), timeout=30)
+                self.call(ask(), timeout=30)
             except Exception:
                 pass
-            _wait_gone(self.pid, 60)
+            if self.detached:
+                from fleet._backends import ray as ray_backend
+                ray_backend.wait_controller_gone(ray_backend.import_ray(), 60)
+            else:
+                _wait_gone(self.pid, 60)
         self.detach()
 
 
@@ -632,6 +760,9 @@ def _current_instance(create: bool = True) -> Instance | AttachedInstance:
     one when create is true."""
     global _instance
     with _lock:
+        if _instance is not None and _instance.closed and getattr(_instance, "detached", False):
+            # the detached controller it used did not come back in time: look again
+            _instance = _on_cluster(_instance.ray_address)
         if _instance is None or _instance.closed:
             _instance = _running_elsewhere()
         if _instance is None:
@@ -692,12 +823,51 @@ def _check_same_backend(inst: Instance | AttachedInstance, backend: str | None,
                          "(fleet.shutdown() or `fleet shutdown`)")
 
 
+def build_detached(settings: dict[str, Any], secret: bytes, instance_id: str) -> Instance:
+    """In the detached controller's actor (``ray_actors.ControllerActor``): its instance,
+    not started, with the checkpoint a controller that died left (to recover) and where
+    its own checkpoints go."""
+    global _instance
+    from fleet._backends import ray as ray_backend
+    backend = ray_backend.RayBackend(None, None, detached=instance_id)
+    inst = Instance(settings["http"], settings["grpc"], backend, register=False,
+                    management=settings["management"], management_fallback=True,
+                    logging_config=settings["logging_config"],
+                    proxy_location=settings["proxy_location"],
+                    ray_address=settings["ray_address"])
+    inst.secret = secret                # the same after a restart: replicas rejoin with it
+    inst.recover = ray_backend.load_state()
+    inst.save_state = ray_backend.save_state
+    inst.adopter = backend
+    _instance = inst                    # what fleet's functions act on in this process
+    return inst
+
+
+def _on_cluster(ray_address: str | None, settings: dict[str, Any] | None = None
+                ) -> AttachedInstance | None:
+    """The detached controller of the Ray cluster at ray_address, attached; made with
+    settings when there is none and settings are given; else None."""
+    from fleet._backends import ray as ray_backend
+    ray, _joined = ray_backend.connect(ray_address)
+    if settings is not None:
+        info = ray_backend.start_detached_controller(ray, build_detached, settings)
+    else:
+        found = ray_backend.detached_controller(ray)
+        if found is None:
+            return None
+        info = found[1]
+    inst = AttachedInstance(info)
+    inst.ray_address = ray_address
+    inst.attach()
+    return inst
+
+
 def start(http_options: dict[str, Any] | HTTPOptions | None = None,
           grpc_options: dict[str, Any] | GRPCOptions | None = None,
           management_options: dict[str, Any] | ManagementOptions | None = None,
           logging_config: dict[str, Any] | LoggingConfig | None = None,
           backend: str | None = None, ray_address: str | None = None,
-          proxy_location: str = "EveryNode") -> None:
+          proxy_location: str = "EveryNode", detached: bool = False) -> None:
     """Start fleet's instance in this process: the controller, the backend and the
     HTTP proxy (``http_options``: host, port, middlewares, request_timeout_s, root_path,
     max_body_bytes, access_log) and, when ``grpc_options`` is given, the gRPC proxy.
@@ -720,6 +890,14 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
     ``management_options`` (host, port, metrics_public, token) also starts the
     management server (REST API, as ``fleet run`` and ``fleet start`` do); from Python it
     runs only when asked. A port already in use raises :class:`fleet.FleetError`.
+
+    ``detached=True`` (Ray only) runs the controller as a detached actor of the cluster,
+    named ``fleet-controller`` in namespace ``fleet``: applications keep serving after
+    this process exits, any process that joins the cluster reaches them with
+    ``fleet.start(backend="ray")``, and Ray restarts the controller if it dies; it
+    recovers its applications from a checkpoint and adopts the replicas and proxies that
+    still run. Its management server is on (a free port when 8100 is taken).
+    ``fleet.shutdown()`` from any of those processes ends it.
     """
     global _instance
     management = None if management_options is None else coerce_options(
@@ -737,9 +915,21 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
         grpc.enabled = True
     log_cfg = None if logging_config is None else coerce_options(
         LoggingConfig, logging_config, "logging_config")
+    if detached and backend != "ray":
+        raise ValueError("fleet.start: detached=True runs the controller on a Ray cluster; "
+                         "pass backend='ray' too")
     with _lock:
         if _instance is None or _instance.closed:
             _instance = _running_elsewhere()
+        if _instance is None and backend == "ray":
+            # the cluster's detached controller when it has one (made when detached)
+            settings = None if not detached else {
+                "http": http, "grpc": grpc, "management": management or ManagementOptions(),
+                "logging_config": log_cfg, "proxy_location": proxy_location,
+                "ray_address": ray_address}
+            _instance = _on_cluster(ray_address, settings)
+            if _instance is not None:
+                return
         if _instance is not None:
             _check_same_backend(_instance, backend, ray_address)
             if isinstance(_instance, AttachedInstance):

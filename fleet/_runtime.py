@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,8 @@ from fleet.exceptions import (
     RequestTimeoutError,
 )
 
+log = logging.getLogger("fleet.runtime")
+
 _current: Runtime | None = None
 _current_lock = threading.Lock()
 # The runtime of each instance that runs in this process, by the loop it runs on: code
@@ -39,6 +42,10 @@ _current_lock = threading.Lock()
 _bound: dict[asyncio.AbstractEventLoop, Runtime] = {}
 
 MAX_ATTEMPTS = 4
+# How long a process under a restarting controller looks for it before giving up, and
+# how often it asks.
+REJOIN_S = 120.0
+REJOIN_RETRY_S = 0.25
 # How often callers report their load on autoscaling deployments to the controller.
 LOAD_REPORT_S = 0.5
 
@@ -116,6 +123,15 @@ class Runtime:
         self._tables_changed = asyncio.Event()
         self.ctrl_hooks: dict[str, Callable[[dict[str, Any]], None]] = {}
         self.on_controller_lost: Callable[[], None] | None = None
+        # Under a controller that restarts (a detached one on Ray): where it answers now,
+        # asked again when the connection to it closes; and the calls that say who this
+        # process is (a replica's replica_ready, a proxy's proxy_ready), made again to the
+        # controller it rejoins. on_controller_lost runs only when rejoining fails.
+        self.find_controller: Callable[[], Awaitable[str]] | None = None
+        self.announced: dict[str, tuple[Any, ...]] = {}
+        self.rejoin_s = REJOIN_S
+        self._rejoining: asyncio.Task[None] | None = None
+        self._any_version = False       # a restarted controller counts its tables anew
         self.table_listeners: list[Callable[[Tables], None]] = []
         # Acks let the controller drain a replica only after callers stopped routing to it.
         self.ack_tables = True
@@ -171,7 +187,47 @@ class Runtime:
                                               ("deployment", router.deployment)),
                     len(router.queue))
 
-    def _lost(self, _ch: Channel) -> None:
+    def _lost(self, ch: Channel) -> None:
+        if ch is not self.controller:
+            return              # an earlier connection, replaced by a rejoin
+        if self.find_controller is not None and self._rejoining is None:
+            self._rejoining = self.loop.create_task(self._rejoin())
+            return
+        if self.on_controller_lost is not None:
+            self.on_controller_lost()
+
+    def stop_rejoining(self) -> None:
+        """The controller is going away for good (this process shuts it down, or
+        detaches): do not look for it again."""
+        self.find_controller = None
+        task, self._rejoining = self._rejoining, None
+        if task is not None:
+            task.cancel()
+
+    async def _rejoin(self) -> None:
+        """Find the restarted controller, connect, subscribe and announce again; keep
+        serving meanwhile with the tables this process has. Gives up after rejoin_s."""
+        assert self.find_controller is not None
+        deadline = self.loop.time() + self.rejoin_s
+        why = ""
+        try:
+            while self.loop.time() < deadline:
+                try:
+                    self.controller_address = await asyncio.wait_for(
+                        self.find_controller(), max(0.1, deadline - self.loop.time()))
+                    self._any_version = True
+                    await self.connect_controller(subscribe=True)
+                    for method, args in list(self.announced.items()):
+                        await self.call_controller(method, *args)
+                    log.info("rejoined fleet's controller at %s", self.controller_address)
+                    return
+                except (OSError, ConnectionError, FleetError, asyncio.TimeoutError) as exc:
+                    why = f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(REJOIN_RETRY_S)
+        finally:
+            self._rejoining = None
+        log.warning("fleet's controller did not come back within %g s (%s)", self.rejoin_s,
+                    why or "no answer")
         if self.on_controller_lost is not None:
             self.on_controller_lost()
 
@@ -181,6 +237,12 @@ class Runtime:
             raise FleetError("fleet's controller is not reachable: the instance was shut "
                              "down or its driver exited")
         return await ch.call(method, args, kwargs, None).result()
+
+    async def announce(self, method: str, *args: Any) -> Any:
+        """call_controller, made again (the latest arguments) to a controller this
+        process rejoins after it restarted."""
+        self.announced[method] = args
+        return await self.call_controller(method, *args)
 
     def send_ctrl(self, msg: ControlMessage) -> None:
         if self.controller is not None:
@@ -196,8 +258,10 @@ class Runtime:
             hook(msg)
 
     def apply_tables(self, tables: Tables) -> None:
-        if self.tables is not None and tables["version"] <= self.tables["version"]:
+        if self.tables is not None and tables["version"] <= self.tables["version"] \
+                and not self._any_version:
             return
+        self._any_version = False
         self.tables = tables
         deps = tables["deployments"]
         for key, router in self.routers.items():
@@ -213,7 +277,8 @@ class Runtime:
 
     async def wait_tables(self, version: int) -> Tables:
         """Wait for a table newer than version (or any, for 0)."""
-        while self.tables is None or self.tables["version"] <= version - 1:
+        while self.tables is None or self.tables["version"] <= version - 1 \
+                or self._any_version:
             await self._tables_changed.wait()
         return self.tables
 

@@ -376,3 +376,17 @@ class Backend(Protocol):
         instance files (where its management API answers, and its token); None when
         published or when the backend has no such place, else why not."""
         ...
+
+
+class Adopting(Protocol):
+    """A backend whose processes outlive a controller that dies (Ray's, under a detached
+    controller): the one that restarts takes them over."""
+
+    def adopt(self, key: str, group: str = "") -> ReplicaProcess | None:
+        """The live process a controller that died had started under key (group: its
+        deployment's key), now tracked by this backend; None when it is gone."""
+        ...
+
+    def kill_orphans(self, keep: set[str]) -> list[str]:
+        """End this instance's processes whose keys are not in keep; their names."""
+        ...

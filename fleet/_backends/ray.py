@@ -64,6 +64,10 @@ def _check_reachable(address: str, timeout_s: float) -> None:
                          "or 'auto' for the cluster this machine belongs to") from None
 
 
+# Whether fleet joined this process to Ray (and so leaves it when its backend stops).
+_joined = False
+
+
 def connect(address: str | None, runtime_env: dict[str, Any] | None = None
             ) -> tuple[Any, bool]:
     """Connect this process to Ray at address (None: RAY_ADDRESS, else a Ray of its
@@ -88,7 +92,16 @@ def connect(address: str | None, runtime_env: dict[str, Any] | None = None
     finally:
         if main_thread and handler is not None:
             signal.signal(signal.SIGTERM, handler)
+    global _joined
+    _joined = True
     return ray, True
+
+
+def leave(ray: Any) -> None:
+    """Leave the Ray cluster fleet joined this process to."""
+    global _joined
+    _joined = False
+    ray.shutdown()
 
 
 def find_instance(address: str) -> dict[str, Any]:
@@ -109,7 +122,114 @@ def find_instance(address: str) -> dict[str, Any]:
                              f"{address!r} does not answer: {type(exc).__name__}") from None
     finally:
         if joined:
-            ray.shutdown()
+            leave(ray)
+
+
+# -- the detached controller (ray_actors.ControllerActor) ----------------------------
+# Its checkpoint, in the GCS key-value store (one detached controller per cluster).
+STATE_KEY = "controller-state"
+# How long a new detached controller may take to be up (Ray starting a worker, the
+# proxies on every node).
+CONTROLLER_START_S = 120.0
+
+
+def save_state(blob: bytes) -> None:
+    """Write the detached controller's checkpoint (from inside the cluster)."""
+    from ray.experimental import internal_kv
+    internal_kv._internal_kv_put(STATE_KEY, blob, overwrite=True, namespace=NAMESPACE)
+
+
+def load_state() -> dict[str, Any] | None:
+    """The checkpoint a detached controller that died left, or None."""
+    import cloudpickle
+    from ray.experimental import internal_kv
+    blob = internal_kv._internal_kv_get(STATE_KEY, namespace=NAMESPACE)
+    return None if not blob else dict(cloudpickle.loads(blob))
+
+
+def drop_state() -> None:
+    from ray.experimental import internal_kv
+    internal_kv._internal_kv_del(STATE_KEY, namespace=NAMESPACE)
+
+
+def detached_controller(ray: Any) -> tuple[Any, dict[str, Any]] | None:
+    """The cluster's detached controller and its info (see ControllerActor.info), or
+    None when there is none. A driver-owned instance's address book under that name is
+    not one: FleetError."""
+    try:
+        actor = ray.get_actor(DIRECTORY_NAME, namespace=DIRECTORY_NAMESPACE)
+    except ValueError:
+        return None
+    try:
+        info = dict(ray.get(actor.info.remote(), timeout=CONTROLLER_START_S))
+    except Exception as exc:  # noqa: BLE001 - it is going away
+        raise FleetError(f"the fleet instance on this Ray cluster does not answer: "
+                         f"{type(exc).__name__}") from None
+    if not info.get("detached"):
+        raise FleetError(f"a fleet instance owned by a driver (pid {info.get('pid')}) "
+                         "runs on this Ray cluster; stop it first (`fleet shutdown "
+                         "--ray-address ...`) or use it through fleet.start(backend='ray')")
+    if "error" in info:
+        raise FleetError(f"the fleet controller on this Ray cluster could not start: "
+                         f"{info['error']}")
+    return actor, info
+
+
+def start_detached_controller(ray: Any, build: Callable[[dict[str, Any], bytes, str], Any],
+                              settings: dict[str, Any]) -> dict[str, Any]:
+    """Make the cluster's detached controller (on the head node when it can), wait until
+    it serves, and return its info; one already there is used as it is."""
+    import secrets
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from fleet._backends import ray_actors
+    found = detached_controller(ray)
+    if found is not None:
+        return found[1]
+    actor_class: Any = ray_actors.ControllerActor
+    heads = [n["NodeID"] for n in ray.nodes()
+             if n.get("Alive") and "node:__internal_head__" in (n.get("Resources") or {})]
+    options: dict[str, Any] = {
+        "name": DIRECTORY_NAME, "namespace": DIRECTORY_NAMESPACE, "lifetime": "detached",
+        "max_restarts": -1, "max_task_retries": -1, "max_concurrency": 16, "num_cpus": 0}
+    if heads:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(heads[0], soft=True)
+    try:
+        actor = actor_class.options(**options).remote(build, settings,
+                                                      secrets.token_bytes(32),
+                                                      secrets.token_hex(4))
+    except ValueError:              # another process made it meanwhile
+        found = detached_controller(ray)
+        if found is None:
+            raise FleetError("the fleet controller on this Ray cluster went away while "
+                             "starting; try again") from None
+        return found[1]
+    try:
+        info = dict(ray.get(actor.info.remote(), timeout=CONTROLLER_START_S))
+    except Exception as exc:  # noqa: BLE001 - its constructor failed, or it is slow
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001
+            pass
+        raise FleetError(f"the fleet controller did not start on the Ray cluster within "
+                         f"{CONTROLLER_START_S:g} s: {type(exc).__name__}: {exc}") from None
+    if "error" in info:
+        raise FleetError(f"the fleet controller could not start on the Ray cluster: "
+                         f"{info['error']}")
+    return info
+
+
+def wait_controller_gone(ray: Any, timeout_s: float) -> bool:
+    """Wait until the cluster's detached controller ended (after a shutdown)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(DIRECTORY_NAME, namespace=DIRECTORY_NAMESPACE)
+        except ValueError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _demand(options: dict[str, Any]) -> dict[str, float]:
@@ -246,17 +366,62 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, address: str | None = None,
-                 runtime_env: dict[str, Any] | None = None) -> None:
+                 runtime_env: dict[str, Any] | None = None, detached: str = "") -> None:
         # the job's runtime_env (fleet run: the app's directory as working_dir), which
         # Ray merges into every actor's own (ray.init rewrites the dict it is given)
         given = dict(runtime_env or {})
-        self.ray, self.owns_ray = connect(address, dict(given) if runtime_env else None)
+        self.ray, joined = connect(address, dict(given) if runtime_env else None)
+        # fleet.start looks for a detached controller first, joining Ray for that
+        self.owns_ray = joined or (_joined and not detached)
         self.runtime_env = given if self.owns_ray else {}
         self.listen_host: str = self.ray.util.get_node_ip_address()
         self.procs: dict[str, RayProcess] = {}
         self._nodes: list[dict[str, Any]] = []
         self._nodes_at = 0.0
         self._directory: Any = None     # the named actor publish() made
+        # Under a detached controller (fleet/_backends/ray_controller.py), its instance id:
+        # replicas and proxies are then detached, named actors that outlive a controller
+        # that dies, find it again when it restarts, and are adopted by it.
+        self.detached = detached
+
+    def _lasting(self, key: str) -> dict[str, Any]:
+        """The actor options that make an actor outlive a detached controller."""
+        if not self.detached:
+            return {}
+        return {"name": self.actor_name(key), "namespace": NAMESPACE, "lifetime": "detached"}
+
+    def actor_name(self, key: str) -> str:
+        return f"fleet-{self.detached}-{key}"
+
+    def adopt(self, key: str, group: str = "") -> RayProcess | None:
+        """The live actor of a replica (or proxy) a controller that died had started, as
+        this backend tracks it (group: its deployment's key); None when it is gone."""
+        try:
+            actor = self.ray.get_actor(self.actor_name(key), namespace=NAMESPACE)
+        except ValueError:
+            return None
+        proc = RayProcess(key, group or key, {}, None)
+        proc.actor = actor
+        proc.actor.ready.remote().future().add_done_callback(proc._on_ready)
+        proc.actor.wait.remote().future().add_done_callback(proc._on_exit)
+        self.procs[key] = proc
+        return proc
+
+    def kill_orphans(self, keep: set[str]) -> list[str]:
+        """Kill this instance's named actors that no record holds (started by a controller
+        that died before it recorded them); their names."""
+        prefix = self.actor_name("")
+        killed = []
+        for entry in self.ray.util.list_named_actors(all_namespaces=True):
+            name = entry.get("name", "") if isinstance(entry, dict) else str(entry)
+            if not name.startswith(prefix) or name[len(prefix):] in keep:
+                continue
+            try:
+                self.ray.kill(self.ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+                killed.append(name)
+            except Exception:  # noqa: BLE001 - it ended meanwhile
+                pass
+        return killed
 
     # -- nodes -------------------------------------------------------------------------
     def nodes(self) -> list[dict[str, Any]]:
@@ -318,7 +483,9 @@ class RayBackend:
         if working_dir:
             spec = _from_working_dir(spec, working_dir)
         # Ray's working_dir becomes the actor's cwd; the driver's cwd may not exist there.
-        proc.actor = actor_class.options(**actor_options).remote(spec, not working_dir)
+        actor_options.update(self._lasting(spec.replica_id))
+        proc.actor = actor_class.options(**actor_options).remote(
+            spec, not working_dir, bool(self.detached))
         proc.actor.ready.remote().future().add_done_callback(proc._on_ready)
         proc.actor.wait.remote().future().add_done_callback(proc._on_exit)
 
@@ -403,7 +570,8 @@ class RayBackend:
         proc.actor = actor_class.options(
             num_cpus=0, max_concurrency=ACTOR_CONCURRENCY, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        ).remote(payload)
+            **self._lasting(key),
+        ).remote(dict(payload, rejoin=bool(self.detached)))
         proc.actor.ready.remote().future().add_done_callback(proc._on_ready)
         proc.actor.wait.remote().future().add_done_callback(proc._on_exit)
         self.procs[key] = proc
@@ -422,7 +590,10 @@ class RayBackend:
         """A named actor (DIRECTORY_NAME in DIRECTORY_NAMESPACE) holding info, so that
         ``fleet status --ray-address ...`` finds the instance from any process that can
         join the cluster. It belongs to this process and ends with it. A cluster holds
-        one: when another instance's is there, say so and leave it."""
+        one: when another instance's is there, say so and leave it. A detached controller
+        is that named actor itself: nothing to make."""
+        if self.detached:
+            return None
         from fleet._backends import ray_actors
         actor_class: Any = ray_actors.InstanceDirectory
         try:
@@ -454,4 +625,4 @@ class RayBackend:
             self.kill(proc)
         self.procs.clear()
         if self.owns_ray and self.ray.is_initialized():
-            self.ray.shutdown()
+            leave(self.ray)

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -22,6 +23,24 @@ import ray
 from fleet._types import ReplicaSpec
 
 log = logging.getLogger("fleet.ray")
+
+# The detached controller's actor (fleet/_backends/ray_controller.py) and its namespace.
+CONTROLLER_NAME = "fleet-controller"
+NAMESPACE = "fleet"
+
+
+def _controller_address() -> str:
+    try:
+        actor = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        return str(ray.get(actor.address.remote(), timeout=5))
+    except Exception as exc:  # noqa: BLE001 - not there yet, restarting, or gone
+        raise ConnectionError(f"no fleet controller answers on this cluster yet "
+                              f"({type(exc).__name__})") from None
+
+
+async def find_controller() -> str:
+    """Where the detached controller listens now (it moves when it restarts)."""
+    return await asyncio.get_running_loop().run_in_executor(None, _controller_address)
 
 
 def _node() -> tuple[str, str]:
@@ -33,7 +52,7 @@ def _node() -> tuple[str, str]:
 class ReplicaActor:
     """One replica: its own event loop thread, serving until told to stop."""
 
-    def __init__(self, spec: ReplicaSpec, chdir: bool) -> None:
+    def __init__(self, spec: ReplicaSpec, chdir: bool, rejoin: bool = False) -> None:
         self.node_id, host = _node()
         spec.listen_host = host
         self._replica: Any = None
@@ -41,14 +60,16 @@ class ReplicaActor:
         self._code = 1
         self._started = threading.Event()
         self._done = threading.Event()
-        threading.Thread(target=self._run, args=(spec, chdir), name="fleet-replica",
+        threading.Thread(target=self._run, args=(spec, chdir, rejoin), name="fleet-replica",
                          daemon=True).start()
 
-    def _run(self, spec: ReplicaSpec, chdir: bool) -> None:
+    def _run(self, spec: ReplicaSpec, chdir: bool, rejoin: bool) -> None:
         from fleet._replica.process import serve
 
         def started(replica: Any, loop: asyncio.AbstractEventLoop) -> None:
             self._replica, self._loop = replica, loop
+            if rejoin:      # under a detached controller: wait for it when it restarts
+                replica.runtime.find_controller = find_controller
             self._started.set()
         try:
             self._code = serve(spec, started, chdir=chdir)
@@ -149,7 +170,12 @@ class ProxyActor:
                 runtime = Runtime(loop, boot["controller_address"], boot["secret"])
                 await runtime.connect_controller()
                 return await proxy_failed(runtime, kind, error, boot.get("index", 0))
-            return await _serve(kind, boot, loop, stop)
+            return await _serve(kind, boot, loop, stop, setup)
+
+        def setup(runtime: Runtime) -> None:
+            if boot.get("rejoin"):      # under a detached controller
+                runtime.find_controller = find_controller
+
         try:
             self._code = loop.run_until_complete(main())
         except BaseException:  # noqa: BLE001 - the exit code says it; the log says why
@@ -171,3 +197,63 @@ class ProxyActor:
     def wait(self) -> int:
         self._done.wait()
         return self._code
+
+
+@ray.remote
+class ControllerActor:
+    """A fleet instance whose controller is a detached actor (named CONTROLLER_NAME in
+    NAMESPACE): it outlives the process that made it, and Ray starts it again when it
+    dies; it then recovers from its checkpoint and adopts the replicas and proxies that
+    still run. build(settings, secret, instance_id) makes the (unstarted) instance; it
+    comes by reference, so this module needs nothing above the backends."""
+
+    def __init__(self, build: Callable[[dict[str, Any], bytes, str], Any],
+                 settings: dict[str, Any], secret: bytes, instance_id: str) -> None:
+        self._inst: Any = None
+        self._error = ""
+        self._listening = threading.Event()
+        self._ready = threading.Event()
+        threading.Thread(target=self._run, args=(build, settings, secret, instance_id),
+                         name="fleet-controller-actor", daemon=True).start()
+        # address() answers from here on: replicas and proxies reconnecting need it
+        # before the instance is fully up (it waits for them)
+        self._listening.wait(120)
+
+    def _run(self, build: Callable[[dict[str, Any], bytes, str], Any],
+             settings: dict[str, Any], secret: bytes, instance_id: str) -> None:
+        from fleet._backends.ray import drop_state
+        try:
+            inst = build(settings, secret, instance_id)
+            inst.listening = self._listening
+            self._inst = inst
+            inst.start()
+        except BaseException as exc:  # noqa: BLE001 - info() says it to whoever started it
+            log.exception("the fleet controller failed to start")
+            self._error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._listening.set()
+            self._ready.set()
+        if self._inst is not None and not self._error:
+            self._inst.stopped.wait()
+        # shut down (fleet shutdown, fleet.shutdown()), or unable to start: the instance's
+        # state goes, and so does this actor, for good
+        try:
+            drop_state()
+        finally:
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def address(self) -> str:
+        """Where the controller listens (its data-plane address)."""
+        self._listening.wait(120)
+        if self._inst is None or self._error:
+            raise ConnectionError(self._error or "the fleet controller is not up")
+        return str(self._inst.address)
+
+    def info(self) -> dict[str, Any]:
+        """What a process needs to use the instance (AttachedInstance), once it is up; or
+        {"error": why it could not start}."""
+        self._ready.wait(300)
+        if self._error or self._inst is None:
+            return {"error": self._error or "the fleet controller did not start in 300 s"}
+        info = dict(self._inst.record(), detached=True, node=self._inst.backend.listen_host)
+        return info

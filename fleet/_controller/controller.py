@@ -98,6 +98,10 @@ class Controller:
         self.logging_config: dict[str, Any] | None = None
         self.events = Events()
         self.revisions = Revisions()
+        # Called (on the loop) when what a checkpoint records changed, when the instance
+        # keeps one (a detached controller on Ray: fleet/_controller/checkpoint.py).
+        self.on_state_change: Callable[[], None] | None = None
+        self._state_key: Any = None
 
     # -- loop -------------------------------------------------------------------
     def start(self) -> None:
@@ -121,6 +125,8 @@ class Controller:
             try:
                 await self._reconcile_all()
                 self._publish()
+                if self.on_state_change is not None:
+                    self._check_state()
             except Exception:
                 log.exception("reconcile failed")
             if time.monotonic() >= self._next_sample:
@@ -129,6 +135,20 @@ class Controller:
                     self.sample_metrics()
                 except Exception:
                     log.exception("sampling metrics failed")
+
+    def _check_state(self) -> None:
+        from fleet._controller import checkpoint
+        now = checkpoint.key(self)
+        if now != self._state_key:
+            self._state_key = now
+            assert self.on_state_change is not None
+            self.on_state_change()
+
+    def restore_plan(self, app: AppState, plan: DeploymentPlan, target: int) -> None:
+        """A recovered deployment, at the replica count it had (checkpoint.restore)."""
+        self._apply_plan(app, plan)
+        dep = app.deployments[plan.name]
+        dep.target = dep.autoscaler.clamp(target) if dep.autoscaler is not None else target
 
     def sample_metrics(self) -> None:
         """The controller's own gauges, then one sample of every series into the
@@ -194,6 +214,10 @@ class Controller:
             if rec.state == ReplicaState.STARTING and not rec.stopping \
                     and now - max(rec.started_at, rec.pending_until) > cfg.startup_timeout_s:
                 self._start_timed_out(dep, rec)
+                continue
+            if rec.rejoin_by and rec.conn is None and now > rec.rejoin_by:
+                self._replica_gone(dep, rec, "it did not reconnect to the controller after "
+                                             "the controller restarted")
                 continue
             if rec.state != ReplicaState.RUNNING or rec.conn is None:
                 continue
@@ -565,6 +589,10 @@ class Controller:
     async def rpc_replica_ready(self, conn: ServerConnection, rid: str, address: str,
                                 pid: int) -> None:
         found = self._find(rid)
+        if found is not None and found[1].rejoin_by and found[1].conn is None \
+                and found[1].state == ReplicaState.RUNNING:
+            self._rejoined(found[0], found[1], conn, address, pid)
+            return
         if found is None or found[1].state != ReplicaState.STARTING:
             conn.ctrl({"type": "stop", "timeout_s": 0})
             return
@@ -579,6 +607,18 @@ class Controller:
             self._send_reconfigure(rec, dep.plan.config.user_config)
         log.info("replica %s of %s/%s is RUNNING", rid, dep.app, dep.name)
         self.events.add("replica_running", dep.app, dep.name, rid, f"pid {pid}")
+        self._notify()
+        self.kick()
+
+    def _rejoined(self, dep: DeploymentState, rec: ReplicaRecord, conn: ServerConnection,
+                  address: str, pid: int) -> None:
+        """A replica adopted after the controller restarted reconnected: routed as it
+        was, health-checked again from now."""
+        rec.conn, rec.address, rec.pid, rec.rejoin_by = conn, address, pid, 0.0
+        rec.last_health = time.monotonic()
+        conn.tag = ("replica", rec.replica_id)
+        log.info("replica %s of %s/%s rejoined", rec.replica_id, dep.app, dep.name)
+        self.events.add("replica_rejoined", dep.app, dep.name, rec.replica_id, f"pid {pid}")
         self._notify()
         self.kick()
 
@@ -631,6 +671,10 @@ class Controller:
             return
         first = parts[min(parts)]
         self.proxies[kind] = dict(first, pids=[parts[i].get("pid") for i in sorted(parts)])
+
+    def place_proxy(self, kind: str, index: int, node_id: str) -> None:
+        """The cluster node the index-th proxy of kind runs on (status' proxies_by_node)."""
+        self._proxy_nodes[(kind, index)] = node_id
 
     def expect_proxy(self, kind: str, index: int = 0, node_id: str = "") -> asyncio.Future[Any]:
         """A future for the index-th proxy of kind's report; node_id: the cluster node it

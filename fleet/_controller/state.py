@@ -37,6 +37,8 @@ class ReplicaRecord:
     user_config: Any = None        # the user_config this replica was given last
     reconfiguring: bool = False    # a reconfigure was sent and not yet answered
     stopping: bool = False         # being drained (state STOPPING, or UNHEALTHY)
+    # adopted by a restarted controller (monotonic deadline to reconnect by), else 0
+    rejoin_by: float = 0.0
 
     @property
     def live(self) -> bool:

@@ -549,7 +549,7 @@ class _Ports:
         info = dict(self.info, ports=sorted([self.info["port"], *self.servers]),
                     port_errors=dict(self.errors))
         try:
-            await self.runtime.call_controller("proxy_ready", "grpc", info)
+            await self.runtime.announce("proxy_ready", "grpc", info)
         except Exception as exc:   # the instance is stopping
             log.debug("could not report the gRPC ports: %s", exc)
 
@@ -644,7 +644,7 @@ async def serve_grpc(runtime: Runtime, options: GRPCOptions, stop: asyncio.Event
             "ports": [port],
             "port_errors": {}}
     proxy.ports = _Ports(proxy, runtime, options, info)
-    await runtime.call_controller("proxy_ready", "grpc", info)
+    await runtime.announce("proxy_ready", "grpc", info)
     if runtime.tables is not None:
         proxy._on_tables(runtime.tables)    # ports asked for before this proxy started
     await stop.wait()

@@ -818,7 +818,7 @@ async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event
         await asyncio.sleep(0.005)
     limits.start(server.server_state.connections)
     scheme = "https" if getattr(options, "ssl_certfile", None) else "http"
-    await runtime.call_controller("proxy_ready", "http", {"host": options.host, "port": port,
+    await runtime.announce("proxy_ready", "http", {"host": options.host, "port": port,
                                                           "pid": os.getpid(), "index": index,
                                                           "scheme": scheme})
     await stop.wait()

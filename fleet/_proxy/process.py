@@ -9,6 +9,7 @@ import pickle
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -56,11 +57,15 @@ def main() -> None:
 
 
 async def _serve(kind: str, boot: dict[str, Any], loop: asyncio.AbstractEventLoop,
-                 stop: asyncio.Event | None = None) -> int:
+                 stop: asyncio.Event | None = None,
+                 setup: Callable[[Runtime], None] | None = None) -> int:
     """Serve as the proxy boot describes until stop is set (by SIGTERM when not given:
-    a proxy process of its own; a Ray actor passes the event it sets)."""
+    a proxy process of its own; a Ray actor passes the event it sets, and setup, which
+    sees the runtime before it connects)."""
     runtime = Runtime(loop, boot["controller_address"], boot["secret"])
     runtime.ack_tables = True
+    if setup is not None:
+        setup(runtime)
     set_current(runtime)
     if stop is None:
         stop = asyncio.Event()

@@ -189,7 +189,7 @@ class Replica:
                                      error_info(exc, f"while constructing {self.where}"))
             server.close()
             return 1
-        await rt.call_controller("replica_ready", self.spec.replica_id, address, os.getpid())
+        await rt.announce("replica_ready", self.spec.replica_id, address, os.getpid())
         await self._stop.wait()
         self.draining = True
         try:

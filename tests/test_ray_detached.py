@@ -1,0 +1,186 @@
+"""The detached controller on a real two-node Ray cluster (conftest's ray_cluster): it
+outlives the process that made it, other processes reach it, and when it is killed Ray
+starts it again, it recovers its applications from its checkpoint and adopts the
+replicas and proxies that still run, with traffic flowing and no request failing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from typing import Any
+
+import httpx
+import pytest
+from helpers import wait_for
+
+import fleet
+
+pytestmark = pytest.mark.ray
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@fleet.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0})
+class Pid:
+    def __call__(self, request: Any = None) -> int:
+        return os.getpid()
+
+
+def _controller() -> Any:
+    import ray
+    return ray.get_actor("fleet-controller", namespace="fleet")
+
+
+def _controller_pid() -> int | None:
+    import ray
+    try:
+        return int(ray.get(_controller().info.remote(), timeout=10)["pid"])
+    except Exception:  # noqa: BLE001 - restarting
+        return None
+
+
+def _replica_pids(app: str = "default") -> set[int]:
+    deps = fleet.status()["applications"][app]["deployments"]
+    return {r["pid"] for d in deps.values() for r in d["replicas"] if r["state"] == "RUNNING"}
+
+
+@pytest.fixture
+def detached(ray_cluster: Any) -> Any:
+    fleet.shutdown()
+    fleet.start(backend="ray", ray_address=ray_cluster.address, detached=True,
+                http_options={"host": "127.0.0.1", "port": 0},
+                management_options={"host": "127.0.0.1", "port": 0})
+    try:
+        yield ray_cluster
+    finally:
+        fleet.shutdown()
+
+
+def test_a_killed_controller_restarts_recovers_and_adopts_with_traffic_flowing(
+        detached: Any) -> None:
+    import ray
+    fleet.run(Pid.bind())
+    port = fleet.status()["proxies"]["http"]["port"]
+    pids = _replica_pids()
+    assert len(pids) == 2
+    before = _controller_pid()
+    proxy_pids = fleet.status()["proxies"]["http"]["pids"]
+    stop = threading.Event()
+    results = {"ok": 0, "failed": []}
+
+    def load() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    r = client.get(f"http://127.0.0.1:{port}/")
+                    if r.status_code == 200:
+                        results["ok"] += 1
+                    else:
+                        results["failed"].append(r.status_code)
+                except httpx.HTTPError as exc:
+                    results["failed"].append(repr(exc))
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        wait_for(lambda: results["ok"] > 20, 30, "traffic before the kill")
+        ray.kill(_controller(), no_restart=False)
+        wait_for(lambda: _controller_pid() not in (None, before), 90,
+                 "the controller to restart")
+        served = results["ok"]
+        wait_for(lambda: fleet.status()["applications"]["default"]["status"] == "RUNNING"
+                 and _replica_pids() == pids, 60, "the application recovered")
+        wait_for(lambda: results["ok"] > served + 20, 30, "traffic after the restart")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert results["failed"] == []
+    assert _replica_pids() == pids                     # adopted, not started again
+    assert fleet.status()["proxies"]["http"]["pids"] == proxy_pids
+    # the restarted controller deploys as before
+    fleet.run(Pid.options(num_replicas=1).bind())
+    wait_for(lambda: len(_replica_pids()) == 1, 60, "the scaled-down deployment")
+
+
+def _kv_state() -> bytes | None:
+    from ray.experimental import internal_kv
+    return internal_kv._internal_kv_get("controller-state", namespace="fleet")
+
+
+def test_the_controller_outlives_its_driver_and_other_processes_reach_it(
+        ray_cluster: Any, tmp_path: Any) -> None:
+    import ray
+    fleet.shutdown()
+    app = tmp_path / "kept_app.py"
+    app.write_text(textwrap.dedent("""
+        import os
+        import fleet
+
+        @fleet.deployment(ray_actor_options={"num_cpus": 0})
+        def kept(request=None):
+            return "kept"
+    """))
+    driver = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import fleet
+        from kept_app import kept
+        fleet.start(backend="ray", ray_address={ray_cluster.address!r}, detached=True,
+                    http_options={{"host": "127.0.0.1", "port": 0}},
+                    management_options={{"host": "127.0.0.1", "port": 0}})
+        fleet.run(kept.bind(), name="kept", route_prefix="/kept")
+        print("deployed", flush=True)
+    """)
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.address)
+    done = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True,
+                          timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "deployed" in done.stdout
+    try:
+        assert _kv_state()                               # its checkpoint, in the GCS
+        # the driver exited; this process reaches the same instance on the cluster
+        fleet.start(backend="ray", ray_address=ray_cluster.address)
+        status = fleet.status()
+        assert status["applications"]["kept"]["status"] == "RUNNING"
+        port = status["proxies"]["http"]["port"]
+        assert httpx.get(f"http://127.0.0.1:{port}/kept", timeout=10).text == "kept"
+        assert fleet.get_app_handle("kept").remote().result(timeout_s=30) == "kept"
+        # and so does the CLI, through the cluster
+        out = subprocess.run([sys.executable, "-m", "fleet", "status", "--ray-address",
+                              ray_cluster.address, "-o", "json"],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert '"kept"' in out.stdout
+    finally:
+        fleet.shutdown()
+    # shut down: the actor and its checkpoint are gone
+    with pytest.raises(ValueError):
+        ray.get_actor("fleet-controller", namespace="fleet")
+    assert not _kv_state()
+
+
+def test_a_replica_that_died_while_the_controller_was_down_is_replaced(
+        detached: Any) -> None:
+    import ray
+    fleet.run(Pid.bind())
+    port = fleet.status()["proxies"]["http"]["port"]
+    deps = fleet.status()["applications"]["default"]["deployments"]
+    victim = deps["Pid"]["replicas"][0]
+    before = _controller_pid()
+    ray.kill(_controller(), no_restart=False)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].endswith("-" + victim["replica_id"])]
+    assert len(names) == 1
+    ray.kill(ray.get_actor(names[0], namespace="fleet"), no_restart=True)
+    wait_for(lambda: _controller_pid() not in (None, before), 90, "the controller to restart")
+    wait_for(lambda: len(_replica_pids()) == 2 and victim["pid"] not in _replica_pids()
+             and fleet.status()["applications"]["default"]["status"] == "RUNNING",
+             90, "a replacement for the replica that died")
+    assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
+
+
+def test_detached_needs_the_ray_backend() -> None:
+    with pytest.raises(ValueError, match="backend='ray'"):
+        fleet.start(detached=True)
