@@ -829,18 +829,36 @@ def build_detached(settings: dict[str, Any], secret: bytes, instance_id: str) ->
     its own checkpoints go."""
     global _instance
     from fleet._backends import ray as ray_backend
+    from fleet._backends import ray_actors
     backend = ray_backend.RayBackend(None, None, detached=instance_id)
-    inst = Instance(settings["http"], settings["grpc"], backend, register=False,
-                    management=settings["management"], management_fallback=True,
+    # registered as any instance is (its node's instance file, its log files), so the
+    # CLI on that machine finds it, token included, as it finds a local one
+    inst = Instance(settings["http"], settings["grpc"], backend,
+                    management=settings["management"],
+                    management_fallback=settings.get("management_fallback", True),
                     logging_config=settings["logging_config"],
                     proxy_location=settings["proxy_location"],
                     ray_address=settings["ray_address"])
     inst.secret = secret                # the same after a restart: replicas rejoin with it
-    inst.recover = ray_backend.load_state()
-    inst.save_state = ray_backend.save_state
+    inst.extra_info = {"detached": True}
+    inst.recover = ray_actors.load_state()
+    inst.save_state = ray_actors.save_state
     inst.adopter = backend
     _instance = inst                    # what fleet's functions act on in this process
     return inst
+
+
+def start_detached(http: HTTPOptions, grpc: GRPCOptions, management: ManagementOptions,
+                   logging_config: LoggingConfig | None, ray_address: str | None,
+                   proxy_location: str = "EveryNode") -> dict[str, Any]:
+    """Start the detached controller on the Ray cluster at ray_address (``fleet start
+    --backend ray``), or find the one there; its info (ray_actors.ControllerActor)."""
+    from fleet._backends import ray as ray_backend
+    ray, _joined = ray_backend.connect(ray_address)
+    return ray_backend.start_detached_controller(ray, build_detached, {
+        "http": http, "grpc": grpc, "management": management, "management_fallback": False,
+        "logging_config": logging_config, "proxy_location": proxy_location,
+        "ray_address": ray_address})
 
 
 def _on_cluster(ray_address: str | None, settings: dict[str, Any] | None = None
@@ -925,8 +943,8 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
             # the cluster's detached controller when it has one (made when detached)
             settings = None if not detached else {
                 "http": http, "grpc": grpc, "management": management or ManagementOptions(),
-                "logging_config": log_cfg, "proxy_location": proxy_location,
-                "ray_address": ray_address}
+                "management_fallback": management is None, "logging_config": log_cfg,
+                "proxy_location": proxy_location, "ray_address": ray_address}
             _instance = _on_cluster(ray_address, settings)
             if _instance is not None:
                 return

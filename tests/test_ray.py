@@ -340,10 +340,16 @@ def test_fleet_start_on_the_cluster_then_apply_status_and_shutdown(ray_cluster: 
               "--proxy-location", "HeadOnly", "--port", "0", "--address", "127.0.0.1:0")
     assert out.returncode == 0, out.stderr
     line = next(x for x in out.stderr.splitlines() if "started instance pid" in x)
+    # the instance is the detached controller's actor: this command left nothing behind
+    assert "detached actor fleet-controller" in line
     daemon = psutil.Process(int(line.split("pid ")[1].split(";")[0]))
+    assert "ControllerActor" in " ".join(daemon.cmdline())
     # the management API's port, bound by the instance and read back (one chosen here
     # beforehand could be taken by another process in between)
     address = line.split("management API at http://")[1].split()[0]
+    # the actor writes its instance file on its node (here, in the directory of the test
+    # that started the cluster): the token comes from the dashboard line instead
+    token = next(x for x in out.stderr.splitlines() if "dashboard:" in x).split("token=")[1]
     try:
         config = tmp_path / "fleet.yaml"
         config.write_text(textwrap.dedent("""
@@ -352,9 +358,10 @@ def test_fleet_start_on_the_cluster_then_apply_status_and_shutdown(ray_cluster: 
                 deployments:
                   - {name: Hello, ray_actor_options: {num_cpus: 0.1}}
         """))
-        out = cli("apply", str(config), "--app-dir", HERE, "--address", address)
+        out = cli("apply", str(config), "--app-dir", HERE, "--address", address,
+                  "--token", token)
         assert out.returncode == 0, out.stderr
-        out = cli("status", "-o", "json", "--address", address)
+        out = cli("status", "-o", "json", "--address", address, "--token", token)
         assert out.returncode == 0, out.stderr
         status = json.loads(out.stdout)
         rep = status["applications"]["default"]["deployments"]["Hello"]["replicas"][0]

@@ -126,30 +126,9 @@ def find_instance(address: str) -> dict[str, Any]:
 
 
 # -- the detached controller (ray_actors.ControllerActor) ----------------------------
-# Its checkpoint, in the GCS key-value store (one detached controller per cluster).
-STATE_KEY = "controller-state"
 # How long a new detached controller may take to be up (Ray starting a worker, the
 # proxies on every node).
 CONTROLLER_START_S = 120.0
-
-
-def save_state(blob: bytes) -> None:
-    """Write the detached controller's checkpoint (from inside the cluster)."""
-    from ray.experimental import internal_kv
-    internal_kv._internal_kv_put(STATE_KEY, blob, overwrite=True, namespace=NAMESPACE)
-
-
-def load_state() -> dict[str, Any] | None:
-    """The checkpoint a detached controller that died left, or None."""
-    import cloudpickle
-    from ray.experimental import internal_kv
-    blob = internal_kv._internal_kv_get(STATE_KEY, namespace=NAMESPACE)
-    return None if not blob else dict(cloudpickle.loads(blob))
-
-
-def drop_state() -> None:
-    from ray.experimental import internal_kv
-    internal_kv._internal_kv_del(STATE_KEY, namespace=NAMESPACE)
 
 
 def detached_controller(ray: Any) -> tuple[Any, dict[str, Any]] | None:

@@ -38,6 +38,29 @@ def _controller_address() -> str:
                               f"({type(exc).__name__})") from None
 
 
+# The detached controller's checkpoint, in the GCS key-value store (one per cluster).
+STATE_KEY = "controller-state"
+
+
+def save_state(blob: bytes) -> None:
+    """Write the detached controller's checkpoint."""
+    from ray.experimental import internal_kv
+    internal_kv._internal_kv_put(STATE_KEY, blob, overwrite=True, namespace=NAMESPACE)
+
+
+def load_state() -> dict[str, Any] | None:
+    """The checkpoint a detached controller that died left, or None."""
+    import cloudpickle
+    from ray.experimental import internal_kv
+    blob = internal_kv._internal_kv_get(STATE_KEY, namespace=NAMESPACE)
+    return None if not blob else dict(cloudpickle.loads(blob))
+
+
+def drop_state() -> None:
+    from ray.experimental import internal_kv
+    internal_kv._internal_kv_del(STATE_KEY, namespace=NAMESPACE)
+
+
 async def find_controller() -> str:
     """Where the detached controller listens now (it moves when it restarts)."""
     return await asyncio.get_running_loop().run_in_executor(None, _controller_address)
@@ -221,7 +244,6 @@ class ControllerActor:
 
     def _run(self, build: Callable[[dict[str, Any], bytes, str], Any],
              settings: dict[str, Any], secret: bytes, instance_id: str) -> None:
-        from fleet._backends.ray import drop_state
         try:
             inst = build(settings, secret, instance_id)
             inst.listening = self._listening
@@ -256,4 +278,7 @@ class ControllerActor:
         if self._error or self._inst is None:
             return {"error": self._error or "the fleet controller did not start in 300 s"}
         info = dict(self._inst.record(), detached=True, node=self._inst.backend.listen_host)
+        http = self._inst.controller.proxies.get("http") if self._inst.controller else None
+        if http:
+            info["http"] = f"{http.get('scheme', 'http')}://{http['host']}:{http['port']}"
         return info

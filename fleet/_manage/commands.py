@@ -92,7 +92,9 @@ def start(config_file: str | None, host: str | None, port: int | None,
           grpc_port: int | None, address: str | None, max_log_bytes: int,
           backend: str | None, ray_address: str | None, proxy_location: str | None) -> None:
     """Start an instance in the background; returns once it serves. Deploy with
-    `fleet apply`, stop with `fleet shutdown`.
+    `fleet apply`, stop with `fleet shutdown`. With --backend ray the instance's
+    controller is a detached actor of the cluster (fleet-controller): nothing of it runs
+    on this machine, Ray restarts it if it dies, and it recovers its applications.
 
     With CONFIG_FILE (a fleet.yaml), the instance starts with the file's http_options,
     grpc_options, logging_config, backend and proxy_location (the flags given win), and
@@ -141,6 +143,20 @@ def start(config_file: str | None, host: str | None, port: int | None,
             "management": {"host": mhost, "port": mport},
             "backend": backend or "local", "ray_address": ray_address,
             "proxy_location": proxy_location or "EveryNode", "config": config_path}
+    if backend == "ray":
+        # the controller is a detached actor of the cluster: nothing runs here
+        found = _start_on_cluster(args)
+        if "error" in found:
+            raise CLIError(str(found["error"]))
+        _say(f"started instance pid {found['pid']}; the detached actor fleet-controller on "
+             f"node {found.get('node')} of the Ray cluster; HTTP on "
+             f"{found.get('http') or '-'}; management API at {found['management']['url']}")
+        _say(f"dashboard: {found['management']['url']}/?token={found['token']}")
+        if config_file is not None:
+            ctx = click.get_current_context()
+            ctx.invoke(apply, config_file=config_file,
+                       address=found["management"]["url"].split("://", 1)[1].rstrip("/"))
+        return
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     read_end, write_end = os.pipe()
     try:
@@ -200,28 +216,12 @@ def daemon(args: str, ready_fd: int) -> None:
     import logging
 
     from fleet._api import StopSignals, shutdown, start_owned
-    from fleet._config import GRPCOptions, HTTPOptions, ManagementOptions
+    from fleet._config import ManagementOptions
     from fleet._logformat import DATEFMT, log_format
     from fleet.exceptions import FleetError
     logging.basicConfig(level=logging.WARNING, datefmt=DATEFMT, format=log_format("driver"))
     opts = json.loads(args)
-    http = HTTPOptions()
-    grpc = GRPCOptions()
-    logging_config = None
-    if opts.get("config"):
-        # the file `fleet start` checked: its proxies' and logging options (the flags,
-        # applied below, win); its applications come through the API afterwards
-        config = load_config(opts["config"], warn=False)
-        http, grpc, logging_config = config.http_options, config.grpc_options, \
-            config.logging_config
-        if grpc.grpc_servicer_functions:
-            grpc.enabled = True
-    if opts.get("host") is not None:
-        http.host = opts["host"]
-    if opts.get("port") is not None:
-        http.port = opts["port"]
-    if opts.get("grpc_port") is not None:
-        grpc.port, grpc.enabled = opts["grpc_port"], True
+    http, grpc, logging_config = _instance_options(opts)
     stop = StopSignals()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -260,6 +260,44 @@ def daemon(args: str, ready_fd: int) -> None:
         # A shutdown asked for over the API runs in a daemon thread of its own; wait for
         # it to finish, else leaving here ends it before it removes the instance file.
         inst.stopped.wait(120)
+
+
+def _instance_options(opts: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """The HTTP, gRPC and logging options `fleet start` gives its instance: the config
+    file's (it was checked), then the flags."""
+    from fleet._config import GRPCOptions, HTTPOptions
+    http = HTTPOptions()
+    grpc = GRPCOptions()
+    logging_config = None
+    if opts.get("config"):
+        # its applications come through the API afterwards
+        config = load_config(opts["config"], warn=False)
+        http, grpc, logging_config = config.http_options, config.grpc_options, \
+            config.logging_config
+        if grpc.grpc_servicer_functions:
+            grpc.enabled = True
+    if opts.get("host") is not None:
+        http.host = opts["host"]
+    if opts.get("port") is not None:
+        http.port = opts["port"]
+    if opts.get("grpc_port") is not None:
+        grpc.port, grpc.enabled = opts["grpc_port"], True
+    return http, grpc, logging_config
+
+
+def _start_on_cluster(opts: dict[str, Any]) -> dict[str, Any]:
+    """`fleet start --backend ray`: the cluster's detached controller, made (or found)
+    from this process, which then leaves; {"error": ...} when it cannot start."""
+    from fleet._api import start_detached
+    from fleet._config import ManagementOptions
+    from fleet.exceptions import FleetError
+    http, grpc, logging_config = _instance_options(opts)
+    try:
+        return start_detached(http, grpc, ManagementOptions(**opts["management"]),
+                              logging_config, opts.get("ray_address"),
+                              opts.get("proxy_location") or "EveryNode")
+    except (FleetError, ValueError) as exc:
+        return {"error": str(exc)}
 
 
 def _bound_log(path: str | None, limit: int) -> None:
