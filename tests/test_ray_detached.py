@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 from typing import Any
 
@@ -47,6 +46,20 @@ def _replica_pids(app: str = "default") -> set[int]:
     return {r["pid"] for d in deps.values() for r in d["replicas"] if r["state"] == "RUNNING"}
 
 
+def _nothing_left() -> None:
+    """Shut the detached controller down; whatever a failed test left of it is killed."""
+    import ray
+    from ray.experimental import internal_kv
+    fleet.shutdown()
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == "fleet" and entry["name"].startswith("fleet-"):
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace="fleet"), no_restart=True)
+            except ValueError:
+                pass
+    internal_kv._internal_kv_del("controller-state", namespace="fleet")
+
+
 @pytest.fixture
 def detached(ray_cluster: Any) -> Any:
     fleet.shutdown()
@@ -56,7 +69,7 @@ def detached(ray_cluster: Any) -> Any:
     try:
         yield ray_cluster
     finally:
-        fleet.shutdown()
+        _nothing_left()
 
 
 def test_a_killed_controller_restarts_recovers_and_adopts_with_traffic_flowing(
@@ -110,55 +123,38 @@ def _kv_state() -> bytes | None:
 
 
 def test_the_controller_outlives_its_driver_and_other_processes_reach_it(
-        ray_cluster: Any, tmp_path: Any) -> None:
+        ray_cluster: Any) -> None:
+    """The README's example: its script deploys and exits, the application stays."""
     import ray
     fleet.shutdown()
-    app = tmp_path / "kept_app.py"
-    app.write_text(textwrap.dedent("""
-        import os
-        import fleet
-
-        @fleet.deployment(ray_actor_options={"num_cpus": 0})
-        def kept(request=None):
-            return "kept"
-    """))
-    driver = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(tmp_path)!r})
-        import fleet
-        from kept_app import kept
-        fleet.start(backend="ray", ray_address={ray_cluster.address!r}, detached=True,
-                    http_options={{"host": "127.0.0.1", "port": 0}},
-                    management_options={{"host": "127.0.0.1", "port": 0}})
-        fleet.run(kept.bind(), name="kept", route_prefix="/kept")
-        print("deployed", flush=True)
-    """)
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.address)
-    done = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True,
-                          timeout=180, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "deployed" in done.stdout
     try:
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "examples",
+                                                            "ray_detached.py")],
+                              capture_output=True, text=True, timeout=180, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "this script exits, the application stays" in done.stdout
         assert _kv_state()                               # its checkpoint, in the GCS
         # the driver exited; this process reaches the same instance on the cluster
         fleet.start(backend="ray", ray_address=ray_cluster.address)
         status = fleet.status()
         assert status["applications"]["kept"]["status"] == "RUNNING"
         port = status["proxies"]["http"]["port"]
-        assert httpx.get(f"http://127.0.0.1:{port}/kept", timeout=10).text == "kept"
-        assert fleet.get_app_handle("kept").remote().result(timeout_s=30) == "kept"
+        assert httpx.get(f"http://127.0.0.1:{port}/kept", timeout=10).text == "still serving"
+        assert fleet.get_app_handle("kept").remote().result(timeout_s=30) == "still serving"
         # and so does the CLI, through the cluster
         out = subprocess.run([sys.executable, "-m", "fleet", "status", "--ray-address",
                               ray_cluster.address, "-o", "json"],
                              capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == 0, out.stderr[-2000:]
         assert '"kept"' in out.stdout
-    finally:
         fleet.shutdown()
-    # shut down: the actor and its checkpoint are gone
-    with pytest.raises(ValueError):
-        ray.get_actor("fleet-controller", namespace="fleet")
-    assert not _kv_state()
+        # shut down: the actor and its checkpoint are gone
+        with pytest.raises(ValueError):
+            ray.get_actor("fleet-controller", namespace="fleet")
+        assert not _kv_state()
+    finally:
+        _nothing_left()
 
 
 def test_a_replica_that_died_while_the_controller_was_down_is_replaced(
