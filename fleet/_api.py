@@ -84,6 +84,10 @@ class ProxySlot:
         return f"{label} proxy {self.index}{where}"
 
 
+def _pickle_and_save(save: Callable[[bytes], None], state: dict[str, Any]) -> None:
+    save(cloudpickle.dumps(state))
+
+
 def _proxy_key(kind: str, index: int) -> str:
     """The backend's key of a proxy (a Ray actor's name ends with it)."""
     return f"proxy-{kind}" if index == 0 else f"proxy-{kind}-{index}"
@@ -175,8 +179,8 @@ class Instance:
         self.logs_dir = _logs.instance_dir(os.path.basename(self.dir),
                                            self.logging_config.logs_dir)
         self._log_handler: _logs.SinkHandler | None = None
-        # A detached controller's (fleet/_backends/ray_controller.py): the state it left
-        # when it died, to recover; set once it listens; where each checkpoint goes.
+        # A detached controller's (ray_actors.ControllerActor): the state it left when it
+        # died, to recover; set once it listens; where each checkpoint goes.
         self.recover: dict[str, Any] | None = None
         self.listening: threading.Event | None = None
         self.save_state: Callable[[bytes], None] | None = None
@@ -197,6 +201,12 @@ class Instance:
         try:
             self.call(self._start())
         except BaseException:
+            if self.recover is not None:
+                # a restarted detached controller that failed to recover: what still runs
+                # is left as it is, for the next restart to adopt
+                self.closed = True
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                raise
             self.shutdown()
             raise
 
@@ -204,9 +214,12 @@ class Instance:
         self.controller = Controller(self.backend, self.secret, self.address,
                                      sys_path=list(sys.path), cwd=os.getcwd())
         adopted: list[str] = []
+        survivors: set[str] = set()
         if self.recover is not None:
             from fleet._controller import checkpoint
             assert self.adopter is not None
+            # the instance's processes alive now, before this controller starts any
+            survivors = await self.loop.run_in_executor(None, self.adopter.survivors)
             adopted = checkpoint.restore(self.controller, self.recover, self.adopter.adopt)
             log.info("recovered %d application(s); adopted %d live replica(s)",
                      len(self.controller.apps), len(adopted))
@@ -221,8 +234,6 @@ class Instance:
         if self.listening is not None:
             self.listening.set()
         self.controller.on_shutdown_request = self._shutdown_requested
-        if self.save_state is not None:
-            self.controller.on_state_change = self._save_soon
         self.controller.logs_dir = self.logs_dir if self._log_handler is not None else ""
         self.controller.logging_config = self.logging_config.model_dump()
         self.controller.start()
@@ -230,17 +241,23 @@ class Instance:
         await self.runtime.connect_controller(subscribe=True)
         bind(self.runtime)
         waits = []
+        restored: set[str] = set()      # kinds of proxies a restarted controller had
         if self.recover is not None:
-            adopted += self._adopt_proxies(self.recover.get("proxies", []))
-            assert self.adopter is not None
-            killed = await self.loop.run_in_executor(None, self.adopter.kill_orphans,
-                                                     set(adopted))
-            if killed:
-                log.info("stopped %d actor(s) no record held: %s", len(killed), killed)
-        elif self.http_options.enabled and self.proxy_location != "Disabled":
+            saved = self.recover.get("proxies", [])
+            restored = {p["kind"] for p in saved}
+            adopted += self._adopt_proxies(saved)
+            orphans = survivors - set(adopted)
+            if orphans:
+                # started by the controller before, after its last checkpoint
+                assert self.adopter is not None
+                killed = await self.loop.run_in_executor(None, self.adopter.kill_orphans,
+                                                         orphans)
+                log.info("stopped %d process(es) no record held: %s", len(killed), killed)
+        if self.http_options.enabled and self.proxy_location != "Disabled" \
+                and "http" not in restored:
             waits.append(self._start_http_proxies(self.http_options))
         if self.grpc_options.enabled and self.proxy_location != "Disabled" \
-                and self.recover is None:
+                and "grpc" not in restored:
             waits.append(self._start_grpc_proxies(self.grpc_options))
         for info in await asyncio.gather(*waits):
             if "error" in info:
@@ -260,6 +277,10 @@ class Instance:
                 logging.getLogger("fleet.instance").warning("%s", why)
         if self.register:
             self._write_instance_file()
+        if self.save_state is not None:
+            # checkpoints from now on: with the proxies (started or adopted) in them
+            self.controller.on_state_change = self._save_soon
+            self._save_soon()
 
     # -- a detached controller's state ---------------------------------------------
     def _snapshot(self) -> dict[str, Any]:
@@ -274,6 +295,8 @@ class Instance:
                             for s in self._proxy_slots.values()]
         state["node_proxies"] = {kind: (options, sorted(nodes))
                                  for kind, (options, nodes) in self._node_proxies.items()}
+        state["instance_id"] = self.extra_info.get("instance_id")
+        state["management_port"] = self.ops.port if self.ops is not None else None
         return state
 
     def _save_soon(self) -> None:
@@ -284,16 +307,16 @@ class Instance:
         self._saving = self.loop.create_task(self._save())
 
     async def _save(self) -> None:
-        assert self.save_state is not None
         try:
-            while True:
+            while self.save_state is not None and not self.closed:
                 self._save_again = False
-                blob = cloudpickle.dumps(self._snapshot())
+                state, save = self._snapshot(), self.save_state
                 try:
-                    await self.loop.run_in_executor(None, self.save_state, blob)
+                    # pickled off the loop too: plans may be large
+                    await self.loop.run_in_executor(None, _pickle_and_save, save, state)
                 except Exception:  # noqa: BLE001 - the next change tries again
                     log.exception("could not save the controller's checkpoint")
-                if not self._save_again or self.closed:
+                if not self._save_again:
                     return
         finally:
             self._saving = None
@@ -597,6 +620,9 @@ class Instance:
         self.stopped.set()
 
     async def _shutdown(self) -> None:
+        saving, self.save_state = self._saving, None       # no checkpoint from now on
+        if saving is not None:
+            await asyncio.wait({saving}, timeout=10)        # one being written ends first
         if self._mgmt_server is not None:
             self.ops.closing.set()
             await self._mgmt_server.stop()
@@ -651,12 +677,17 @@ class AttachedInstance:
         # a detached controller on Ray: this process rejoins it when it restarts, and
         # shutdown() ends it (its actor) rather than a process of this machine
         self.detached = bool(info.get("detached"))
+        self.gcs_address: str | None = info.get("gcs_address")
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run coro on this process's loop for the instance and wait for it."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def attach(self) -> None:
+        if self.detached:
+            # its controller is an actor: this process joins the cluster to find it again
+            from fleet._backends import ray as ray_backend
+            ray_backend.connect(self.gcs_address or self.ray_address)
         self.thread.start()
         try:
             self.call(self._connect(), timeout=30)
@@ -716,7 +747,9 @@ class AttachedInstance:
                 pass
             if self.detached:
                 from fleet._backends import ray as ray_backend
-                ray_backend.wait_controller_gone(ray_backend.import_ray(), 60)
+                if not ray_backend.wait_controller_gone(ray_backend.import_ray(), 60):
+                    logging.getLogger("fleet").warning(
+                        "the fleet controller on the Ray cluster did not stop within 60 s")
             else:
                 _wait_gone(self.pid, 60)
         self.detach()
@@ -816,6 +849,11 @@ def _check_same_backend(inst: Instance | AttachedInstance, backend: str | None,
         raise FleetError(f"a fleet instance with backend={running!r} already runs ({where}); "
                          f"fleet.start(backend={backend!r}) cannot change it: stop it first "
                          "(fleet.shutdown() or `fleet shutdown`)")
+    if isinstance(inst, AttachedInstance) and inst.detached:
+        # found on this machine or through the cluster: the same cluster unless an
+        # address is named that is neither the one it was started with nor its GCS's
+        if ray_address in (None, "auto", inst.ray_address, inst.gcs_address):
+            return
     if ray_address is not None and ray_address != inst.ray_address:
         raise FleetError(f"a fleet instance already runs ({where}) on the Ray cluster at "
                          f"ray_address={inst.ray_address!r}; fleet.start(ray_address="
@@ -831,21 +869,45 @@ def build_detached(settings: dict[str, Any], secret: bytes, instance_id: str) ->
     from fleet._backends import ray as ray_backend
     from fleet._backends import ray_actors
     backend = ray_backend.RayBackend(None, None, detached=instance_id)
+    state = ray_actors.load_state()
+    if state is not None and state.get("instance_id") != instance_id:
+        ray_actors.drop_state()             # an instance's that ended without removing it
+        state = None
+    management = settings["management"]
+    if state is not None and not management.port and state.get("management_port"):
+        # restarted: the management API where it was (a free one if that port is taken)
+        management = management.model_copy(update={"port": state["management_port"]})
     # registered as any instance is (its node's instance file, its log files), so the
     # CLI on that machine finds it, token included, as it finds a local one
     inst = Instance(settings["http"], settings["grpc"], backend,
-                    management=settings["management"],
-                    management_fallback=settings.get("management_fallback", True),
+                    management=management,
+                    management_fallback=settings["management_fallback"] or state is not None,
                     logging_config=settings["logging_config"],
                     proxy_location=settings["proxy_location"],
                     ray_address=settings["ray_address"])
     inst.secret = secret                # the same after a restart: replicas rejoin with it
-    inst.extra_info = {"detached": True}
-    inst.recover = ray_actors.load_state()
+    inst.extra_info = {"detached": True, "instance_id": instance_id,
+                       "gcs_address": ray_backend.gcs_address()}
+    inst.recover = state
     inst.save_state = ray_actors.save_state
     inst.adopter = backend
     _instance = inst                    # what fleet's functions act on in this process
     return inst
+
+
+def _need_cluster(ray_address: str | None) -> None:
+    """A detached controller needs a cluster that outlives this process: not the Ray of
+    its own that ray.init starts when no address is given."""
+    import importlib.util
+    if ray_address or os.environ.get("RAY_ADDRESS") or "ray" not in sys.modules \
+            and importlib.util.find_spec("ray") is None:
+        return          # (without Ray, connect says how to install it)
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return
+    raise FleetError("a detached controller needs a running Ray cluster: start one (`ray "
+                     "start --head`) and pass its address as ray_address (or "
+                     "--ray-address), or set RAY_ADDRESS")
 
 
 def start_detached(http: HTTPOptions, grpc: GRPCOptions, management: ManagementOptions,
@@ -854,11 +916,22 @@ def start_detached(http: HTTPOptions, grpc: GRPCOptions, management: ManagementO
     """Start the detached controller on the Ray cluster at ray_address (``fleet start
     --backend ray``), or find the one there; its info (ray_actors.ControllerActor)."""
     from fleet._backends import ray as ray_backend
+    _need_cluster(ray_address)
     ray, _joined = ray_backend.connect(ray_address)
-    return ray_backend.start_detached_controller(ray, build_detached, {
-        "http": http, "grpc": grpc, "management": management, "management_fallback": False,
-        "logging_config": logging_config, "proxy_location": proxy_location,
-        "ray_address": ray_address})
+    return ray_backend.start_detached_controller(ray, build_detached, _detached_settings(
+        http, grpc, management, False, logging_config, proxy_location, ray_address))
+
+
+def _detached_settings(http: HTTPOptions, grpc: GRPCOptions, management: ManagementOptions,
+                       fallback: bool, logging_config: LoggingConfig | None,
+                       proxy_location: str, ray_address: str | None) -> dict[str, Any]:
+    """What a detached controller is made with (the same again at each restart): its
+    management token is chosen here, once, so it stays the same when it restarts."""
+    if management.token is None:
+        management = management.model_copy(update={"token": secrets.token_urlsafe(32)})
+    return {"http": http, "grpc": grpc, "management": management,
+            "management_fallback": fallback, "logging_config": logging_config,
+            "proxy_location": proxy_location, "ray_address": ray_address}
 
 
 def _on_cluster(ray_address: str | None, settings: dict[str, Any] | None = None
@@ -866,14 +939,18 @@ def _on_cluster(ray_address: str | None, settings: dict[str, Any] | None = None
     """The detached controller of the Ray cluster at ray_address, attached; made with
     settings when there is none and settings are given; else None."""
     from fleet._backends import ray as ray_backend
+    if settings is not None:
+        _need_cluster(ray_address)
     ray, _joined = ray_backend.connect(ray_address)
     if settings is not None:
         info = ray_backend.start_detached_controller(ray, build_detached, settings)
     else:
         found = ray_backend.detached_controller(ray)
-        if found is None:
-            return None
+        if found is None or not found[1].get("detached"):
+            return None             # none, or a driver's instance: this one starts its own
         info = found[1]
+    if _instance is not None and isinstance(_instance, AttachedInstance):
+        _instance.detach()          # the one it replaces (its controller did not come back)
     inst = AttachedInstance(info)
     inst.ray_address = ray_address
     inst.attach()
@@ -941,21 +1018,23 @@ def start(http_options: dict[str, Any] | HTTPOptions | None = None,
             _instance = _running_elsewhere()
         if _instance is None and backend == "ray":
             # the cluster's detached controller when it has one (made when detached)
-            settings = None if not detached else {
-                "http": http, "grpc": grpc, "management": management or ManagementOptions(),
-                "management_fallback": management is None, "logging_config": log_cfg,
-                "proxy_location": proxy_location, "ray_address": ray_address}
+            settings = None if not detached else _detached_settings(
+                http, grpc, management or ManagementOptions(), management is None, log_cfg,
+                proxy_location, ray_address)
             _instance = _on_cluster(ray_address, settings)
-            if _instance is not None:
-                return
         if _instance is not None:
             _check_same_backend(_instance, backend, ray_address)
+            if detached and not getattr(_instance, "detached", False):
+                raise FleetError("a fleet instance owned by a process already runs (fleet.run "
+                                 "or fleet.start without detached=True); detached=True cannot "
+                                 "change it: stop it first (fleet.shutdown())")
             if isinstance(_instance, AttachedInstance):
                 diff = (_differences(http, _instance.options["http"], "http_options")
                         + _differences(grpc, _instance.options["grpc"], "grpc_options"))
                 if diff:
+                    where = "on the Ray cluster" if _instance.detached else "on this machine"
                     raise FleetError(
-                        f"a fleet instance already runs on this machine (pid {_instance.pid}) "
+                        f"a fleet instance already runs {where} (pid {_instance.pid}) "
                         f"with other options: {', '.join(diff)}; use it as it is, or stop "
                         "it first (fleet.shutdown() or `fleet shutdown`)")
             if management is not None and getattr(_instance, "ops", True) is None:

@@ -190,8 +190,9 @@ class Runtime:
     def _lost(self, ch: Channel) -> None:
         if ch is not self.controller:
             return              # an earlier connection, replaced by a rejoin
-        if self.find_controller is not None and self._rejoining is None:
-            self._rejoining = self.loop.create_task(self._rejoin())
+        if self.find_controller is not None:
+            if self._rejoining is None:     # (else the rejoin under way tries again)
+                self._rejoining = self.loop.create_task(self._rejoin())
             return
         if self.on_controller_lost is not None:
             self.on_controller_lost()
@@ -211,14 +212,10 @@ class Runtime:
         deadline = self.loop.time() + self.rejoin_s
         why = ""
         try:
-            while self.loop.time() < deadline:
+            while self.loop.time() < deadline and self.find_controller is not None:
                 try:
-                    self.controller_address = await asyncio.wait_for(
-                        self.find_controller(), max(0.1, deadline - self.loop.time()))
-                    self._any_version = True
-                    await self.connect_controller(subscribe=True)
-                    for method, args in list(self.announced.items()):
-                        await self.call_controller(method, *args)
+                    await asyncio.wait_for(self._join_again(),
+                                           max(0.1, deadline - self.loop.time()))
                     log.info("rejoined fleet's controller at %s", self.controller_address)
                     return
                 except (OSError, ConnectionError, FleetError, asyncio.TimeoutError) as exc:
@@ -231,8 +228,23 @@ class Runtime:
         if self.on_controller_lost is not None:
             self.on_controller_lost()
 
+    async def _join_again(self) -> None:
+        assert self.find_controller is not None
+        self.controller_address = await self.find_controller()
+        self._any_version = True
+        await self.connect_controller(subscribe=True)
+        for method, args in list(self.announced.items()):
+            await self.call_controller(method, *args)
+
     async def call_controller(self, method: str, *args: Any, **kwargs: Any) -> Any:
         ch = self.controller
+        rejoining = self._rejoining
+        if (ch is None or ch.closed) and rejoining is not None \
+                and asyncio.current_task() is not rejoining:
+            # the controller is restarting: wait for it rather than fail (bounded by the
+            # rejoin's own deadline)
+            await asyncio.wait({rejoining}, timeout=self.rejoin_s)
+            ch = self.controller
         if ch is None or ch.closed:
             raise FleetError("fleet's controller is not reachable: the instance was shut "
                              "down or its driver exited")

@@ -387,6 +387,10 @@ class Adopting(Protocol):
         deployment's key), now tracked by this backend; None when it is gone."""
         ...
 
-    def kill_orphans(self, keep: set[str]) -> list[str]:
-        """End this instance's processes whose keys are not in keep; their names."""
+    def survivors(self) -> set[str]:
+        """The keys of this instance's processes that are alive now."""
+        ...
+
+    def kill_orphans(self, keys: set[str]) -> list[str]:
+        """End this instance's processes with those keys; the names of those ended."""
         ...

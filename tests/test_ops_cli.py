@@ -271,7 +271,12 @@ def test_status_watch_prints_a_snapshot_every_second(started):
         assert marks == 2
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:     # failed: leave no process for the next test
+                proc.kill()
+                proc.wait(30)
     assert proc.returncode == 0
 
 

@@ -81,6 +81,7 @@ def test_a_killed_controller_restarts_recovers_and_adopts_with_traffic_flowing(
     assert len(pids) == 2
     before = _controller_pid()
     proxy_pids = fleet.status()["proxies"]["http"]["pids"]
+    found = ray.get(_controller().info.remote(), timeout=30)
     stop = threading.Event()
     results = {"ok": 0, "failed": []}
 
@@ -112,6 +113,10 @@ def test_a_killed_controller_restarts_recovers_and_adopts_with_traffic_flowing(
     assert results["failed"] == []
     assert _replica_pids() == pids                     # adopted, not started again
     assert fleet.status()["proxies"]["http"]["pids"] == proxy_pids
+    # the management API answers where it did, with the same token
+    again = ray.get(_controller().info.remote(), timeout=30)
+    assert (again["management"]["url"], again["token"]) == \
+        (found["management"]["url"], found["token"])
     # the restarted controller deploys as before
     fleet.run(Pid.options(num_replicas=1).bind())
     wait_for(lambda: len(_replica_pids()) == 1, 60, "the scaled-down deployment")

@@ -132,9 +132,9 @@ CONTROLLER_START_S = 120.0
 
 
 def detached_controller(ray: Any) -> tuple[Any, dict[str, Any]] | None:
-    """The cluster's detached controller and its info (see ControllerActor.info), or
-    None when there is none. A driver-owned instance's address book under that name is
-    not one: FleetError."""
+    """The actor named fleet-controller and its info, or None when there is none: the
+    cluster's detached controller (see ControllerActor.info; "detached" is true), or a
+    driver-owned instance's address book (InstanceDirectory)."""
     try:
         actor = ray.get_actor(DIRECTORY_NAME, namespace=DIRECTORY_NAMESPACE)
     except ValueError:
@@ -144,10 +144,6 @@ def detached_controller(ray: Any) -> tuple[Any, dict[str, Any]] | None:
     except Exception as exc:  # noqa: BLE001 - it is going away
         raise FleetError(f"the fleet instance on this Ray cluster does not answer: "
                          f"{type(exc).__name__}") from None
-    if not info.get("detached"):
-        raise FleetError(f"a fleet instance owned by a driver (pid {info.get('pid')}) "
-                         "runs on this Ray cluster; stop it first (`fleet shutdown "
-                         "--ray-address ...`) or use it through fleet.start(backend='ray')")
     if "error" in info:
         raise FleetError(f"the fleet controller on this Ray cluster could not start: "
                          f"{info['error']}")
@@ -165,7 +161,7 @@ def start_detached_controller(ray: Any, build: Callable[[dict[str, Any], bytes, 
     from fleet._backends import ray_actors
     found = detached_controller(ray)
     if found is not None:
-        return found[1]
+        return _detached_info(found[1])
     actor_class: Any = ray_actors.ControllerActor
     heads = [n["NodeID"] for n in ray.nodes()
              if n.get("Alive") and "node:__internal_head__" in (n.get("Resources") or {})]
@@ -174,29 +170,64 @@ def start_detached_controller(ray: Any, build: Callable[[dict[str, Any], bytes, 
         "max_restarts": -1, "max_task_retries": -1, "max_concurrency": 16, "num_cpus": 0}
     if heads:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(heads[0], soft=True)
+    instance_id = secrets.token_hex(4)
     try:
         actor = actor_class.options(**options).remote(build, settings,
-                                                      secrets.token_bytes(32),
-                                                      secrets.token_hex(4))
+                                                      secrets.token_bytes(32), instance_id)
     except ValueError:              # another process made it meanwhile
         found = detached_controller(ray)
         if found is None:
             raise FleetError("the fleet controller on this Ray cluster went away while "
                              "starting; try again") from None
-        return found[1]
+        return _detached_info(found[1])
     try:
         info = dict(ray.get(actor.info.remote(), timeout=CONTROLLER_START_S))
     except Exception as exc:  # noqa: BLE001 - its constructor failed, or it is slow
-        try:
-            ray.kill(actor, no_restart=True)
-        except Exception:  # noqa: BLE001
-            pass
+        _remove_instance(ray, actor, instance_id)
         raise FleetError(f"the fleet controller did not start on the Ray cluster within "
                          f"{CONTROLLER_START_S:g} s: {type(exc).__name__}: {exc}") from None
     if "error" in info:
         raise FleetError(f"the fleet controller could not start on the Ray cluster: "
                          f"{info['error']}")
-    return info
+    return dict(info, created=True)
+
+
+def gcs_address() -> str:
+    """The address of the cluster this process belongs to (its GCS)."""
+    ray = import_ray()
+    return str(ray.get_runtime_context().gcs_address)
+
+
+def _remove_instance(ray: Any, actor: Any, instance_id: str) -> None:
+    """Everything of a detached controller that did not start in time: the actor, the
+    actors it started, its checkpoint."""
+    from fleet._backends import ray_actors
+    prefix = f"fleet-{instance_id}-"
+    handles = [actor]
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry.get("name", "") if isinstance(entry, dict) else str(entry)
+        if name.startswith(prefix):
+            try:
+                handles.append(ray.get_actor(name, namespace=NAMESPACE))
+            except ValueError:
+                pass
+    for handle in handles:
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - gone already
+            pass
+    ray_actors.drop_state()
+
+
+def _detached_info(info: dict[str, Any]) -> dict[str, Any]:
+    """info of an actor named fleet-controller that a detached controller can use as its
+    own; FleetError when it is a driver-owned instance's."""
+    if not info.get("detached"):
+        raise FleetError(f"a fleet instance owned by a driver (pid {info.get('pid')}) runs "
+                         f"on this Ray cluster and holds the name {DIRECTORY_NAME!r}; stop "
+                         "it first (fleet.shutdown() in that process, or `fleet shutdown "
+                         "--ray-address ...`)")
+    return dict(info, created=False)
 
 
 def wait_controller_gone(ray: Any, timeout_s: float) -> bool:
@@ -302,9 +333,23 @@ class RayProcess:
         except BaseException:  # noqa: BLE001 - the actor died: _on_exit says so
             pass
 
-    def _on_exit(self, fut: concurrent.futures.Future[Any]) -> None:
+    def watch(self) -> None:
+        """Follow the actor's end: wait() answers within WAIT_S, and is asked again
+        while it runs, so no call of a controller that died holds an actor's thread."""
+        actor = self.actor
+        actor.wait.remote(WAIT_S).future().add_done_callback(
+            lambda fut: self._on_exit(fut, actor))
+
+    def _on_exit(self, fut: concurrent.futures.Future[Any], actor: Any = None) -> None:
+        if actor is not None and actor is not self.actor:
+            return                      # an actor it had before being placed again
         try:
-            self.code = int(fut.result())
+            code = fut.result()
+            if code is None:            # still running
+                if not self.done and not self.killed:
+                    self.watch()
+                return
+            self.code = int(code)
         except BaseException as exc:  # noqa: BLE001 - the actor or its node died
             if self.spec is not None and _never_started(self, exc):
                 # Pinned to a node that left the cluster (Ray listed it a moment longer),
@@ -321,6 +366,8 @@ class RayProcess:
         self.done = True
 
 
+# How long one wait() call on an actor lasts before it is asked again.
+WAIT_S = 30.0
 # How often one replica is placed again because its node went away before it started.
 MAX_REPLACEMENTS = 20
 
@@ -358,7 +405,7 @@ class RayBackend:
         self._nodes: list[dict[str, Any]] = []
         self._nodes_at = 0.0
         self._directory: Any = None     # the named actor publish() made
-        # Under a detached controller (fleet/_backends/ray_controller.py), its instance id:
+        # Under a detached controller (ray_actors.ControllerActor), its instance id:
         # replicas and proxies are then detached, named actors that outlive a controller
         # that dies, find it again when it restarts, and are adopted by it.
         self.detached = detached
@@ -370,6 +417,7 @@ class RayBackend:
         return {"name": self.actor_name(key), "namespace": NAMESPACE, "lifetime": "detached"}
 
     def actor_name(self, key: str) -> str:
+        """The name of the actor of this instance's process key (detached)."""
         return f"fleet-{self.detached}-{key}"
 
     def adopt(self, key: str, group: str = "") -> RayProcess | None:
@@ -382,19 +430,27 @@ class RayBackend:
         proc = RayProcess(key, group or key, {}, None)
         proc.actor = actor
         proc.actor.ready.remote().future().add_done_callback(proc._on_ready)
-        proc.actor.wait.remote().future().add_done_callback(proc._on_exit)
+        proc.watch()
         self.procs[key] = proc
         return proc
 
-    def kill_orphans(self, keep: set[str]) -> list[str]:
-        """Kill this instance's named actors that no record holds (started by a controller
-        that died before it recorded them); their names."""
+    def survivors(self) -> set[str]:
+        """The keys of this instance's named actors alive now (a controller that died
+        started them)."""
         prefix = self.actor_name("")
-        killed = []
+        found = set()
         for entry in self.ray.util.list_named_actors(all_namespaces=True):
             name = entry.get("name", "") if isinstance(entry, dict) else str(entry)
-            if not name.startswith(prefix) or name[len(prefix):] in keep:
-                continue
+            if name.startswith(prefix):
+                found.add(name[len(prefix):])
+        return found
+
+    def kill_orphans(self, keys: set[str]) -> list[str]:
+        """Kill this instance's named actors with those keys (started by a controller
+        that died before it recorded them); their names."""
+        killed = []
+        for key in sorted(keys):
+            name = self.actor_name(key)
             try:
                 self.ray.kill(self.ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
                 killed.append(name)
@@ -466,7 +522,7 @@ class RayBackend:
         proc.actor = actor_class.options(**actor_options).remote(
             spec, not working_dir, bool(self.detached))
         proc.actor.ready.remote().future().add_done_callback(proc._on_ready)
-        proc.actor.wait.remote().future().add_done_callback(proc._on_exit)
+        proc.watch()
 
     def _node_with_room(self, proc: RayProcess) -> str | None:
         counts: dict[str, int] = {}
@@ -552,7 +608,7 @@ class RayBackend:
             **self._lasting(key),
         ).remote(dict(payload, rejoin=bool(self.detached)))
         proc.actor.ready.remote().future().add_done_callback(proc._on_ready)
-        proc.actor.wait.remote().future().add_done_callback(proc._on_exit)
+        proc.watch()
         self.procs[key] = proc
         return proc
 

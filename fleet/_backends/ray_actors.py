@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,12 +25,13 @@ from fleet._types import ReplicaSpec
 
 log = logging.getLogger("fleet.ray")
 
-# The detached controller's actor (fleet/_backends/ray_controller.py) and its namespace.
+# The detached controller's actor (ControllerActor, below) and its namespace.
 CONTROLLER_NAME = "fleet-controller"
 NAMESPACE = "fleet"
 
 
 def _controller_address() -> str:
+    """The detached controller's data-plane address (a blocking Ray call)."""
     try:
         actor = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
         return str(ray.get(actor.address.remote(), timeout=5))
@@ -59,6 +61,25 @@ def load_state() -> dict[str, Any] | None:
 def drop_state() -> None:
     from ray.experimental import internal_kv
     internal_kv._internal_kv_del(STATE_KEY, namespace=NAMESPACE)
+
+
+# A detached controller that could not recover exits after this long, and Ray starts it
+# again; one that could not start waits up to TELL_S for info() to say why, then ends.
+RECOVER_RETRY_S = 1.0
+TELL_S = 30.0
+# How long a detached actor whose work ended waits for its controller to take its exit
+# code (wait()) before it ends itself.
+END_GRACE_S = 1.0
+
+
+def _end_detached() -> None:
+    """A detached actor (under a detached controller) whose replica or proxy ended: it
+    ends itself, since nothing else will when its controller is gone for good."""
+    time.sleep(END_GRACE_S)
+    try:
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - Ray is going away already
+        pass
 
 
 async def find_controller() -> str:
@@ -102,6 +123,8 @@ class ReplicaActor:
         finally:
             self._started.set()
             self._done.set()
+        if rejoin:
+            _end_detached()
 
     def ready(self) -> tuple[str, int]:
         """Where it runs: (Ray node id hex, process id)."""
@@ -116,9 +139,11 @@ class ReplicaActor:
             except RuntimeError:
                 pass        # the loop already closed: the replica ended
 
-    def wait(self) -> int:
-        """Block until the replica ended; its exit code."""
-        self._done.wait()
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        """Block until the replica ended (its exit code), or for timeout_s (None): a
+        caller that dies waiting (a controller) holds one of its threads that long."""
+        if not self._done.wait(timeout_s):
+            return None
         return self._code
 
 
@@ -205,6 +230,8 @@ class ProxyActor:
             log.exception("the %s proxy failed", kind)
         finally:
             self._done.set()
+        if boot.get("rejoin"):
+            _end_detached()
 
     def ready(self) -> tuple[str, int]:
         return self.node_id, os.getpid()
@@ -217,8 +244,9 @@ class ProxyActor:
             except RuntimeError:
                 pass
 
-    def wait(self) -> int:
-        self._done.wait()
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        if not self._done.wait(timeout_s):
+            return None
         return self._code
 
 
@@ -236,6 +264,7 @@ class ControllerActor:
         self._error = ""
         self._listening = threading.Event()
         self._ready = threading.Event()
+        self._told = threading.Event()      # info() said why it could not start
         threading.Thread(target=self._run, args=(build, settings, secret, instance_id),
                          name="fleet-controller-actor", daemon=True).start()
         # address() answers from here on: replicas and proxies reconnecting need it
@@ -244,19 +273,29 @@ class ControllerActor:
 
     def _run(self, build: Callable[[dict[str, Any], bytes, str], Any],
              settings: dict[str, Any], secret: bytes, instance_id: str) -> None:
+        recovering = False
         try:
             inst = build(settings, secret, instance_id)
+            recovering = inst.recover is not None
             inst.listening = self._listening
             self._inst = inst
             inst.start()
         except BaseException as exc:  # noqa: BLE001 - info() says it to whoever started it
-            log.exception("the fleet controller failed to start")
+            log.exception("the fleet controller failed to %s",
+                          "recover" if recovering else "start")
             self._error = f"{type(exc).__name__}: {exc}"
         finally:
             self._listening.set()
             self._ready.set()
-        if self._inst is not None and not self._error:
+        if self._error and recovering:
+            # What runs stays (replicas and proxies serve on and look for a controller):
+            # Ray starts this actor again, which tries again from the same checkpoint.
+            time.sleep(RECOVER_RETRY_S)
+            os._exit(1)
+        if not self._error:
             self._inst.stopped.wait()
+        else:
+            self._told.wait(TELL_S)     # whoever started it hears why before it goes
         # shut down (fleet shutdown, fleet.shutdown()), or unable to start: the instance's
         # state goes, and so does this actor, for good
         try:
@@ -276,6 +315,7 @@ class ControllerActor:
         {"error": why it could not start}."""
         self._ready.wait(300)
         if self._error or self._inst is None:
+            self._told.set()
             return {"error": self._error or "the fleet controller did not start in 300 s"}
         info = dict(self._inst.record(), detached=True, node=self._inst.backend.listen_host)
         http = self._inst.controller.proxies.get("http") if self._inst.controller else None

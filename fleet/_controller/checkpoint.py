@@ -1,7 +1,7 @@
 """What a controller that restarts needs to carry on: its applications (each one's
 plans, route, replica count and revision history) and the replicas that serve them.
 
-A detached controller on Ray (fleet/_backends/ray_controller.py) saves ``snapshot`` in
+A detached controller on Ray (ray_actors.ControllerActor) saves ``snapshot`` in
 Ray's GCS key-value store whenever ``key`` changes, and a restarted one calls
 ``restore`` before it listens: applications come back as they were, and every replica
 whose actor still lives is adopted as RUNNING at the address it served on, so the tables
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fleet._controller.state import AppState, ReplicaRecord
-from fleet._types import ReplicaState, deployment_key
+from fleet._types import DeploymentStatus, ReplicaState, deployment_key
 
 if TYPE_CHECKING:
     from fleet._controller.controller import Controller
@@ -29,7 +29,7 @@ REJOIN_GRACE_S = 30.0
 def key(c: Controller) -> Any:
     """Changes whenever what ``snapshot`` records changes (cheap: no copies)."""
     return (c.version, tuple((a.name, a.revision, a.deleting,
-                              tuple((d.name, d.target, d.deleting)
+                              tuple((d.name, d.target, d.deleting, d.status)
                                     for d in a.deployments.values()))
                              for a in c.apps.values()))
 
@@ -44,11 +44,16 @@ def snapshot(c: Controller) -> dict[str, Any]:
         for dep in app.deployments.values():
             if dep.deleting:
                 continue
-            deps.append({"plan": dep.plan, "target": dep.target, "replicas": [
-                {"replica_id": r.replica_id, "version": r.version, "address": r.address,
-                 "pid": r.pid, "user_config": r.user_config}
-                for r in dep.replicas.values()
-                if r.state == ReplicaState.RUNNING and r.address]})
+            deps.append({"plan": dep.plan, "target": dep.target,
+                         "status": dep.status, "message": dep.message,
+                         "error_type": dep.error_type, "traceback": dep.traceback,
+                         "replicas": [
+                             {"replica_id": r.replica_id, "version": r.version,
+                              "address": r.address, "pid": r.pid,
+                              "user_config": r.user_config,
+                              "reconfiguring": r.reconfiguring}
+                             for r in dep.replicas.values()
+                             if r.state == ReplicaState.RUNNING and r.address]})
         apps.append({"name": app.name, "route_prefix": app.route_prefix,
                      "ingress": app.ingress, "protocol": app.protocol,
                      "grpc_port": app.grpc_port, "sys_path": app.sys_path, "cwd": app.cwd,
@@ -81,6 +86,10 @@ def restore(c: Controller, state: dict[str, Any],
             plan = d["plan"]
             c.restore_plan(app, plan, int(d["target"]))
             dep = app.deployments[plan.name]
+            if d["status"] == DeploymentStatus.DEPLOY_FAILED:
+                # as it was: the failed version is not tried again until the next deploy
+                dep.status, dep.message = d["status"], d["message"]
+                dep.error_type, dep.traceback = d["error_type"], d["traceback"]
             for r in d["replicas"]:
                 proc = adopt(r["replica_id"], deployment_key(app.name, plan.name))
                 if proc is None:
@@ -89,7 +98,7 @@ def restore(c: Controller, state: dict[str, Any],
                     replica_id=r["replica_id"], version=r["version"],
                     state=ReplicaState.RUNNING, proc=proc, address=r["address"],
                     pid=r["pid"], user_config=r["user_config"],
-                    rejoin_by=now + REJOIN_GRACE_S)
+                    reconfiguring=r["reconfiguring"], rejoin_by=now + REJOIN_GRACE_S)
                 adopted.append(r["replica_id"])
         c.events.add("recovered", app.name, "", "",
                      f"the controller restarted; revision {app.revision} recovered")

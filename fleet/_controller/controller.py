@@ -137,6 +137,7 @@ class Controller:
                     log.exception("sampling metrics failed")
 
     def _check_state(self) -> None:
+        """Call on_state_change when what a checkpoint records changed."""
         from fleet._controller import checkpoint
         now = checkpoint.key(self)
         if now != self._state_key:
@@ -617,6 +618,10 @@ class Controller:
         rec.conn, rec.address, rec.pid, rec.rejoin_by = conn, address, pid, 0.0
         rec.last_health = time.monotonic()
         conn.tag = ("replica", rec.replica_id)
+        if rec.version == dep.plan.version and (
+                rec.reconfiguring or rec.user_config != dep.plan.config.user_config):
+            # a reconfigure the controller that died sent may not have been applied
+            self._send_reconfigure(rec, dep.plan.config.user_config)
         log.info("replica %s of %s/%s rejoined", rec.replica_id, dep.app, dep.name)
         self.events.add("replica_rejoined", dep.app, dep.name, rec.replica_id, f"pid {pid}")
         self._notify()

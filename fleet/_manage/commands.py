@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -123,7 +124,8 @@ def start(config_file: str | None, host: str | None, port: int | None,
         except ClientError as exc:
             raise CLIError(str(exc)) from None
     try:
-        bind(mhost, mport, fallback=False).close()
+        if backend != "ray":        # on Ray it listens on the controller's node
+            bind(mhost, mport, fallback=False).close()
     except OSError as exc:
         try:
             mine = [info["pid"] for _, info in _rundir.live_instances()
@@ -148,13 +150,15 @@ def start(config_file: str | None, host: str | None, port: int | None,
         found = _start_on_cluster(args)
         if "error" in found:
             raise CLIError(str(found["error"]))
-        _say(f"started instance pid {found['pid']}; the detached actor fleet-controller on "
+        what = "started instance" if found.get("created") else \
+            "a fleet instance already runs on the Ray cluster: instance"
+        _say(f"{what} pid {found['pid']}; the detached actor fleet-controller on "
              f"node {found.get('node')} of the Ray cluster; HTTP on "
              f"{found.get('http') or '-'}; management API at {found['management']['url']}")
         _say(f"dashboard: {found['management']['url']}/?token={found['token']}")
         if config_file is not None:
             ctx = click.get_current_context()
-            ctx.invoke(apply, config_file=config_file,
+            ctx.invoke(apply, config_file=config_file, token=found["token"],
                        address=found["management"]["url"].split("://", 1)[1].rstrip("/"))
         return
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
@@ -397,18 +401,20 @@ def status(fmt: str, as_json: bool, watch: bool, address: str | None,
             click.echo(_render(_snapshot(client), fmt))
             return
         tty = sys.stdout.isatty()
-        try:
-            while True:
-                text = _render(_snapshot(client), fmt)
-                if tty:
-                    click.echo("\x1b[H\x1b[2J", nl=False)
-                else:
-                    click.echo(f"--- {time.strftime('%H:%M:%S')}")
-                click.echo(text, nl=True)
-                sys.stdout.flush()
-                time.sleep(1.0)     # the refresh period, not a synchronisation
-        except KeyboardInterrupt:
-            pass
+        # Ctrl-C (SIGINT) sets a flag rather than raising wherever the main thread is:
+        # an interrupt inside the HTTP client's pool could leave its lock held, and
+        # closing the client would then wait for ever
+        stop = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        while not stop.is_set():
+            text = _render(_snapshot(client), fmt)
+            if tty:
+                click.echo("\x1b[H\x1b[2J", nl=False)
+            else:
+                click.echo(f"--- {time.strftime('%H:%M:%S')}")
+            click.echo(text, nl=True)
+            sys.stdout.flush()
+            stop.wait(1.0)          # the refresh period, not a synchronisation
 
 
 # -- apply --------------------------------------------------------------------------
