@@ -153,6 +153,14 @@ def test_the_controller_outlives_its_driver_and_other_processes_reach_it(
                              capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == 0, out.stderr[-2000:]
         assert '"kept"' in out.stdout
+        # fleet top and fleet metrics too, through the management API it published
+        for args, expect in ((["top", "--once"], "kept"),
+                             (["metrics"], 'application="kept"')):
+            out = subprocess.run([sys.executable, "-m", "fleet", *args, "--ray-address",
+                                  ray_cluster.address], capture_output=True, text=True,
+                                 timeout=120, env=env)
+            assert out.returncode == 0, out.stderr[-2000:]
+            assert expect in out.stdout, (args, out.stdout[-2000:])
         fleet.shutdown()
         # shut down: the actor and its checkpoint are gone
         with pytest.raises(ValueError):

@@ -1,20 +1,24 @@
 """The observation commands: ``fleet top``, ``fleet metrics`` and ``fleet logs``.
 
-They reach the running instance's controller the way ``fleet status`` does (the
-instance file in the user's runtime directory, the controller's socket and secret);
-``fleet logs`` then reads the instance's log files itself, so it shows what came
-before it started.
+They reach the running instance's controller through the instance file in the user's
+runtime directory (the controller's socket and secret); ``fleet logs`` then reads the
+instance's log files itself, so it shows what came before it started. ``fleet top`` and
+``fleet metrics`` given an address (``--address``, ``FLEET_ADDRESS``, ``--ray-address``,
+``RAY_ADDRESS``) ask the management API there instead, as ``fleet status`` does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from typing import Any
 
 import click
+
+from fleet._manage.commands import address_option, call, connect, get, token_option
 
 
 class ObserveError(click.ClickException):
@@ -99,15 +103,34 @@ def top_table(rows: list[dict[str, Any]], window: float) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _through_api(address: str | None) -> bool:
+    """Whether an address names the instance: then its management API answers."""
+    ctx = click.get_current_context(silent=True)
+    ray_address = ctx.meta.get("fleet.ray_address") if ctx is not None else None
+    return bool(address or os.environ.get("FLEET_ADDRESS") or ray_address
+                or os.environ.get("RAY_ADDRESS"))
+
+
 @click.command()
 @click.option("--once", is_flag=True, help="Print one table and exit (for scripts and "
               "terminals that are not TTYs).")
 @click.option("--window", default=60.0, type=click.FloatRange(1, 86400), show_default=True,
               help="Seconds the figures cover.")
-def top(once: bool, window: float) -> None:
+@address_option
+@token_option
+def top(once: bool, window: float, address: str | None, token: str | None) -> None:
     """A live table of every deployment: requests/s, latency percentiles, errors,
     ongoing and queued calls, replicas; refreshed every second."""
-    rows = _call("top", window)
+    if _through_api(address):
+        with connect(address, token) as client:
+            _top(once, window, lambda: list(get(client, "/api/top",
+                                                params={"window": window})["rows"]))
+        return
+    _top(once, window, lambda: list(_call("top", window)))
+
+
+def _top(once: bool, window: float, rows_now: Any) -> None:
+    rows = rows_now()
     if once or not sys.stdout.isatty():
         click.echo(top_table(rows, window))
         return
@@ -115,14 +138,20 @@ def top(once: bool, window: float) -> None:
         while True:
             click.echo("\x1b[H\x1b[2J" + top_table(rows, window), nl=True)
             time.sleep(1.0)
-            rows = _call("top", window)
+            rows = rows_now()
     except KeyboardInterrupt:
         pass
 
 
 @click.command()
-def metrics() -> None:
+@address_option
+@token_option
+def metrics(address: str | None, token: str | None) -> None:
     """Print every metric of the running instance in Prometheus' text format."""
+    if _through_api(address):
+        with connect(address, token) as client:
+            click.echo(call(client, "GET", "/metrics").text, nl=False)
+        return
     click.echo(_call("metrics_text"), nl=False)
 
 
