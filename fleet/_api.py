@@ -187,6 +187,10 @@ class Instance:
         self.adopter: Adopting | None = None        # the backend, as one that adopts
         self._saving: asyncio.Task[None] | None = None
         self._save_again = False
+        # start() without waiting for the proxies (fleet run: they start while the
+        # application's replicas do): what wait_proxies() waits for
+        self.wait_for_proxies = True
+        self._proxies_up: asyncio.Future[list[dict[str, Any]]] | None = None
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run coro on the instance's loop and wait for it from this thread."""
@@ -259,9 +263,9 @@ class Instance:
         if self.grpc_options.enabled and self.proxy_location != "Disabled" \
                 and "grpc" not in restored:
             waits.append(self._start_grpc_proxies(self.grpc_options))
-        for info in await asyncio.gather(*waits):
-            if "error" in info:
-                raise FleetError(info["error"])
+        self._proxies_up = asyncio.gather(*waits)
+        if self.wait_for_proxies:
+            await self._proxies_serve()
         if self.management is not None:
             from fleet._manage.server import serve
             try:
@@ -281,6 +285,18 @@ class Instance:
             # checkpoints from now on: with the proxies (started or adopted) in them
             self.controller.on_state_change = self._save_soon
             self._save_soon()
+
+    async def _proxies_serve(self) -> None:
+        assert self._proxies_up is not None
+        for info in await self._proxies_up:
+            if "error" in info:
+                raise FleetError(info["error"])
+
+    def wait_proxies(self) -> None:
+        """Wait until the proxies serve (when start() did not); FleetError saying why
+        one cannot."""
+        if self._proxies_up is not None and not self.closed:
+            self.call(self._proxies_serve())
 
     # -- a detached controller's state ---------------------------------------------
     def _snapshot(self) -> dict[str, Any]:
@@ -632,6 +648,8 @@ class Instance:
             self._proxy_watch.cancel()
         for task in list(self._proxy_starts):
             task.cancel()
+        if self._proxies_up is not None and not self._proxies_up.done():
+            self._proxies_up.cancel()       # still starting (fleet run's)
         if self.runtime is not None:
             self.runtime.close("fleet was shut down before this call reached a replica")
         if self.controller is not None:
@@ -1053,8 +1071,11 @@ def start_owned(http: HTTPOptions, grpc: GRPCOptions,
                 logging_config: LoggingConfig | None = None,
                 backend: str = "local", ray_address: str | None = None,
                 proxy_location: str = "EveryNode",
-                runtime_env: dict[str, Any] | None = None) -> Instance:
-    """Start an instance owned by this process, whatever else runs (``fleet run``)."""
+                runtime_env: dict[str, Any] | None = None,
+                wait_proxies: bool = True) -> Instance:
+    """Start an instance owned by this process, whatever else runs (``fleet run``);
+    without wait_proxies, it returns once its proxies are starting (``wait_proxies()``
+    waits for them)."""
     global _instance
     with _lock:
         if isinstance(_instance, Instance) and not _instance.closed:
@@ -1068,6 +1089,7 @@ def start_owned(http: HTTPOptions, grpc: GRPCOptions,
                         logging_config=logging_config,
                         proxy_location=proxy_location, ray_address=ray_address)
         inst.extra_info = dict(extra_info or {})
+        inst.wait_for_proxies = wait_proxies
         inst.start()
         _instance = inst
         return inst
@@ -1185,8 +1207,8 @@ def run(app: Application, name: str = "default", route_prefix: str | None = "/",
 
 
 def deploy(app: Application, name: str, route_prefix: str | None,
-           progress: bool = False, on_ready: Callable[[], None] | None = None
-           ) -> DeploymentHandle:
+           progress: bool = False, on_ready: Callable[[], None] | None = None,
+           before_wait: Callable[[], None] | None = None) -> DeploymentHandle:
     """:func:`run` without blocking; with progress, report start-up on stderr."""
     if not isinstance(app, Application):
         raise TypeError(f"fleet.run expects an Application (Deployment.bind(...)), got "
@@ -1199,7 +1221,7 @@ def deploy(app: Application, name: str, route_prefix: str | None,
     if needs_grpc:
         ensure_grpc_proxy(grpc_port)
     plans = build_plans(app, name)
-    _deploy(name, route_prefix, plans, protocol, grpc_port, progress, on_ready)
+    _deploy(name, route_prefix, plans, protocol, grpc_port, progress, on_ready, before_wait)
     handle = DeploymentHandle(plans[0].name, name)._following_traffic()
     if plans[0].legacy_refs:
         handle = handle._with_legacy_refs()
@@ -1208,11 +1230,15 @@ def deploy(app: Application, name: str, route_prefix: str | None,
 
 def _deploy(name: str, route_prefix: str | None, plans: list[Any], protocol: str,
             grpc_port: int | None, progress: bool,
-            on_ready: Callable[[], None] | None = None) -> None:
+            on_ready: Callable[[], None] | None = None,
+            before_wait: Callable[[], None] | None = None) -> None:
     """Deploy and wait until ready (then call on_ready at once: the route is live); with
-    progress, say on stderr what is starting."""
+    progress, say on stderr what is starting. before_wait runs once the replicas are
+    starting (fleet run waits for its proxies there)."""
     _ctl("deploy", name, route_prefix, plans, protocol, grpc_port,
          {"sys_path": list(sys.path), "cwd": os.getcwd()})
+    if before_wait is not None:
+        before_wait()
     if not progress:
         _ctl("wait_ready", name)
         if on_ready is not None:

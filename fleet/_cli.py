@@ -131,11 +131,14 @@ def run(target: str, app_dir: str | None, name: str | None, route_prefix: str | 
         inst = start_owned(config.http_options, config.grpc_options, management,
                            management_fallback=True, logging_config=config.logging_config,
                            backend=config.backend, ray_address=config.ray_address,
-                           proxy_location=config.proxy_location, runtime_env=runtime_env)
+                           proxy_location=config.proxy_location, runtime_env=runtime_env,
+                           wait_proxies=False)
+        # the proxies start while the first application's replicas do; a proxy that
+        # cannot serve (its port taken) stops everything before anything is reported
         for app_cfg, app in apps:
             try:
                 deploy(app, name=app_cfg.name, route_prefix=app_cfg.route_prefix,
-                       progress=True)
+                       progress=True, before_wait=inst.wait_proxies)
             except (TypeError, ValueError) as exc:
                 raise CLIError(str(exc)) from None
         if config.traffic:

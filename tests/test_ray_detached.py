@@ -117,9 +117,11 @@ def test_a_killed_controller_restarts_recovers_and_adopts_with_traffic_flowing(
     again = ray.get(_controller().info.remote(), timeout=30)
     assert (again["management"]["url"], again["token"]) == \
         (found["management"]["url"], found["token"])
-    # the restarted controller deploys as before
+    # the restarted controller deploys as before, and the adopted proxy routes there
     fleet.run(Pid.options(num_replicas=1).bind())
     wait_for(lambda: len(_replica_pids()) == 1, 60, "the scaled-down deployment")
+    (only,) = _replica_pids()
+    assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).json() == only
 
 
 def _kv_state() -> bytes | None:
