@@ -179,6 +179,9 @@ def test_a_second_start_with_another_backend_or_cluster_raises(cluster) -> None:
     with pytest.raises(fleet.FleetError, match="cannot move it"):
         fleet.start(backend="ray", ray_address="10.0.0.1:6379")
     fleet.start(backend="ray", ray_address=cluster["address"])     # the same: fine
+    # this process's instance is its own (the driver's): detached=True cannot change it
+    with pytest.raises(fleet.FleetError, match="detached=True cannot change it"):
+        fleet.start(backend="ray", ray_address=cluster["address"], detached=True)
 
 
 def test_another_process_reaches_the_instance_and_calls_replicas_on_the_cluster(

@@ -195,3 +195,59 @@ def test_a_replica_that_died_while_the_controller_was_down_is_replaced(
 def test_detached_needs_the_ray_backend() -> None:
     with pytest.raises(ValueError, match="backend='ray'"):
         fleet.start(detached=True)
+
+
+def test_detached_without_a_cluster_is_one_line() -> None:
+    # ray.init would start a private Ray that ends with the script: not what detached means
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    script = ("import fleet\n"
+              "try:\n"
+              "    fleet.start(backend='ray', detached=True)\n"
+              "except fleet.FleetError as exc:\n"
+              "    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith("a detached controller needs a running Ray cluster")
+    cli = subprocess.run([sys.executable, "-m", "fleet", "start", "--backend", "ray"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert cli.returncode == 1
+    assert cli.stderr.strip().splitlines() == [
+        "fleet: error: a detached controller needs a running Ray cluster: start one (`ray "
+        "start --head`) and pass its address as ray_address (or --ray-address), or set "
+        "RAY_ADDRESS"]
+
+
+def test_options_other_than_the_running_detached_instance_s_raise(detached: Any) -> None:
+    port = fleet.status()["proxies"]["http"]["port"]
+    other = port + 1 if port < 65535 else port - 1
+    with pytest.raises(fleet.FleetError, match="already runs on the Ray cluster .* with "
+                                               "other options: http_options.port"):
+        fleet.start(backend="ray", ray_address=detached.address,
+                    http_options={"host": "127.0.0.1", "port": other})
+    # the same options (or none) use it as it is
+    fleet.start(backend="ray", ray_address=detached.address)
+
+
+def test_a_driver_owned_instance_on_the_cluster_keeps_fleet_start_from_making_one(
+        ray_cluster: Any) -> None:
+    import ray
+
+    from fleet._backends.ray_actors import InstanceDirectory
+    fleet.shutdown()
+    book: Any = InstanceDirectory.options(name="fleet-controller", namespace="fleet",
+                                          num_cpus=0).remote({"pid": 4242})
+    try:
+        ray.get(book.info.remote(), timeout=30)
+        out = subprocess.run([sys.executable, "-m", "fleet", "start", "--backend", "ray",
+                              "--ray-address", ray_cluster.address, "--port", "0",
+                              "--address", "127.0.0.1:0"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1
+        assert out.stderr.strip().splitlines() == [
+            "fleet: error: a fleet instance owned by a driver (pid 4242) runs on this Ray "
+            "cluster and holds the name 'fleet-controller'; stop it first (fleet.shutdown() "
+            "in that process, or `fleet shutdown --ray-address ...`)"]
+    finally:
+        ray.kill(book)
+        _nothing_left()
