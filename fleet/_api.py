@@ -935,7 +935,8 @@ def start_detached(http: HTTPOptions, grpc: GRPCOptions, management: ManagementO
     --backend ray``), or find the one there; its info (ray_actors.ControllerActor)."""
     from fleet._backends import ray as ray_backend
     _need_cluster(ray_address)
-    ray, _joined = ray_backend.connect(ray_address)
+    # the command returns at once: the actors' output is the cluster's, not its own
+    ray, _joined = ray_backend.connect(ray_address, quiet=True)
     return ray_backend.start_detached_controller(ray, build_detached, _detached_settings(
         http, grpc, management, False, logging_config, proxy_location, ray_address))
 

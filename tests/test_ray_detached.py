@@ -251,3 +251,33 @@ def test_a_driver_owned_instance_on_the_cluster_keeps_fleet_start_from_making_on
     finally:
         ray.kill(book)
         _nothing_left()
+
+
+def test_a_controller_that_cannot_start_says_why_and_leaves_nothing(ray_cluster: Any) -> None:
+    import socket
+
+    import ray
+    fleet.shutdown()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        out = subprocess.run([sys.executable, "-m", "fleet", "start", "--backend", "ray",
+                              "--ray-address", ray_cluster.address, "--port", "0",
+                              "--address", f"127.0.0.1:{port}"],
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 1
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("fleet: error: the fleet controller could not start on "
+                                   "the Ray cluster: ")
+        assert f"127.0.0.1:{port}" in lines[0]
+        # the actor removed itself, with whatever it had started
+        wait_for(lambda: not [a for a in ray.util.list_named_actors(all_namespaces=True)
+                              if a["name"].startswith("fleet-")], 60,
+                 "the failed controller's actors to end")
+        assert not _kv_state()
+    finally:
+        taken.close()
+        _nothing_left()

@@ -68,11 +68,12 @@ def _check_reachable(address: str, timeout_s: float) -> None:
 _joined = False
 
 
-def connect(address: str | None, runtime_env: dict[str, Any] | None = None
-            ) -> tuple[Any, bool]:
+def connect(address: str | None, runtime_env: dict[str, Any] | None = None,
+            quiet: bool = False) -> tuple[Any, bool]:
     """Connect this process to Ray at address (None: RAY_ADDRESS, else a Ray of its
-    own on this machine, as ray.init does), with runtime_env for every actor it starts.
-    Returns (ray, whether this call connected)."""
+    own on this machine, as ray.init does), with runtime_env for every actor it starts;
+    quiet: the actors' output is not copied to this process's. Returns (ray, whether
+    this call connected)."""
     ray = import_ray()
     if ray.is_initialized():
         return ray, False
@@ -85,7 +86,8 @@ def connect(address: str | None, runtime_env: dict[str, Any] | None = None
     handler = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING,
-                 configure_logging=False, runtime_env=runtime_env)
+                 configure_logging=False, runtime_env=runtime_env,
+                 log_to_driver=not quiet)
     except ConnectionError as exc:
         raise FleetError(f"cannot connect to a Ray cluster at ray_address={address!r}: "
                          f"{str(exc).splitlines()[0]}") from None

@@ -281,9 +281,14 @@ class ControllerActor:
             self._inst = inst
             inst.start()
         except BaseException as exc:  # noqa: BLE001 - info() says it to whoever started it
-            log.exception("the fleet controller failed to %s",
-                          "recover" if recovering else "start")
-            self._error = f"{type(exc).__name__}: {exc}"
+            from fleet.exceptions import FleetError
+            doing = "recover" if recovering else "start"
+            if isinstance(exc, FleetError):     # a one-line reason (a port in use, say)
+                log.warning("the fleet controller could not %s: %s", doing, exc)
+                self._error = str(exc)
+            else:
+                log.exception("the fleet controller failed to %s", doing)
+                self._error = f"{type(exc).__name__}: {exc}"
         finally:
             self._listening.set()
             self._ready.set()
