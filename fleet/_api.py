@@ -84,6 +84,12 @@ class ProxySlot:
         return f"{label} proxy {self.index}{where}"
 
 
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Mark a future's outcome as read (asyncio logs an exception nobody read)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def _pickle_and_save(save: Callable[[bytes], None], state: dict[str, Any]) -> None:
     save(cloudpickle.dumps(state))
 
@@ -264,6 +270,8 @@ class Instance:
                 and "grpc" not in restored:
             waits.append(self._start_grpc_proxies(self.grpc_options))
         self._proxies_up = asyncio.gather(*waits)
+        # read even when nobody waits (a shutdown while they start cancels them)
+        self._proxies_up.add_done_callback(_retrieved)
         if self.wait_for_proxies:
             await self._proxies_serve()
         if self.management is not None:

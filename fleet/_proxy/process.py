@@ -17,6 +17,7 @@ import cloudpickle
 from fleet._backends import lifeline
 from fleet._logformat import DATEFMT, log_format
 from fleet._runtime import Runtime, set_current
+from fleet.exceptions import FleetError
 
 
 def main() -> None:
@@ -46,7 +47,12 @@ def main() -> None:
     if boot.get("logs_dir"):
         from fleet import _logs
         _logs.attach_loop(loop)         # output lines are written by a timer on it
-    code = loop.run_until_complete(_serve(kind, boot, loop))
+    try:
+        code = loop.run_until_complete(_serve(kind, boot, loop))
+    except (FleetError, ConnectionError):
+        # the instance went away while this proxy started (its driver stopped at once:
+        # a bad application, say): nothing to serve, nothing to report
+        code = 1
     sys.stderr.flush()
     if boot.get("logs_dir"):
         from fleet import _logs
