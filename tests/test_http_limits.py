@@ -122,7 +122,12 @@ def test_head_trickled_byte_by_byte_gets_408_at_the_header_timeout(setup):
                 except OSError:
                     break
         sock.settimeout(10)
-        reply += _read_all(sock)
+        try:
+            reply += _read_all(sock)
+        except ConnectionResetError:
+            # the server closed with header bytes of ours unread, so the kernel reset
+            # the connection: after its reply, which is already read
+            pass
     assert reply.startswith(b"HTTP/1.1 408")
 
 
