@@ -259,18 +259,27 @@ def test_modern_way_plain_deployment_with_servicer_functions_and_num_replicas(
 
 def test_full_queue_is_resource_exhausted(stub: Any) -> None:
     # Plain: 2 replicas x max_ongoing_requests=1, max_queued_requests=1.
-    slow = [stub.Say.future(pb.EchoRequest(text="s", sleep_s=30), metadata=PLAIN, timeout=60)
-            for _ in range(3)]
+    def hold() -> Any:
+        return stub.Say.future(pb.EchoRequest(text="s", sleep_s=30), metadata=PLAIN,
+                               timeout=60)
+    slow = [hold() for _ in range(3)]
+    refused = None
     try:
         # the slow calls hold both replicas and the one queue place until cancelled: a
-        # call made once they are all in is refused (the loop only waits for them to
-        # arrive, however loaded the machine is)
-        deadline = time.monotonic() + 30
-        with pytest.raises(grpc.RpcError) as err:
-            while time.monotonic() < deadline:
-                stub.Say(pb.EchoRequest(text="x"), metadata=PLAIN, timeout=10)
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert err.value.details() == "the deployment's queue is full; retry later"
+        # call made once they are all in is refused. One made before the third is in
+        # takes the queue place itself (it then waits, and times out) and the third is
+        # refused instead: that one goes again, until all three are in
+        deadline = time.monotonic() + 60
+        while refused is None:
+            assert time.monotonic() < deadline, "no call was refused for a full queue"
+            slow = [hold() if f.done() else f for f in slow]
+            try:
+                stub.Say(pb.EchoRequest(text="x"), metadata=PLAIN, timeout=2)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    refused = exc
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.details() == "the deployment's queue is full; retry later"
     finally:
         for f in slow:
             f.cancel()          # cancels the replicas' calls too
