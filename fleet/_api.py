@@ -976,7 +976,7 @@ def _on_cluster(ray_address: str | None, settings: dict[str, Any] | None = None
         if found is None or not found[1].get("detached"):
             return None             # none, or a driver's instance: this one starts its own
         info = found[1]
-    if _instance is not None and isinstance(_instance, AttachedInstance):
+    if isinstance(_instance, AttachedInstance):
         _instance.detach()          # the one it replaces (its controller did not come back)
     inst = AttachedInstance(info)
     inst.ray_address = ray_address

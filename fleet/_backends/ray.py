@@ -200,19 +200,27 @@ def gcs_address() -> str:
     return str(ray.get_runtime_context().gcs_address)
 
 
+def _named_after(ray: Any, prefix: str) -> set[str]:
+    """What follows prefix in the names of the cluster's live named actors that have it."""
+    found = set()
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry.get("name", "") if isinstance(entry, dict) else str(entry)
+        if name.startswith(prefix):
+            found.add(name[len(prefix):])
+    return found
+
+
 def _remove_instance(ray: Any, actor: Any, instance_id: str) -> None:
     """Everything of a detached controller that did not start in time: the actor, the
     actors it started, its checkpoint."""
     from fleet._backends import ray_actors
     prefix = f"fleet-{instance_id}-"
     handles = [actor]
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        name = entry.get("name", "") if isinstance(entry, dict) else str(entry)
-        if name.startswith(prefix):
-            try:
-                handles.append(ray.get_actor(name, namespace=NAMESPACE))
-            except ValueError:
-                pass
+    for key in _named_after(ray, prefix):
+        try:
+            handles.append(ray.get_actor(prefix + key, namespace=NAMESPACE))
+        except ValueError:
+            pass
     for handle in handles:
         try:
             ray.kill(handle, no_restart=True)
@@ -439,13 +447,7 @@ class RayBackend:
     def survivors(self) -> set[str]:
         """The keys of this instance's named actors alive now (a controller that died
         started them)."""
-        prefix = self.actor_name("")
-        found = set()
-        for entry in self.ray.util.list_named_actors(all_namespaces=True):
-            name = entry.get("name", "") if isinstance(entry, dict) else str(entry)
-            if name.startswith(prefix):
-                found.add(name[len(prefix):])
-        return found
+        return _named_after(self.ray, self.actor_name(""))
 
     def kill_orphans(self, keys: set[str]) -> list[str]:
         """Kill this instance's named actors with those keys (started by a controller
