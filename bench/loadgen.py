@@ -323,4 +323,4 @@ def wait_http_ok(port: int, path: str = "/", timeout_s: float = 120.0) -> float:
             conn.close()
         if time.monotonic() > deadline:
             raise TimeoutError(f"no HTTP 200 from port {port} in {timeout_s}s")
-        time.sleep(0.02)
+        time.sleep(0.005)
