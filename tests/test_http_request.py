@@ -4,6 +4,7 @@ proxy's own endpoints, over a real socket against real replicas."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 from collections.abc import Iterator
 
 import httpx
@@ -24,7 +25,8 @@ class Inspect:
                 "root_path": request.scope["root_path"], "route_path": request.scope["path"],
                 "query": dict(request.query_params), "cookies": request.cookies,
                 "header": request.headers.get("x-thing"), "client": list(request.client or []),
-                "body": body.decode(), "web": isinstance(request, Request)}
+                "body": body.decode(), "web": isinstance(request, Request),
+                "scheme": request.url.scheme}
 
     async def json_echo(self, request: Request) -> dict:
         return {"json": await request.json()}
@@ -73,6 +75,29 @@ def test_request_carries_method_path_query_headers_cookies_client_body(url):
     assert got["client"][0] == "127.0.0.1"
     assert got["body"] == "payload"
     assert got["web"] is True
+
+
+def test_forwarded_headers_from_a_loopback_proxy_name_the_client_and_scheme(url):
+    # a reverse proxy on this machine (a trusted address) says who the client was
+    got = httpx.get(f"{url}/inspect", headers={"x-forwarded-for": "203.0.113.7",
+                                               "x-forwarded-proto": "https"}).json()
+    assert got["client"][0] == "203.0.113.7"
+    assert got["scheme"] == "https"
+    plain = httpx.get(f"{url}/inspect").json()
+    assert plain["client"][0] == "127.0.0.1" and plain["scheme"] == "http"
+
+
+def test_head_request_gets_the_head_without_the_body(url):
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("HEAD", "/inspect")
+    r = conn.getresponse()
+    assert r.status == 200
+    assert int(r.getheader("content-length")) > 0
+    assert r.read() == b""
+    conn.request("GET", "/inspect")         # the connection is still good for the next
+    assert conn.getresponse().read().startswith(b"{")
+    conn.close()
 
 
 def test_route_prefix_is_mounted_like_an_asgi_mount(url):

@@ -137,6 +137,33 @@ def test_return_values_convert(url, kind, ctype, expected):
     assert r.content == expected
 
 
+@pytest.mark.parametrize("value", [
+    "hello", "héllo ☃", "", b"\x00\x01", bytearray(b"ba"), memoryview(b"mv"),
+    {"a": 1}, [1, "two"], 7, 1.5, None, {"nested": {"x": [True, None]}},
+])
+def test_whole_reply_matches_the_starlette_response_it_stands_for(value):
+    # the replica answers str, bytes and JSON-able values without Starlette's objects:
+    # what goes to the proxy must be what to_response's Response would have sent
+    from fleet._replica.http import to_response, whole_reply
+    reply = whole_reply(value)
+    assert reply is not None
+    response = to_response(value)
+    assert reply == (response.status_code, response.raw_headers, bytes(response.body))
+
+
+def test_whole_reply_leaves_responses_and_generators_to_starlette():
+    from starlette.responses import PlainTextResponse
+
+    from fleet._replica.http import whole_reply
+
+    async def agen():
+        yield b"x"
+
+    assert whole_reply(PlainTextResponse("x")) is None
+    assert whole_reply(agen()) is None
+    assert whole_reply(i for i in [1]) is None
+
+
 def test_starlette_response_passes_through_with_status_headers_cookies(url):
     # httpx takes any 1xx for an interim response; http.client (like `requests`) only
     # skips 100, so it reads the 123 response the deployment sent.

@@ -32,6 +32,7 @@ from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
 from fleet._proxy.routes import RouteTable
 from fleet._proxy.startup import bind_socket, cannot_listen, proxy_failed
+from fleet._proxy.uvicorn_protocol import write_whole
 from fleet._runtime import Runtime
 from fleet._types import ASGIApp, CallMeta, Tables
 from fleet._wire import frames
@@ -265,8 +266,10 @@ class HTTPProxy:
 
     async def _respond(self, send: Any, status: int, headers: list[tuple[bytes, bytes]],
                        body: bytes, rid: bytes) -> None:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": _with_id(headers, rid)})
+        headers = _with_id(headers, rid)
+        if write_whole(send, status, headers, body):
+            return
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     def local_path(self, scope: dict[str, Any]) -> str:
@@ -289,6 +292,11 @@ class HTTPProxy:
         return sub
 
     async def http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """One HTTP request. Also the server's app itself when nothing wraps the proxy
+        (a coroutine layer less per request): then it hands other scopes to __call__."""
+        if scope["type"] != "http":
+            await self(scope, receive, send)
+            return
         started = time.perf_counter()
         method = "__call__"
         has_body = False
@@ -761,6 +769,8 @@ def build_app(runtime: Runtime, options: HTTPOptions) -> ASGIApp:
 
 def wrap(proxy: HTTPProxy, options: HTTPOptions) -> Any:
     """proxy wrapped in options' middlewares (the first is outermost)."""
+    if not options.middlewares and proxy.tracer is None:
+        return proxy.http
     app: Any = proxy
     for middleware in reversed(options.middlewares):
         cls, args, kwargs = middleware_spec(middleware)
@@ -800,7 +810,7 @@ async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event
     # uvicorn's limit_concurrency counts the connection asking too: one more lets
     # max_connections connections in, and answers a request on the next with 503 and
     # closes it
-    config = uvicorn.Config(app, loop="none",
+    config = uvicorn.Config(app, loop="none", interface="asgi3",
                             http=functools.partial(  # type: ignore[arg-type]
                                 LimitedHttpToolsProtocol, limits=limits),
                             ws="websockets-sansio", lifespan="off", access_log=False,

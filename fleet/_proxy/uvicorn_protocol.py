@@ -15,10 +15,16 @@ size is computed only when that count passed the limit, and one timer per server
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 if TYPE_CHECKING:
     from fleet._config import HTTPOptions
@@ -70,17 +76,63 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
 
 
+_HEADER_NAME = re.compile(rb'[\x00-\x1f\x7f()<>@,;:\[\]={} \t\\"]')
+_HEADER_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# response headers whose meaning the cycle's own send() handles (framing, closing)
+_SPECIAL = frozenset((b"connection", b"transfer-encoding"))
+
+
+def write_whole(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+                ) -> bool:
+    """Answer a request with one whole response: head and body in one write, as the two
+    ASGI messages through uvicorn's ``send`` would be, without building them. Only for
+    the plain case (send is uvicorn's own, the response not started, a content-length
+    that matches the body, a status that has a body, no method HEAD, nothing to
+    validate twice); False otherwise, and the caller sends the messages instead."""
+    cycle = getattr(send, "__self__", None)
+    if type(cycle) is not RequestResponseCycle or cycle.response_started \
+            or cycle.disconnected or cycle.flow.write_paused or cycle.access_log \
+            or status < 200 or status in (204, 304) or status not in STATUS_LINE \
+            or cycle.scope["method"] == "HEAD":
+        return False
+    content = [STATUS_LINE[status]]
+    length = None
+    for name, value in (*cycle.default_headers, *headers):
+        name = name.lower()
+        if name == b"content-length":
+            length = value
+        elif name in _SPECIAL:
+            return False
+        content += (name, b": ", value, b"\r\n")
+    if length is None or not length.isdigit() or int(length) != len(body) \
+            or _HEADER_NAME.search(b"".join([n for n, _ in headers])) \
+            or _HEADER_VALUE.search(b"".join([v for _, v in headers])):
+        return False
+    if not cycle.keep_alive:
+        content.append(b"connection: close\r\n")
+    content += (b"\r\n", body)
+    cycle.response_started = cycle.response_complete = True
+    cycle.waiting_for_100_continue = False
+    cycle.transport.write(b"".join(content))
+    cycle.message_event.set()
+    if not cycle.keep_alive:
+        cycle.transport.close()
+    cycle.on_response()
+    return True
+
+
 class _Refused(Exception):
     """Raised in a parser callback to stop parsing a request over a limit."""
 
 
 class HeadLimits:
-    """The head limits of one HTTP server, and the sweep that times out slow heads.
+    """The head limits of one HTTP server, and the sweep that times out slow heads and
+    closes idle keep-alive connections.
 
     Why one sweep, not a timer per connection: a timer armed and cancelled for every
-    request is a measurable share of a no-op request; a sweep costs nothing per
-    request and closes a late head within a tick (a quarter of the timeout, at most
-    a second) of its deadline."""
+    request (uvicorn's keep-alive timer is one) is a measurable share of a no-op
+    request; a sweep costs nothing per request and acts within a tick (a quarter of
+    the shorter timeout, at most a second) of a deadline."""
 
     def __init__(self, options: HTTPOptions, loop: asyncio.AbstractEventLoop,
                  report: Callable[[int, str, str], bytes] | None = None) -> None:
@@ -90,9 +142,10 @@ class HeadLimits:
         self.max_headers = options.max_headers
         self.max_line = options.max_request_line_bytes
         self.timeout = options.header_timeout_s
+        self.keep_alive = options.keep_alive_timeout_s
         self.loop = loop
         self.now = loop.time()      # refreshed every tick; what heads are timed from
-        self.tick = min(1.0, self.timeout / 4)
+        self.tick = min(1.0, self.timeout / 4, self.keep_alive / 4)
         self.connections: set[Any] = set()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -114,7 +167,12 @@ class HeadLimits:
                 continue
             since = conn.head_since
             if since is not None:
-                if now - since > timeout:
+                if conn.kept_alive and not conn.head_bytes:
+                    if now - since > self.keep_alive:
+                        # no byte of a next request within keep_alive_timeout_s
+                        conn.head_since = None
+                        conn.transport.close()
+                elif now - since > timeout:
                     conn.refuse(408, "the request head did not arrive within "
                                      f"header_timeout_s={timeout}")
                 continue
@@ -137,9 +195,15 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     def __init__(self, *args: Any, limits: HeadLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        # uvicorn's X-Forwarded-* handling for requests that carry such headers only:
+        # for the others it is a layer of work per request that changes nothing
+        self.forwarding_app = self.direct_app = self.app
+        if isinstance(self.app, ProxyHeadersMiddleware):
+            self.direct_app = self.app.app
         self.in_head = True             # reading a request head
         self.head_bytes = 0             # bytes received while reading it
         self.head_since: float | None = limits.now
+        self.kept_alive = False         # idle after a response, not before a first request
         self.last_data = limits.now
         self._refusal: tuple[int, str] | None = None
 
@@ -163,6 +227,11 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self.in_head = False
         self.head_since = None
         limits = self.limits
+        self.app = self.direct_app
+        for name, _ in self.headers:
+            if name.startswith(b"x-forwarded-"):
+                self.app = self.forwarding_app
+                break
         if len(self.url) > limits.max_line:
             self._refuse_in_parser(414, "the request line exceeds max_request_line_bytes="
                                         f"{limits.max_line}")
@@ -177,12 +246,23 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
                                             f"{limits.max_head}")
         super().on_headers_complete()
 
+    def _unset_keepalive_if_required(self) -> None:
+        pass                            # no keep-alive timer: HeadLimits' sweep closes
+
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.pipeline:           # the next head starts now (none is parsed yet)
-            self.in_head = True
-            self.head_bytes = 0
-            self.head_since = self.limits.now
+        # uvicorn's, but for its keep-alive timer per response
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:               # a next request was read already: start it
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self.in_head = True             # the next head starts now (none is parsed yet)
+        self.kept_alive = True
+        self.head_bytes = 0
+        self.head_since = self.limits.now
 
     def _refuse_in_parser(self, status: int, message: str) -> None:
         # uvicorn answers a parser error with send_400_response: say which status

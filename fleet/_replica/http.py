@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import typing
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from starlette.exceptions import HTTPException
@@ -68,6 +69,28 @@ def to_response(result: Any) -> Response:
     return Response(body, media_type="application/json")
 
 
+_TEXT = b"text/plain; charset=utf-8"
+_BINARY = b"application/octet-stream"
+_JSON = b"application/json"
+
+
+def whole_reply(result: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+    """The reply for a str, bytes or JSON-able return value, with the headers
+    :func:`to_response`'s Starlette response would have (same names, values and order),
+    built without its objects; None for a Response or a generator (to_response's)."""
+    if isinstance(result, str):
+        body, kind = result.encode(), _TEXT
+    elif isinstance(result, bytes | bytearray | memoryview):
+        body, kind = bytes(result), _BINARY
+    elif isinstance(result, Response) or inspect.isasyncgen(result) \
+            or inspect.isgenerator(result):
+        return None
+    else:
+        body = json.dumps(result, default=_jsonable, separators=(",", ":")).encode()
+        kind = _JSON
+    return 200, [(b"content-length", b"%d" % len(body)), (b"content-type", kind)], body
+
+
 async def _encode_chunks(gen: Any) -> Any:
     async for item in gen:
         yield _chunk_bytes(item)
@@ -95,7 +118,7 @@ class _Sender:
         self.streaming = False
         self.finished = False
 
-    async def __call__(self, message: dict[str, Any]) -> None:
+    async def __call__(self, message: MutableMapping[str, Any]) -> None:
         t = message["type"]
         if t == "http.response.start":
             self.status = message["status"]
@@ -119,6 +142,34 @@ class _Sender:
             else:
                 self.finished = True
                 self.conn.reply(self.call_id, body)
+
+
+class _Receive:
+    """The ASGI receive of a proxied request: its whole body once, then a disconnect
+    when the call is over (an event only for a caller that waits for one)."""
+
+    __slots__ = ("body", "sent", "closed", "gone")
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.sent = False
+        self.closed = False
+        self.gone: asyncio.Future[None] | None = None
+
+    async def __call__(self) -> dict[str, Any]:
+        if not self.sent:
+            self.sent = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        if not self.closed:
+            if self.gone is None:
+                self.gone = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self.gone)
+        return _DISCONNECT
+
+    def close(self) -> None:
+        self.closed = True
+        if self.gone is not None and not self.gone.done():
+            self.gone.set_result(None)
 
 
 class _WebSocketSender:
@@ -240,17 +291,7 @@ class HTTPAdapter:
             return
         if body:
             scope[BODY_KEY] = body
-        done = asyncio.Event()
-        sent = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await done.wait()
-            return _DISCONNECT
-
+        receive = _Receive(body)
         sender = _Sender(conn, call_id)
         try:
             if self.asgi_app is not None:
@@ -267,7 +308,7 @@ class HTTPAdapter:
             log.exception("%s %s raised after answering in %s", scope.get("method", ""),
                           scope.get("path", ""), self.replica.where)
         finally:
-            done.set()
+            receive.close()
         if not sender.finished:
             if sender.streaming:
                 conn.reply(call_id, b"")
@@ -275,7 +316,7 @@ class HTTPAdapter:
                 conn.reply(call_id, (500, [(b"content-type", b"text/plain")],
                                      b"the application sent no response"))
 
-    async def _call_method(self, scope: dict[str, Any], receive: Any, send: Any,
+    async def _call_method(self, scope: dict[str, Any], receive: Any, send: _Sender,
                            method: str, body: bytes) -> None:
         rep = self.replica
         try:
@@ -296,6 +337,11 @@ class HTTPAdapter:
             # an answer the method chose: it reaches the client as it is
             result = JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                                   headers=exc.headers)
+        reply = whole_reply(result)
+        if reply is not None:           # the common case, without Starlette's objects
+            send.finished = True
+            send.conn.reply(send.call_id, reply)
+            return
         await to_response(result)(scope, receive, send)
 
     async def startup(self) -> None:
