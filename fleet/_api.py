@@ -248,6 +248,9 @@ class Instance:
         self.controller.logging_config = self.logging_config.model_dump()
         self.controller.start()
         self.runtime = Runtime(self.loop, self.address, self.secret)
+        # callers on the process's other loops get satellites (Runtime.for_caller); the
+        # memory backend's instance (fleet.testing) keeps everything on its own loop
+        self.runtime.satellites = self.backend.name in ("local", "ray")
         await self.runtime.connect_controller(subscribe=True)
         bind(self.runtime)
         waits = []
@@ -723,6 +726,7 @@ class AttachedInstance:
 
     async def _connect(self) -> None:
         self.runtime = Runtime(self.loop, self.address, self.secret)
+        self.runtime.satellites = True
         self.runtime.on_controller_lost = self._lost
         if self.detached:
             from fleet._backends.ray_actors import find_controller

@@ -34,7 +34,8 @@ class _CallOptions:
 
 
 def _runtime() -> Any:
-    return _runtime_mod.current()
+    # the caller's own loop's satellite when it runs one (no thread crossing per call)
+    return _runtime_mod.for_caller(_runtime_mod.current())
 
 
 class DeploymentHandle:
@@ -173,6 +174,17 @@ class DeploymentResponse:
         fut = self._cfut
         if fut is None:
             assert self._task is not None
+            if self._loop.is_closed():
+                # started on an event loop that has closed since (an asyncio.run that
+                # ended): the call ended with it, finished or not
+                if self._task.done() and not self._task.cancelled():
+                    return self._task.result()
+                from fleet.exceptions import RequestCancelledError
+                app, deployment, opts = self._call
+                raise RequestCancelledError(
+                    f"the call to {deployment}.{opts.method_name} (application {app!r}) "
+                    "was cancelled when the event loop that started it closed; await it "
+                    "on that loop, or start it from sync code")
             fut = asyncio.run_coroutine_threadsafe(_await_task(self._task), self._loop)
             self._cfut = fut
         try:

@@ -185,10 +185,14 @@ class Router:
         finally:
             if model is not None:
                 self._wants.pop(fut, None)
-            try:
-                self.queue.remove(fut)
-            except ValueError:
-                pass
+            # a place given a slot or an error was taken off the queue already; only a
+            # cancelled (or abandoned) one may still be in it (a miss would cost a
+            # ValueError, whose message is the future's repr: microseconds per call)
+            if fut.cancelled() or not fut.done():
+                try:
+                    self.queue.remove(fut)
+                except ValueError:
+                    pass
 
     def refused(self, slot: Slot) -> None:
         """The replica refused a call because it was full: other callers' calls fill it,

@@ -12,7 +12,8 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fleet import _metrics, _traffic
@@ -83,6 +84,55 @@ def current() -> Runtime:
     return _current
 
 
+# Runtimes of this process's other event loops, by loop (see for_caller). The entry
+# goes when the satellite retires (its loop shuts down, or its controller goes away).
+_satellites: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = \
+    weakref.WeakKeyDictionary()
+
+
+def for_caller(rt: Runtime) -> Runtime:
+    """The runtime a call made now goes through: rt, or, when the caller runs an event
+    loop of its own (a driver's ``asyncio.run`` code, a web app calling fleet) and rt
+    allows it, a satellite of rt on that loop.
+
+    Why: a call through rt from another loop crosses threads twice (to rt's loop and
+    back), and both threads contend for the GIL; a satellite is a runtime like a
+    proxy's, with its own subscription to the tables, routers and replica connections,
+    so the caller's calls never leave its loop. It is made on the loop's first call
+    (which waits for its tables), and retires when the loop shuts down (an async
+    generator it starts there is closed then) or its controller goes away."""
+    loop = asyncio._get_running_loop()
+    if loop is None or loop is rt.loop or not rt.satellites:
+        return rt
+    sat = _satellites.get(loop)
+    if sat is None or sat.parent is not rt or sat.retired:
+        with _current_lock:
+            for other in [r for r in list(_satellites.values()) if r.loop.is_closed()]:
+                other.retired = "its event loop closed"
+                _satellites.pop(other.loop, None)
+            sat = Runtime(loop, rt.controller_address, rt.secret)
+            sat.parent = rt
+            # never waited for: a loop blocked in sync code must not hold up a drain
+            # (a call that reaches a draining replica is sent again elsewhere)
+            sat.ack_tables = False
+            sat.find_controller = rt.find_controller
+            sat.on_controller_lost = functools.partial(
+                sat.retire, "fleet's controller went away: the instance was shut down or "
+                            "its driver exited")
+            sat._joining = loop.create_task(sat._join())
+            _satellites[loop] = sat
+    return sat
+
+
+async def _close_with_loop(rt: Runtime) -> AsyncIterator[None]:
+    """Started on a satellite's loop: closed by the loop's shutdown_asyncgens (as
+    ``asyncio.run`` ends), which retires the satellite with its connections."""
+    try:
+        yield
+    finally:
+        rt.retire("the event loop that made the call was shut down")
+
+
 def set_current(rt: Runtime | None) -> None:
     global _current
     with _current_lock:
@@ -150,6 +200,49 @@ class Runtime:
                                                       ("application", "deployment"))
             self.metrics.gauge_fns.append(self._router_gauges)
         self._push_timer: asyncio.TimerHandle | None = None
+        # May callers on other loops use a satellite of this runtime (for_caller)? Set
+        # by a driver's instance on a backend with real connections.
+        self.satellites = False
+        self.parent: Runtime | None = None          # a satellite's runtime
+        self.retired = ""                           # why a satellite stopped
+        self._joining: asyncio.Task[None] | None = None
+        self._sentinel: AsyncIterator[None] | None = None
+
+    # -- a satellite (for_caller) --------------------------------------------------
+    async def _join(self) -> None:
+        self._sentinel = _close_with_loop(self)
+        await self._sentinel.__anext__()
+        try:
+            await self.connect_controller(subscribe=True)
+        except (OSError, ConnectionError, FleetError) as exc:
+            self.retire(f"cannot reach fleet's controller at {self.controller_address}: "
+                        f"{exc}")
+        finally:
+            self._joining = None
+
+    def retire(self, why: str) -> None:
+        """Stop a satellite: fail its waiting calls (and later ones) with why, close its
+        connections; the loop's next call makes a new one."""
+        if self.retired:
+            return
+        self.retired = why
+        if _satellites.get(self.loop) is self:
+            _satellites.pop(self.loop, None)
+        if self.loop.is_closed():
+            return
+        self.stop_rejoining()
+        if self._joining is not None and self._joining is not asyncio.current_task():
+            self._joining.cancel()
+        for timer in (self._push_timer, self._report_timer):
+            if timer is not None:
+                timer.cancel()
+        self.close(why)
+        for router in self.routers.values():
+            for slot in router.slots:
+                if slot.channel is not None:
+                    slot.channel.close()
+        if self.controller is not None:
+            self.controller.close()
 
     # -- controller --------------------------------------------------------------
     async def connect_controller(self, subscribe: bool = True) -> None:
@@ -385,6 +478,8 @@ class Runtime:
     async def call(self, app: str, deployment: str, opts: Any, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> Any:
         """One handle call, start to finish (arguments already resolved)."""
+        if self.retired:
+            raise FleetError(self.retired)
         meta = _meta(opts)
         if self._handle_calls is not None:
             self._handle_calls.inc((app, deployment))
@@ -437,6 +532,8 @@ class Runtime:
 
     async def open_stream(self, app: str, deployment: str, opts: Any, args: tuple[Any, ...],
                           kwargs: dict[str, Any]) -> Stream:
+        if self.retired:
+            raise FleetError(self.retired)
         meta = _meta(opts) or {}
         meta["stream"] = True
         if self._handle_calls is not None:
