@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import threading
 from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field, replace
@@ -119,22 +120,45 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
 class DeploymentResponse:
     """The answer to one call: ``await resp`` in async code, ``resp.result()`` in sync."""
 
-    __slots__ = ("_task", "_cfut", "_loop", "_legacy", "_call")
+    __slots__ = ("_task", "_cfut", "_loop", "_legacy", "_call", "_rt", "_coro", "_args")
 
     def __init__(self, rt: Any, call: tuple[Any, ...]) -> None:
         self._loop: asyncio.AbstractEventLoop = rt.loop
         self._legacy = call[2].legacy_refs
         self._call = call[:3]
-        if _has_responses(call[3], call[4]):
-            coro = _call_resolved(rt, call)
-        else:
-            coro = rt.call(*call)
+        self._rt = rt
+        # a satellite's call and its arguments, until it is known to run on that loop
+        self._coro: Any = None
+        self._args: tuple[Any, ...] | None = None
         self._task: asyncio.Future[Any] | None = None
         self._cfut: concurrent.futures.Future[Any] | None = None
+        coro = _call_resolved(rt, call) if _has_responses(call[3], call[4]) \
+            else rt.call(*call)
         if _on_loop(self._loop):
             self._task = self._loop.create_task(coro)
+            if rt.parent is not None:
+                self._coro, self._args = coro, call
         else:
             self._cfut = _crossing.submit(self._loop, coro)
+
+    def _off_this_loop(self) -> bool:
+        """Move a satellite's call that has not started yet to the instance's runtime,
+        for code that blocks this loop waiting for it (``.result()`` in a notebook cell,
+        which runs on a loop); whether it was moved."""
+        coro, call = self._coro, self._args
+        if coro is None or call is None \
+                or inspect.getcoroutinestate(coro) != inspect.CORO_CREATED:
+            return False
+        assert self._task is not None
+        self._task.cancel()             # it never runs: its coroutine is only closed
+        self._coro = self._args = None
+        rt = self._rt = self._rt.parent
+        self._loop = rt.loop
+        self._task = None
+        coro = _call_resolved(rt, call) if _has_responses(call[3], call[4]) \
+            else rt.call(*call)
+        self._cfut = _crossing.submit(self._loop, coro)
+        return True
 
     def __await__(self) -> Generator[Any, None, Any]:
         if self._legacy:
@@ -145,7 +169,10 @@ class DeploymentResponse:
         try:
             if self._task is not None:
                 if _on_loop(self._loop):
+                    self._coro = self._args = None  # awaited where it runs: stays there
                     return await self._task
+                if self._loop.is_closed():
+                    return self._left_behind()
                 # awaited from another loop than the one running the call
                 return await asyncio.wrap_future(
                     asyncio.run_coroutine_threadsafe(_await_task(self._task), self._loop))
@@ -160,15 +187,27 @@ class DeploymentResponse:
         fut = self._task if self._task is not None else self._cfut
         return fut is not None and fut.cancelled()
 
+    def _left_behind(self) -> Any:
+        """The outcome of a call whose loop (a satellite's) has closed since."""
+        assert self._task is not None
+        if self._task.done() and not self._task.cancelled():
+            return self._task.result()
+        from fleet.exceptions import RequestCancelledError
+        app, deployment, opts = self._call[:3]
+        raise RequestCancelledError(
+            f"the call to {deployment}.{opts.method_name} (application {app!r}) was "
+            "cancelled when the event loop that started it closed; await it on that "
+            "loop, or start it from sync code")
+
     def _cancelled_error(self) -> Exception:
         from fleet.exceptions import RequestCancelledError
-        app, deployment, opts = self._call
+        app, deployment, opts = self._call[:3]
         return RequestCancelledError(f"the call to {deployment}.{opts.method_name} "
                                      f"(application {app!r}) was cancelled by its caller")
 
     def result(self, timeout_s: float | None = None) -> Any:
         """Block until the call finishes; raises its error. Not for use in async code."""
-        if _on_loop(self._loop):
+        if _on_loop(self._loop) and not self._off_this_loop():
             raise RuntimeError("DeploymentResponse.result() blocks and cannot run on the "
                                "event loop serving the call; use `await response` instead")
         fut = self._cfut
@@ -177,14 +216,7 @@ class DeploymentResponse:
             if self._loop.is_closed():
                 # started on an event loop that has closed since (an asyncio.run that
                 # ended): the call ended with it, finished or not
-                if self._task.done() and not self._task.cancelled():
-                    return self._task.result()
-                from fleet.exceptions import RequestCancelledError
-                app, deployment, opts = self._call
-                raise RequestCancelledError(
-                    f"the call to {deployment}.{opts.method_name} (application {app!r}) "
-                    "was cancelled when the event loop that started it closed; await it "
-                    "on that loop, or start it from sync code")
+                return self._left_behind()
             fut = asyncio.run_coroutine_threadsafe(_await_task(self._task), self._loop)
             self._cfut = fut
         try:
@@ -197,7 +229,7 @@ class DeploymentResponse:
             if fut.done():      # the call's own error: a TimeoutError since Python 3.11
                 raise
             from fleet.exceptions import RequestTimeoutError
-            app, deployment, opts = self._call
+            app, deployment, opts = self._call[:3]
             raise RequestTimeoutError(
                 f"call to {deployment}.{opts.method_name} (application {app!r}) gave no "
                 f"result within result(timeout_s={timeout_s}); it goes on running (cancel "
@@ -207,7 +239,8 @@ class DeploymentResponse:
     def cancel(self) -> None:
         """Cancel the call; the replica's task is cancelled too."""
         if self._task is not None:
-            self._loop.call_soon_threadsafe(self._task.cancel)
+            if not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._task.cancel)
         elif self._cfut is not None:
             self._cfut.cancel()
 
@@ -300,6 +333,12 @@ class DeploymentResponseGenerator:
             self.cancel()   # left early (break, error): free the replica
 
     def __iter__(self) -> Iterator[Any]:
+        if _on_loop(self._loop) and self._stream is None \
+                and getattr(self._rt, "parent", None) is not None:
+            # a satellite's stream iterated by blocking code on its loop (a notebook
+            # cell): nothing was sent yet, so the instance's runtime serves it instead
+            self._rt = self._rt.parent
+            self._loop = self._rt.loop
         if _on_loop(self._loop):
             raise RuntimeError("iterate a streaming response with `async for` on the event "
                                "loop serving it")

@@ -87,8 +87,15 @@ def _on_calls_loop(resps: list[DeploymentResponse], num_returns: int,
     awaitable in async code."""
     loops = {r._loop for r in resps}
     if len(loops) > 1:
-        raise ValueError("the responses come from different fleet instances")
+        raise ValueError("the responses' calls run on different event loops (different "
+                         "fleet instances, or async code on several loops): wait for each "
+                         "loop's responses separately")
     loop = loops.pop()
+    if loop.is_closed():
+        # calls left behind by a loop that closed (an asyncio.run that ended): what
+        # finished is ready, the rest never will be (reading it raises why)
+        done = {i for i, r in enumerate(resps) if r._task is None or r._task.done()}
+        return _maybe_async(done)
     coro = _done_indexes(resps, num_returns, timeout)
     if not _in_async():
         return asyncio.run_coroutine_threadsafe(coro, loop).result()

@@ -84,10 +84,10 @@ def current() -> Runtime:
     return _current
 
 
-# Runtimes of this process's other event loops, by loop (see for_caller). The entry
-# goes when the satellite retires (its loop shuts down, or its controller goes away).
-_satellites: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = \
-    weakref.WeakKeyDictionary()
+# Satellites of this process's runtimes, by id() of the loop each runs on (see
+# for_caller). Weak: a satellite lives as long as its loop holds its connections or a
+# call holds it, and goes with a loop that is dropped without being closed.
+_satellites: weakref.WeakValueDictionary[int, Runtime] = weakref.WeakValueDictionary()
 
 
 def for_caller(rt: Runtime) -> Runtime:
@@ -99,29 +99,39 @@ def for_caller(rt: Runtime) -> Runtime:
     back), and both threads contend for the GIL; a satellite is a runtime like a
     proxy's, with its own subscription to the tables, routers and replica connections,
     so the caller's calls never leave its loop. It is made on the loop's first call
-    (which waits for its tables), and retires when the loop shuts down (an async
-    generator it starts there is closed then) or its controller goes away."""
+    (calls wait for its tables), and retires when the loop shuts down (an async
+    generator it starts there is closed then), when its controller goes away, or when
+    rt's instance stops or this process detaches from it. While rt's own connection to
+    the controller is down (a restarting controller), calls go through rt, which waits
+    for it to come back."""
     loop = asyncio._get_running_loop()
     if loop is None or loop is rt.loop or not rt.satellites:
         return rt
-    sat = _satellites.get(loop)
-    if sat is None or sat.parent is not rt or sat.retired:
-        with _current_lock:
-            for other in [r for r in list(_satellites.values()) if r.loop.is_closed()]:
-                other.retired = "its event loop closed"
-                _satellites.pop(other.loop, None)
-            sat = Runtime(loop, rt.controller_address, rt.secret)
-            sat.parent = rt
-            # never waited for: a loop blocked in sync code must not hold up a drain
-            # (a call that reaches a draining replica is sent again elsewhere)
-            sat.ack_tables = False
-            sat.find_controller = rt.find_controller
-            sat.on_controller_lost = functools.partial(
-                sat.retire, "fleet's controller went away: the instance was shut down or "
-                            "its driver exited")
-            sat._joining = loop.create_task(sat._join())
-            _satellites[loop] = sat
+    sat = _satellites.get(id(loop))
+    if sat is not None and sat.loop is loop and sat.parent is rt and not sat.retired:
+        return sat
+    ch = rt.controller
+    if ch is None or ch.closed or rt._rejoining is not None:
+        return rt
+    sat = Runtime(loop, rt.controller_address, rt.secret)
+    sat.parent = rt
+    sat.on_controller_lost = functools.partial(
+        sat.retire, "fleet's controller went away: the instance was shut down or its "
+                    "driver exited")
+    sat._joining = loop.create_task(sat._join())
+    with _current_lock:
+        _satellites[id(loop)] = sat
+        rt._satellites_of.add(sat)
     return sat
+
+
+def retire_satellites(rt: Runtime, why: str) -> None:
+    """Retire rt's satellites, each on its own loop (from any thread)."""
+    for sat in list(rt._satellites_of):
+        try:
+            sat.loop.call_soon_threadsafe(sat.retire, why)
+        except RuntimeError:            # its loop is closed: nothing runs there any more
+            sat.retired = why
 
 
 async def _close_with_loop(rt: Runtime) -> AsyncIterator[None]:
@@ -152,6 +162,8 @@ def unbind(rt: Runtime) -> None:
     """rt's instance stopped: it is no one's runtime any more. When it was the
     process's, the process's is the newest instance still running, if any."""
     global _current
+    retire_satellites(rt, "the fleet instance was shut down, or this process detached "
+                          "from it")
     with _current_lock:
         if _bound.get(rt.loop) is rt:
             del _bound[rt.loop]
@@ -204,6 +216,7 @@ class Runtime:
         # by a driver's instance on a backend with real connections.
         self.satellites = False
         self.parent: Runtime | None = None          # a satellite's runtime
+        self._satellites_of: weakref.WeakSet[Runtime] = weakref.WeakSet()
         self.retired = ""                           # why a satellite stopped
         self._joining: asyncio.Task[None] | None = None
         self._sentinel: AsyncIterator[None] | None = None
@@ -220,22 +233,33 @@ class Runtime:
         finally:
             self._joining = None
 
+    async def until_joined(self) -> None:
+        """A satellite's first calls wait for its tables (the deployment's replicas,
+        traffic policies, whether the deployment exists); FleetError when it failed."""
+        task = self._joining
+        if task is not None:
+            await asyncio.wait({task})      # (it retires the satellite when it fails)
+        if self.retired:
+            raise FleetError(self.retired)
+
     def retire(self, why: str) -> None:
-        """Stop a satellite: fail its waiting calls (and later ones) with why, close its
-        connections; the loop's next call makes a new one."""
+        """Stop a satellite (on its loop): fail its waiting calls (and later ones) with
+        why, close its connections; the loop's next call makes a new one."""
         if self.retired:
             return
         self.retired = why
-        if _satellites.get(self.loop) is self:
-            _satellites.pop(self.loop, None)
+        with _current_lock:
+            if _satellites.get(id(self.loop)) is self:
+                del _satellites[id(self.loop)]
         if self.loop.is_closed():
             return
-        self.stop_rejoining()
         if self._joining is not None and self._joining is not asyncio.current_task():
             self._joining.cancel()
         for timer in (self._push_timer, self._report_timer):
             if timer is not None:
                 timer.cancel()
+        if self.controller is not None and not self.controller.closed:
+            self.send_metrics()         # the calls of its last second count too
         self.close(why)
         for router in self.routers.values():
             for slot in router.slots:
@@ -480,6 +504,8 @@ class Runtime:
         """One handle call, start to finish (arguments already resolved)."""
         if self.retired:
             raise FleetError(self.retired)
+        if self.tables is None and self.parent is not None:
+            await self.until_joined()
         meta = _meta(opts)
         if self._handle_calls is not None:
             self._handle_calls.inc((app, deployment))
@@ -534,6 +560,8 @@ class Runtime:
                           kwargs: dict[str, Any]) -> Stream:
         if self.retired:
             raise FleetError(self.retired)
+        if self.tables is None and self.parent is not None:
+            await self.until_joined()
         meta = _meta(opts) or {}
         meta["stream"] = True
         if self._handle_calls is not None:

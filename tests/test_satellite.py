@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import psutil
@@ -25,6 +26,15 @@ class Echo:
     async def numbers(self, n: int) -> Any:
         for i in range(n):
             yield i
+
+
+@fleet.deployment(autoscaling_config={"min_replicas": 1, "max_replicas": 2,
+                                      "target_ongoing_requests": 50,
+                                      "look_back_period_s": 30})
+class Held:
+    async def __call__(self, gate: float) -> str:
+        await asyncio.sleep(gate)
+        return "held"
 
 
 def _satellite() -> _runtime.Runtime:
@@ -82,6 +92,65 @@ def test_a_call_left_behind_by_a_closed_loop_says_so(shared_instance) -> None:
     assert done.result() == "finished"          # a finished call keeps its value
     with pytest.raises(fleet.RequestCancelledError, match="event loop that started it"):
         left.result(5)
+
+
+def test_blocking_code_on_a_running_loop_still_gets_its_result(shared_instance) -> None:
+    # a notebook cell runs on a loop and may call .result() or iterate a stream without
+    # awaiting: the call has not started on that loop, so the instance's runtime takes it
+    handle = fleet.run(Echo.bind(), name="sat-cell", route_prefix="/sat-cell")
+
+    async def cell() -> tuple[Any, list[int]]:
+        value = handle.remote("cell").result(30)
+        items = list(handle.options(method_name="numbers", stream=True).remote(3))
+        return value, items
+
+    assert asyncio.run(cell()) == ("cell", [0, 1, 2])
+
+    async def started_then_blocked() -> None:
+        response = handle.remote("x")
+        await asyncio.sleep(0.05)       # it runs on this loop now: blocking would hang it
+        with pytest.raises(RuntimeError, match="use `await response`"):
+            response.result(1)
+        assert await response == "x"
+
+    asyncio.run(started_then_blocked())
+
+
+def test_a_new_loops_first_call_sees_the_tables(shared_instance) -> None:
+    fleet.run(Echo.bind(), name="sat-first", route_prefix="/sat-first")
+
+    async def first() -> None:
+        with pytest.raises(FleetError, match="has no deployment named 'Nope'"):
+            # (made directly: get_deployment_handle would check the name itself)
+            await fleet.DeploymentHandle("Nope", "sat-first").remote(1)
+
+    asyncio.run(first())
+
+
+def test_a_gone_loops_load_leaves_the_autoscaler(shared_instance) -> None:
+    handle = fleet.run(Held.bind(), name="sat-load", route_prefix="/sat-load")
+
+    def callers() -> int:
+        dep = fleet.status()["applications"]["sat-load"]["deployments"]["Held"]
+        return int(dep["autoscaling"]["callers"])
+
+    async def hold() -> int:
+        calls = [asyncio.ensure_future(handle.remote(1.5)) for _ in range(5)]
+        deadline = time.monotonic() + 30
+        while callers() == 0:           # the satellite reported its five calls
+            assert time.monotonic() < deadline, "no load report arrived"
+            await asyncio.sleep(0.05)
+        seen = callers()
+        await asyncio.gather(*calls)
+        return seen
+
+    assert asyncio.run(hold()) == 1
+    # the loop shut down: its satellite's samples left with its connection, not after
+    # look_back_period_s (30 s)
+    deadline = time.monotonic() + 10
+    while callers() != 0:
+        assert time.monotonic() < deadline, "the gone caller's load is still counted"
+        time.sleep(0.05)
 
 
 def test_sync_callers_and_the_instance_loop_use_the_instance_runtime(shared_instance) -> None:

@@ -92,6 +92,8 @@ class Controller:
         # Every process's metrics, merged, with their history (fleet/_controller/metrics.py).
         self.metrics = Store()
         self._metric_sources: dict[int, str] = {}      # id(conn) -> its metrics source
+        # id(conn) -> the (deployment key, caller) pairs whose load it reported
+        self._load_callers: dict[int, set[tuple[str, str]]] = {}
         self._next_sample = time.monotonic()
         self.logs_dir = ""          # the instance's log directory (fleet/_logs.py)
         # the instance's logging_config: a deployment that sets none gets this one
@@ -474,6 +476,9 @@ class Controller:
             self._notify()
         elif msg["type"] == "load":
             self._on_load(msg)
+            # the caller's samples go when its connection does (a driver's loop, a proxy)
+            self._load_callers.setdefault(id(conn), set()).add(
+                (str(msg.get("key", "")), str(msg.get("caller", ""))))
         elif msg["type"] == "request_error":
             self._on_request_error(msg)
         elif msg["type"] == "health_result":
@@ -557,6 +562,13 @@ class Controller:
         source = self._metric_sources.pop(id(conn), None)
         if source is not None:
             self.metrics.drop(source)
+        for key, caller in self._load_callers.pop(id(conn), ()):
+            # a caller that is gone has no calls in flight: its samples would otherwise
+            # count for look_back_period_s (a driver's asyncio.run loops come and go)
+            app, _, dname = key.partition("#")
+            dep = self.apps[app].deployments.get(dname) if app in self.apps else None
+            if dep is not None and dep.autoscaler is not None:
+                dep.autoscaler.samples.pop(caller, None)
         tag = conn.tag
         if isinstance(tag, tuple) and tag[0] == "replica":
             found = self._find(tag[1])
