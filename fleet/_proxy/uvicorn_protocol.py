@@ -165,6 +165,13 @@ class HeadLimits:
         for conn in list(self.connections):
             if not isinstance(conn, LimitedHttpToolsProtocol):
                 continue
+            if conn.draining_body:
+                if now - conn.last_data > timeout:
+                    # the rest of a body answered early stopped arriving: the answer
+                    # went out already, so the connection just closes
+                    conn.draining_body = False
+                    conn.transport.close()
+                continue
             since = conn.head_since
             if since is not None:
                 if conn.kept_alive and not conn.head_bytes:
@@ -204,6 +211,9 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self.head_bytes = 0             # bytes received while reading it
         self.head_since: float | None = limits.now
         self.kept_alive = False         # idle after a response, not before a first request
+        # answered before its body was all read (a 404, a 503): the rest of the body is
+        # still arriving and is not the next request's head
+        self.draining_body = False
         self.last_data = limits.now
         self._refusal: tuple[int, str] | None = None
 
@@ -259,6 +269,21 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
             return
+        if self.cycle is not None and self.cycle.more_body:
+            # answered early: the next head starts once this request's body has passed
+            self.draining_body = True
+            self.in_head = False
+            self.head_since = None
+            return
+        self._next_head()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self.draining_body:          # the body answered early has all passed
+            self.draining_body = False
+            self._next_head()
+
+    def _next_head(self) -> None:
         self.in_head = True             # the next head starts now (none is parsed yet)
         self.kept_alive = True
         self.head_bytes = 0
