@@ -132,8 +132,7 @@ class DeploymentResponse:
         self._args: tuple[Any, ...] | None = None
         self._task: asyncio.Future[Any] | None = None
         self._cfut: concurrent.futures.Future[Any] | None = None
-        coro = _call_resolved(rt, call) if _has_responses(call[3], call[4]) \
-            else rt.call(*call)
+        coro = _call_coro(rt, call)
         if _on_loop(self._loop):
             self._task = self._loop.create_task(coro)
             if rt.parent is not None:
@@ -155,8 +154,7 @@ class DeploymentResponse:
         rt = self._rt = self._rt.parent
         self._loop = rt.loop
         self._task = None
-        coro = _call_resolved(rt, call) if _has_responses(call[3], call[4]) \
-            else rt.call(*call)
+        coro = _call_coro(rt, call)
         self._cfut = _crossing.submit(self._loop, coro)
         return True
 
@@ -193,7 +191,7 @@ class DeploymentResponse:
         if self._task.done() and not self._task.cancelled():
             return self._task.result()
         from fleet.exceptions import RequestCancelledError
-        app, deployment, opts = self._call[:3]
+        app, deployment, opts = self._call
         raise RequestCancelledError(
             f"the call to {deployment}.{opts.method_name} (application {app!r}) was "
             "cancelled when the event loop that started it closed; await it on that "
@@ -201,7 +199,7 @@ class DeploymentResponse:
 
     def _cancelled_error(self) -> Exception:
         from fleet.exceptions import RequestCancelledError
-        app, deployment, opts = self._call[:3]
+        app, deployment, opts = self._call
         return RequestCancelledError(f"the call to {deployment}.{opts.method_name} "
                                      f"(application {app!r}) was cancelled by its caller")
 
@@ -229,7 +227,7 @@ class DeploymentResponse:
             if fut.done():      # the call's own error: a TimeoutError since Python 3.11
                 raise
             from fleet.exceptions import RequestTimeoutError
-            app, deployment, opts = self._call[:3]
+            app, deployment, opts = self._call
             raise RequestTimeoutError(
                 f"call to {deployment}.{opts.method_name} (application {app!r}) gave no "
                 f"result within result(timeout_s={timeout_s}); it goes on running (cancel "
@@ -263,6 +261,11 @@ async def _resolve(args: tuple[Any, ...], kwargs: dict[str, Any]
     kwargs = {k: (await v._to_value() if isinstance(v, DeploymentResponse) else v)
               for k, v in kwargs.items()}
     return args, kwargs
+
+
+def _call_coro(rt: Any, call: tuple[Any, ...]) -> Any:
+    """The coroutine that makes call through rt (resolving responses passed in it)."""
+    return _call_resolved(rt, call) if _has_responses(call[3], call[4]) else rt.call(*call)
 
 
 async def _call_resolved(rt: Any, call: tuple[Any, ...]) -> Any:
