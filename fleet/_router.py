@@ -146,6 +146,21 @@ class Router:
             best.models.add(model)
         return best
 
+    def try_acquire(self, model: str | None = None) -> Slot | None:
+        """A replica with room and an open connection, taken now; None when a call
+        would have to wait (for room, a connection, a replica) or be refused: then
+        :meth:`acquire` is the way, and it says why."""
+        if self.queue:
+            return None
+        slot = self._pick() if model is None else self._pick_model(model)
+        if slot is None:
+            return None
+        ch = slot.channel
+        if ch is None or ch.closed:
+            return None
+        slot.inflight += 1
+        return slot
+
     async def acquire(self, model: str | None = None,
                       on_queue: Callable[[asyncio.Future[Slot]], None] | None = None
                       ) -> Slot:

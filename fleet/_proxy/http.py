@@ -19,10 +19,13 @@ import re
 import socket
 import sys
 import time
+import urllib.parse
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
+import httptools
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from fleet import _logs, _otel
 from fleet._context import valid_traceparent
@@ -32,10 +35,12 @@ from fleet._proxy import traffic
 from fleet._proxy.errors import ErrorReports
 from fleet._proxy.routes import RouteTable
 from fleet._proxy.startup import bind_socket, cannot_listen, proxy_failed
-from fleet._proxy.uvicorn_protocol import write_whole
+from fleet._proxy.uvicorn_protocol import whole_response, write_whole
+from fleet._router import Router, Slot
 from fleet._runtime import Runtime
 from fleet._types import ASGIApp, CallMeta, Tables
 from fleet._wire import frames
+from fleet._wire.channel import Pending
 from fleet.exceptions import BackPressureError, FleetError, client_error
 
 if TYPE_CHECKING:
@@ -63,6 +68,9 @@ _RETRY = [(b"retry-after", b"1")]
 _CLOSE = [(b"connection", b"close")]
 # Access-log lines show at most this much of a path.
 LOG_PATH_CHARS = 1000
+# The largest request body the direct path reads (uvicorn's own read buffer's high-water
+# mark: a larger body goes the ASGI way, which pauses reading while it waits).
+DIRECT_BODY_BYTES = 65536
 # How long a request waits for its reply before the proxy starts watching for the
 # client going away (a task per request otherwise: the price of cancel-on-disconnect).
 DISCONNECT_WATCH_S = 0.05
@@ -338,25 +346,25 @@ class HTTPProxy:
         path = self.local_path(scope)
         if path.startswith("/-/"):
             status = await self._builtin(path, send, rid)
-            self._log(scope, path, status, started, "-", "-", rid)
+            self._log(scope["method"], path, status, started, "-", "-", rid)
             return
         if too_large:
             # refused before reading a byte (no "100 Continue" is sent)
             await self._too_large(send, rid)
-            self._log(scope, path, 413, started, "-", "-", rid)
+            self._log(scope["method"], path, 413, started, "-", "-", rid)
             return
         if self.oip and (path == "/v2" or path.startswith("/v2/")):
             # Open Inference Protocol models answer at the root, whatever the routes.
             from fleet._oip import rest
             status = await rest.handle(self, scope, receive, send, path, rid)
-            self._log(scope, path, status, started, "oip", "-", rid)
+            self._log(scope["method"], path, status, started, "oip", "-", rid)
             return
         hit = self.routes.match(path)
         if hit is None:
             await self._respond(send, *_json(404, {
                 "error": f"no application serves path {path!r}", "request_id": rid.decode(),
                 "routes": sorted(self.routes.routes)}), rid)
-            self._log(scope, path, 404, started, "-", "-", rid)
+            self._log(scope["method"], path, 404, started, "-", "-", rid)
             return
         prefix, info = hit
         body = b""
@@ -365,13 +373,13 @@ class HTTPProxy:
         if has_body:
             if self.buffered + declared > self.max_buffered:
                 await self._no_room(send, rid)       # refused before reading a byte
-                self._log(scope, path, 503, started, app, "-", rid)
+                self._log(scope["method"], path, 503, started, app, "-", rid)
                 return
             held = [0]                  # bytes of this body counted in self.buffered
             try:
                 got = await self._read_body(receive, send, rid, held)
                 if isinstance(got, int):    # refused (413, 503) or the client left (499)
-                    self._log(scope, path, got, started, app, "-", rid)
+                    self._log(scope["method"], path, got, started, app, "-", rid)
                     return
                 body = got
                 app, ingress = traffic.route_http(self.runtime, prefix, app, ingress, method,
@@ -391,22 +399,137 @@ class HTTPProxy:
             while status == _AGAIN:     # the replica refused it before starting: again
                 status, replica = await self._forward(app, ingress, method, sub, body,
                                                       receive, send, rid, meta)
-        self._log(scope, path, status, started, app, replica, rid, prefix)
+        self._log(scope["method"], path, status, started, app, replica, rid, prefix)
 
-    def _log(self, scope: dict[str, Any], path: str, status: int, started: float, app: str,
+    def start_direct(self, conn: Any) -> bool:
+        """Start the request whose head conn (the HTTP protocol) has just parsed on the
+        direct path, if it is the common case: no body, no traffic policy, no timeout,
+        a route whose replica has room on an open connection. The call is sent here,
+        in the parser's callback, and its answer written in the connection's reading
+        callback (:class:`_Direct`): no ASGI scope, cycle, task or coroutine per request.
+        False (nothing done) otherwise: the request goes the ASGI way."""
+        started = time.perf_counter()
+        parser = conn.parser
+        verb = parser.get_method()
+        if verb == b"HEAD" or verb == b"CONNECT":
+            return False
+        method = "__call__"
+        rid = None
+        meta = _HTTP_META
+        trace = None
+        method_header = self.method_header
+        headers = conn.headers
+        declared = 0
+        for name, value in headers:
+            if name == _LENGTH_HEADER:
+                if value != b"0":
+                    if not value.isdigit():
+                        return False
+                    declared = int(value)
+            elif name == method_header:
+                method = value.decode("latin-1")
+            elif name == _CHUNKED_HEADER:
+                return False
+            elif name in _MODEL_HEADERS and value:
+                meta = {"http": 1, "model": value.decode("latin-1")}
+            elif name == _ID_HEADER and _valid_id(value):
+                rid = value
+            elif name == _TRACE_HEADER:
+                trace = value
+        if declared and (declared > DIRECT_BODY_BYTES or declared > self.max_body
+                         or self.buffered + declared > self.max_buffered):
+            return False
+        tables = self.runtime.tables
+        if tables is None or tables["traffic"]:
+            return False
+        limit = conn.limit_concurrency
+        if limit is not None and len(conn.connections) >= limit:
+            return False
+        try:
+            url = httptools.parse_url(conn.url)
+            raw_path = url.path
+            full = raw_path.decode("ascii")
+        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+            return False                # uvicorn's own handling says what is wrong
+        if "%" in full:
+            full = urllib.parse.unquote(full)
+        path = full
+        root = self.root_path
+        if root and (path == root or path.startswith(root + "/")):
+            path = path[len(root):] or "/"
+        if path.startswith("/-/") or self.oip and (path == "/v2" or path.startswith("/v2/")):
+            return False
+        hit = self.routes.match(path)
+        if hit is None:
+            return False
+        prefix, info = hit
+        app, ingress = info["app"], info["ingress"]
+        router = self.runtime.router(app, ingress)
+        if not router.known:
+            return False
+        # from here on the request is the direct path's
+        if rid is None:
+            rid = self.new_id()
+        if meta is _HTTP_META:
+            meta = {"http": 1, "rid": rid}
+        else:
+            meta["rid"] = rid
+        if trace is not None:
+            tp = trace.decode("latin-1").strip().lower()
+            if valid_traceparent(tp):
+                meta["tp"] = tp
+        version = parser.get_http_version()
+        verb_text = verb.decode("ascii")
+        sub = {"type": "http", "http_version": version, "method": verb_text,
+               "scheme": conn.scheme, "path": (root + path) if root else full,
+               "raw_path": raw_path, "query_string": url.query or b"", "headers": headers,
+               "client": conn.client, "server": conn.server,
+               "root_path": root + prefix if prefix != "/" else root}
+        d = _Direct(self, conn, router, rid, started, verb_text, full, path, app, ingress,
+                    prefix, method, sub, meta, version != "1.0" and parser.should_keep_alive())
+        if declared:
+            # the body is read into memory: held like the ASGI way's, reserved whole now
+            self.buffered += declared
+            d.held = declared
+            d.more_body = True
+        conn.direct_req = conn.cycle = d
+        return True
+
+    async def _resume(self, d: _Direct, receive: Any, send: Any,
+                      first: tuple[int, Any] | None) -> None:
+        """The rest of a direct request that needs the ASGI way: a call that could not
+        start at once (first None), or an answer that is not a whole plain one (a
+        stream, an error, a refusal to send again, a response with special headers)."""
+        body = d.body
+        try:
+            if first is None or d.pending is None or d.slot is None:
+                status, replica = await self._forward(d.app, d.ingress, d.method, d.sub,
+                                                      body, receive, send, d.rid, d.meta)
+            else:
+                status, replica = await self._relay(d.app, d.ingress, d.router, d.slot,
+                                                    d.pending, receive, send, d.rid,
+                                                    d.deadline, None, first)
+            while status == _AGAIN:
+                status, replica = await self._forward(d.app, d.ingress, d.method, d.sub,
+                                                      body, receive, send, d.rid, d.meta)
+        finally:
+            d.unhold()
+        self._log(d.verb, d.path, status, d.started, d.app, replica, d.rid, d.prefix)
+
+    def _log(self, method: str, path: str, status: int, started: float, app: str,
              replica: str, rid: bytes, route: str = "") -> None:
         """The access log's line and the metrics of one response, whatever answered it."""
         hist = self.hist
         if hist is not None:
             elapsed = time.perf_counter() - started
-            key = (app, route, scope["method"], status)
+            key = (app, route, method, status)
             cells = hist.series.get(key) or hist.cells(key)
             cells[bisect_left(TIME_BUCKETS, elapsed)] += 1
             cells[-1] += elapsed
         if self.access is not None:
             if len(path) > LOG_PATH_CHARS or not path.isprintable():
                 path = _log_path(path)
-            self.access.add(scope["method"], path, status,
+            self.access.add(method, path, status,
                             (time.perf_counter() - started) * 1000, app, replica, rid)
 
     def log_refusal(self, status: int, method: str, target: str) -> bytes:
@@ -488,13 +611,26 @@ class HTTPProxy:
             raise
         except FleetError as exc:
             return await self._error(exc, app, ingress, "-", send, rid)
+        return await self._relay(app, ingress, router, slot, pending, receive, send, rid,
+                                 deadline, watch)
+
+    async def _relay(self, app: str, ingress: str, router: Router, slot: Slot,
+                     pending: Pending, receive: Any, send: Any, rid: bytes,
+                     deadline: float | None, watch: _DisconnectWatch | None,
+                     first: tuple[int, Any] | None = None) -> tuple[int, str]:
+        """Relay a started call's answer to the client (first: its first item, taken
+        already); the status and the replica, or _AGAIN when it must be sent again."""
+        loop = self.runtime.loop
         status = 500
         started = False                 # a streamed response's head went out
         try:
             chunks = pending.chunks
             assert chunks is not None
             while True:
-                if not chunks:
+                if first is not None:
+                    kind, value = first
+                    first = None
+                elif not chunks:
                     waiter = pending.arm()
                     if watch is None:
                         watch = _DisconnectWatch(loop, receive)
@@ -507,7 +643,9 @@ class HTTPProxy:
                     if not chunks:
                         pending.cancel()        # the client went away
                         return 499, slot.replica_id
-                kind, value = pending.pop()      # credits the replica's window
+                    kind, value = pending.pop()  # credits the replica's window
+                else:
+                    kind, value = pending.pop()
                 if kind == frames.OK:
                     if not started:             # a whole response in one frame
                         status, headers, data = value
@@ -537,7 +675,7 @@ class HTTPProxy:
                         return 499, slot.replica_id
                     continue
                 # an error from the replica
-                if not started and runtime.retry_elsewhere(router, slot, value):
+                if not started and self.runtime.retry_elsewhere(router, slot, value):
                     return _AGAIN, slot.replica_id
                 if started:
                     raise value            # mid-stream: nothing sane to send; drop the connection
@@ -611,6 +749,204 @@ class HTTPProxy:
                 out.setdefault(app, f"deployment {dep!r} is {table['status']}"
                                + (f": {table['message']}" if table.get("message") else ""))
         return out
+
+
+class _Direct:
+    """A request on the proxy's direct path (:meth:`HTTPProxy.start_direct`), from its
+    head to the response written. It stands in for uvicorn's request cycle on the
+    connection (``conn.cycle``) while it is in flight, with the attributes uvicorn and
+    the head limits read there. Its body (at most DIRECT_BODY_BYTES) arrives through
+    :meth:`body_part`; at :meth:`complete` the call goes to a replica with room and an
+    open connection, and :meth:`reply` runs in that connection's reading callback: a
+    whole plain answer is written at once. Anything else (no replica free now, a stream,
+    an error) turns the request into an ASGI cycle and task that goes on as the ASGI
+    way would (:meth:`promote`)."""
+
+    __slots__ = ("proxy", "conn", "router", "slot", "pending", "rid", "started", "verb",
+                 "full_path", "path", "app", "ingress", "prefix", "method", "sub", "meta",
+                 "keep_alive", "response_complete", "more_body", "disconnected", "cycle",
+                 "parts", "held", "deadline", "timer")
+
+    def __init__(self, proxy: HTTPProxy, conn: Any, router: Router, rid: bytes,
+                 started: float, verb: str, full_path: str, path: str, app: str,
+                 ingress: str, prefix: str, method: str, sub: dict[str, Any], meta: CallMeta,
+                 keep_alive: bool) -> None:
+        self.proxy = proxy
+        self.conn = conn
+        self.router = router
+        self.slot: Slot | None = None
+        self.pending: Pending | None = None
+        self.rid = rid
+        self.started = started
+        self.verb = verb
+        self.full_path = full_path
+        self.path = path
+        self.app = app
+        self.ingress = ingress
+        self.prefix = prefix
+        self.method = method
+        self.sub = sub
+        self.meta = meta
+        self.keep_alive = keep_alive    # uvicorn's shutdown() may turn it off
+        self.response_complete = False
+        self.more_body = False          # the body is still arriving (the head sweep reads it)
+        self.disconnected = False
+        self.cycle: RequestResponseCycle | None = None   # once promoted
+        self.parts: list[bytes] = []
+        self.held = 0                   # bytes counted in the proxy's buffered
+        self.deadline: float | None = None      # request_timeout_s, from the call's start
+        self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def body(self) -> bytes:
+        parts = self.parts
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def unhold(self) -> None:
+        if self.held:
+            self.proxy.buffered -= self.held
+            self.held = 0
+
+    def body_part(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def complete(self) -> None:
+        """The whole request is in: send the call if a replica has room now."""
+        self.more_body = False
+        slot = self.router.try_acquire(self.meta.get("model"))
+        if slot is None:
+            self.promote(None)          # wait for one (or be refused) the ASGI way
+            return
+        channel = slot.channel
+        assert channel is not None
+        try:
+            pending = channel.call(self.method, ((self.sub, self.body),), {}, self.meta,
+                                   True)
+        except Exception:
+            self.router.release(slot)
+            self.promote(None)
+            return
+        self.slot = slot
+        self.pending = pending
+        pending.notify = self.reply
+        timeout = self.proxy.timeout
+        if timeout:
+            loop = self.proxy.runtime.loop
+            self.deadline = deadline = loop.time() + timeout
+            self.timer = loop.call_at(deadline, self._expire)
+
+    def reply(self) -> None:
+        pending = self.pending
+        assert pending is not None
+        pending.notify = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        kind, value = pending.pop()
+        if kind == frames.OK and not self.conn.flow.write_paused:
+            status, headers, body = value
+            if self._answer(status, headers, body):
+                return
+        self.promote((kind, value))
+
+    def _answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """Write a whole response if it is the plain case, and end the request."""
+        conn = self.conn
+        if conn.direct_req is not self:
+            return False
+        data = whole_response(status, _with_id(headers, self.rid), body,
+                              conn.server_state.default_headers, self.keep_alive)
+        if data is None:
+            return False
+        slot = self.slot
+        assert slot is not None
+        self.router.release(slot)
+        self.unhold()
+        self.response_complete = True
+        conn.direct_req = None
+        transport = conn.transport
+        transport.write(data)
+        if not self.keep_alive:
+            transport.close()
+        self.proxy._log(self.verb, self.path, status, self.started, self.app,
+                        slot.replica_id, self.rid, self.prefix)
+        conn.on_response_complete()
+        return True
+
+    def _expire(self) -> None:
+        # request_timeout_s passed with no answer: cancel the call, answer 504
+        self.timer = None
+        pending = self.pending
+        if self.response_complete or self.cycle is not None or pending is None:
+            return
+        pending.notify = None
+        pending.cancel()
+        status, headers, body = _json(504, {
+            "error": f"the request took longer than request_timeout_s={self.proxy.timeout} "
+                     "and was cancelled", "request_id": self.rid.decode()})
+        headers.append((_LENGTH_HEADER, b"%d" % len(body)))
+        if not self._answer(status, headers, body):
+            self.promote(None)          # (not reached: a 504 is always the plain case)
+
+    def promote(self, first: tuple[int, Any] | None) -> None:
+        """Go on as an ASGI request: a cycle of uvicorn's on the connection and a task
+        running the rest of HTTPProxy's handling (first: the answer's first item, taken
+        already; None when the call was not sent)."""
+        conn = self.conn
+        scope = conn.asgi_scope()
+        sub = self.sub
+        scope.update(method=self.verb, http_version=sub["http_version"], path=self.full_path,
+                     raw_path=sub["raw_path"], query_string=sub["query_string"],
+                     headers=sub["headers"])
+        cycle = RequestResponseCycle(
+            scope=scope, transport=conn.transport, flow=conn.flow, logger=conn.logger,
+            access_logger=conn.access_logger, access_log=conn.access_log,
+            default_headers=conn.server_state.default_headers,
+            message_event=asyncio.Event(), expect_100_continue=False,
+            keep_alive=self.keep_alive, on_response=self._finished)
+        cycle.more_body = False
+        self.cycle = cycle
+        if conn.cycle is self:
+            conn.cycle = cycle
+        proxy = self.proxy
+
+        def rest(_scope: Any, receive: Any, send: Any) -> Any:
+            return proxy._resume(self, receive, send, first)
+
+        task = proxy.runtime.loop.create_task(cycle.run_asgi(rest))
+        task.add_done_callback(conn.tasks.discard)
+        conn.tasks.add(task)
+
+    def _finished(self) -> None:
+        conn = self.conn
+        if conn.direct_req is self:
+            conn.direct_req = None
+        conn.on_response_complete()
+
+    def lost(self) -> None:
+        """The client's connection closed."""
+        cycle = self.cycle
+        if cycle is not None:           # promoted: the ASGI way's disconnect handling
+            if not cycle.response_complete:
+                cycle.disconnected = True
+            cycle.message_event.set()
+            return
+        if self.response_complete:
+            return
+        self.response_complete = True
+        self.unhold()
+        replica = "-"
+        pending = self.pending
+        if pending is not None and self.slot is not None:
+            pending.notify = None
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            pending.cancel()
+            self.router.release(self.slot)
+            replica = self.slot.replica_id
+        self.proxy._log(self.verb, self.path, 499, self.started, self.app, replica,
+                        self.rid, self.prefix)
 
 
 class _DisconnectWatch:
@@ -810,9 +1146,11 @@ async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event
     # uvicorn's limit_concurrency counts the connection asking too: one more lets
     # max_connections connections in, and answers a request on the next with 503 and
     # closes it
+    # the direct path is the proxy's own request handling, so only when nothing wraps it
+    direct = proxy if app == proxy.http else None
     config = uvicorn.Config(app, loop="none", interface="asgi3",
                             http=functools.partial(  # type: ignore[arg-type]
-                                LimitedHttpToolsProtocol, limits=limits),
+                                LimitedHttpToolsProtocol, limits=limits, direct=direct),
                             ws="websockets-sansio", lifespan="off", access_log=False,
                             log_level="warning",
                             timeout_keep_alive=options.keep_alive_timeout_s,  # type: ignore[arg-type]

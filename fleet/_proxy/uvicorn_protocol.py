@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import (
@@ -82,38 +82,52 @@ _HEADER_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _SPECIAL = frozenset((b"connection", b"transfer-encoding"))
 
 
-def write_whole(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes
-                ) -> bool:
-    """Answer a request with one whole response: head and body in one write, as the two
-    ASGI messages through uvicorn's ``send`` would be, without building them. Only for
-    the plain case (send is uvicorn's own, the response not started, a content-length
-    that matches the body, a status that has a body, no method HEAD, nothing to
-    validate twice); False otherwise, and the caller sends the messages instead."""
-    cycle = getattr(send, "__self__", None)
-    if type(cycle) is not RequestResponseCycle or cycle.response_started \
-            or cycle.disconnected or cycle.flow.write_paused or cycle.access_log \
-            or status < 200 or status in (204, 304) or status not in STATUS_LINE \
-            or cycle.scope["method"] == "HEAD":
-        return False
+def whole_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                   default_headers: list[tuple[bytes, bytes]], keep_alive: bool
+                   ) -> bytes | None:
+    """The bytes of one whole response, head and body, as uvicorn's ``send`` would write
+    them for its two ASGI messages; None unless it is the plain case (a content-length
+    that matches the body, a status that has a body, no header that changes framing or
+    closing, names and values uvicorn would accept): then the caller goes the ASGI way."""
+    if status < 200 or status in (204, 304) or status not in STATUS_LINE:
+        return None
     content = [STATUS_LINE[status]]
     length = None
-    for name, value in (*cycle.default_headers, *headers):
+    for name, value in (*default_headers, *headers):
         name = name.lower()
         if name == b"content-length":
             length = value
         elif name in _SPECIAL:
-            return False
+            return None
         content += (name, b": ", value, b"\r\n")
     if length is None or not length.isdigit() or int(length) != len(body) \
             or _HEADER_NAME.search(b"".join([n for n, _ in headers])) \
             or _HEADER_VALUE.search(b"".join([v for _, v in headers])):
-        return False
-    if not cycle.keep_alive:
+        return None
+    if not keep_alive:
         content.append(b"connection: close\r\n")
     content += (b"\r\n", body)
+    return b"".join(content)
+
+
+def write_whole(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+                ) -> bool:
+    """Answer a request with one whole response: head and body in one write, as the two
+    ASGI messages through uvicorn's ``send`` would be, without building them. Only for
+    the plain case (send is uvicorn's own, the response not started, no method HEAD,
+    and :func:`whole_response`'s); False otherwise, and the caller sends the messages
+    instead."""
+    cycle = getattr(send, "__self__", None)
+    if type(cycle) is not RequestResponseCycle or cycle.response_started \
+            or cycle.disconnected or cycle.flow.write_paused or cycle.access_log \
+            or cycle.scope["method"] == "HEAD":
+        return False
+    data = whole_response(status, headers, body, cycle.default_headers, cycle.keep_alive)
+    if data is None:
+        return False
     cycle.response_started = cycle.response_complete = True
     cycle.waiting_for_100_continue = False
-    cycle.transport.write(b"".join(content))
+    cycle.transport.write(data)
     cycle.message_event.set()
     if not cycle.keep_alive:
         cycle.transport.close()
@@ -199,9 +213,14 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     ``header_timeout_s`` of the connection's opening or its previous response; each
     closes the connection."""
 
-    def __init__(self, *args: Any, limits: HeadLimits, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: HeadLimits, direct: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        # the proxy's direct path (HTTPProxy.start_direct), or None: requests it takes
+        # get no ASGI scope, cycle or task (see docs/architecture.md)
+        self.direct = direct
+        self.direct_req: Any = None     # the direct request in flight, if any
         # uvicorn's X-Forwarded-* handling for requests that carry such headers only:
         # for the others it is a layer of work per request that changes nothing
         self.forwarding_app = self.direct_app = self.app
@@ -233,6 +252,22 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
                 self.refuse(431, f"the request head exceeds max_header_bytes="
                                  f"{self.limits.max_head}")
 
+    def on_message_begin(self) -> None:
+        # uvicorn's, less the scope: built in on_headers_complete for requests that go
+        # the ASGI way
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self.scope = None  # type: ignore[assignment]
+
+    def asgi_scope(self) -> dict[str, Any]:
+        """The start of the request's ASGI scope, as uvicorn's on_message_begin makes it
+        (on_headers_complete adds the method, path and query)."""
+        return {"type": "http", "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+                "http_version": "1.1", "server": self.server, "client": self.client,
+                "scheme": self.scheme, "root_path": self.root_path, "headers": self.headers,
+                "state": self.app_state.copy()}
+
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_since = None
@@ -254,6 +289,13 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             if size > limits.max_head:
                 self._refuse_in_parser(431, "the request head exceeds max_header_bytes="
                                             f"{limits.max_head}")
+        if self.direct is not None and self.app is self.direct_app \
+                and self.direct_req is None and not self.pipeline \
+                and (self.cycle is None or self.cycle.response_complete) \
+                and not self.expect_100_continue and not self.parser.should_upgrade() \
+                and self.direct.start_direct(self):
+            return
+        self.scope = self.asgi_scope()  # type: ignore[assignment]
         super().on_headers_complete()
 
     def _unset_keepalive_if_required(self) -> None:
@@ -277,11 +319,31 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
             return
         self._next_head()
 
+    def on_body(self, body: bytes) -> None:
+        d: Any = self.direct_req
+        if d is not None and d is self.cycle:
+            cast(Any, d).body_part(body)
+        else:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        d: Any = self.direct_req
+        if d is not None and d is self.cycle:
+            cast(Any, d).complete()
+        else:
+            super().on_message_complete()
         if self.draining_body:          # the body answered early has all passed
             self.draining_body = False
             self._next_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        d: Any = self.direct_req
+        if d is not None:
+            self.direct_req = None
+            if self.cycle is d:
+                self.cycle = None  # type: ignore[assignment]
+            d.lost()
+        super().connection_lost(exc)
 
     def _next_head(self) -> None:
         self.in_head = True             # the next head starts now (none is parsed yet)

@@ -160,7 +160,7 @@ class Pending:
     the running call under the window the replica opens as it reads them."""
 
     __slots__ = ("future", "chunks", "waiter", "done", "channel", "call_id", "loop",
-                 "credits", "out")
+                 "credits", "out", "notify")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, stream: bool,
                  channel: Channel, call_id: int) -> None:
@@ -173,11 +173,18 @@ class Pending:
         self.call_id = call_id
         self.credits: Credits | None = Credits() if stream else None
         self.out: Window | None = None
+        # called (in the reading callback, no task woken) when a streamed item arrives:
+        # for a caller that reacts without a coroutine of its own (the HTTP proxy's
+        # direct path); it is called again for each item until it unsets itself
+        self.notify: Callable[[], None] | None = None
 
     def _wake(self) -> None:
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
+        notify = self.notify
+        if notify is not None:
+            notify()
 
     def deliver(self, kind: int, value: Any, size: int = 0) -> None:
         if self.chunks is None:
