@@ -97,3 +97,19 @@ def test_the_management_server_loads_no_http_client() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_the_http_proxy_loads_the_websocket_library_at_the_first_upgrade_only() -> None:
+    code = ("import sys, uvicorn\n"
+            "from fleet._proxy.http import _WebSocketProtocol\n"
+            "async def app(scope, receive, send): pass\n"
+            "config = uvicorn.Config(app, ws=_WebSocketProtocol, lifespan='off')\n"
+            "config.load()\n"
+            "assert 'websockets' not in sys.modules\n"
+            "from uvicorn.server import ServerState\n"
+            "protocol = config.ws_protocol_class(config=config, server_state=ServerState(),\n"
+            "                                    app_state={}, _loop=None)\n"
+            "print(type(protocol).__name__, 'websockets' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split() == ["WebSocketsSansIOProtocol", "True"], out.stderr

@@ -48,6 +48,14 @@ class _CoalescingTransport:
             self._scheduled = True
             self._loop.call_soon(self._flush)
 
+    def write_now(self, data: bytes) -> None:
+        """Write at once when nothing is waiting to be joined (a response answered
+        outside the loop iteration that read its request is alone in its write)."""
+        if self._buffer:
+            self.write(data)
+        elif not self._transport.is_closing():
+            self._transport.write(data)
+
     def _flush(self) -> None:
         self._scheduled = False
         buffer = self._buffer
