@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -28,6 +31,21 @@ def wait_for(cond: Callable[[], T], timeout_s: float = 15.0, what: str = "") -> 
             return value
         time.sleep(0.02)
     raise AssertionError(f"condition not met in {timeout_s:g} s: {what or cond}")
+
+
+@contextlib.contextmanager
+def stderr_into(path: Path) -> Iterator[None]:
+    """Point fd 2 at path while an instance starts: its processes inherit it and log
+    there."""
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(fd)
+        os.close(saved)
 
 
 def replicas(app: str, deployment: str) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from helpers import wait_for
+from helpers import stderr_into, wait_for
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from uvicorn.server import ServerState
@@ -199,6 +199,15 @@ class Shapes:
                     marker.write_text("CancelledError")
                     raise
             return StreamingResponse(slow())
+        if path.endswith("/bad_header"):
+            response = Response(b"ok")
+            response.raw_headers.append((b"x-n", 5))     # type: ignore[arg-type]
+            return response
+        if path.endswith("/close"):
+            return Response(b"bye", headers={"connection": "close"})
+        if path.endswith("/sleep"):
+            await asyncio.sleep(0.5)
+            return "slept"
         if path.endswith("/hang"):
             marker = Path(request.query_params["marker"])
             marker.with_suffix(".started").write_text("")
@@ -217,14 +226,23 @@ TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
-def port() -> Iterator[int]:
+def instance(tmp_path_factory) -> Iterator[tuple[int, Path]]:
+    """The module's instance: its HTTP port, and the file its processes log to."""
+    log = tmp_path_factory.mktemp("direct") / "stderr.log"
     fleet.shutdown()
-    fleet.start(http_options={"port": 0, "request_timeout_s": TIMEOUT_S})
+    with stderr_into(log):
+        fleet.start(http_options={"host": "127.0.0.1", "port": 0,
+                                  "request_timeout_s": TIMEOUT_S})
     try:
         fleet.run(Shapes.bind(), name="shapes", route_prefix="/shapes")
-        yield fleet.status()["proxies"]["http"]["port"]
+        yield fleet.status()["proxies"]["http"]["port"], log
     finally:
         fleet.shutdown()
+
+
+@pytest.fixture(scope="module")
+def port(instance) -> int:
+    return int(instance[0])
 
 
 class _Client:
@@ -256,6 +274,7 @@ class _Client:
         while b"\r\n\r\n" not in self.buf:
             self._fill()
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        self.head = head
         lines = head.decode("latin-1").split("\r\n")
         headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
         if headers.get("transfer-encoding") == "chunked":
@@ -317,6 +336,43 @@ def test_answers_that_are_not_plain_keep_the_connection_usable(client):
         else:
             assert b"request_id" in got and headers["content-type"] == "application/json"
         assert headers.get("connection") != "close"
+        assert client.head.lower().count(b"\r\nx-request-id: ") == 1, client.head
+
+
+def test_an_answer_the_proxy_cannot_write_is_a_500_and_spares_the_replica_connection(port):
+    # a header value that is not bytes: the ASGI way's 500, and the other request in
+    # flight on the same replica connection is answered
+    other, bad = _Client(port), _Client(port)
+    try:
+        _warm(other)
+        other.sock.sendall(b"GET /shapes/sleep HTTP/1.1\r\nhost: x\r\n\r\n")
+        bad.sock.sendall(b"GET /shapes/bad_header HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert bad.response()[0] == 500
+        assert other.response()[:3:2] == (200, b"slept")
+    finally:
+        other.close()
+        bad.close()
+
+
+def test_closing_after_direct_answers_logs_no_error(instance):
+    port, log = instance
+    for request in (b"GET /shapes/one HTTP/1.0\r\n\r\n",
+                    b"GET /shapes/close HTTP/1.1\r\nhost: x\r\n\r\n",
+                    b"GET /shapes/kept HTTP/1.1\r\nhost: x\r\n\r\n"):
+        c = _Client(port)
+        c.sock.sendall(request)
+        assert c.response()[0] == 200
+        c.close()                       # by the server first, or by the client
+    c = _Client(port)
+    try:
+        for i in range(3):              # later requests' lines: the closes were handled
+            c.sock.sendall(f"GET /shapes/marker{i} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+            assert c.response()[0] == 200
+    finally:
+        c.close()
+    wait_for(lambda: "/shapes/marker2 200" in log.read_text(), what="the access-log line")
+    text = log.read_text()     # (the replica's own tracebacks of the other tests' errors)
+    assert "Exception in callback" not in text and "AttributeError" not in text, text[-3000:]
 
 
 def test_http_1_0_gets_its_answer_and_a_close(client):

@@ -4,8 +4,6 @@ log and the 500 error log, each against a proxy whose stderr the test reads."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import re
 import socket
 import time
@@ -15,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import start_instance
+from helpers import stderr_into
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -72,20 +71,6 @@ class Tag:
         if scope["type"] == "http":
             scope = {**scope, "headers": [*scope["headers"], (b"x-chain", self.name)]}
         await self.app(scope, receive, send)
-
-
-@contextlib.contextmanager
-def stderr_into(path: Path) -> Iterator[None]:
-    """Point fd 2 at path while the proxy starts: it inherits it and logs there."""
-    saved = os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.dup2(fd, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(fd)
-        os.close(saved)
 
 
 # request_timeout_s of the module's proxy: every request of these tests goes through it,

@@ -443,8 +443,8 @@ class HTTPProxy:
         if tables is None or tables["traffic"]:
             return False
         limit = conn.limit_concurrency
-        if limit is not None and len(conn.connections) >= limit:
-            return False
+        if limit is not None and (len(conn.connections) >= limit or len(conn.tasks) >= limit):
+            return False                # uvicorn's 503 for max_connections
         try:
             url = httptools.parse_url(conn.url)
             raw_path = url.path
@@ -501,20 +501,23 @@ class HTTPProxy:
         start at once (first None), or an answer that is not a whole plain one (a
         stream, an error, a refusal to send again, a response with special headers)."""
         body = d.body
+        app, ingress = d.app, d.ingress
         try:
             if first is None or d.pending is None or d.slot is None:
-                status, replica = await self._forward(d.app, d.ingress, d.method, d.sub,
+                app, ingress = traffic.route_http(self.runtime, d.prefix, app, ingress,
+                                                  d.method, d.sub, body)
+                status, replica = await self._forward(app, ingress, d.method, d.sub,
                                                       body, receive, send, d.rid, d.meta)
             else:
                 status, replica = await self._relay(d.app, d.ingress, d.router, d.slot,
                                                     d.pending, receive, send, d.rid,
                                                     d.deadline, None, first)
             while status == _AGAIN:
-                status, replica = await self._forward(d.app, d.ingress, d.method, d.sub,
+                status, replica = await self._forward(app, ingress, d.method, d.sub,
                                                       body, receive, send, d.rid, d.meta)
         finally:
             d.unhold()
-        self._log(d.verb, d.path, status, d.started, d.app, replica, d.rid, d.prefix)
+        self._log(d.verb, d.path, status, d.started, app, replica, d.rid, d.prefix)
 
     def _log(self, method: str, path: str, status: int, started: float, app: str,
              replica: str, rid: bytes, route: str = "") -> None:
@@ -813,9 +816,14 @@ class _Direct:
     def complete(self) -> None:
         """The whole request is in: send the call if a replica has room now."""
         self.more_body = False
-        slot = self.router.try_acquire(self.meta.get("model"))
+        tables = self.proxy.runtime.tables
+        slot = None
+        if tables is not None and not tables["traffic"]:
+            slot = self.router.try_acquire(self.meta.get("model"))
         if slot is None:
-            self.promote(None)          # wait for one (or be refused) the ASGI way
+            # wait for one (or be refused) the ASGI way; a traffic policy that came
+            # while the body arrived applies there
+            self.promote(None)
             return
         channel = slot.channel
         assert channel is not None
@@ -836,25 +844,55 @@ class _Direct:
             self.timer = loop.call_at(deadline, self._expire)
 
     def reply(self) -> None:
+        """The answer's first item arrived (in the replica connection's reading callback,
+        which must not see an exception: it would take the connection down)."""
         pending = self.pending
         assert pending is not None
         pending.notify = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        kind, value = pending.pop()
-        if kind == frames.OK and not self.conn.flow.write_paused:
-            status, headers, body = value
-            if self._answer(status, headers, body):
-                return
-        self.promote((kind, value))
+        try:
+            kind, value = pending.pop()
+        except Exception:               # (not expected: the item is there)
+            log.exception("the proxy's direct path failed to read an answer")
+            self._abort()
+            return
+        try:
+            if kind == frames.OK and not self.conn.flow.write_paused:
+                status, headers, body = value
+                if self._answer(status, headers, body):
+                    return
+        except Exception:
+            pass        # a malformed answer (a header that is not bytes): the ASGI way's 500
+        try:
+            self.promote((kind, value))
+        except Exception:
+            log.exception("the proxy's direct path failed to hand a request on")
+            self._abort()
+
+    def _abort(self) -> None:
+        """End a request that cannot be answered: its connection closes (as uvicorn
+        closes one whose app failed after starting its response)."""
+        if self.response_complete:
+            return
+        self.response_complete = True
+        self.unhold()
+        if self.slot is not None:
+            self.router.release(self.slot)
+        conn = self.conn
+        if conn.direct_req is self:
+            conn.direct_req = None
+        if conn.cycle is self:
+            conn.cycle = None
+        conn.transport.close()
 
     def _answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
         """Write a whole response if it is the plain case, and end the request."""
         conn = self.conn
         if conn.direct_req is not self:
             return False
-        data = whole_response(status, _with_id(headers, self.rid), body,
+        data = whole_response(status, [*headers, (_ID_HEADER, self.rid)], body,
                               conn.server_state.default_headers, self.keep_alive)
         if data is None:
             return False
@@ -864,6 +902,8 @@ class _Direct:
         self.unhold()
         self.response_complete = True
         conn.direct_req = None
+        if conn.cycle is self:
+            conn.cycle = None           # nothing of this request stays on the connection
         transport = conn.transport
         if self.keep_alive:
             transport.write_now(data)   # nothing of the connection's waits to go before it
@@ -917,7 +957,11 @@ class _Direct:
 
         task = proxy.runtime.loop.create_task(cycle.run_asgi(rest))
         task.add_done_callback(conn.tasks.discard)
+        task.add_done_callback(self._unhold_after)   # (also if cancelled before it ran)
         conn.tasks.add(task)
+
+    def _unhold_after(self, _task: asyncio.Task[Any]) -> None:
+        self.unhold()
 
     def _finished(self) -> None:
         conn = self.conn
@@ -938,8 +982,10 @@ class _Direct:
         self.response_complete = True
         self.unhold()
         replica = "-"
-        pending = self.pending
+        route = ""                      # left while its body arrived: no route, as the
+        pending = self.pending          # ASGI way counts it
         if pending is not None and self.slot is not None:
+            route = self.prefix
             pending.notify = None
             if self.timer is not None:
                 self.timer.cancel()
@@ -948,7 +994,7 @@ class _Direct:
             self.router.release(self.slot)
             replica = self.slot.replica_id
         self.proxy._log(self.verb, self.path, 499, self.started, self.app, replica,
-                        self.rid, self.prefix)
+                        self.rid, route)
 
 
 class _DisconnectWatch:
