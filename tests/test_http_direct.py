@@ -101,6 +101,7 @@ class _Direct:
 @pytest.fixture
 def offered() -> Iterator[tuple[Any, _Direct, list[str], _Transport]]:
     loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)        # (a websocket upgrade's protocol looks it up)
     asgi: list[str] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -122,6 +123,7 @@ def offered() -> Iterator[tuple[Any, _Direct, list[str], _Transport]]:
     finally:
         conn.connection_lost(None)
         loop.run_until_complete(asyncio.sleep(0))
+        asyncio.set_event_loop(None)
         loop.close()
 
 
