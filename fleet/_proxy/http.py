@@ -488,10 +488,7 @@ class HTTPProxy:
         d = _Direct(self, conn, router, rid, started, verb_text, full, path, app, ingress,
                     prefix, method, sub, meta, version != "1.0" and parser.should_keep_alive())
         if declared:
-            # the body is read into memory: held like the ASGI way's, reserved whole now
-            self.buffered += declared
-            d.held = declared
-            d.more_body = True
+            d.more_body = True          # (counted in buffered as it arrives)
         conn.direct_req = conn.cycle = d
         return True
 
@@ -768,7 +765,7 @@ class _Direct:
     __slots__ = ("proxy", "conn", "router", "slot", "pending", "rid", "started", "verb",
                  "full_path", "path", "app", "ingress", "prefix", "method", "sub", "meta",
                  "keep_alive", "response_complete", "more_body", "disconnected", "cycle",
-                 "parts", "held", "deadline", "timer")
+                 "parts", "held", "deadline", "timer", "reading")
 
     def __init__(self, proxy: HTTPProxy, conn: Any, router: Router, rid: bytes,
                  started: float, verb: str, full_path: str, path: str, app: str,
@@ -799,6 +796,7 @@ class _Direct:
         self.held = 0                   # bytes counted in the proxy's buffered
         self.deadline: float | None = None      # request_timeout_s, from the call's start
         self.timer: asyncio.TimerHandle | None = None
+        self.reading = True             # until the request's end was parsed
 
     @property
     def body(self) -> bytes:
@@ -811,11 +809,40 @@ class _Direct:
             self.held = 0
 
     def body_part(self, data: bytes) -> None:
+        proxy = self.proxy
+        size = len(data)
+        if proxy.buffered + size > proxy.max_buffered:
+            self._no_room()
+            return
+        proxy.buffered += size
+        self.held += size
         self.parts.append(data)
+
+    def _no_room(self) -> None:
+        # the ASGI way's answer when the proxy holds max_buffered_body_bytes already: 503
+        # and close (the rest of the body is not read); the connection keeps this request
+        # as its cycle until it closes, so the rest of the body is dropped
+        self.reading = self.more_body = False
+        self.response_complete = True
+        self.unhold()
+        proxy = self.proxy
+        status, headers, body = _json(503, {
+            "error": f"the proxy holds max_buffered_body_bytes={proxy.max_buffered} of "
+                     "request bodies already; retry later", "request_id": self.rid.decode()},
+            _RETRY + _CLOSE)
+        headers += [(_LENGTH_HEADER, b"%d" % len(body)), (_ID_HEADER, self.rid)]
+        transport = self.conn.transport
+        transport.write(b"".join([b"HTTP/1.1 503 Service Unavailable\r\n",
+                                  *[n + b": " + v + b"\r\n" for n, v in headers],
+                                  b"\r\n", body]))
+        transport.close()
+        proxy._log(self.verb, self.path, 503, self.started, self.app, "-", self.rid)
 
     def complete(self) -> None:
         """The whole request is in: send the call if a replica has room now."""
-        self.more_body = False
+        if not self.reading:
+            return
+        self.reading = self.more_body = False
         tables = self.proxy.runtime.tables
         slot = None
         if tables is not None and not tables["traffic"]:

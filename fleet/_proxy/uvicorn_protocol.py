@@ -330,14 +330,18 @@ class LimitedHttpToolsProtocol(CoalescingHttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         d: Any = self.direct_req
         if d is not None and d is self.cycle:
-            cast(Any, d).body_part(body)
+            if cast(Any, d).reading:    # (else refused: the rest is dropped)
+                cast(Any, d).body_part(body)
         else:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
         d: Any = self.direct_req
         if d is not None and d is self.cycle:
-            cast(Any, d).complete()
+            # the direct request's end; or one that did not replace it as the cycle (a
+            # websocket upgrade pipelined behind it, which uvicorn hands over as it is)
+            if cast(Any, d).reading:
+                cast(Any, d).complete()
         else:
             super().on_message_complete()
         if self.draining_body:          # the body answered early has all passed
