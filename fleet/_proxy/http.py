@@ -402,12 +402,13 @@ class HTTPProxy:
         self._log(scope["method"], path, status, started, app, replica, rid, prefix)
 
     def start_direct(self, conn: Any) -> bool:
-        """Start the request whose head conn (the HTTP protocol) has just parsed on the
-        direct path, if it is the common case: no body, no traffic policy, no timeout,
-        a route whose replica has room on an open connection. The call is sent here,
-        in the parser's callback, and its answer written in the connection's reading
-        callback (:class:`_Direct`): no ASGI scope, cycle, task or coroutine per request.
-        False (nothing done) otherwise: the request goes the ASGI way."""
+        """Take the request whose head conn (the HTTP protocol) has just parsed onto the
+        direct path, if it is the common case: no body or a content-length one of at
+        most DIRECT_BODY_BYTES, no traffic policy, a route of a known deployment, not
+        HEAD. Its body is collected and its call sent from the parser's callbacks, and
+        its answer written from the replica connection's reading callback
+        (:class:`_Direct`): no ASGI scope, cycle, task or coroutine per request. False
+        (nothing done) otherwise: the request goes the ASGI way."""
         started = time.perf_counter()
         parser = conn.parser
         verb = parser.get_method()
