@@ -103,6 +103,45 @@ class RequestIds:
         return b"%s%016x" % (self.prefix, next(self.count))
 
 
+def _head_fields(headers: list[tuple[bytes, bytes]], method_header: bytes | None
+                 ) -> tuple[str, bytes | None, bool, bytes | None, str | None, bytes | None]:
+    """What the proxy reads from a request's headers, in one pass: the method to call
+    (x-serve-call-method), the content-length value, whether the body is chunked, the
+    client's own valid request id, the multiplexed model id and the traceparent."""
+    method = "__call__"
+    length = rid = trace = None
+    chunked = False
+    model = None
+    for name, value in headers:
+        if name == _LENGTH_HEADER:
+            length = value
+        elif name == method_header:
+            method = value.decode("latin-1")
+        elif name == _CHUNKED_HEADER:
+            chunked = True
+        elif name in _MODEL_HEADERS and value:
+            model = value.decode("latin-1")
+        elif name == _ID_HEADER and _valid_id(value):
+            rid = value
+        elif name == _TRACE_HEADER:
+            trace = value
+    return method, length, chunked, rid, model, trace
+
+
+def _call_meta(rid: bytes, model: str | None, trace: bytes | None) -> CallMeta:
+    """The call's metadata: the request id (the replica reads it as
+    fleet.get_request_id(); handle calls carry it on), the model id, a valid
+    traceparent (carried on through handle calls too)."""
+    meta: CallMeta = {"http": 1, "rid": rid}
+    if model is not None:
+        meta["model"] = model
+    if trace is not None:
+        tp = trace.decode("latin-1").strip().lower()
+        if valid_traceparent(tp):
+            meta["tp"] = tp
+    return meta
+
+
 def _with_id(headers: Any, rid: bytes) -> list[tuple[bytes, bytes]]:
     if type(headers) is list:
         headers.append((_ID_HEADER, rid))
@@ -306,43 +345,14 @@ class HTTPProxy:
             await self(scope, receive, send)
             return
         started = time.perf_counter()
-        method = "__call__"
-        has_body = False
-        too_large = False
-        rid = None
-        method_header = self.method_header
-        meta = _HTTP_META
-        trace = None
-        declared = 0
-        for name, value in scope["headers"]:
-            if name == _LENGTH_HEADER:
-                if value != b"0":
-                    has_body = True
-                    if value.isdigit():
-                        declared = int(value)
-                        if declared > self.max_body:
-                            too_large = True
-            elif name == method_header:
-                method = value.decode("latin-1")
-            elif name == _CHUNKED_HEADER:
-                has_body = True
-            elif name in _MODEL_HEADERS and value:
-                meta = {"http": 1, "model": value.decode("latin-1")}
-            elif name == _ID_HEADER and _valid_id(value):
-                rid = value
-            elif name == _TRACE_HEADER:
-                trace = value
+        method, length, chunked, rid, model, trace = _head_fields(scope["headers"],
+                                                                  self.method_header)
+        has_body = chunked or (length is not None and length != b"0")
+        declared = int(length) if has_body and length is not None and length.isdigit() else 0
+        too_large = declared > self.max_body
         if rid is None:
             rid = scope.get(_SCOPE_ID) or self.new_id()
-        # the replica reads the id as fleet.get_request_id(), handle calls carry it on
-        if meta is _HTTP_META:
-            meta = {"http": 1, "rid": rid}
-        else:
-            meta["rid"] = rid
-        if trace is not None:
-            tp = trace.decode("latin-1").strip().lower()
-            if valid_traceparent(tp):
-                meta["tp"] = tp         # carried on through handle calls
+        meta = _call_meta(rid, model, trace)
         path = self.local_path(scope)
         if path.startswith("/-/"):
             status = await self._builtin(path, send, rid)
@@ -414,29 +424,15 @@ class HTTPProxy:
         verb = parser.get_method()
         if verb == b"HEAD" or verb == b"CONNECT":
             return False
-        method = "__call__"
-        rid = None
-        meta = _HTTP_META
-        trace = None
-        method_header = self.method_header
         headers = conn.headers
+        method, length, chunked, rid, model, trace = _head_fields(headers, self.method_header)
         declared = 0
-        for name, value in headers:
-            if name == _LENGTH_HEADER:
-                if value != b"0":
-                    if not value.isdigit():
-                        return False
-                    declared = int(value)
-            elif name == method_header:
-                method = value.decode("latin-1")
-            elif name == _CHUNKED_HEADER:
+        if chunked:
+            return False
+        if length is not None and length != b"0":
+            if not length.isdigit():
                 return False
-            elif name in _MODEL_HEADERS and value:
-                meta = {"http": 1, "model": value.decode("latin-1")}
-            elif name == _ID_HEADER and _valid_id(value):
-                rid = value
-            elif name == _TRACE_HEADER:
-                trace = value
+            declared = int(length)
         if declared and (declared > DIRECT_BODY_BYTES or declared > self.max_body
                          or self.buffered + declared > self.max_buffered):
             return False
@@ -469,16 +465,8 @@ class HTTPProxy:
         if not router.known:
             return False
         # from here on the request is the direct path's
-        if rid is None:
-            rid = self.new_id()
-        if meta is _HTTP_META:
-            meta = {"http": 1, "rid": rid}
-        else:
-            meta["rid"] = rid
-        if trace is not None:
-            tp = trace.decode("latin-1").strip().lower()
-            if valid_traceparent(tp):
-                meta["tp"] = tp
+        rid = rid or self.new_id()
+        meta = _call_meta(rid, model, trace)
         version = parser.get_http_version()
         verb_text = verb.decode("ascii")
         sub = {"type": "http", "http_version": version, "method": verb_text,
