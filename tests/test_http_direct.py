@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from helpers import stderr_into, wait_for
+from helpers import RawClient, stderr_into, wait_for
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from uvicorn.server import ServerState
@@ -169,11 +168,13 @@ def test_an_upgrade_pipelined_behind_a_direct_request_does_not_end_it_twice(offe
 def test_a_body_past_max_buffered_body_bytes_is_a_503_and_a_close() -> None:
     # counted as it arrives (not reserved at the head): here the proxy already holds
     # 90 of its 100 bytes when this body's second part comes
+    from fleet._proxy.http import HTTPProxy
     from fleet._proxy.http import _Direct as Direct
 
     logged: list[int] = []
     proxy = SimpleNamespace(buffered=90, max_buffered=100,
                             _log=lambda _v, _p, status, *_a: logged.append(status))
+    proxy.no_room_answer = lambda rid: HTTPProxy.no_room_answer(proxy, rid)  # type: ignore[arg-type]
     transport = _Transport()
     conn = SimpleNamespace(transport=transport)
     d = Direct(proxy, conn, None, b"rid-1", 0.0, "POST", "/p", "/p", "app", "Ingress", "/",  # type: ignore[arg-type]
@@ -289,61 +290,9 @@ def port(instance) -> int:
     return int(instance[0])
 
 
-class _Client:
-    """A raw HTTP/1.1 client socket reading whole responses (content-length or chunked)."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buf = b""
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError("closed")
-        self.buf += data
-
-    def _take(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def _line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            self._fill()
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def response(self) -> tuple[int, dict[str, str], bytes]:
-        while b"\r\n\r\n" not in self.buf:
-            self._fill()
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        self.head = head
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
-        if headers.get("transfer-encoding") == "chunked":
-            body = b""
-            while size := int(self._line(), 16):
-                body += self._take(size)
-                self._take(2)
-            self._take(2)
-        else:
-            body = self._take(int(headers.get("content-length", "0")))
-        return int(lines[0].split()[1]), headers, body
-
-    def closed_by_peer(self) -> bool:
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
-def client(port) -> Iterator[_Client]:
-    c = _Client(port)
+def client(port) -> Iterator[RawClient]:
+    c = RawClient(port)
     yield c
     c.close()
 
@@ -386,7 +335,7 @@ def test_answers_that_are_not_plain_keep_the_connection_usable(client):
 def test_an_answer_the_proxy_cannot_write_is_a_500_and_spares_the_replica_connection(port):
     # a header value that is not bytes: the ASGI way's 500, and the other request in
     # flight on the same replica connection is answered
-    other, bad = _Client(port), _Client(port)
+    other, bad = RawClient(port), RawClient(port)
     try:
         _warm(other)
         other.sock.sendall(b"GET /shapes/sleep HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -403,11 +352,11 @@ def test_closing_after_direct_answers_logs_no_error(instance):
     for request in (b"GET /shapes/one HTTP/1.0\r\n\r\n",
                     b"GET /shapes/close HTTP/1.1\r\nhost: x\r\n\r\n",
                     b"GET /shapes/kept HTTP/1.1\r\nhost: x\r\n\r\n"):
-        c = _Client(port)
+        c = RawClient(port)
         c.sock.sendall(request)
         assert c.response()[0] == 200
         c.close()                       # by the server first, or by the client
-    c = _Client(port)
+    c = RawClient(port)
     try:
         for i in range(3):              # later requests' lines: the closes were handled
             c.sock.sendall(f"GET /shapes/marker{i} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
@@ -429,7 +378,7 @@ def test_http_1_0_gets_its_answer_and_a_close(client):
 
 def test_a_client_that_leaves_cancels_its_direct_call(port, tmp_path):
     marker = tmp_path / "hang"
-    leaving = _Client(port)
+    leaving = RawClient(port)
     try:
         _warm(leaving)
         leaving.sock.sendall(f"GET /shapes/hang?marker={marker} HTTP/1.1\r\nhost: x\r\n"
@@ -440,7 +389,7 @@ def test_a_client_that_leaves_cancels_its_direct_call(port, tmp_path):
     wait_for(lambda: marker.exists() and marker.read_text() == "CancelledError",
              what="CancelledError in the replica")
     # and the proxy still serves
-    c = _Client(port)
+    c = RawClient(port)
     try:
         c.sock.sendall(b"GET /shapes/after HTTP/1.1\r\nhost: x\r\n\r\n")
         assert c.response()[2] == b"GET /shapes/after  "
@@ -448,7 +397,7 @@ def test_a_client_that_leaves_cancels_its_direct_call(port, tmp_path):
         c.close()
 
 
-def _warm(client: _Client) -> None:
+def _warm(client: RawClient) -> None:
     # a first answer: the proxy's connection to the replica is open, so the next request
     # can take the direct path (its first one waits for the connection the ASGI way)
     client.sock.sendall(b"GET /shapes/warm HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -490,11 +439,11 @@ def test_request_timeout_cuts_a_started_stream(client, tmp_path):
 def test_a_head_that_declares_a_body_holds_no_room_before_the_body_comes(port):
     # the room a body takes is counted as its bytes arrive: heads that declare bodies
     # and send nothing do not refuse other clients' bodies
-    idle = _Client(port)
+    idle = RawClient(port)
     try:
         idle.sock.sendall(b"POST /shapes/idle HTTP/1.1\r\nhost: x\r\n"
                           b"content-length: 60000\r\n\r\n")
-        c = _Client(port)
+        c = RawClient(port)
         try:
             _warm(c)                    # (the idle head was read before this, most likely)
             c.sock.sendall(b"POST /shapes/b HTTP/1.1\r\nhost: x\r\ncontent-length: "

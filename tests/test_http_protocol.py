@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
+from helpers import RawClient
 from starlette.requests import Request
 
 import fleet
@@ -19,39 +19,6 @@ class Echo:
         return f"{request.url.path}:{body.decode()}"
 
 
-class Conn:
-    """A raw client socket that reads responses one at a time."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError("the server closed the connection")
-        self.buf += data
-
-    def response(self) -> tuple[int, dict[str, str], bytes]:
-        while b"\r\n\r\n" not in self.buf:
-            self._fill()
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
-        length = int(headers.get("content-length", "0"))
-        while len(self.buf) < length:
-            self._fill()
-        body, self.buf = self.buf[:length], self.buf[length:]
-        return status, headers, body
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def port(shared_instance) -> Iterator[int]:
     fleet.run(Echo.bind(), name="echo", route_prefix="/echo")
@@ -59,8 +26,8 @@ def port(shared_instance) -> Iterator[int]:
 
 
 @pytest.fixture
-def conn(port) -> Iterator[Conn]:
-    c = Conn(port)
+def conn(port) -> Iterator[RawClient]:
+    c = RawClient(port)
     yield c
     c.close()
 

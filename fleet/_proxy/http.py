@@ -564,10 +564,21 @@ class HTTPProxy:
             "request_id": rid.decode()}, _CLOSE), rid)
 
     async def _no_room(self, send: Any, rid: bytes) -> None:
-        await self._respond(send, *_json(503, {
+        await self._respond(send, *self.no_room_answer(rid), rid)
+
+    def no_room_answer(self, rid: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """503 when the proxy holds max_buffered_body_bytes of bodies already (and the
+        connection closes: the rest of the body is not read)."""
+        return _json(503, {
             "error": "the proxy holds max_buffered_body_bytes="
                      f"{self.max_buffered} of request bodies already; retry later",
-            "request_id": rid.decode()}, _RETRY + _CLOSE), rid)
+            "request_id": rid.decode()}, _RETRY + _CLOSE)
+
+    def timeout_answer(self, rid: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """504 when request_timeout_s passed (the call was cancelled)."""
+        return _json(504, {
+            "error": f"the request took longer than request_timeout_s={self.timeout} and "
+                     "was cancelled", "request_id": rid.decode()})
 
     async def _forward(self, app: str, ingress: str, method: str, sub: dict[str, Any],
                        body: bytes, receive: Any, send: Any, rid: bytes,
@@ -681,9 +692,7 @@ class HTTPProxy:
 
     async def _timed_out(self, send: Any, app: str, ingress: str, replica: str, rid: bytes
                          ) -> tuple[int, str]:
-        await self._respond(send, *_json(504, {
-            "error": f"the request took longer than request_timeout_s={self.timeout} and "
-                     "was cancelled", "request_id": rid.decode()}), rid)
+        await self._respond(send, *self.timeout_answer(rid), rid)
         return 504, replica
 
     async def _error(self, exc: BaseException, app: str, ingress: str, replica: str,
@@ -815,10 +824,7 @@ class _Direct:
         self.response_complete = True
         self.unhold()
         proxy = self.proxy
-        status, headers, body = _json(503, {
-            "error": f"the proxy holds max_buffered_body_bytes={proxy.max_buffered} of "
-                     "request bodies already; retry later", "request_id": self.rid.decode()},
-            _RETRY + _CLOSE)
+        status, headers, body = proxy.no_room_answer(self.rid)
         headers += [(_LENGTH_HEADER, b"%d" % len(body)), (_ID_HEADER, self.rid)]
         transport = self.conn.transport
         transport.write(b"".join([b"HTTP/1.1 503 Service Unavailable\r\n",
@@ -939,9 +945,7 @@ class _Direct:
             return
         pending.notify = None
         pending.cancel()
-        status, headers, body = _json(504, {
-            "error": f"the request took longer than request_timeout_s={self.proxy.timeout} "
-                     "and was cancelled", "request_id": self.rid.decode()})
+        status, headers, body = self.proxy.timeout_answer(self.rid)
         headers.append((_LENGTH_HEADER, b"%d" % len(body)))
         if not self._answer(status, headers, body):
             self.promote(None)          # (not reached: a 504 is always the plain case)
@@ -1219,11 +1223,11 @@ async def serve_http(runtime: Runtime, options: HTTPOptions, stop: asyncio.Event
     from fleet._proxy.uvicorn_protocol import HeadLimits, LimitedHttpToolsProtocol
     loop = asyncio.get_running_loop()
     limits = HeadLimits(options, loop, report=proxy.log_refusal)
+    # the direct path is the proxy's own request handling, so only when nothing wraps it
+    direct = proxy if app == proxy.http else None
     # uvicorn's limit_concurrency counts the connection asking too: one more lets
     # max_connections connections in, and answers a request on the next with 503 and
     # closes it
-    # the direct path is the proxy's own request handling, so only when nothing wraps it
-    direct = proxy if app == proxy.http else None
     config = uvicorn.Config(app, loop="none", interface="asgi3",
                             http=functools.partial(  # type: ignore[arg-type]
                                 LimitedHttpToolsProtocol, limits=limits, direct=direct),
