@@ -127,7 +127,9 @@ class Router:
         free = [s for s in slots if s.inflight < limit and not s.full]
         return min(free, key=lambda s: s.inflight) if free else None
 
-    def _pick_model(self, model: str) -> Slot | None:
+    def _pick_model(self, model: str, record: bool = True) -> Slot | None:
+        """A replica with room for a call of model: one that holds it if possible,
+        else the one a load evicts least from, then guessed to hold it (when record)."""
         limit = self.max_ongoing
         best: Slot | None = None
         for s in self.slots:
@@ -142,7 +144,7 @@ class Router:
                     best is None or (len(s.models), s.inflight) <
                                        (len(best.models), best.inflight)):
                 best = s
-        if best is not None:
+        if best is not None and record:
             best.models.add(model)
         return best
 
@@ -152,12 +154,14 @@ class Router:
         :meth:`acquire` is the way, and it says why."""
         if self.queue:
             return None
-        slot = self._pick() if model is None else self._pick_model(model)
+        slot = self._pick() if model is None else self._pick_model(model, record=False)
         if slot is None:
             return None
         ch = slot.channel
         if ch is None or ch.closed:
-            return None
+            return None         # nothing taken: the model is not guessed to be there
+        if model is not None:
+            slot.models.add(model)
         slot.inflight += 1
         return slot
 

@@ -152,3 +152,19 @@ def test_a_replica_that_refused_as_full_is_skipped_then_tried_again() -> None:
         assert slot in (full, other) and not full.full and not other.full
 
     asyncio.run(go())
+
+
+def test_try_acquire_guesses_a_model_only_where_it_sends_the_call() -> None:
+    # a replica with no open connection is not taken now, and must not be recorded as
+    # holding the model the call would have loaded there
+    router = _router(1, max_ongoing=4)
+    (slot,) = router.slots
+    assert router.try_acquire("m1") is None
+    assert slot.models == set() and slot.inflight == 0
+
+    class _Open:
+        closed = False
+
+    slot.channel = _Open()  # type: ignore[assignment]
+    assert router.try_acquire("m1") is slot
+    assert slot.models == {"m1"} and slot.inflight == 1
