@@ -186,9 +186,13 @@ def start_detached_controller(ray: Any, build: Callable[[dict[str, Any], bytes, 
         info = dict(ray.get(actor.info.remote(), timeout=CONTROLLER_START_S))
     except Exception as exc:  # noqa: BLE001 - its constructor failed, or it is slow
         _remove_instance(ray, actor, instance_id)
+        first = (str(exc).strip().splitlines() or [""])[0]     # Ray's are multi-line
         raise FleetError(f"the fleet controller did not start on the Ray cluster within "
-                         f"{CONTROLLER_START_S:g} s: {type(exc).__name__}: {exc}") from None
+                         f"{CONTROLLER_START_S:g} s: {type(exc).__name__}: {first}") from None
     if "error" in info:
+        # the actor ends itself too, a while after it told why (TOLD_GRACE_S): removed
+        # here at once, so that nothing of it is left when this returns
+        _remove_instance(ray, actor, instance_id)
         raise FleetError(f"the fleet controller could not start on the Ray cluster: "
                          f"{info['error']}")
     return dict(info, created=True)

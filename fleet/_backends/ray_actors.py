@@ -67,6 +67,9 @@ def drop_state() -> None:
 # again; one that could not start waits up to TELL_S for info() to say why, then ends.
 RECOVER_RETRY_S = 1.0
 TELL_S = 30.0
+# How long one that could not start lives on after info() said why: info's answer must
+# leave the actor before it kills itself (the caller that got it removes it at once).
+TOLD_GRACE_S = 5.0
 # How long a detached actor whose work ended waits for its controller to take its exit
 # code (wait()) before it ends itself.
 END_GRACE_S = 1.0
@@ -300,7 +303,9 @@ class ControllerActor:
         if not self._error:
             self._inst.stopped.wait()
         else:
-            self._told.wait(TELL_S)     # whoever started it hears why before it goes
+            # whoever started it hears why before it goes, and has its answer
+            if self._told.wait(TELL_S):
+                time.sleep(TOLD_GRACE_S)
         # shut down (fleet shutdown, fleet.shutdown()), or unable to start: the instance's
         # state goes, and so does this actor, for good
         try:
